@@ -1,0 +1,428 @@
+//! The I/O edge: ports backed by file descriptors and the mio loop that feeds the engine.
+//!
+//! One thread owns the engine and every port fd. mio is edge-triggered, so a readable port is
+//! drained until `WouldBlock`, but at most [`RX_BUDGET`] frames per turn: a port that still has
+//! frames goes to the back of a ready queue, and the next poll does not sleep. One busy guest
+//! therefore cannot starve the others, nor the timers. Frames are read into one preallocated
+//! buffer and written from it to their egress ports; nothing on this path allocates.
+
+pub mod netlink;
+pub mod netns;
+pub mod sys;
+pub mod tap;
+
+use crate::engine::{Engine, MAX_FRAME_LEN, Verdict};
+use crate::port::{DropReason, PortId};
+use crate::wire::offload::{self, Segmenter};
+use crate::wire::{vnet, VnetHdr};
+use mio::net::UnixStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub use tap::{Tap, TapSpec};
+
+/// Frames read from one port before the loop turns to the others.
+pub const RX_BUDGET: usize = 64;
+/// Upper bound on ports per engine (the ready queue is sized for it up front).
+pub const MAX_PORTS: usize = 1024;
+const BUF_LEN: usize = vnet::LEN + MAX_FRAME_LEN;
+
+const WAKER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// What the fd of a port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortCaps {
+    /// Each frame is preceded by a virtio-net header ([`vnet::LEN`] bytes).
+    pub vnet_hdr: bool,
+}
+
+#[derive(Debug)]
+struct IoPort {
+    file: File,
+    caps: PortCaps,
+    /// Kept so a created tap lives (and is removed) with the port.
+    _tap: Option<Tap>,
+}
+
+/// Ports with frames still to read, in the order they get their next turn. Sized for
+/// [`MAX_PORTS`] up front, so marking a port never allocates.
+#[derive(Debug)]
+struct ReadyQueue {
+    order: VecDeque<PortId>,
+    queued: Vec<bool>,
+}
+
+impl Default for ReadyQueue {
+    fn default() -> Self {
+        ReadyQueue {
+            order: VecDeque::with_capacity(MAX_PORTS),
+            queued: vec![false; MAX_PORTS],
+        }
+    }
+}
+
+impl ReadyQueue {
+    fn mark(&mut self, id: PortId) {
+        let index = id.0 as usize;
+        if index < MAX_PORTS && !self.queued[index] {
+            self.queued[index] = true;
+            self.order.push_back(id);
+        }
+    }
+
+    fn pop(&mut self) -> Option<PortId> {
+        let id = self.order.pop_front()?;
+        self.queued[id.0 as usize] = false;
+        Some(id)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Stops a running [`Datapath`] from another thread.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Handle {
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        // A failed wake only delays the stop to the next timer or frame.
+        let _ = self.waker.wake();
+    }
+}
+
+/// One engine with its ports and its poll loop.
+#[derive(Debug)]
+pub struct Datapath {
+    poll: Poll,
+    events: Events,
+    engine: Engine,
+    ports: Vec<Option<IoPort>>,
+    rx_buf: Box<[u8]>,
+    scratch: Box<[u8]>,
+    ready: ReadyQueue,
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
+    signals: Option<UnixStream>,
+}
+
+impl Datapath {
+    pub fn new(engine: Engine) -> io::Result<Datapath> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(Datapath {
+            poll,
+            events: Events::with_capacity(256),
+            engine,
+            ports: Vec::new(),
+            rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            scratch: vec![0u8; BUF_LEN].into_boxed_slice(),
+            ready: ReadyQueue::default(),
+            waker,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            report: Arc::new(AtomicBool::new(false)),
+            signals: None,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            waker: self.waker.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Adds an open tap as a port.
+    pub fn add_tap(&mut self, tap: Tap) -> io::Result<PortId> {
+        let file = tap.file.try_clone()?;
+        let name = tap.name.clone();
+        self.add_port(
+            name,
+            file,
+            PortCaps { vnet_hdr: true },
+            Some(tap),
+        )
+    }
+
+    /// Adds a port that exchanges one frame per read/write on `file`.
+    pub fn add_fd_port(&mut self, name: String, file: File, caps: PortCaps) -> io::Result<PortId> {
+        self.add_port(name, file, caps, None)
+    }
+
+    fn add_port(
+        &mut self,
+        name: String,
+        file: File,
+        caps: PortCaps,
+        tap: Option<Tap>,
+    ) -> io::Result<PortId> {
+        if self.engine.ports().count() >= MAX_PORTS {
+            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
+        }
+        let id = self.engine.add_port(name);
+        let index = id.0 as usize;
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&file.as_raw_fd()),
+            Token(index),
+            Interest::READABLE,
+        ) {
+            self.engine.remove_port(id);
+            return Err(e);
+        }
+        if self.ports.len() <= index {
+            self.ports.resize_with(index + 1, || None);
+        }
+        self.ports[index] = Some(IoPort {
+            file,
+            caps,
+            _tap: tap,
+        });
+        // Frames may already be waiting: edge-triggered polling reports only new arrivals.
+        self.ready.mark(id);
+        Ok(id)
+    }
+
+    /// Removes a port (its tap goes away if switchyard created it).
+    pub fn remove_port(&mut self, id: PortId) {
+        if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&port.file.as_raw_fd()));
+        }
+        self.engine.remove_port(id);
+    }
+
+    /// Turns SIGINT and SIGTERM into a clean stop, and SIGUSR1 into a call of `run`'s report.
+    pub fn install_signal_handlers(&mut self) -> io::Result<()> {
+        let (tx, rx) = std::os::unix::net::UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        let mut rx = UnixStream::from_std(rx);
+        self.poll
+            .registry()
+            .register(&mut rx, SIGNALS, Interest::READABLE)?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, self.shutdown.clone())?;
+            signal_hook::low_level::pipe::register(signal, tx.try_clone()?)?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, self.report.clone())?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, tx)?;
+        self.signals = Some(rx);
+        Ok(())
+    }
+
+    /// Runs until [`Handle::shutdown`] or a termination signal; `report` is called with the
+    /// engine on SIGUSR1.
+    pub fn run(&mut self, mut report: impl FnMut(&Engine)) -> io::Result<()> {
+        while !self.shutdown.load(Ordering::SeqCst) {
+            self.turn(None)?;
+            if self.report.swap(false, Ordering::SeqCst) {
+                report(&self.engine);
+            }
+        }
+        Ok(())
+    }
+
+    /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next
+    /// timer), serve ready ports within their budget, run due timers.
+    pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
+        let timeout = if self.ready.is_empty() {
+            let timer = self
+                .engine
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            match (timer, max_wait) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            Some(Duration::ZERO)
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        let mut drain_signals = false;
+        for event in self.events.iter() {
+            match event.token() {
+                WAKER => {}
+                SIGNALS => drain_signals = true,
+                Token(index) => {
+                    if self.ports.get(index).is_some_and(Option::is_some) {
+                        self.ready.mark(PortId(index as u16));
+                    }
+                }
+            }
+        }
+        if drain_signals && let Some(rx) = &mut self.signals {
+            let mut sink = [0u8; 64];
+            while matches!(rx.read(&mut sink), Ok(n) if n > 0) {}
+        }
+
+        let now = Instant::now();
+        for _ in 0..self.ready.len() {
+            let Some(id) = self.ready.pop() else {
+                break;
+            };
+            if !self.serve_port(now, id) {
+                self.ready.mark(id);
+            }
+        }
+        let now = Instant::now();
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+        Ok(())
+    }
+
+    /// Reads and forwards up to [`RX_BUDGET`] frames from `id`; true when drained.
+    fn serve_port(&mut self, now: Instant, id: PortId) -> bool {
+        for _ in 0..RX_BUDGET {
+            let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
+                return true;
+            };
+            let caps = port.caps;
+            let n = match (&port.file).read(&mut self.rx_buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // The device went away (its namespace was deleted): the port is dead.
+                    self.remove_port(id);
+                    return true;
+                }
+            };
+            self.forward(now, id, caps, n);
+        }
+        false
+    }
+
+    fn forward(&mut self, now: Instant, ingress: PortId, caps: PortCaps, n: usize) {
+        let (hdr, frame_start) = if caps.vnet_hdr {
+            match VnetHdr::parse(&self.rx_buf[..n]) {
+                Ok(hdr) => (hdr, vnet::LEN),
+                Err(_) => {
+                    self.engine.record_drop(ingress, DropReason::BadVnetHeader);
+                    return;
+                }
+            }
+        } else {
+            (VnetHdr::default(), 0)
+        };
+        let verdict = self.engine.handle_frame(
+            now,
+            ingress,
+            &hdr,
+            &mut self.rx_buf[frame_start..n],
+        );
+        match verdict {
+            Verdict::Forward(egress) => self.transmit(egress, &hdr, frame_start, n),
+            Verdict::Flood => {
+                for index in 0..self.ports.len() {
+                    if index != ingress.0 as usize && self.ports[index].is_some() {
+                        self.transmit(PortId(index as u16), &hdr, frame_start, n);
+                    }
+                }
+            }
+            Verdict::Drop(_) => {}
+        }
+    }
+
+    /// Writes the frame at `rx_buf[frame_start..n]` to `egress`, adapting its offload state to
+    /// what the port can take.
+    fn transmit(&mut self, egress: PortId, hdr: &VnetHdr, frame_start: usize, n: usize) {
+        let Some(port) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let frame = frame_start..n;
+        let offloaded = hdr.is_gso() || hdr.needs_csum();
+        let result = if port.caps.vnet_hdr && frame_start == vnet::LEN {
+            write_frame(&port.file, &self.rx_buf[..n]).map(|()| (1, frame.len()))
+        } else if port.caps.vnet_hdr {
+            // A plain frame to a vnet port: prepend an empty header.
+            let out = &mut self.scratch[..vnet::LEN + frame.len()];
+            out[..vnet::LEN].fill(0);
+            out[vnet::LEN..].copy_from_slice(&self.rx_buf[frame.clone()]);
+            write_frame(&port.file, out).map(|()| (1, frame.len()))
+        } else if !offloaded {
+            write_frame(&port.file, &self.rx_buf[frame.clone()]).map(|()| (1, frame.len()))
+        } else {
+            match write_without_offloads(&port.file, hdr, &self.rx_buf[frame], &mut self.scratch) {
+                Ok(sent) => Ok(sent),
+                Err(reason) => {
+                    self.engine.record_drop(egress, reason);
+                    return;
+                }
+            }
+        };
+        match result {
+            Ok((packets, bytes)) => self.engine.record_tx(egress, packets as u64, bytes),
+            Err(_) => self.engine.record_drop(egress, DropReason::TxError),
+        }
+    }
+}
+
+fn write_frame(file: &File, buf: &[u8]) -> io::Result<()> {
+    loop {
+        match (&*file).write(buf) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Completes the checksum of, or segments, an offloaded frame into `scratch` and writes the
+/// result as plain frames. Returns (frames written, bytes written).
+fn write_without_offloads(
+    file: &File,
+    hdr: &VnetHdr,
+    frame: &[u8],
+    scratch: &mut [u8],
+) -> Result<(usize, usize), DropReason> {
+    if hdr.is_gso() {
+        let mut segmenter =
+            Segmenter::new(hdr, frame).map_err(|_| DropReason::OffloadUnsupported)?;
+        if segmenter.max_segment_len() > scratch.len() {
+            return Err(DropReason::OffloadUnsupported);
+        }
+        let (mut count, mut bytes) = (0, 0);
+        while let Some(len) = segmenter.next_into(scratch) {
+            write_frame(file, &scratch[..len]).map_err(|_| DropReason::TxError)?;
+            count += 1;
+            bytes += len;
+        }
+        return Ok((count, bytes));
+    }
+    let out = &mut scratch[..frame.len()];
+    out.copy_from_slice(frame);
+    if hdr.needs_csum() {
+        offload::complete_checksum(hdr, out).map_err(|_| DropReason::BadVnetHeader)?;
+    }
+    write_frame(file, out).map_err(|_| DropReason::TxError)?;
+    Ok((1, frame.len()))
+}

@@ -1,0 +1,132 @@
+//! Tap ports: a guest's (or a namespace's) Ethernet link, one fd per port.
+//!
+//! Opened with `IFF_VNET_HDR` and offloads on, so the kernel hands over TCP super-frames with
+//! partial checksums, and the switch passes them to the other taps as they are.
+
+use super::netlink::{self, LinkChange};
+use super::{netns, sys};
+use crate::wire::{vnet, MacAddr};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Which tap, where its kernel side lives, and how to set it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    pub name: String,
+    /// `/run/netns/NAME` or `/proc/PID/ns/net`; `None` for the engine's own namespace.
+    pub netns: Option<PathBuf>,
+    /// MAC address for the kernel side.
+    pub mac: Option<MacAddr>,
+    pub mtu: Option<u32>,
+}
+
+/// A malformed `--tap` argument.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid tap spec {spec:?}: {why} (expected NAME[@NETNS][=MAC])")]
+pub struct TapSpecError {
+    spec: String,
+    why: &'static str,
+}
+
+impl FromStr for TapSpec {
+    type Err = TapSpecError;
+
+    /// `NAME[@NETNS][=MAC]`, as `switchyard run --tap` takes it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why| TapSpecError {
+            spec: s.to_string(),
+            why,
+        };
+        let (rest, mac) = match s.split_once('=') {
+            Some((rest, mac)) => (rest, Some(mac.parse().map_err(|_| err("bad MAC"))?)),
+            None => (s, None),
+        };
+        let (name, netns) = match rest.split_once('@') {
+            Some((name, ns)) if !ns.is_empty() => (name, Some(netns::netns_path(ns))),
+            Some(_) => return Err(err("empty namespace")),
+            None => (rest, None),
+        };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ']) {
+            return Err(err("bad interface name"));
+        }
+        Ok(TapSpec {
+            name: name.to_string(),
+            netns,
+            mac,
+            mtu: None,
+        })
+    }
+}
+
+impl fmt::Display for TapSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if let Some(ns) = &self.netns {
+            write!(f, "@{}", ns.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// An open tap.
+#[derive(Debug)]
+pub struct Tap {
+    pub(crate) file: File,
+    pub name: String,
+    pub netns: Option<PathBuf>,
+    /// The tap did not exist before: it goes away when this is dropped. An attached
+    /// (persistent) tap is left as it was found.
+    pub created: bool,
+}
+
+impl Tap {
+    /// Creates the tap in its namespace (or attaches to an existing one there), sets its MAC
+    /// and MTU if asked, and brings its link up.
+    pub fn open(spec: &TapSpec) -> io::Result<Tap> {
+        let TapSpec { name, netns, mac, mtu } = spec.clone();
+        let (fd, name, created) = netns::run_in(netns.as_deref(), move || {
+            let existed = sys::if_nametoindex(&name).is_some();
+            let (fd, name) = sys::open_tap(&name, vnet::LEN)?;
+            let index = sys::if_nametoindex(&name)
+                .ok_or_else(|| io::Error::other(format!("tap {name} vanished")))?;
+            netlink::set_link(
+                index,
+                &LinkChange {
+                    up: Some(true),
+                    mac,
+                    mtu,
+                },
+            )
+            .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
+            Ok((fd, name, !existed))
+        })?;
+        Ok(Tap {
+            file: File::from(fd),
+            name,
+            netns: spec.netns.clone(),
+            created,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tap_specs() {
+        let t: TapSpec = "vm1".parse().unwrap();
+        assert_eq!((t.name.as_str(), t.netns, t.mac), ("vm1", None, None));
+        let t: TapSpec = "vm1@ns1=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(t.netns, Some(PathBuf::from("/run/netns/ns1")));
+        assert_eq!(t.mac, Some(MacAddr([0x52, 0x54, 0, 0, 0, 1])));
+        let t: TapSpec = "vm1@/proc/1/ns/net".parse().unwrap();
+        assert_eq!(t.netns, Some(PathBuf::from("/proc/1/ns/net")));
+        for bad in ["", "@ns", "vm1@", "vm1=zz", "a-name-that-is-too-long", "vm 1"] {
+            assert!(bad.parse::<TapSpec>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Ports and their counters.
+//!
+//! Every frame a port receives is either forwarded or dropped for a named reason; the
+//! counters here are how a user sees which (`switchyard stats`), so each drop site in the
+//! engine and the I/O edge increments exactly one of them.
+
+use serde::Serialize;
+use std::fmt;
+
+/// Index of a port in the engine. Stable for the port's lifetime; reused after removal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortId(pub u16);
+
+impl fmt::Display for PortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+macro_rules! drop_reasons {
+    ($($variant:ident => $name:literal, $doc:literal;)*) => {
+        /// Why a frame was dropped. Each has a counter per port.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum DropReason {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// The counter's name as shown by `switchyard stats`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(DropReason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    Runt => "runt", "Shorter than an Ethernet header (or its announced 802.1Q tag).";
+    Oversize => "oversize", "Longer than the network MTU allows for a frame that is not GSO.";
+    InvalidSource => "invalid_source_mac", "Source MAC is multicast, broadcast or all zeros.";
+    SamePort => "same_port", "Destination was learned on the ingress port: it is already there.";
+    BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
+    OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
+    TxError => "tx_error", "The egress write failed (queue full, interface down).";
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Traffic counters of one port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    drops: [u64; DropReason::COUNT],
+}
+
+impl PortCounters {
+    pub fn record_rx(&mut self, bytes: usize) {
+        self.rx_packets += 1;
+        self.rx_bytes += bytes as u64;
+    }
+
+    pub fn record_tx(&mut self, packets: u64, bytes: usize) {
+        self.tx_packets += packets;
+        self.tx_bytes += bytes as u64;
+    }
+
+    pub fn record_drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Non-zero drop counters by name.
+    pub fn drop_counts(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.drops(*r)))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
+impl Serialize for PortCounters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("rx_packets", &self.rx_packets)?;
+        map.serialize_entry("rx_bytes", &self.rx_bytes)?;
+        map.serialize_entry("tx_packets", &self.tx_packets)?;
+        map.serialize_entry("tx_bytes", &self.tx_bytes)?;
+        for reason in DropReason::ALL {
+            map.serialize_entry(&format!("drop_{}", reason.name()), &self.drops(*reason))?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter() {
+        let mut c = PortCounters::default();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            for _ in 0..=i {
+                c.record_drop(*r);
+            }
+        }
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(c.drops(*r), i as u64 + 1, "{r}");
+        }
+        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+}
