@@ -1,1 +1,7 @@
-//! x
+//! The `switchyard` command: configuration, commands, and wiring the engine to its ports.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod network;
+pub mod report;
+pub mod run;

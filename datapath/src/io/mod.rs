@@ -101,6 +101,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// A stop was asked for (by this handle or a signal).
+    pub fn is_shutdown(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
         // A failed wake only delays the stop to the next timer or frame.
@@ -157,7 +162,12 @@ impl Datapath {
     /// Adds an open tap as a port.
     pub fn add_tap(&mut self, tap: Tap) -> io::Result<PortId> {
         let file = tap.file.try_clone()?;
-        let name = tap.name.clone();
+        let name = match tap.netns.as_ref().and_then(|p| p.file_name()) {
+            Some(ns) if tap.netns.as_ref().is_some_and(|p| p.starts_with(netns::NETNS_RUN_DIR)) => {
+                format!("{}@{}", tap.name, ns.to_string_lossy())
+            }
+            _ => tap.name.clone(),
+        };
         self.add_port(
             name,
             file,
