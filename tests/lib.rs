@@ -1,1 +1,287 @@
-//! placeholder
+//! Helpers for switchyard's integration tests: uniquely named network namespaces and taps
+//! that are removed on drop, a running `switchyard` process, and the real tools people use.
+//!
+//! Every test that touches the kernel needs root and the tools `tests/run.sh` installs. A
+//! missing tool or privilege fails the test with a message saying so: nothing skips silently.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (in this or another process) uses: `{prefix}{pid}x{n}`, at most 15
+/// characters so it is a valid interface name too.
+pub fn unique_name(prefix: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
+    assert!(name.len() <= 15, "name {name} too long for an interface");
+    name
+}
+
+/// Fails the test unless it runs as root with `tools` on the PATH.
+pub fn require(tools: &[&str]) {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        uid, "0",
+        "this test needs root (network namespaces and taps): run `sudo tests/run.sh`"
+    );
+    for tool in tools {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(found, "this test needs `{tool}`: `tests/run.sh` installs it");
+    }
+}
+
+/// Runs a command and returns its output; panics if it cannot start.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn must(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace made for one test, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = unique_name(&format!("sy{tag}"));
+        must(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.must(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn argv<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["ip", "netns", "exec", self.name.as_str()];
+        v.extend_from_slice(args);
+        v
+    }
+
+    /// Runs `args` inside the namespace.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run(&self.argv(args))
+    }
+
+    /// Runs `args` inside the namespace; it must succeed.
+    pub fn must(&self, args: &[&str]) -> String {
+        must(&self.argv(args))
+    }
+
+    /// Starts a background process inside the namespace (killed by the returned guard).
+    pub fn spawn(&self, args: &[&str]) -> Background {
+        let argv = self.argv(args);
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", argv.join(" ")));
+        Background(child)
+    }
+
+    /// `--tap` argument for a tap named `dev` inside this namespace.
+    pub fn tap_arg(&self, dev: &str, mac: &str) -> String {
+        format!("{dev}@{}={mac}", self.name)
+    }
+
+    /// The kernel's counters of `dev` in this namespace: (rx_packets, rx_bytes).
+    pub fn rx_counters(&self, dev: &str) -> (u64, u64) {
+        let read = |f: &str| -> u64 {
+            self.must(&["cat", &format!("/sys/class/net/{dev}/statistics/{f}")])
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{dev} {f}: {e}"))
+        };
+        (read("rx_packets"), read("rx_bytes"))
+    }
+
+    /// Waits until `dev`'s IPv6 link-local address has finished duplicate address detection.
+    pub fn wait_link_local(&self, dev: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.must(&["ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link"]);
+            if !out.is_empty() && !out.contains("tentative") {
+                let addr = out
+                    .split_whitespace()
+                    .skip_while(|w| *w != "inet6")
+                    .nth(1)
+                    .expect("inet6 address");
+                return addr.split('/').next().unwrap_or_default().to_string();
+            }
+            assert!(Instant::now() < deadline, "{}: {dev} link-local never usable: {out}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether a link named `dev` exists in this namespace.
+    pub fn has_link(&self, dev: &str) -> bool {
+        self.run(&["ip", "link", "show", "dev", dev]).status.success()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A background process, killed on drop.
+#[derive(Debug)]
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Path of the `switchyard` binary built by the same `cargo test` run.
+pub fn switchyard_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/switchyard
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir");
+    let bin = dir.join("switchyard");
+    assert!(
+        bin.is_file(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `switchyard`, stopped with SIGTERM on drop.
+#[derive(Debug)]
+pub struct Switchyard {
+    child: Option<Child>,
+    stderr: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Switchyard {
+    /// Starts `switchyard args...` and waits for it to report that it runs.
+    pub fn start(args: &[&str]) -> Switchyard {
+        let mut child = Command::new(switchyard_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start switchyard");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sy = Switchyard {
+            child: Some(child),
+            stderr: rx,
+            log: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match sy.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let running = line.contains(" running with ");
+                    sy.log.push(line);
+                    if running {
+                        return sy;
+                    }
+                }
+                Err(_) => {
+                    let status = sy.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    panic!("switchyard did not start ({status:?}):\n{}", sy.log.join("\n"));
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. "TERM"), waits for the exit, and returns (success, stdout, stderr).
+    pub fn stop_with(&mut self, signal: &str) -> (bool, String, String) {
+        let mut child = self.child.take().expect("running");
+        must(&["kill", &format!("-{signal}"), &child.id().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("switchyard ignored SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut out, &mut stdout);
+        }
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(500)) {
+            self.log.push(line);
+        }
+        (status.success(), stdout, self.log.join("\n"))
+    }
+
+    /// Stops with SIGTERM and returns the final counters (run with `--json`).
+    pub fn stop_json(&mut self) -> serde_json::Value {
+        let (ok, stdout, stderr) = self.stop_with("TERM");
+        assert!(ok, "switchyard exited with failure:\n{stderr}");
+        let last = stdout.lines().last().unwrap_or_else(|| panic!("no stats printed:\n{stderr}"));
+        serde_json::from_str(last).expect("stats JSON")
+    }
+}
+
+impl Drop for Switchyard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The counters of port `index` from `switchyard --json` stats.
+pub fn port_counters(stats: &serde_json::Value, index: usize) -> &serde_json::Value {
+    &stats["ports"][index][1]["counters"]
+}

@@ -1,0 +1,131 @@
+//! The switch end to end: guests in network namespaces, taps created by one running
+//! `switchyard run`, real `ping` and `iperf3`.
+
+use switchyard_tests::{Netns, Switchyard, must, port_counters, require, run, unique_name};
+
+const MACS: [&str; 3] = ["52:54:00:5e:00:01", "52:54:00:5e:00:02", "52:54:00:5e:00:03"];
+
+fn three_guests() -> ([Netns; 3], Switchyard) {
+    let guests = [Netns::new("g"), Netns::new("g"), Netns::new("g")];
+    let taps: Vec<String> = guests
+        .iter()
+        .zip(MACS)
+        .map(|(ns, mac)| ns.tap_arg("eth0", mac))
+        .collect();
+    let sy = Switchyard::start(&[
+        "run", "--json", "--tap", &taps[0], "--tap", &taps[1], "--tap", &taps[2],
+    ]);
+    for (i, ns) in guests.iter().enumerate() {
+        ns.must(&["ip", "addr", "add", &format!("192.168.122.{}/24", 10 + i), "dev", "eth0"]);
+        let link = ns.must(&["ip", "-br", "link", "show", "dev", "eth0"]);
+        assert!(link.contains(MACS[i]), "kernel-side MAC was not set: {link}");
+        assert!(link.contains("UP"), "tap not up: {link}");
+    }
+    (guests, sy)
+}
+
+#[test]
+fn three_guests_ping_each_other_over_ipv4_and_ipv6_link_local() {
+    require(&["ip", "ping"]);
+    let (guests, mut sy) = three_guests();
+    for (from, ns) in guests.iter().enumerate() {
+        for to in 0..3 {
+            if to != from {
+                let dst = format!("192.168.122.{}", 10 + to);
+                ns.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &dst]);
+            }
+        }
+    }
+    let link_locals: Vec<String> = guests.iter().map(|g| g.wait_link_local("eth0")).collect();
+    for (from, ns) in guests.iter().enumerate() {
+        for (to, ll) in link_locals.iter().enumerate() {
+            if to != from {
+                ns.must(&["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", &format!("{ll}%eth0")]);
+            }
+        }
+    }
+    let stats = sy.stop_json();
+    assert_eq!(stats["fdb_entries"], 3, "{stats}");
+    for i in 0..3 {
+        let c = port_counters(&stats, i);
+        assert!(c["rx_packets"].as_u64().unwrap() >= 8, "port {i}: {c}");
+        assert_eq!(c["drop_runt"], 0);
+    }
+}
+
+#[test]
+fn learned_unicast_reaches_only_its_port_under_iperf3_load() {
+    require(&["ip", "ping", "iperf3"]);
+    let (guests, mut sy) = three_guests();
+    let [a, b, c] = &guests;
+    // Let the switch learn every MAC (ARP both ways), then measure what the third guest sees.
+    a.must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
+    c.must(&["ping", "-c", "1", "-W", "2", "192.168.122.10"]);
+    c.must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
+    let _server = b.spawn(&["iperf3", "-s", "-1"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, before) = c.rx_counters("eth0");
+    let out = a.must(&["iperf3", "-c", "192.168.122.11", "-t", "2", "-J"]);
+    let (_, after) = c.rx_counters("eth0");
+
+    let report: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let sent = report["end"]["sum_sent"]["bytes"].as_u64().expect("bytes sent");
+    assert!(sent > 10_000_000, "iperf3 moved too little: {sent} bytes");
+    // Only stray multicast (IPv6 neighbour discovery, MLD) may reach the third guest.
+    let leaked = after - before;
+    assert!(leaked < 64 * 1024, "third guest saw {leaked} bytes of a {sent}-byte flow");
+
+    let stats = sy.stop_json();
+    let tx_c = port_counters(&stats, 2)["tx_bytes"].as_u64().unwrap();
+    assert!(tx_c < sent / 100, "switch sent {tx_c} bytes to the third port");
+    assert!(stats["engine"]["forwarded"].as_u64().unwrap() > 1000, "{stats}");
+}
+
+#[test]
+fn stopping_removes_created_taps_and_keeps_attached_ones() {
+    require(&["ip"]);
+    let guest = Netns::new("g");
+    let created_here = unique_name("syc");
+    let persistent = unique_name("syp");
+    must(&["ip", "tuntap", "add", "dev", &persistent, "mode", "tap"]);
+    let in_ns = guest.tap_arg("eth0", MACS[0]);
+
+    for signal in ["TERM", "INT"] {
+        let mut sy = Switchyard::start(&[
+            "run", "--tap", &in_ns, "--tap", &created_here, "--tap", &persistent,
+        ]);
+        assert!(guest.has_link("eth0"));
+        assert!(run(&["ip", "link", "show", "dev", &created_here]).status.success());
+        let (ok, _, log) = sy.stop_with(signal);
+        assert!(ok, "SIG{signal} is a clean stop:\n{log}");
+        assert!(log.contains("(attached)") && log.contains("(created)"), "{log}");
+        assert!(!guest.has_link("eth0"), "tap in the namespace left behind after SIG{signal}");
+        assert!(
+            !run(&["ip", "link", "show", "dev", &created_here]).status.success(),
+            "created tap left behind after SIG{signal}"
+        );
+        assert!(
+            run(&["ip", "link", "show", "dev", &persistent]).status.success(),
+            "an attached persistent tap must survive"
+        );
+    }
+    must(&["ip", "tuntap", "del", "dev", &persistent, "mode", "tap"]);
+    let name = guest.name.clone();
+    drop(guest);
+    assert!(!must(&["ip", "netns", "list"]).contains(&name));
+}
+
+#[test]
+fn a_missing_namespace_is_a_clear_error() {
+    require(&["ip"]);
+    let ns = unique_name("synone");
+    let out = run(&[
+        switchyard_tests::switchyard_bin().to_str().unwrap(),
+        "run",
+        "--tap",
+        &format!("eth0@{ns}"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&ns), "{err}");
+}
