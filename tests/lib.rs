@@ -41,7 +41,10 @@ pub fn require(tools: &[&str]) {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
             .unwrap_or(false);
-        assert!(found, "this test needs `{tool}`: `tests/run.sh` installs it");
+        assert!(
+            found,
+            "this test needs `{tool}`: `tests/run.sh` installs it"
+        );
     }
 }
 
@@ -130,7 +133,9 @@ impl Netns {
     pub fn wait_link_local(&self, dev: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = self.must(&["ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link"]);
+            let out = self.must(&[
+                "ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link",
+            ]);
             if !out.is_empty() && !out.contains("tentative") {
                 let addr = out
                     .split_whitespace()
@@ -139,14 +144,20 @@ impl Netns {
                     .expect("inet6 address");
                 return addr.split('/').next().unwrap_or_default().to_string();
             }
-            assert!(Instant::now() < deadline, "{}: {dev} link-local never usable: {out}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{}: {dev} link-local never usable: {out}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Whether a link named `dev` exists in this namespace.
     pub fn has_link(&self, dev: &str) -> bool {
-        self.run(&["ip", "link", "show", "dev", dev]).status.success()
+        self.run(&["ip", "link", "show", "dev", dev])
+            .status
+            .success()
     }
 }
 
@@ -171,10 +182,7 @@ impl Drop for Background {
 pub fn switchyard_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/switchyard
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("switchyard");
     assert!(
         bin.is_file(),
@@ -228,7 +236,10 @@ impl Switchyard {
                 }
                 Err(_) => {
                     let status = sy.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                    panic!("switchyard did not start ({status:?}):\n{}", sy.log.join("\n"));
+                    panic!(
+                        "switchyard did not start ({status:?}):\n{}",
+                        sy.log.join("\n")
+                    );
                 }
             }
         }
@@ -267,7 +278,10 @@ impl Switchyard {
     pub fn stop_json(&mut self) -> serde_json::Value {
         let (ok, stdout, stderr) = self.stop_with("TERM");
         assert!(ok, "switchyard exited with failure:\n{stderr}");
-        let last = stdout.lines().last().unwrap_or_else(|| panic!("no stats printed:\n{stderr}"));
+        let last = stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no stats printed:\n{stderr}"));
         serde_json::from_str(last).expect("stats JSON")
     }
 }

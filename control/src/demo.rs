@@ -8,9 +8,9 @@
 use crate::network::NetworkDef;
 use crate::report;
 use crate::run::{self, RunOptions};
+use datapath::MacAddr;
 use datapath::io::TapSpec;
 use datapath::switch::{DEFAULT_AGING, DEFAULT_CAPACITY};
-use datapath::MacAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,12 @@ fn sh(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .map_err(|e| format!("{}: {e} (is it installed? the README's command installs it)", args[0]))?;
+        .map_err(|e| {
+            format!(
+                "{}: {e} (is it installed? the README's command installs it)",
+                args[0]
+            )
+        })?;
     if !out.status.success() {
         return Err(format!(
             "`{}` failed: {}",
@@ -62,7 +67,9 @@ fn wait_for_ipv6_link_local(ns: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("{ns}: IPv6 link-local address never left duplicate address detection"))
+    Err(format!(
+        "{ns}: IPv6 link-local address never left duplicate address detection"
+    ))
 }
 
 /// The EUI-64 link-local address (RFC 4291 2.5.1, appendix A) the kernel derives from `mac`.
@@ -84,14 +91,23 @@ pub fn demo(keep: bool) -> Result<(), String> {
     let def = NetworkDef::parse(crate::network::DEFAULT_XML).map_err(|e| e.to_string())?;
     let tag = std::process::id();
     let guests = ["vm1", "vm2", "vm3"];
-    let namespaces = Namespaces(guests.iter().map(|g| format!("sy-demo-{tag}-{g}")).collect());
+    let namespaces = Namespaces(
+        guests
+            .iter()
+            .map(|g| format!("sy-demo-{tag}-{g}"))
+            .collect(),
+    );
     println!("== switchyard demo: libvirt's default network, three guests, no kernel bridge ==");
-    println!("Guests are network namespaces; each gets a tap 'eth0' created inside it by switchyard.");
+    println!(
+        "Guests are network namespaces; each gets a tap 'eth0' created inside it by switchyard."
+    );
     for ns in &namespaces.0 {
         sh(&["ip", "netns", "add", ns])?;
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
     }
-    let macs: Vec<MacAddr> = (1..=3u8).map(|i| MacAddr([0x52, 0x54, 0, 0xde, 0, i])).collect();
+    let macs: Vec<MacAddr> = (1..=3u8)
+        .map(|i| MacAddr([0x52, 0x54, 0, 0xde, 0, i]))
+        .collect();
     let taps: Vec<TapSpec> = namespaces
         .0
         .iter()
@@ -110,7 +126,10 @@ pub fn demo(keep: bool) -> Result<(), String> {
         fdb_max: DEFAULT_CAPACITY,
         json: false,
     };
-    println!("\n$ switchyard run --tap eth0@{}=... --tap ... --tap ...", namespaces.0[0]);
+    println!(
+        "\n$ switchyard run --tap eth0@{}=... --tap ... --tap ...",
+        namespaces.0[0]
+    );
     for line in def.not_yet_implemented() {
         println!("  (note: {line})");
     }
@@ -127,10 +146,18 @@ pub fn demo(keep: bool) -> Result<(), String> {
             let addr = format!("192.168.122.{}/24", 10 + i);
             show(guests[i], ns, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
         }
-        show(guests[0], &namespaces.0[0], &["ip", "-br", "addr", "show", "dev", "eth0"])?;
+        show(
+            guests[0],
+            &namespaces.0[0],
+            &["ip", "-br", "addr", "show", "dev", "eth0"],
+        )?;
         for (from, to) in [(0usize, 1usize), (0, 2), (1, 2)] {
             let dst = format!("192.168.122.{}", 10 + to);
-            show(guests[from], &namespaces.0[from], &["ping", "-c", "2", "-i", "0.2", &dst])?;
+            show(
+                guests[from],
+                &namespaces.0[from],
+                &["ping", "-c", "2", "-i", "0.2", &dst],
+            )?;
             if handle.is_shutdown() {
                 return Err("interrupted".into());
             }
@@ -138,7 +165,11 @@ pub fn demo(keep: bool) -> Result<(), String> {
         wait_for_ipv6_link_local(&namespaces.0[0])?;
         wait_for_ipv6_link_local(&namespaces.0[1])?;
         let ll = format!("{}%eth0", link_local(macs[1]));
-        show(guests[0], &namespaces.0[0], &["ping", "-6", "-c", "2", "-i", "0.2", &ll])?;
+        show(
+            guests[0],
+            &namespaces.0[0],
+            &["ping", "-6", "-c", "2", "-i", "0.2", &ll],
+        )?;
         if sh(&["iperf3", "--version"]).is_ok() {
             let server = Command::new("ip")
                 .args(["netns", "exec", &namespaces.0[1], "iperf3", "-s", "-1"])

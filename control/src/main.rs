@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "switchyard", version, about = "A userspace virtual switch and NAT for libvirt-style networks")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A userspace virtual switch and NAT for libvirt-style networks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -81,7 +81,10 @@ const NETWORK: Schema = Schema {
     children: &[
         text("name"),
         text("uuid"),
-        leaf("bridge", &["name", "stp", "delay", "macTableManager", "zone"]),
+        leaf(
+            "bridge",
+            &["name", "stp", "delay", "macTableManager", "zone"],
+        ),
         leaf("mac", &["address"]),
         leaf("mtu", &["size"]),
         leaf("domain", &["name", "localOnly", "register"]),
@@ -94,7 +97,10 @@ const NETWORK: Schema = Schema {
                     name: "nat",
                     attrs: &["ipv6"],
                     text: false,
-                    children: &[leaf("address", &["start", "end"]), leaf("port", &["start", "end"])],
+                    children: &[
+                        leaf("address", &["start", "end"]),
+                        leaf("port", &["start", "end"]),
+                    ],
                 },
                 leaf("interface", &["dev"]),
             ],
@@ -138,7 +144,9 @@ const NETWORK: Schema = Schema {
                 leaf("txt", &["name", "value"]),
                 leaf(
                     "srv",
-                    &["service", "protocol", "domain", "target", "port", "priority", "weight"],
+                    &[
+                        "service", "protocol", "domain", "target", "port", "priority", "weight",
+                    ],
                 ),
             ],
         },
@@ -192,7 +200,10 @@ fn validate(node: roxmltree::Node<'_, '_>, schema: &Schema) -> Result<(), XmlErr
                 format!(" inside <{}>", schema.name),
             )
         } else {
-            (None, format!(" in namespace {}", tag.namespace().unwrap_or("")))
+            (
+                None,
+                format!(" in namespace {}", tag.namespace().unwrap_or("")),
+            )
         };
         let Some(child_schema) = known else {
             return Err(XmlError::UnknownElement {
@@ -257,13 +268,16 @@ where
     let Some(value) = node.attribute(attr) else {
         return Ok(None);
     };
-    value.parse().map(Some).map_err(|e: T::Err| XmlError::BadValue {
-        element: node.tag_name().name().to_string(),
-        attribute: attr.to_string(),
-        value: value.to_string(),
-        line: line_of(node),
-        why: e.to_string(),
-    })
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e: T::Err| XmlError::BadValue {
+            element: node.tag_name().name().to_string(),
+            attribute: attr.to_string(),
+            value: value.to_string(),
+            line: line_of(node),
+            why: e.to_string(),
+        })
 }
 
 fn required<T>(node: roxmltree::Node<'_, '_>, what: &str, v: Option<T>) -> Result<T, XmlError> {
@@ -341,7 +355,10 @@ impl NetworkDef {
         let mut ips = Vec::new();
         for ip in root.children().filter(|c| c.has_tag_name("ip")) {
             let address: Ipv4Addr = required(ip, "address", attr_parse(ip, "address")?)?;
-            let prefix = match (attr_parse::<Ipv4Addr>(ip, "netmask")?, attr_parse::<u8>(ip, "prefix")?) {
+            let prefix = match (
+                attr_parse::<Ipv4Addr>(ip, "netmask")?,
+                attr_parse::<u8>(ip, "prefix")?,
+            ) {
                 (Some(mask), _) => netmask_to_prefix(ip, mask)?,
                 (None, Some(p)) if p <= 32 => p,
                 (None, Some(p)) => {
@@ -374,9 +391,15 @@ impl NetworkDef {
         }
         Ok(NetworkDef {
             name,
-            uuid: child("uuid").and_then(|n| n.text()).map(|t| t.trim().to_string()),
-            bridge: child("bridge").and_then(|b| b.attribute("name")).map(str::to_string),
-            mac: child("mac").and_then(|m| m.attribute("address")).map(str::to_string),
+            uuid: child("uuid")
+                .and_then(|n| n.text())
+                .map(|t| t.trim().to_string()),
+            bridge: child("bridge")
+                .and_then(|b| b.attribute("name"))
+                .map(str::to_string),
+            mac: child("mac")
+                .and_then(|m| m.attribute("address"))
+                .map(str::to_string),
             mtu: match child("mtu") {
                 Some(m) => attr_parse(m, "size")?,
                 None => None,
@@ -475,24 +498,39 @@ mod tests {
     fn unknown_elements_and_attributes_are_named_with_their_line() {
         let xml = "<network>\n  <name>x</name>\n  <vlan trunk='yes'/>\n</network>";
         let err = NetworkDef::parse(xml).unwrap_err();
-        assert_eq!(err.to_string(), "line 3: unsupported element <vlan> inside <network>");
+        assert_eq!(
+            err.to_string(),
+            "line 3: unsupported element <vlan> inside <network>"
+        );
 
         let xml = "<network>\n  <name>x</name>\n  <bridge name='b' color='red'/>\n</network>";
         let err = NetworkDef::parse(xml).unwrap_err();
-        assert_eq!(err.to_string(), "line 3: unsupported attribute 'color' on <bridge>");
-
-        let xml = format!(
-            "<network xmlns:sy='{SY_NS}'>\n<name>x</name>\n<sy:teleport/>\n</network>"
+        assert_eq!(
+            err.to_string(),
+            "line 3: unsupported attribute 'color' on <bridge>"
         );
+
+        let xml =
+            format!("<network xmlns:sy='{SY_NS}'>\n<name>x</name>\n<sy:teleport/>\n</network>");
         let err = NetworkDef::parse(&xml).unwrap_err();
-        assert!(err.to_string().starts_with("line 3: unsupported element <teleport> (switchyard"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("line 3: unsupported element <teleport> (switchyard"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_are_errors() {
         for (xml, needle) in [
-            ("<network><ip address='1.2.3.4' netmask='255.0.255.0'/><name>x</name></network>", "contiguous"),
-            ("<network><name>x</name><forward mode='hostdev'/></network>", "hostdev"),
+            (
+                "<network><ip address='1.2.3.4' netmask='255.0.255.0'/><name>x</name></network>",
+                "contiguous",
+            ),
+            (
+                "<network><name>x</name><forward mode='hostdev'/></network>",
+                "hostdev",
+            ),
             ("<network><name>x</name><mtu size='big'/></network>", "big"),
             ("<network><bridge name='b'/></network>", "missing <name>"),
             ("<network><name>x</name", "well-formed"),

@@ -7,7 +7,13 @@ use std::fmt::Write;
 /// `switchyard stats`: one row per port, then drops by reason and switch-wide counters.
 pub fn stats_table(stats: &Stats) -> String {
     let mut out = String::new();
-    let w = stats.ports.iter().map(|(_, p)| p.name.len()).max().unwrap_or(0).max(4);
+    let w = stats
+        .ports
+        .iter()
+        .map(|(_, p)| p.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     let _ = writeln!(
         out,
         "{:<5} {:<w$} {:>10} {:>14} {:>10} {:>14} {:>8}",
@@ -34,14 +40,26 @@ pub fn stats_table(stats: &Stats) -> String {
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
         if !drops.is_empty() {
-            let _ = writeln!(out, "drops on port {} ({}): {}", id.0, port.name, drops.join(" "));
+            let _ = writeln!(
+                out,
+                "drops on port {} ({}): {}",
+                id.0,
+                port.name,
+                drops.join(" ")
+            );
         }
     }
     let e = &stats.engine;
     let _ = writeln!(
         out,
         "switch: {} forwarded, {} flooded; fdb: {} entries, {} learned, {} moved, {} aged, {} not learned (table full)",
-        e.forwarded, e.flooded, stats.fdb_entries, e.fdb.learned, e.fdb.moved, e.fdb.aged, e.fdb.full
+        e.forwarded,
+        e.flooded,
+        stats.fdb_entries,
+        e.fdb.learned,
+        e.fdb.moved,
+        e.fdb.aged,
+        e.fdb.full
     );
     out
 }
@@ -49,8 +67,17 @@ pub fn stats_table(stats: &Stats) -> String {
 /// `switchyard fdb`, like `brctl showmacs`.
 pub fn fdb_table(rows: &[FdbRow], port_name: impl Fn(u16) -> String) -> String {
     let mut out = String::new();
-    let w = rows.iter().map(|r| port_name(r.port.0).len()).max().unwrap_or(0).max(4);
-    let _ = writeln!(out, "{:<5} {:<w$} {:<17} {:>5} {:>9}", "PORT", "NAME", "MAC", "VLAN", "AGE(s)");
+    let w = rows
+        .iter()
+        .map(|r| port_name(r.port.0).len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:<5} {:<w$} {:<17} {:>5} {:>9}",
+        "PORT", "NAME", "MAC", "VLAN", "AGE(s)"
+    );
     for row in rows {
         let _ = writeln!(
             out,

@@ -1,6 +1,6 @@
 //! `switchyard run`: one network in the foreground, ports given on the command line.
 
-use crate::network::{NetworkDef, DEFAULT_XML};
+use crate::network::{DEFAULT_XML, NetworkDef};
 use crate::report;
 use datapath::io::{Datapath, Tap, TapSpec};
 use datapath::{Config, Engine};
@@ -24,7 +24,10 @@ pub fn load_network(path: Option<&PathBuf>) -> Result<NetworkDef, String> {
             std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
             p.display().to_string(),
         ),
-        None => (DEFAULT_XML.to_string(), "embedded default network".to_string()),
+        None => (
+            DEFAULT_XML.to_string(),
+            "embedded default network".to_string(),
+        ),
     };
     NetworkDef::parse(&xml).map_err(|e| format!("{origin}: {e}"))
 }

@@ -8,8 +8,8 @@
 
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
-use crate::wire::ethernet::{self, EthernetFrame};
 use crate::wire::VnetHdr;
+use crate::wire::ethernet::{self, EthernetFrame};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -83,9 +83,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: &Config) -> Engine {
         Engine {
-            max_plain_frame: config.mtu as usize
-                + ethernet::HEADER_LEN
-                + ethernet::VLAN_TAG_LEN,
+            max_plain_frame: config.mtu as usize + ethernet::HEADER_LEN + ethernet::VLAN_TAG_LEN,
             fdb: Fdb::new(config.fdb_capacity, config.fdb_aging),
             ports: Vec::new(),
             forwarded: 0,
@@ -248,8 +246,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::vnet::gso;
     use crate::wire::MacAddr;
+    use crate::wire::vnet::gso;
 
     const A: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xa]);
     const B: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xb]);
@@ -296,7 +294,10 @@ mod tests {
             Verdict::Flood
         );
         let ipv6_all_nodes = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
-        assert_eq!(send(&mut e, t, pa, frame(ipv6_all_nodes, A, 90)), Verdict::Flood);
+        assert_eq!(
+            send(&mut e, t, pa, frame(ipv6_all_nodes, A, 90)),
+            Verdict::Flood
+        );
     }
 
     #[test]
@@ -325,7 +326,10 @@ mod tests {
         let (mut e, [pa, _, _], t) = three_ports();
         let cases = [
             (frame(B, MacAddr::BROADCAST, 60), DropReason::InvalidSource),
-            (frame(B, MacAddr([0x01, 0, 0x5e, 0, 0, 1]), 60), DropReason::InvalidSource),
+            (
+                frame(B, MacAddr([0x01, 0, 0x5e, 0, 0, 1]), 60),
+                DropReason::InvalidSource,
+            ),
             (frame(B, MacAddr::ZERO, 60), DropReason::InvalidSource),
             (frame(B, A, 60)[..13].to_vec(), DropReason::Runt),
             (Vec::new(), DropReason::Runt),

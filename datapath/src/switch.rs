@@ -199,7 +199,11 @@ mod tests {
         assert_eq!(fdb.learn(t1, mac(2), 0, PortId(1)), Learned::Refreshed);
 
         let t2 = t0 + Duration::from_secs(300);
-        assert_eq!(fdb.lookup(t2, mac(1), 0), None, "stale entries are not used");
+        assert_eq!(
+            fdb.lookup(t2, mac(1), 0),
+            None,
+            "stale entries are not used"
+        );
         assert_eq!(fdb.expire(t2), 1);
         assert_eq!(fdb.lookup(t2, mac(2), 0), Some(PortId(1)));
         assert_eq!(fdb.next_expiry(), Some(t1 + Duration::from_secs(300)));
@@ -242,7 +246,10 @@ mod tests {
         fdb.learn(t0, mac(1), 0, PortId(0));
         fdb.learn(t0, mac(2), 0, PortId(0));
         assert_eq!(fdb.learn(t0, mac(3), 0, PortId(0)), Learned::TableFull);
-        assert_eq!(fdb.learn(t0, mac(1), 0, PortId(1)), Learned::Moved { from: PortId(0) });
+        assert_eq!(
+            fdb.learn(t0, mac(1), 0, PortId(1)),
+            Learned::Moved { from: PortId(0) }
+        );
         assert_eq!(fdb.len(), 2);
         assert_eq!(fdb.counters.full, 1);
     }

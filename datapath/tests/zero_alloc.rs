@@ -4,6 +4,8 @@
 //! Ports here are datagram socket pairs (one frame per message, like a tap), so the test runs
 //! without privileges; the loop code is the same one that serves taps.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use datapath::io::{Datapath, PortCaps};
 use datapath::wire::checksum::{accumulate, fold, pseudo_header_v4};
 use datapath::wire::vnet::{self, VnetHdr, gso};
@@ -161,10 +163,17 @@ fn poll_loop_forwards_floods_and_completes_offloads_without_allocating() {
         assert_eq!(at_c.len(), 1 + 1 + 42);
         let partial = &at_c[1];
         let pseudo = pseudo_header_v4(SRC_IP, DST_IP, 6, (partial.len() - 34) as u16);
-        assert_eq!(fold(accumulate(pseudo, &partial[34..])), 0xffff, "checksum completed");
+        assert_eq!(
+            fold(accumulate(pseudo, &partial[34..])),
+            0xffff,
+            "checksum completed"
+        );
         assert!(at_c[2..].iter().all(|s| s.len() <= 54 + 1448));
     }
-    assert_eq!(allocations, 0, "allocations in {rounds} rounds of the poll loop");
+    assert_eq!(
+        allocations, 0,
+        "allocations in {rounds} rounds of the poll loop"
+    );
     let stats = dp.engine().stats();
     let c_counters = &stats.ports[2].1.counters;
     assert_eq!(c_counters.tx_packets, 2 + rounds * 44, "{c_counters:?}");

@@ -1,9 +1,15 @@
 //! The switch end to end: guests in network namespaces, taps created by one running
 //! `switchyard run`, real `ping` and `iperf3`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use switchyard_tests::{Netns, Switchyard, must, port_counters, require, run, unique_name};
 
-const MACS: [&str; 3] = ["52:54:00:5e:00:01", "52:54:00:5e:00:02", "52:54:00:5e:00:03"];
+const MACS: [&str; 3] = [
+    "52:54:00:5e:00:01",
+    "52:54:00:5e:00:02",
+    "52:54:00:5e:00:03",
+];
 
 fn three_guests() -> ([Netns; 3], Switchyard) {
     let guests = [Netns::new("g"), Netns::new("g"), Netns::new("g")];
@@ -16,9 +22,19 @@ fn three_guests() -> ([Netns; 3], Switchyard) {
         "run", "--json", "--tap", &taps[0], "--tap", &taps[1], "--tap", &taps[2],
     ]);
     for (i, ns) in guests.iter().enumerate() {
-        ns.must(&["ip", "addr", "add", &format!("192.168.122.{}/24", 10 + i), "dev", "eth0"]);
+        ns.must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.168.122.{}/24", 10 + i),
+            "dev",
+            "eth0",
+        ]);
         let link = ns.must(&["ip", "-br", "link", "show", "dev", "eth0"]);
-        assert!(link.contains(MACS[i]), "kernel-side MAC was not set: {link}");
+        assert!(
+            link.contains(MACS[i]),
+            "kernel-side MAC was not set: {link}"
+        );
         assert!(link.contains("UP"), "tap not up: {link}");
     }
     (guests, sy)
@@ -40,7 +56,17 @@ fn three_guests_ping_each_other_over_ipv4_and_ipv6_link_local() {
     for (from, ns) in guests.iter().enumerate() {
         for (to, ll) in link_locals.iter().enumerate() {
             if to != from {
-                ns.must(&["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", &format!("{ll}%eth0")]);
+                ns.must(&[
+                    "ping",
+                    "-6",
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    &format!("{ll}%eth0"),
+                ]);
             }
         }
     }
@@ -69,16 +95,27 @@ fn learned_unicast_reaches_only_its_port_under_iperf3_load() {
     let (_, after) = c.rx_counters("eth0");
 
     let report: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-    let sent = report["end"]["sum_sent"]["bytes"].as_u64().expect("bytes sent");
+    let sent = report["end"]["sum_sent"]["bytes"]
+        .as_u64()
+        .expect("bytes sent");
     assert!(sent > 10_000_000, "iperf3 moved too little: {sent} bytes");
     // Only stray multicast (IPv6 neighbour discovery, MLD) may reach the third guest.
     let leaked = after - before;
-    assert!(leaked < 64 * 1024, "third guest saw {leaked} bytes of a {sent}-byte flow");
+    assert!(
+        leaked < 64 * 1024,
+        "third guest saw {leaked} bytes of a {sent}-byte flow"
+    );
 
     let stats = sy.stop_json();
     let tx_c = port_counters(&stats, 2)["tx_bytes"].as_u64().unwrap();
-    assert!(tx_c < sent / 100, "switch sent {tx_c} bytes to the third port");
-    assert!(stats["engine"]["forwarded"].as_u64().unwrap() > 1000, "{stats}");
+    assert!(
+        tx_c < sent / 100,
+        "switch sent {tx_c} bytes to the third port"
+    );
+    assert!(
+        stats["engine"]["forwarded"].as_u64().unwrap() > 1000,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -92,20 +129,40 @@ fn stopping_removes_created_taps_and_keeps_attached_ones() {
 
     for signal in ["TERM", "INT"] {
         let mut sy = Switchyard::start(&[
-            "run", "--tap", &in_ns, "--tap", &created_here, "--tap", &persistent,
+            "run",
+            "--tap",
+            &in_ns,
+            "--tap",
+            &created_here,
+            "--tap",
+            &persistent,
         ]);
         assert!(guest.has_link("eth0"));
-        assert!(run(&["ip", "link", "show", "dev", &created_here]).status.success());
+        assert!(
+            run(&["ip", "link", "show", "dev", &created_here])
+                .status
+                .success()
+        );
         let (ok, _, log) = sy.stop_with(signal);
         assert!(ok, "SIG{signal} is a clean stop:\n{log}");
-        assert!(log.contains("(attached)") && log.contains("(created)"), "{log}");
-        assert!(!guest.has_link("eth0"), "tap in the namespace left behind after SIG{signal}");
         assert!(
-            !run(&["ip", "link", "show", "dev", &created_here]).status.success(),
+            log.contains("(attached)") && log.contains("(created)"),
+            "{log}"
+        );
+        assert!(
+            !guest.has_link("eth0"),
+            "tap in the namespace left behind after SIG{signal}"
+        );
+        assert!(
+            !run(&["ip", "link", "show", "dev", &created_here])
+                .status
+                .success(),
             "created tap left behind after SIG{signal}"
         );
         assert!(
-            run(&["ip", "link", "show", "dev", &persistent]).status.success(),
+            run(&["ip", "link", "show", "dev", &persistent])
+                .status
+                .success(),
             "an attached persistent tap must survive"
         );
     }

@@ -14,7 +14,7 @@ pub mod tap;
 use crate::engine::{Engine, MAX_FRAME_LEN, Verdict};
 use crate::port::{DropReason, PortId};
 use crate::wire::offload::{self, Segmenter};
-use crate::wire::{vnet, VnetHdr};
+use crate::wire::{VnetHdr, vnet};
 use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -163,17 +163,17 @@ impl Datapath {
     pub fn add_tap(&mut self, tap: Tap) -> io::Result<PortId> {
         let file = tap.file.try_clone()?;
         let name = match tap.netns.as_ref().and_then(|p| p.file_name()) {
-            Some(ns) if tap.netns.as_ref().is_some_and(|p| p.starts_with(netns::NETNS_RUN_DIR)) => {
+            Some(ns)
+                if tap
+                    .netns
+                    .as_ref()
+                    .is_some_and(|p| p.starts_with(netns::NETNS_RUN_DIR)) =>
+            {
                 format!("{}@{}", tap.name, ns.to_string_lossy())
             }
             _ => tap.name.clone(),
         };
-        self.add_port(
-            name,
-            file,
-            PortCaps { vnet_hdr: true },
-            Some(tap),
-        )
+        self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))
     }
 
     /// Adds a port that exchanges one frame per read/write on `file`.
@@ -343,12 +343,9 @@ impl Datapath {
         } else {
             (VnetHdr::default(), 0)
         };
-        let verdict = self.engine.handle_frame(
-            now,
-            ingress,
-            &hdr,
-            &mut self.rx_buf[frame_start..n],
-        );
+        let verdict =
+            self.engine
+                .handle_frame(now, ingress, &hdr, &mut self.rx_buf[frame_start..n]);
         match verdict {
             Verdict::Forward(egress) => self.transmit(egress, &hdr, frame_start, n),
             Verdict::Flood => {

@@ -64,7 +64,10 @@ mod tests {
 
     #[test]
     fn missing_namespace_is_a_clear_error() {
-        let err = run_in(Some(Path::new("/run/netns/switchyard-no-such-ns")), || Ok(())).unwrap_err();
+        let err = run_in(Some(Path::new("/run/netns/switchyard-no-such-ns")), || {
+            Ok(())
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("switchyard-no-such-ns"), "{err}");
     }
 }

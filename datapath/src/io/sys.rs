@@ -54,7 +54,8 @@ pub fn open_tap(name: &str, vnet_len: usize) -> io::Result<(OwnedFd, String)> {
     for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is one, valid for the call.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
 

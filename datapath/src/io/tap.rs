@@ -5,7 +5,7 @@
 
 use super::netlink::{self, LinkChange};
 use super::{netns, sys};
-use crate::wire::{vnet, MacAddr};
+use crate::wire::{MacAddr, vnet};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -86,7 +86,12 @@ impl Tap {
     /// Creates the tap in its namespace (or attaches to an existing one there), sets its MAC
     /// and MTU if asked, and brings its link up.
     pub fn open(spec: &TapSpec) -> io::Result<Tap> {
-        let TapSpec { name, netns, mac, mtu } = spec.clone();
+        let TapSpec {
+            name,
+            netns,
+            mac,
+            mtu,
+        } = spec.clone();
         let (fd, name, created) = netns::run_in(netns.as_deref(), move || {
             let existed = sys::if_nametoindex(&name).is_some();
             let (fd, name) = sys::open_tap(&name, vnet::LEN)?;
@@ -125,7 +130,14 @@ mod tests {
         assert_eq!(t.mac, Some(MacAddr([0x52, 0x54, 0, 0, 0, 1])));
         let t: TapSpec = "vm1@/proc/1/ns/net".parse().unwrap();
         assert_eq!(t.netns, Some(PathBuf::from("/proc/1/ns/net")));
-        for bad in ["", "@ns", "vm1@", "vm1=zz", "a-name-that-is-too-long", "vm 1"] {
+        for bad in [
+            "",
+            "@ns",
+            "vm1@",
+            "vm1=zz",
+            "a-name-that-is-too-long",
+            "vm 1",
+        ] {
             assert!(bad.parse::<TapSpec>().is_err(), "{bad}");
         }
     }

@@ -207,7 +207,9 @@ mod tests {
                 WireError::Truncated
             );
         }
-        let tag_only = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x81, 0x00, 0];
+        let tag_only = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x81, 0x00, 0,
+        ];
         assert!(EthernetFrame::new_checked(&tag_only[..]).is_err());
     }
 
@@ -215,13 +217,29 @@ mod tests {
     fn source_validity_follows_the_ig_bit() {
         assert!(!MacAddr::BROADCAST.is_valid_source());
         assert!(!MacAddr::ZERO.is_valid_source());
-        assert!(!"01:00:5e:00:00:01".parse::<MacAddr>().unwrap().is_valid_source());
-        assert!("52:54:00:00:00:01".parse::<MacAddr>().unwrap().is_valid_source());
+        assert!(
+            !"01:00:5e:00:00:01"
+                .parse::<MacAddr>()
+                .unwrap()
+                .is_valid_source()
+        );
+        assert!(
+            "52:54:00:00:00:01"
+                .parse::<MacAddr>()
+                .unwrap()
+                .is_valid_source()
+        );
     }
 
     #[test]
     fn mac_parse_rejects_garbage() {
-        for bad in ["", "52:54:00:00:00", "52:54:00:00:00:01:02", "zz:54:00:00:00:01", "525:4:0:0:0:1"] {
+        for bad in [
+            "",
+            "52:54:00:00:00",
+            "52:54:00:00:00:01:02",
+            "zz:54:00:00:00:01",
+            "525:4:0:0:0:1",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
         assert_eq!(

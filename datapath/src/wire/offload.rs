@@ -5,10 +5,10 @@
 //! to a VM without vnet headers, a NIC that lacks them) gets the checksum completed here, or
 //! the super-frame cut into MSS-sized segments, as the kernel's `skb_checksum_help` and GSO do.
 
+use super::WireError;
 use super::checksum::{accumulate, fold, pseudo_header_v4, pseudo_header_v6};
 use super::ethernet::{EtherType, EthernetFrame};
 use super::vnet::{VnetHdr, gso};
-use super::WireError;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -284,7 +284,11 @@ mod tests {
             let s = &out[..len];
             let i = sizes.len();
             sizes.push(len - 54);
-            assert_eq!(checksum(&s[14..34]), 0, "IPv4 header checksum of segment {i}");
+            assert_eq!(
+                checksum(&s[14..34]),
+                0,
+                "IPv4 header checksum of segment {i}"
+            );
             assert!(tcp_checksum_ok(s), "TCP checksum of segment {i}");
             assert_eq!(u16::from_be_bytes([s[16], s[17]]) as usize, len - 14);
             assert_eq!(u16::from_be_bytes([s[18], s[19]]), 0x1000 + i as u16);

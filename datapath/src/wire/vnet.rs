@@ -84,7 +84,9 @@ mod tests {
     #[test]
     fn round_trips_a_tso_header() {
         // virtio 1.2 5.1.6.2: a TCPv4 GSO frame, checksum partial from the TCP header on.
-        let bytes = [0x01, 0x01, 0x42, 0x00, 0xb4, 0x05, 0x22, 0x00, 0x10, 0x00, 0, 0];
+        let bytes = [
+            0x01, 0x01, 0x42, 0x00, 0xb4, 0x05, 0x22, 0x00, 0x10, 0x00, 0, 0,
+        ];
         let hdr = VnetHdr::parse(&bytes).unwrap();
         assert_eq!(
             hdr,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need, then runs every check.
+# Needs root: the end-to-end tests build network namespaces and taps. Nothing is skipped:
+# a missing tool or privilege fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/setup.sh
+
+echo "== format and lints" >&2
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== unsafe stays in datapath::io::sys" >&2
+offenders=$(grep -rln --include='*.rs' -e 'allow(unsafe_code)' -e 'unsafe {' -e 'unsafe fn' -e 'unsafe impl' \
+  datapath control dhcp-dns benches tests | grep -v '^datapath/src/io/sys.rs$' || true)
+if [ -n "$offenders" ]; then
+  echo "unsafe code outside datapath/src/io/sys.rs: $offenders" >&2
+  exit 1
+fi
+
+echo "== tests" >&2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
