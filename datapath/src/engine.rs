@@ -406,4 +406,74 @@ mod tests {
         assert_eq!(e.add_port("d"), pa);
         assert_eq!(e.ports().count(), 3);
     }
+
+    /// A tiny deterministic generator (xorshift64*), so the property test needs no crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    // DESIGN.md principle 5: any byte sequence on any port, at any time, costs at most a
+    // counter. After each frame every FDB entry points to a live port and the cap holds.
+    #[test]
+    fn random_frames_on_random_ports_keep_the_fdb_consistent() {
+        let mut e = Engine::new(&Config {
+            fdb_capacity: 64,
+            fdb_aging: Duration::from_secs(5),
+            ..Config::default()
+        });
+        let mut live: Vec<PortId> = (0..4).map(|i| e.add_port(format!("p{i}"))).collect();
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut buf = vec![0u8; 2048];
+        for round in 0..50_000u32 {
+            now += Duration::from_millis(rng.next() % 20);
+            let len = (rng.next() % 1600) as usize;
+            for b in buf[..len].iter_mut() {
+                *b = rng.next() as u8;
+            }
+            // Small MAC space so learning, moves and the cap all happen.
+            if len >= 12 && rng.next() % 2 == 0 {
+                buf[6] &= 0xfe;
+                buf[7..11].fill(0);
+                buf[11] = (rng.next() % 100) as u8;
+                buf[5] = (rng.next() % 100) as u8;
+                buf[0..5].fill(0);
+            }
+            let port = live[(rng.next() % live.len() as u64) as usize];
+            let hdr = VnetHdr {
+                gso_type: if rng.next() % 8 == 0 { gso::TCPV4 } else { 0 },
+                ..Default::default()
+            };
+            match e.handle_frame(now, port, &hdr, &mut buf[..len]) {
+                Verdict::Forward(p) => assert!(p != port && e.port(p).is_some()),
+                Verdict::Flood | Verdict::Drop(_) => {}
+            }
+            if round % 1000 == 999 {
+                let gone = live.remove((rng.next() % live.len() as u64) as usize);
+                e.remove_port(gone);
+                live.push(e.add_port("again"));
+            }
+            if e.poll_timeout().is_some_and(|t| t <= now) {
+                e.handle_timeout(now);
+            }
+            assert!(e.fdb().len() <= 64);
+        }
+        for row in e.fdb_rows(now) {
+            assert!(
+                e.port(row.port).is_some(),
+                "entry {row:?} points to a dead port"
+            );
+        }
+        let s = e.stats();
+        assert!(s.engine.fdb.learned > 64 && s.engine.fdb.full > 0 && s.engine.fdb.aged > 0);
+        assert!(s.engine.fdb.moved > 0);
+    }
 }
