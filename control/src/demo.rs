@@ -151,6 +151,16 @@ pub fn demo(keep: bool) -> Result<(), String> {
             &namespaces.0[0],
             &["ip", "-br", "addr", "show", "dev", "eth0"],
         )?;
+        show(
+            guests[0],
+            &namespaces.0[0],
+            &["ping", "-c", "2", "-i", "0.2", "192.168.122.1"],
+        )?;
+        show(
+            guests[0],
+            &namespaces.0[0],
+            &["ip", "neigh", "show", "192.168.122.1"],
+        )?;
         for (from, to) in [(0usize, 1usize), (0, 2), (1, 2)] {
             let dst = format!("192.168.122.{}", 10 + to);
             show(

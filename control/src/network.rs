@@ -251,7 +251,7 @@ pub struct NetworkDef {
     pub name: String,
     pub uuid: Option<String>,
     pub bridge: Option<String>,
-    pub mac: Option<String>,
+    pub mac: Option<datapath::MacAddr>,
     pub mtu: Option<u16>,
     pub forward: Option<Forward>,
     pub ips: Vec<IpDef>,
@@ -397,9 +397,10 @@ impl NetworkDef {
             bridge: child("bridge")
                 .and_then(|b| b.attribute("name"))
                 .map(str::to_string),
-            mac: child("mac")
-                .and_then(|m| m.attribute("address"))
-                .map(str::to_string),
+            mac: match child("mac") {
+                Some(m) => attr_parse(m, "address")?,
+                None => None,
+            },
             mtu: match child("mtu") {
                 Some(m) => attr_parse(m, "size")?,
                 None => None,
@@ -407,6 +408,19 @@ impl NetworkDef {
             forward,
             ips,
             has_dns: child("dns").is_some(),
+        })
+    }
+
+    /// The gateway the engine serves: the first `<ip>`, with `<mac>` or a MAC derived from
+    /// the network's name.
+    pub fn gateway(&self) -> Option<datapath::gateway::GatewayConfig> {
+        let ip = self.ips.first()?;
+        Some(datapath::gateway::GatewayConfig {
+            mac: self
+                .mac
+                .unwrap_or_else(|| datapath::gateway::GatewayConfig::mac_for_network(&self.name)),
+            ip: ip.address,
+            prefix: ip.prefix,
         })
     }
 
@@ -426,11 +440,13 @@ impl NetworkDef {
                 }
             ));
         }
-        for ip in &self.ips {
+        for ip in self.ips.iter().skip(1) {
             missing.push(format!(
-                "<ip address='{}'>: the gateway address is not served yet",
+                "<ip address='{}'>: only the first <ip> is served",
                 ip.address
             ));
+        }
+        for ip in &self.ips {
             if !ip.dhcp_ranges.is_empty() {
                 missing.push("<dhcp>: DHCP is not served yet; give guests static addresses".into());
             }
@@ -532,6 +548,10 @@ mod tests {
                 "hostdev",
             ),
             ("<network><name>x</name><mtu size='big'/></network>", "big"),
+            (
+                "<network><name>x</name><mac address='52:54:00'/></network>",
+                "52:54:00",
+            ),
             ("<network><bridge name='b'/></network>", "missing <name>"),
             ("<network><name>x</name", "well-formed"),
             ("<net><name>x</name></net>", "root must be"),

@@ -38,6 +38,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         mtu: def.mtu.unwrap_or(1500),
         fdb_capacity: opts.fdb_max,
         fdb_aging: opts.fdb_aging,
+        gateway: def.gateway(),
     };
     let mut dp = Datapath::new(Engine::new(&config)).map_err(|e| format!("poll: {e}"))?;
     for spec in &opts.taps {
@@ -74,6 +75,12 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         eprintln!("switchyard: note: {line}");
     }
     let mut dp = build(&def, opts)?;
+    if let Some(gw) = def.gateway() {
+        eprintln!(
+            "switchyard: gateway {}/{} at {} (answers ARP and ping)",
+            gw.ip, gw.prefix, gw.mac
+        );
+    }
     dp.install_signal_handlers()
         .map_err(|e| format!("signals: {e}"))?;
     eprintln!(

@@ -6,6 +6,7 @@
 //! testable with fixtures and virtual time, and cheap enough to bench per frame (the model is
 //! smoltcp's `Interface::poll` and quinn-proto's `Connection`).
 
+use crate::gateway::{Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
 use crate::wire::VnetHdr;
@@ -24,6 +25,8 @@ pub struct Config {
     pub mtu: u16,
     pub fdb_capacity: usize,
     pub fdb_aging: Duration,
+    /// The gateway address served inside the engine (`<ip>` of the network), if any.
+    pub gateway: Option<GatewayConfig>,
 }
 
 impl Default for Config {
@@ -32,6 +35,7 @@ impl Default for Config {
             mtu: 1500,
             fdb_capacity: switch::DEFAULT_CAPACITY,
             fdb_aging: switch::DEFAULT_AGING,
+            gateway: None,
         }
     }
 }
@@ -43,6 +47,9 @@ pub enum Verdict {
     Forward(PortId),
     /// Send it out of every port but the ingress one.
     Flood,
+    /// The engine rewrote the frame into its answer (ARP, ICMP echo): send it back out of the
+    /// ingress port.
+    Reply,
     /// Drop it; the reason was counted on the ingress port.
     Drop(DropReason),
 }
@@ -60,6 +67,7 @@ pub struct EngineCounters {
     pub forwarded: u64,
     pub flooded: u64,
     pub fdb: FdbCounters,
+    pub gateway: GatewayCounters,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -75,6 +83,7 @@ pub struct Stats {
 pub struct Engine {
     max_plain_frame: usize,
     fdb: Fdb,
+    gateway: Option<Gateway>,
     ports: Vec<Option<PortState>>,
     forwarded: u64,
     flooded: u64,
@@ -85,6 +94,7 @@ impl Engine {
         Engine {
             max_plain_frame: config.mtu as usize + ethernet::HEADER_LEN + ethernet::VLAN_TAG_LEN,
             fdb: Fdb::new(config.fdb_capacity, config.fdb_aging),
+            gateway: config.gateway.map(Gateway::new),
             ports: Vec::new(),
             forwarded: 0,
             flooded: 0,
@@ -156,7 +166,7 @@ impl Engine {
         now: Instant,
         ingress: PortId,
         vnet: &VnetHdr,
-        frame: &[u8],
+        frame: &mut [u8],
     ) -> Verdict {
         let max = if vnet.is_gso() {
             MAX_FRAME_LEN
@@ -166,19 +176,32 @@ impl Engine {
         if frame.len() > max {
             return Verdict::Drop(DropReason::Oversize);
         }
-        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        let Ok(eth) = EthernetFrame::new_checked(&*frame) else {
             return Verdict::Drop(DropReason::Runt);
         };
-        let src = eth.src();
+        let (src, dst, vlan) = (eth.src(), eth.dst(), eth.vlan_id());
+        let (ethertype, l3) = (eth.ethertype(), eth.header_len());
         if !src.is_valid_source() {
             return Verdict::Drop(DropReason::InvalidSource);
         }
-        let vlan = eth.vlan_id();
+        let gateway_mac = self.gateway.as_ref().map(|g| g.config().mac);
+        if Some(src) == gateway_mac {
+            return Verdict::Drop(DropReason::SpoofedGatewayMac);
+        }
         // A full table does not stop forwarding: the frame is still delivered (flooded if its
         // destination is unknown); `fdb.full` counts it.
         let _: Learned = self.fdb.learn(now, src, vlan, ingress);
 
-        let dst = eth.dst();
+        if let Some(gateway) = &mut self.gateway {
+            let to_gateway = Some(dst) == gateway_mac;
+            if to_gateway || dst.is_broadcast() {
+                match gateway.handle(frame, l3, ethertype, to_gateway) {
+                    Answer::Reply => return Verdict::Reply,
+                    Answer::Drop(reason) => return Verdict::Drop(reason),
+                    Answer::Pass => {}
+                }
+            }
+        }
         if dst.is_multicast() {
             self.flooded += 1;
             return Verdict::Flood;
@@ -237,6 +260,11 @@ impl Engine {
                 forwarded: self.forwarded,
                 flooded: self.flooded,
                 fdb: self.fdb.counters.clone(),
+                gateway: self
+                    .gateway
+                    .as_ref()
+                    .map(|g| g.counters.clone())
+                    .unwrap_or_default(),
             },
             fdb_entries: self.fdb.len(),
         }
@@ -454,7 +482,7 @@ mod tests {
             };
             match e.handle_frame(now, port, &hdr, &mut buf[..len]) {
                 Verdict::Forward(p) => assert!(p != port && e.port(p).is_some()),
-                Verdict::Flood | Verdict::Drop(_) => {}
+                Verdict::Flood | Verdict::Reply | Verdict::Drop(_) => {}
             }
             if round % 1000 == 999 {
                 let gone = live.remove((rng.next() % live.len() as u64) as usize);
@@ -475,5 +503,44 @@ mod tests {
         let s = e.stats();
         assert!(s.engine.fdb.learned > 64 && s.engine.fdb.full > 0 && s.engine.fdb.aged > 0);
         assert!(s.engine.fdb.moved > 0);
+    }
+
+    #[test]
+    fn the_gateway_answers_on_the_ingress_port_and_is_never_flooded_to() {
+        use crate::gateway::GatewayConfig;
+        use std::net::Ipv4Addr;
+        let gw_mac = MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        let mut e = Engine::new(&Config {
+            gateway: Some(GatewayConfig {
+                mac: gw_mac,
+                ip: Ipv4Addr::new(192, 168, 122, 1),
+                prefix: 24,
+            }),
+            ..Config::default()
+        });
+        let pa = e.add_port("a");
+        e.add_port("b");
+        let t = Instant::now();
+        // who-has 192.168.122.1 tell 192.168.122.10
+        let mut arp = frame(MacAddr::BROADCAST, A, 42);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp[22..28].copy_from_slice(&A.0);
+        arp[28..32].copy_from_slice(&[192, 168, 122, 10]);
+        arp[38..42].copy_from_slice(&[192, 168, 122, 1]);
+        assert_eq!(send(&mut e, t, pa, arp.clone()), Verdict::Reply);
+        // A broadcast ARP for someone else is flooded as usual.
+        arp[41] = 11;
+        assert_eq!(send(&mut e, t, pa, arp), Verdict::Flood);
+        // Frames to the gateway's MAC are the gateway's: answered or dropped, never flooded.
+        assert_eq!(
+            send(&mut e, t, pa, frame(gw_mac, A, 60)),
+            Verdict::Drop(DropReason::BadHeader)
+        );
+        assert_eq!(
+            send(&mut e, t, pa, frame(B, gw_mac, 60)),
+            Verdict::Drop(DropReason::SpoofedGatewayMac)
+        );
+        assert_eq!(e.stats().engine.gateway.arp_replies, 1);
     }
 }

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod gateway;
 pub mod io;
 pub mod port;
 pub mod switch;

@@ -45,6 +45,12 @@ drop_reasons! {
     Oversize => "oversize", "Longer than the network MTU allows for a frame that is not GSO.";
     InvalidSource => "invalid_source_mac", "Source MAC is multicast, broadcast or all zeros.";
     SamePort => "same_port", "Destination was learned on the ingress port: it is already there.";
+    SpoofedGatewayMac => "spoofed_gateway_mac", "Source MAC is the gateway's own.";
+    BadHeader => "bad_header", "An IPv4 or ARP header addressed to the gateway is truncated or lies about its length.";
+    BadChecksum => "bad_checksum", "An IPv4 header or ICMP checksum addressed to the gateway does not verify.";
+    Fragment => "fragment", "A fragment addressed to the gateway (reassembly is not implemented).";
+    NoRoute => "no_route", "Addressed to the gateway for a destination outside the network: NAT is not implemented yet.";
+    GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP and ping are answered.";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
     TxError => "tx_error", "The egress write failed (queue full, interface down).";

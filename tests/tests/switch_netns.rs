@@ -41,7 +41,7 @@ fn three_guests() -> ([Netns; 3], Switchyard) {
 }
 
 #[test]
-fn three_guests_ping_each_other_over_ipv4_and_ipv6_link_local() {
+fn three_guests_ping_each_other_and_the_gateway_over_ipv4_and_ipv6_link_local() {
     require(&["ip", "ping"]);
     let (guests, mut sy) = three_guests();
     for (from, ns) in guests.iter().enumerate() {
@@ -51,6 +51,9 @@ fn three_guests_ping_each_other_over_ipv4_and_ipv6_link_local() {
                 ns.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &dst]);
             }
         }
+    }
+    for ns in &guests {
+        ns.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.1"]);
     }
     let link_locals: Vec<String> = guests.iter().map(|g| g.wait_link_local("eth0")).collect();
     for (from, ns) in guests.iter().enumerate() {
@@ -72,6 +75,14 @@ fn three_guests_ping_each_other_over_ipv4_and_ipv6_link_local() {
     }
     let stats = sy.stop_json();
     assert_eq!(stats["fdb_entries"], 3, "{stats}");
+    assert!(
+        stats["engine"]["gateway"]["echo_replies"].as_u64().unwrap() >= 6,
+        "{stats}"
+    );
+    assert!(
+        stats["engine"]["gateway"]["arp_replies"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
     for i in 0..3 {
         let c = port_counters(&stats, i);
         assert!(c["rx_packets"].as_u64().unwrap() >= 8, "port {i}: {c}");

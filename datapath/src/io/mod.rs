@@ -348,6 +348,7 @@ impl Datapath {
                 .handle_frame(now, ingress, &hdr, &mut self.rx_buf[frame_start..n]);
         match verdict {
             Verdict::Forward(egress) => self.transmit(egress, &hdr, frame_start, n),
+            Verdict::Reply => self.transmit(ingress, &hdr, frame_start, n),
             Verdict::Flood => {
                 for index in 0..self.ports.len() {
                     if index != ingress.0 as usize && self.ports[index].is_some() {

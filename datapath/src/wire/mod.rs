@@ -4,8 +4,10 @@
 //! forwarding path stays allocation-free. Untrusted input goes through `new_checked`, which
 //! proves the header is present before any getter runs.
 
+pub mod arp;
 pub mod checksum;
 pub mod ethernet;
+pub mod ipv4;
 pub mod offload;
 pub mod vnet;
 
