@@ -186,7 +186,7 @@ pub fn switchyard_bin() -> PathBuf {
     let bin = dir.join("switchyard");
     assert!(
         bin.is_file(),
-        "{} not built: run the tests with `cargo test --workspace`",
+        "{} not built: run `tests/run.sh` (or `cargo build --workspace --bins` first)",
         bin.display()
     );
     bin

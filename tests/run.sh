@@ -22,6 +22,9 @@ echo "== tests" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# The end-to-end tests run the `switchyard` binary: cargo test alone does not build it for
+# another package's tests, so build it first (and so never test a stale one).
+cargo build --workspace --bins --quiet
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
