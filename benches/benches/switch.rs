@@ -1,9 +1,11 @@
 //! The pure switch pipeline: how many frames per second `Engine::handle_frame` decides.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use datapath::gateway::GatewayConfig;
 use datapath::wire::VnetHdr;
 use datapath::{Config, Engine, MacAddr, PortId};
 use std::hint::black_box;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 fn frame(dst: MacAddr, src: MacAddr) -> [u8; 64] {
@@ -20,7 +22,15 @@ fn mac(i: u32) -> MacAddr {
 }
 
 fn engine_with(ports: usize, learned: u32) -> (Engine, Vec<PortId>, Instant) {
-    let mut e = Engine::new(&Config::default());
+    // As `switchyard run` builds it for libvirt's default network: with the gateway.
+    let mut e = Engine::new(&Config {
+        gateway: Some(GatewayConfig {
+            mac: GatewayConfig::mac_for_network("default"),
+            ip: Ipv4Addr::new(192, 168, 122, 1),
+            prefix: 24,
+        }),
+        ..Config::default()
+    });
     let ids: Vec<PortId> = (0..ports).map(|i| e.add_port(format!("p{i}"))).collect();
     let now = Instant::now();
     for i in 0..learned {
