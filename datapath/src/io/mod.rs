@@ -162,16 +162,14 @@ impl Datapath {
     /// Adds an open tap as a port.
     pub fn add_tap(&mut self, tap: Tap) -> io::Result<PortId> {
         let file = tap.file.try_clone()?;
-        let name = match tap.netns.as_ref().and_then(|p| p.file_name()) {
-            Some(ns)
-                if tap
-                    .netns
-                    .as_ref()
-                    .is_some_and(|p| p.starts_with(netns::NETNS_RUN_DIR)) =>
-            {
-                format!("{}@{}", tap.name, ns.to_string_lossy())
-            }
-            _ => tap.name.clone(),
+        // A tap in an `ip netns` namespace is named NAME@NETNS: many guests call theirs eth0.
+        let name = match tap
+            .netns
+            .as_ref()
+            .and_then(|p| p.strip_prefix(netns::NETNS_RUN_DIR).ok())
+        {
+            Some(ns) => format!("{}@{}", tap.name, ns.display()),
+            None => tap.name.clone(),
         };
         self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))
     }
