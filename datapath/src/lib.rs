@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod gateway;
 pub mod io;
+pub mod nat;
 pub mod port;
 pub mod switch;
 pub mod wire;

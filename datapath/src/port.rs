@@ -49,7 +49,16 @@ drop_reasons! {
     BadHeader => "bad_header", "An IPv4 or ARP header addressed to the gateway is truncated or lies about its length.";
     BadChecksum => "bad_checksum", "An IPv4 header or ICMP checksum addressed to the gateway does not verify.";
     Fragment => "fragment", "A fragment addressed to the gateway (reassembly is not implemented).";
-    NoRoute => "no_route", "Addressed to the gateway for a destination outside the network: NAT is not implemented yet.";
+    NoRoute => "no_route", "Addressed to the gateway for a destination it does not route: no uplink, a source outside the network, multicast or broadcast.";
+    TtlExceeded => "ttl_exceeded", "The TTL ran out at the gateway (an ICMP time-exceeded went back, rate permitting).";
+    NeedsFragmentation => "needs_fragmentation", "Larger than the egress MTU: DF set (ICMP fragmentation-needed went back) or fragmentation not supported.";
+    NatNoFlow => "nat_no_flow", "Reached the external address but matches no connection (or the filtering policy refused it).";
+    NatTableFull => "nat_table_full", "A new connection when the connection table is at its cap.";
+    NatGuestLimit => "nat_guest_limit", "A new connection from a guest already at its per-guest cap.";
+    NatPortsExhausted => "nat_ports_exhausted", "A new connection when no external port is free in the range.";
+    NatUnsupported => "nat_unsupported", "A packet NAT cannot translate: unknown ICMP type, TCP without SYN for a new flow, unmatched fragment.";
+    NotForUs => "not_for_us", "Seen on the uplink (promiscuous) but addressed to another host.";
+    NeighborUnresolved => "neighbor_unresolved", "The next hop did not answer ARP (or its queue of waiting packets was full).";
     GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP and ping are answered.";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";

@@ -1,0 +1,923 @@
+//! MASQUERADE, as libvirt's iptables rules ask of the kernel, without the kernel.
+//!
+//! Guests on the network's subnet share one external address. Each connection is an entry
+//! keyed by the tuple of both directions (the guest's packet as sent, the remote's reply as
+//! it arrives), so either direction costs one hash lookup and a few in-place rewrites with
+//! incremental checksums. The behaviour is that of a well-behaved NAT per the IETF BEHAVE
+//! requirements: endpoint-independent mapping (RFC 4787 4.1, RFC 5382 REQ-1), configurable
+//! filtering (RFC 4787 5), hairpinning (RFC 4787 6), the RFC 4787 4.3 / RFC 5382 REQ-5
+//! timeouts, and ICMP errors matched to their connection by the packet they quote (RFC 5508).
+//!
+//! Sans-IO: packets and `now` in, rewritten packets and verdicts out. Expired entries are
+//! removed by a sweep that looks at a bounded slice of the table per timer call, and an entry
+//! found expired by a lookup is treated as gone, so no timer precision is needed for
+//! correctness.
+
+pub mod packet;
+
+use crate::port::DropReason;
+use crate::wire::MacAddr;
+use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use ahash::RandomState;
+use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// Default cap on connections (the kernel's `nf_conntrack_max` is of this order).
+pub const DEFAULT_MAX_FLOWS: usize = 65536;
+/// Default cap on one guest's connections, so one guest cannot starve the others.
+pub const DEFAULT_MAX_FLOWS_PER_GUEST: usize = 8192;
+/// How long an unreassembled fragment train keeps its connection (RFC 791's 15 s suggestion,
+/// doubled like Linux's `ipfrag_time` of 30 s).
+const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_FRAGMENT_TRAINS: usize = 4096;
+/// The sweep looks at this many table slots per call and runs this often.
+const SWEEP_BATCH: usize = 8192;
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// RFC 4787 5: which inbound packets an existing mapping lets in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// Anyone may reach the mapping (RFC 4787 REQ-8's "full cone").
+    EndpointIndependent,
+    /// Only hosts the guest has sent to.
+    AddressDependent,
+    /// Only the exact host and port the guest has sent to (the default, as the kernel does).
+    AddressAndPortDependent,
+}
+
+impl std::str::FromStr for Filtering {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "endpoint-independent" => Ok(Filtering::EndpointIndependent),
+            "address-dependent" => Ok(Filtering::AddressDependent),
+            "address-and-port-dependent" => Ok(Filtering::AddressAndPortDependent),
+            _ => Err("one of endpoint-independent, address-dependent, \
+                      address-and-port-dependent"
+                .into()),
+        }
+    }
+}
+
+/// Idle timeouts per protocol and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// RFC 4787 REQ-5: at least 2 minutes; 5 recommended.
+    pub udp: Duration,
+    /// RFC 5382 REQ-5: at least 2 hours 4 minutes.
+    pub tcp_established: Duration,
+    /// RFC 5382 REQ-5: at least 4 minutes for partially open or closing connections.
+    pub tcp_transitory: Duration,
+    /// RFC 5508 REQ-1: ICMP query mappings at least 60 s.
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            udp: Duration::from_secs(300),
+            tcp_established: Duration::from_secs(2 * 3600 + 4 * 60),
+            tcp_transitory: Duration::from_secs(240),
+            icmp: Duration::from_secs(60),
+        }
+    }
+}
+
+/// NAT settings: libvirt's `<nat>` plus switchyard's `<sy:nat>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatConfig {
+    /// The network's subnet; only its sources are translated (libvirt's `-s 192.168.122.0/24`).
+    pub internal: Ipv4Addr,
+    pub internal_prefix: u8,
+    /// `<nat><address start=... end=...>`: the address the guests share.
+    pub external: Ipv4Addr,
+    /// `<nat><port start end>`: external TCP/UDP ports (default 1024-65535).
+    pub ports: (u16, u16),
+    pub filtering: Filtering,
+    pub max_flows: usize,
+    pub max_flows_per_guest: usize,
+    pub timeouts: Timeouts,
+}
+
+impl NatConfig {
+    pub fn new(internal: Ipv4Addr, internal_prefix: u8, external: Ipv4Addr) -> NatConfig {
+        NatConfig {
+            internal,
+            internal_prefix,
+            external,
+            ports: (1024, 65535),
+            filtering: Filtering::AddressAndPortDependent,
+            max_flows: DEFAULT_MAX_FLOWS,
+            max_flows_per_guest: DEFAULT_MAX_FLOWS_PER_GUEST,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    fn is_internal(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - self.internal_prefix as u32)
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.internal) & mask
+    }
+}
+
+/// Which way a packet crosses the NAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dir {
+    /// From a guest towards the outside.
+    Out = 0,
+    /// From the outside towards a guest.
+    In = 1,
+}
+
+/// TCP connection state as tracked from SYN, FIN and RST (RFC 5382 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    SynSent,
+    SynReceived,
+    Established,
+    FinWait,
+    TimeWait,
+    Close,
+}
+
+impl TcpState {
+    fn name(self) -> &'static str {
+        match self {
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynReceived => "SYN_RECV",
+            TcpState::Established => "ESTABLISHED",
+            TcpState::FinWait => "FIN_WAIT",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Flow {
+    /// The guest's packets as sent: guest -> remote.
+    original: Tuple,
+    /// The remote's packets as they arrive: remote -> external.
+    reply: Tuple,
+    guest_mac: MacAddr,
+    initiator: Dir,
+    tcp: TcpState,
+    fin_seen: [bool; 2],
+    seen: [bool; 2],
+    expires: Instant,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    /// Tells a reused slot from the entry a fragment train was bound to.
+    generation: u32,
+}
+
+impl Flow {
+    fn external_port(&self) -> u16 {
+        self.reply.dport
+    }
+
+    fn timeout(&self, t: &Timeouts) -> Duration {
+        match self.original.proto {
+            PROTO_TCP if self.tcp == TcpState::Established => t.tcp_established,
+            PROTO_TCP => t.tcp_transitory,
+            PROTO_UDP => t.udp,
+            _ => t.icmp,
+        }
+    }
+
+    /// RFC 5382 5 / RFC 7857 2.2: follow the handshake and the close from the flags.
+    fn track_tcp(&mut self, dir: Dir, flags: u8) {
+        let responder = dir != self.initiator;
+        if flags & TCP_RST != 0 {
+            self.tcp = TcpState::Close;
+            return;
+        }
+        let syn = flags & TCP_SYN != 0;
+        let ack = flags & TCP_ACK != 0;
+        match self.tcp {
+            TcpState::TimeWait | TcpState::Close if syn && !ack && !responder => {
+                // The same tuple opens a new connection.
+                self.tcp = TcpState::SynSent;
+                self.fin_seen = [false; 2];
+            }
+            TcpState::SynSent if syn && responder => self.tcp = TcpState::SynReceived,
+            TcpState::SynReceived if ack && !syn && !responder => self.tcp = TcpState::Established,
+            _ => {}
+        }
+        if flags & TCP_FIN != 0 {
+            self.fin_seen[dir as usize] = true;
+            self.tcp = if self.fin_seen == [true, true] {
+                TcpState::TimeWait
+            } else {
+                TcpState::FinWait
+            };
+        }
+    }
+}
+
+/// An external port shared by every connection of one guest address and port (RFC 4787
+/// REQ-1, endpoint-independent mapping).
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    external_port: u16,
+    flows: u32,
+    guest_mac: MacAddr,
+}
+
+type MapKey = (u8, Ipv4Addr, u16);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FragKey {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FragTrain {
+    slot: u32,
+    generation: u32,
+    dir: Dir,
+    expires: Instant,
+}
+
+/// What NAT counts besides drops (which the ports count by reason).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NatCounters {
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    pub translated_out: u64,
+    pub translated_in: u64,
+    pub icmp_errors_translated: u64,
+    pub fragments_translated: u64,
+    pub hairpinned: u64,
+}
+
+/// The result of translating a guest's packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outbound {
+    /// The destination is the external address itself: the packet must now be taken as
+    /// arriving from outside (hairpinning, RFC 4787 6).
+    pub hairpin: bool,
+}
+
+/// One connection as `switchyard conntrack` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowRow {
+    pub proto: &'static str,
+    pub state: &'static str,
+    pub timeout_secs: u64,
+    pub original: Tuple,
+    pub reply: Tuple,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub replied: bool,
+}
+
+impl Serialize for Tuple {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("src", &self.src)?;
+        map.serialize_entry("dst", &self.dst)?;
+        map.serialize_entry("sport", &self.sport)?;
+        map.serialize_entry("dport", &self.dport)?;
+        map.end()
+    }
+}
+
+impl fmt::Display for FlowRow {
+    /// The layout of `conntrack -L`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let number = match self.proto {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
+            _ => PROTO_ICMP,
+        };
+        write!(f, "{:<8} {:<2} {} ", self.proto, number, self.timeout_secs)?;
+        if !self.state.is_empty() {
+            write!(f, "{} ", self.state)?;
+        }
+        let side = |f: &mut fmt::Formatter<'_>, t: &Tuple, i: usize| {
+            if number == PROTO_ICMP {
+                write!(
+                    f,
+                    "src={} dst={} type=8 code=0 id={} ",
+                    t.src, t.dst, t.sport
+                )?;
+            } else {
+                write!(
+                    f,
+                    "src={} dst={} sport={} dport={} ",
+                    t.src, t.dst, t.sport, t.dport
+                )?;
+            }
+            write!(f, "packets={} bytes={}", self.packets[i], self.bytes[i])
+        };
+        side(f, &self.original, 0)?;
+        if !self.replied {
+            f.write_str(" [UNREPLIED]")?;
+        }
+        f.write_str(" ")?;
+        side(f, &self.reply, 1)?;
+        if self.replied {
+            f.write_str(" [ASSURED]")?;
+        }
+        Ok(())
+    }
+}
+
+/// The connection table and the translation it drives.
+#[derive(Debug)]
+pub struct Nat {
+    config: NatConfig,
+    slots: Vec<Option<Flow>>,
+    free: Vec<u32>,
+    live: usize,
+    generation: u32,
+    by_tuple: HashMap<Tuple, (u32, Dir), RandomState>,
+    mappings: HashMap<MapKey, Mapping, RandomState>,
+    by_external: HashMap<(u8, u16), (Ipv4Addr, u16), RandomState>,
+    /// Connections per (protocol, external port, remote address), for address-dependent
+    /// filtering.
+    remotes: HashMap<(u8, u16, Ipv4Addr), u32, RandomState>,
+    per_guest: HashMap<Ipv4Addr, u32, RandomState>,
+    fragments: HashMap<FragKey, FragTrain, RandomState>,
+    port_cursor: u32,
+    sweep_cursor: usize,
+    next_sweep: Option<Instant>,
+    pub counters: NatCounters,
+}
+
+impl Nat {
+    pub fn new(config: NatConfig) -> Nat {
+        let cap = config.max_flows;
+        let hasher = RandomState::new;
+        Nat {
+            slots: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
+            live: 0,
+            generation: 0,
+            by_tuple: HashMap::with_capacity_and_hasher(cap * 2, hasher()),
+            mappings: HashMap::with_capacity_and_hasher(cap.min(65536), hasher()),
+            by_external: HashMap::with_capacity_and_hasher(cap.min(65536), hasher()),
+            remotes: HashMap::with_hasher(hasher()),
+            per_guest: HashMap::with_hasher(hasher()),
+            fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENT_TRAINS, hasher()),
+            port_cursor: 0,
+            sweep_cursor: 0,
+            next_sweep: None,
+            counters: NatCounters::default(),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &NatConfig {
+        &self.config
+    }
+
+    /// Live connections.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Translates a guest's IPv4 packet `p` (header checked, cut to its total length) for the
+    /// outside: source becomes the external address and mapped port. `partial` says the L4
+    /// checksum is a virtio partial sum.
+    pub fn handle_outbound(
+        &mut self,
+        now: Instant,
+        p: &mut [u8],
+        guest_mac: MacAddr,
+        partial: bool,
+    ) -> Result<Outbound, DropReason> {
+        let ihl = packet::ip_header_len(p).ok_or(DropReason::BadHeader)?;
+        let src = Ipv4Addr::from([p[12], p[13], p[14], p[15]]);
+        let dst = Ipv4Addr::from([p[16], p[17], p[18], p[19]]);
+        // libvirt's rules: only the subnet's sources, never to multicast or broadcast.
+        if !self.config.is_internal(src) || dst.is_multicast() || dst.is_broadcast() {
+            return Err(DropReason::NoRoute);
+        }
+        let hairpin = Outbound {
+            hairpin: dst == self.config.external,
+        };
+        let (offset, more) = packet::fragment_info(p);
+        if offset != 0 {
+            let (slot, _) = self.fragment_flow(now, p, Dir::Out)?;
+            let external = self.config.external;
+            packet::rewrite_addr(p, End::Src, external, None, false);
+            self.count(slot, Dir::Out, p.len());
+            self.counters.fragments_translated += 1;
+            return Ok(hairpin);
+        }
+        let (tuple, kind, layout) = packet::classify(p, ihl).ok_or(DropReason::NatUnsupported)?;
+        let tcp_flags = match kind {
+            Kind::IcmpError => {
+                self.translate_error(now, p, ihl, Dir::Out)?;
+                return Ok(hairpin);
+            }
+            Kind::Flow { tcp_flags } => tcp_flags,
+        };
+        let slot = match self.lookup(now, &tuple, Dir::Out) {
+            Some(slot) => slot,
+            None => {
+                let opens = match tuple.proto {
+                    PROTO_TCP => tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+                    PROTO_UDP => true,
+                    _ => p[ihl] == packet::ICMP_ECHO_REQUEST,
+                };
+                if !opens {
+                    return Err(DropReason::NatUnsupported);
+                }
+                self.create_outbound(now, tuple, guest_mac)?
+            }
+        };
+        let flow = self.flow_mut(slot);
+        flow.guest_mac = guest_mac;
+        let port = flow.external_port();
+        self.track(now, slot, Dir::Out, tcp_flags, p.len());
+        let external = self.config.external;
+        packet::rewrite_addr(p, End::Src, external, Some(&layout), partial);
+        packet::rewrite_port(p, End::Src, port, &layout, partial);
+        if more {
+            self.bind_fragments(now, &tuple, p, slot, Dir::Out);
+        }
+        self.counters.translated_out += 1;
+        Ok(hairpin)
+    }
+
+    /// Translates a packet that arrived for the external address back to its guest: returns
+    /// the guest's MAC to deliver it to.
+    pub fn handle_inbound(
+        &mut self,
+        now: Instant,
+        p: &mut [u8],
+        partial: bool,
+    ) -> Result<MacAddr, DropReason> {
+        let ihl = packet::ip_header_len(p).ok_or(DropReason::BadHeader)?;
+        let (offset, more) = packet::fragment_info(p);
+        if offset != 0 {
+            let (slot, guest) = self.fragment_flow(now, p, Dir::In)?;
+            packet::rewrite_addr(p, End::Dst, guest, None, false);
+            self.count(slot, Dir::In, p.len());
+            self.counters.fragments_translated += 1;
+            return Ok(self.flow_mut(slot).guest_mac);
+        }
+        let (tuple, kind, layout) = packet::classify(p, ihl).ok_or(DropReason::NatUnsupported)?;
+        let tcp_flags = match kind {
+            Kind::IcmpError => return self.translate_error(now, p, ihl, Dir::In),
+            Kind::Flow { tcp_flags } => tcp_flags,
+        };
+        let slot = match self.lookup(now, &tuple, Dir::In) {
+            Some(slot) => slot,
+            None => self.admit_inbound(now, tuple, tcp_flags)?,
+        };
+        self.track(now, slot, Dir::In, tcp_flags, p.len());
+        let flow = self.flow_mut(slot);
+        let (guest, guest_port, mac) = (flow.original.src, flow.original.sport, flow.guest_mac);
+        packet::rewrite_addr(p, End::Dst, guest, Some(&layout), partial);
+        packet::rewrite_port(p, End::Dst, guest_port, &layout, partial);
+        if more {
+            self.bind_fragments(now, &tuple, p, slot, Dir::In);
+        }
+        self.counters.translated_in += 1;
+        Ok(mac)
+    }
+
+    /// Counts a packet that went through both translations (guest to guest via the external
+    /// address).
+    pub fn record_hairpin(&mut self) {
+        self.counters.hairpinned += 1;
+    }
+
+    /// RFC 5508 4.1 / 4.2: an ICMP error is translated through the connection of the packet it
+    /// quotes (which went the other way), quoted header and checksums included.
+    fn translate_error(
+        &mut self,
+        now: Instant,
+        p: &mut [u8],
+        ihl: usize,
+        dir: Dir,
+    ) -> Result<MacAddr, DropReason> {
+        if packet::fragment_info(p) != (0, false) {
+            return Err(DropReason::NatUnsupported);
+        }
+        let quote_at = ihl + 8;
+        let (quoted, quoted_layout) =
+            packet::classify_quoted(&p[quote_at..]).ok_or(DropReason::NatUnsupported)?;
+        let slot = self
+            .lookup(now, &quoted.reversed(), dir)
+            .ok_or(DropReason::NatNoFlow)?;
+        let flow = self.flow_mut(slot);
+        let (guest, guest_port, external_port, mac) = (
+            flow.original.src,
+            flow.original.sport,
+            flow.external_port(),
+            flow.guest_mac,
+        );
+        let external = self.config.external;
+        let q = &mut p[quote_at..];
+        match dir {
+            Dir::In => {
+                packet::rewrite_addr(q, End::Src, guest, Some(&quoted_layout), false);
+                packet::rewrite_port(q, End::Src, guest_port, &quoted_layout, false);
+                packet::rewrite_addr(p, End::Dst, guest, None, false);
+            }
+            Dir::Out => {
+                packet::rewrite_addr(q, End::Dst, external, Some(&quoted_layout), false);
+                packet::rewrite_port(q, End::Dst, external_port, &quoted_layout, false);
+                packet::rewrite_addr(p, End::Src, external, None, false);
+            }
+        }
+        packet::refresh_icmp_checksum(p, ihl);
+        self.count(slot, dir, p.len());
+        self.counters.icmp_errors_translated += 1;
+        Ok(mac)
+    }
+
+    fn flow_mut(&mut self, slot: u32) -> &mut Flow {
+        // Invariant: slots handed out by `lookup`/`create` hold a flow until `remove`.
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("slot of a live flow")
+    }
+
+    /// The live flow `tuple` belongs to in direction `dir`; an expired one is removed.
+    fn lookup(&mut self, now: Instant, tuple: &Tuple, dir: Dir) -> Option<u32> {
+        let &(slot, found_dir) = self.by_tuple.get(tuple)?;
+        if found_dir != dir {
+            return None;
+        }
+        if self.flow_mut(slot).expires <= now {
+            self.remove(slot);
+            self.counters.flows_expired += 1;
+            return None;
+        }
+        Some(slot)
+    }
+
+    fn count(&mut self, slot: u32, dir: Dir, len: usize) {
+        let flow = self.flow_mut(slot);
+        flow.packets[dir as usize] += 1;
+        flow.bytes[dir as usize] += len as u64;
+    }
+
+    fn track(&mut self, now: Instant, slot: u32, dir: Dir, tcp_flags: u8, len: usize) {
+        let timeouts = self.config.timeouts;
+        let flow = self.flow_mut(slot);
+        flow.seen[dir as usize] = true;
+        if flow.original.proto == PROTO_TCP {
+            flow.track_tcp(dir, tcp_flags);
+        }
+        flow.expires = now + flow.timeout(&timeouts);
+        self.count(slot, dir, len);
+    }
+
+    fn create_outbound(
+        &mut self,
+        now: Instant,
+        original: Tuple,
+        guest_mac: MacAddr,
+    ) -> Result<u32, DropReason> {
+        self.check_caps(original.src)?;
+        let external_port = self.map(original.proto, original.src, original.sport, guest_mac)?;
+        let reply = Tuple {
+            proto: original.proto,
+            src: original.dst,
+            // An echo reply carries the (translated) identifier in both "port" places.
+            sport: if original.proto == PROTO_ICMP {
+                external_port
+            } else {
+                original.dport
+            },
+            dst: self.config.external,
+            dport: external_port,
+        };
+        if self.by_tuple.contains_key(&reply) {
+            // Another guest's connection already owns this reply tuple (only possible when a
+            // mapping's port was reused towards the same remote endpoint).
+            self.unmap(original.proto, original.src, original.sport);
+            return Err(DropReason::NatPortsExhausted);
+        }
+        Ok(self.insert(now, original, reply, guest_mac, Dir::Out))
+    }
+
+    /// RFC 4787 5 / RFC 5382 REQ-3: an unsolicited packet reaches a guest only through an
+    /// existing mapping and only as far as the filtering policy allows; TCP only with a SYN.
+    fn admit_inbound(
+        &mut self,
+        now: Instant,
+        reply: Tuple,
+        tcp_flags: u8,
+    ) -> Result<u32, DropReason> {
+        let opens = match reply.proto {
+            PROTO_TCP => tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+            PROTO_UDP => true,
+            _ => false,
+        };
+        if !opens || reply.dst != self.config.external {
+            return Err(DropReason::NatNoFlow);
+        }
+        let &(guest, guest_port) = self
+            .by_external
+            .get(&(reply.proto, reply.dport))
+            .ok_or(DropReason::NatNoFlow)?;
+        let allowed = match self.config.filtering {
+            Filtering::EndpointIndependent => true,
+            Filtering::AddressDependent => {
+                self.remotes
+                    .contains_key(&(reply.proto, reply.dport, reply.src))
+            }
+            Filtering::AddressAndPortDependent => false,
+        };
+        if !allowed {
+            return Err(DropReason::NatNoFlow);
+        }
+        self.check_caps(guest)?;
+        let key = (reply.proto, guest, guest_port);
+        let mapping = self.mappings.get_mut(&key).ok_or(DropReason::NatNoFlow)?;
+        mapping.flows += 1;
+        let guest_mac = mapping.guest_mac;
+        let original = Tuple {
+            proto: reply.proto,
+            src: guest,
+            sport: guest_port,
+            dst: reply.src,
+            dport: reply.sport,
+        };
+        Ok(self.insert(now, original, reply, guest_mac, Dir::In))
+    }
+
+    fn check_caps(&self, guest: Ipv4Addr) -> Result<(), DropReason> {
+        if self.live >= self.config.max_flows {
+            return Err(DropReason::NatTableFull);
+        }
+        if self.per_guest.get(&guest).copied().unwrap_or(0) as usize
+            >= self.config.max_flows_per_guest
+        {
+            return Err(DropReason::NatGuestLimit);
+        }
+        Ok(())
+    }
+
+    /// The external port of (guest, port), taking a new one if it has none: the guest's own
+    /// port when it is free and in range (as MASQUERADE does), else the next free one.
+    fn map(
+        &mut self,
+        proto: u8,
+        guest: Ipv4Addr,
+        guest_port: u16,
+        guest_mac: MacAddr,
+    ) -> Result<u16, DropReason> {
+        let key = (proto, guest, guest_port);
+        if let Some(m) = self.mappings.get_mut(&key) {
+            m.flows += 1;
+            m.guest_mac = guest_mac;
+            return Ok(m.external_port);
+        }
+        let (lo, hi) = match proto {
+            // ICMP identifiers: any value, as the kernel does.
+            PROTO_ICMP => (0u16, u16::MAX),
+            _ => self.config.ports,
+        };
+        let free = |nat: &Nat, port: u16| !nat.by_external.contains_key(&(proto, port));
+        let external_port = if (lo..=hi).contains(&guest_port) && free(self, guest_port) {
+            guest_port
+        } else {
+            let span = hi as u32 - lo as u32 + 1;
+            let mut found = None;
+            for i in 0..span {
+                let port = (lo as u32 + (self.port_cursor + i) % span) as u16;
+                if free(self, port) {
+                    self.port_cursor = (self.port_cursor + i + 1) % span;
+                    found = Some(port);
+                    break;
+                }
+            }
+            found.ok_or(DropReason::NatPortsExhausted)?
+        };
+        self.mappings.insert(
+            key,
+            Mapping {
+                external_port,
+                flows: 1,
+                guest_mac,
+            },
+        );
+        self.by_external
+            .insert((proto, external_port), (guest, guest_port));
+        Ok(external_port)
+    }
+
+    fn unmap(&mut self, proto: u8, guest: Ipv4Addr, guest_port: u16) {
+        let key = (proto, guest, guest_port);
+        if let Some(m) = self.mappings.get_mut(&key) {
+            m.flows -= 1;
+            if m.flows == 0 {
+                let port = m.external_port;
+                self.mappings.remove(&key);
+                self.by_external.remove(&(proto, port));
+            }
+        }
+    }
+
+    fn insert(
+        &mut self,
+        now: Instant,
+        original: Tuple,
+        reply: Tuple,
+        guest_mac: MacAddr,
+        initiator: Dir,
+    ) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        let flow = Flow {
+            original,
+            reply,
+            guest_mac,
+            initiator,
+            tcp: TcpState::SynSent,
+            fin_seen: [false; 2],
+            seen: [false; 2],
+            expires: now,
+            packets: [0; 2],
+            bytes: [0; 2],
+            generation: self.generation,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(flow);
+                slot
+            }
+            None => {
+                self.slots.push(Some(flow));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_tuple.insert(original, (slot, Dir::Out));
+        self.by_tuple.insert(reply, (slot, Dir::In));
+        *self
+            .remotes
+            .entry((original.proto, reply.dport, original.dst))
+            .or_default() += 1;
+        *self.per_guest.entry(original.src).or_default() += 1;
+        self.live += 1;
+        self.counters.flows_created += 1;
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+        slot
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let Some(flow) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.by_tuple.remove(&flow.original);
+        self.by_tuple.remove(&flow.reply);
+        let o = flow.original;
+        self.unmap(o.proto, o.src, o.sport);
+        let remote = (o.proto, flow.external_port(), o.dst);
+        if let Some(n) = self.remotes.get_mut(&remote) {
+            *n -= 1;
+            if *n == 0 {
+                self.remotes.remove(&remote);
+            }
+        }
+        if let Some(n) = self.per_guest.get_mut(&o.src) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_guest.remove(&o.src);
+            }
+        }
+        self.free.push(slot);
+        self.live -= 1;
+    }
+
+    /// Remembers which connection the rest of a fragmented datagram belongs to: only its
+    /// first fragment carries ports. Keyed by the datagram as it arrived (before rewriting).
+    fn bind_fragments(&mut self, now: Instant, before: &Tuple, p: &[u8], slot: u32, dir: Dir) {
+        let key = FragKey {
+            src: before.src,
+            dst: before.dst,
+            proto: before.proto,
+            id: packet::ip_id(p),
+        };
+        if self.fragments.len() >= MAX_FRAGMENT_TRAINS && !self.fragments.contains_key(&key) {
+            self.fragments.retain(|_, t| t.expires > now);
+            if self.fragments.len() >= MAX_FRAGMENT_TRAINS {
+                return;
+            }
+        }
+        let generation = self.flow_mut(slot).generation;
+        self.fragments.insert(
+            key,
+            FragTrain {
+                slot,
+                generation,
+                dir,
+                expires: now + FRAGMENT_TIMEOUT,
+            },
+        );
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+    }
+
+    /// The connection of a later fragment, and the guest address (inbound rewrite).
+    fn fragment_flow(
+        &mut self,
+        now: Instant,
+        p: &[u8],
+        dir: Dir,
+    ) -> Result<(u32, Ipv4Addr), DropReason> {
+        let key = FragKey {
+            src: Ipv4Addr::from([p[12], p[13], p[14], p[15]]),
+            dst: Ipv4Addr::from([p[16], p[17], p[18], p[19]]),
+            proto: p[9],
+            id: packet::ip_id(p),
+        };
+        // Fragments that arrive before their first one are dropped: reassembly (and with it
+        // out-of-order trains) is not implemented.
+        let train = *self.fragments.get(&key).ok_or(DropReason::NatUnsupported)?;
+        let live = self.slots.get(train.slot as usize).and_then(Option::as_ref);
+        match live {
+            Some(f)
+                if f.generation == train.generation && train.dir == dir && train.expires > now =>
+            {
+                Ok((train.slot, f.original.src))
+            }
+            _ => {
+                self.fragments.remove(&key);
+                Err(DropReason::NatUnsupported)
+            }
+        }
+    }
+
+    /// When [`Nat::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Removes expired connections from the next slice of the table.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_none_or(|t| t > now) {
+            return;
+        }
+        let len = self.slots.len();
+        for _ in 0..SWEEP_BATCH.min(len) {
+            if self.sweep_cursor >= len {
+                self.sweep_cursor = 0;
+                self.fragments.retain(|_, t| t.expires > now);
+            }
+            let slot = self.sweep_cursor;
+            self.sweep_cursor += 1;
+            if self.slots[slot].as_ref().is_some_and(|f| f.expires <= now) {
+                self.remove(slot as u32);
+                self.counters.flows_expired += 1;
+            }
+        }
+        self.next_sweep =
+            (self.live > 0 || !self.fragments.is_empty()).then(|| now + SWEEP_INTERVAL);
+    }
+
+    /// Live connections, oldest slot first, as `conntrack -L` lists them.
+    pub fn rows(&self, now: Instant) -> Vec<FlowRow> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|f| f.expires > now)
+            .map(|f| FlowRow {
+                proto: match f.original.proto {
+                    PROTO_TCP => "tcp",
+                    PROTO_UDP => "udp",
+                    _ => "icmp",
+                },
+                state: if f.original.proto == PROTO_TCP {
+                    f.tcp.name()
+                } else {
+                    ""
+                },
+                timeout_secs: f.expires.saturating_duration_since(now).as_secs(),
+                original: f.original,
+                reply: f.reply,
+                packets: f.packets,
+                bytes: f.bytes,
+                replied: f.seen[f.initiator as usize ^ 1],
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,482 @@
+//! NAT behaviour, one test per requirement, citing it.
+
+use super::packet::fixtures::*;
+use super::packet::*;
+use super::*;
+use crate::wire::checksum;
+
+const G1: [u8; 4] = [192, 168, 122, 10];
+const G2: [u8; 4] = [192, 168, 122, 11];
+const EXT: [u8; 4] = [203, 0, 113, 2];
+const R1: [u8; 4] = [203, 0, 113, 1];
+const R2: [u8; 4] = [198, 51, 100, 7];
+const MAC1: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x10]);
+const MAC2: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x11]);
+
+fn nat_with(f: impl FnOnce(&mut NatConfig)) -> (Nat, Instant) {
+    let mut c = NatConfig::new(Ipv4Addr::new(192, 168, 122, 1), 24, Ipv4Addr::from(EXT));
+    f(&mut c);
+    (Nat::new(c), Instant::now())
+}
+
+fn nat() -> (Nat, Instant) {
+    nat_with(|_| {})
+}
+
+fn tuple_of(p: &[u8]) -> Tuple {
+    classify(p, 20).unwrap().0
+}
+
+/// Sends `p` out from the guest with MAC `mac`; returns the translated packet.
+fn out(n: &mut Nat, t: Instant, mac: MacAddr, mut p: Vec<u8>) -> Result<Vec<u8>, DropReason> {
+    n.handle_outbound(t, &mut p, mac, false)?;
+    assert!(checksums_ok(&p), "checksums after outbound translation");
+    Ok(p)
+}
+
+fn inb(n: &mut Nat, t: Instant, mut p: Vec<u8>) -> Result<(Vec<u8>, MacAddr), DropReason> {
+    let mac = n.handle_inbound(t, &mut p, false)?;
+    assert!(checksums_ok(&p), "checksums after inbound translation");
+    Ok((p, mac))
+}
+
+// RFC 4787 REQ-1 / RFC 5382 REQ-1: endpoint-independent mapping: one guest endpoint keeps one
+// external port whatever the destination. MASQUERADE keeps the guest's port when it is free.
+#[test]
+fn mapping_is_endpoint_independent_and_keeps_the_port() {
+    let (mut n, t) = nat();
+    let a = out(&mut n, t, MAC1, udp(G1, 40000, R1, 53, b"q")).unwrap();
+    let b = out(&mut n, t, MAC1, udp(G1, 40000, R2, 123, b"q")).unwrap();
+    let (ta, tb) = (tuple_of(&a), tuple_of(&b));
+    assert_eq!(ta.src, Ipv4Addr::from(EXT));
+    assert_eq!((ta.sport, tb.sport), (40000, 40000));
+    assert_eq!(n.len(), 2);
+}
+
+// The issue's "two guests using the same source port get distinct mappings".
+#[test]
+fn same_source_port_from_two_guests_gets_distinct_ports() {
+    let (mut n, t) = nat();
+    let a = out(&mut n, t, MAC1, udp(G1, 5000, R1, 53, b"q")).unwrap();
+    let b = out(&mut n, t, MAC2, udp(G2, 5000, R1, 53, b"q")).unwrap();
+    let (pa, pb) = (tuple_of(&a).sport, tuple_of(&b).sport);
+    assert_eq!(pa, 5000);
+    assert_ne!(pa, pb);
+    assert!((1024..=65535).contains(&pb));
+    // Replies reach the right guest, with its own port restored.
+    let (r, mac) = inb(&mut n, t, udp(R1, 53, EXT, pb, b"a")).unwrap();
+    assert_eq!(mac, MAC2);
+    assert_eq!(
+        (tuple_of(&r).dst, tuple_of(&r).dport),
+        (Ipv4Addr::from(G2), 5000)
+    );
+}
+
+// libvirt: `MASQUERADE --to-ports 1024-65535`: a privileged source port is mapped into range.
+#[test]
+fn ports_outside_the_range_are_mapped_into_it() {
+    let (mut n, t) = nat_with(|c| c.ports = (20000, 20009));
+    let p = out(&mut n, t, MAC1, udp(G1, 123, R1, 123, b"ntp")).unwrap();
+    assert!((20000..=20009).contains(&tuple_of(&p).sport));
+    let p = out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
+    assert!((20000..=20009).contains(&tuple_of(&p).sport));
+}
+
+// RFC 4787 REQ-8 and section 5: the three filtering behaviours.
+#[test]
+fn filtering_behaviours() {
+    for (filtering, same_addr_other_port, other_addr) in [
+        (Filtering::AddressAndPortDependent, false, false),
+        (Filtering::AddressDependent, true, false),
+        (Filtering::EndpointIndependent, true, true),
+    ] {
+        let (mut n, t) = nat_with(|c| c.filtering = filtering);
+        out(&mut n, t, MAC1, udp(G1, 40000, R1, 3478, b"stun")).unwrap();
+        let r = inb(&mut n, t, udp(R1, 3479, EXT, 40000, b"x"));
+        assert_eq!(r.is_ok(), same_addr_other_port, "{filtering:?}");
+        let r = inb(&mut n, t, udp(R2, 3478, EXT, 40000, b"x"));
+        assert_eq!(r.is_ok(), other_addr, "{filtering:?}");
+        if let Ok((p, mac)) = r {
+            assert_eq!(mac, MAC1);
+            assert_eq!(tuple_of(&p).dst, Ipv4Addr::from(G1));
+        } else {
+            assert_eq!(r.unwrap_err(), DropReason::NatNoFlow);
+        }
+        // Nothing reaches a port without a mapping.
+        assert_eq!(
+            inb(&mut n, t, udp(R1, 3478, EXT, 40001, b"x")).unwrap_err(),
+            DropReason::NatNoFlow
+        );
+    }
+}
+
+// RFC 5382 REQ-3 (and the kernel): an unsolicited TCP segment other than a SYN opens nothing.
+#[test]
+fn tcp_opens_only_with_a_syn() {
+    let (mut n, t) = nat_with(|c| c.filtering = Filtering::EndpointIndependent);
+    assert_eq!(
+        out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_ACK)).unwrap_err(),
+        DropReason::NatUnsupported
+    );
+    out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(
+        inb(&mut n, t, tcp(R2, 9, EXT, 40000, TCP_ACK)).unwrap_err(),
+        DropReason::NatNoFlow
+    );
+    assert!(inb(&mut n, t, tcp(R2, 9, EXT, 40000, TCP_SYN)).is_ok());
+}
+
+// RFC 5382 5 and REQ-5: handshake to ESTABLISHED (2 h 4 min idle), close to a 4 min timeout.
+#[test]
+fn tcp_state_follows_the_handshake_and_sets_the_timeout() {
+    let (mut n, t) = nat();
+    let syn = out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
+    let port = tuple_of(&syn).sport;
+    assert_eq!(n.rows(t)[0].state, "SYN_SENT");
+    inb(&mut n, t, tcp(R1, 80, EXT, port, TCP_SYN | TCP_ACK)).unwrap();
+    assert_eq!(n.rows(t)[0].state, "SYN_RECV");
+    out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_ACK)).unwrap();
+    let row = &n.rows(t)[0];
+    assert_eq!(row.state, "ESTABLISHED");
+    assert_eq!(row.timeout_secs, 7440);
+    assert!(row.replied);
+
+    let later = t + Duration::from_secs(7439);
+    out(
+        &mut n,
+        later,
+        MAC1,
+        tcp(G1, 40000, R1, 80, TCP_ACK | TCP_FIN),
+    )
+    .unwrap();
+    assert_eq!(n.rows(later)[0].state, "FIN_WAIT");
+    inb(&mut n, later, tcp(R1, 80, EXT, port, TCP_ACK | TCP_FIN)).unwrap();
+    let row = &n.rows(later)[0];
+    assert_eq!(row.state, "TIME_WAIT");
+    assert_eq!(row.timeout_secs, 240);
+    assert!(n.rows(later + Duration::from_secs(241)).is_empty());
+}
+
+// RFC 7857 2.2: after a RST the entry lingers for the transitory timeout; the next SYN on the
+// same tuple reopens it.
+#[test]
+fn rst_closes_and_a_new_syn_reopens() {
+    let (mut n, t) = nat();
+    let syn = out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
+    let port = tuple_of(&syn).sport;
+    inb(&mut n, t, tcp(R1, 80, EXT, port, TCP_RST | TCP_ACK)).unwrap();
+    assert_eq!(n.rows(t)[0].state, "CLOSE");
+    assert_eq!(n.rows(t)[0].timeout_secs, 240);
+    out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(n.rows(t)[0].state, "SYN_SENT");
+    assert_eq!(n.len(), 1);
+}
+
+// RFC 4787 REQ-5: UDP mappings last at least 2 minutes (5 by default); RFC 5508 REQ-1: ICMP
+// query mappings 60 s. Expiry frees the external port.
+#[test]
+fn udp_and_icmp_timeouts() {
+    let (mut n, t) = nat();
+    out(&mut n, t, MAC1, udp(G1, 40000, R1, 53, b"q")).unwrap();
+    out(&mut n, t, MAC1, echo(G1, R1, ICMP_ECHO_REQUEST, 9)).unwrap();
+    let rows = n.rows(t);
+    let udp_row = rows.iter().find(|r| r.proto == "udp").unwrap();
+    let icmp_row = rows.iter().find(|r| r.proto == "icmp").unwrap();
+    assert_eq!((udp_row.timeout_secs, icmp_row.timeout_secs), (300, 60));
+    assert!(
+        inb(
+            &mut n,
+            t + Duration::from_secs(299),
+            udp(R1, 53, EXT, 40000, b"a")
+        )
+        .is_ok(),
+        "refreshed by the reply"
+    );
+    let late = t + Duration::from_secs(299 + 300);
+    n.handle_timeout(late);
+    assert!(n.is_empty());
+    assert_eq!(n.counters.flows_expired, 2);
+    assert_eq!(
+        inb(&mut n, late, udp(R1, 53, EXT, 40000, b"a")).unwrap_err(),
+        DropReason::NatNoFlow
+    );
+    // The port is free again for another guest.
+    let p = out(&mut n, late, MAC2, udp(G2, 40000, R1, 53, b"q")).unwrap();
+    assert_eq!(tuple_of(&p).sport, 40000);
+}
+
+// ICMP echo is translated by identifier; two guests with one identifier stay apart.
+#[test]
+fn echo_is_translated_by_identifier() {
+    let (mut n, t) = nat();
+    let a = out(&mut n, t, MAC1, echo(G1, R1, ICMP_ECHO_REQUEST, 7)).unwrap();
+    let b = out(&mut n, t, MAC2, echo(G2, R1, ICMP_ECHO_REQUEST, 7)).unwrap();
+    let (ia, ib) = (tuple_of(&a).sport, tuple_of(&b).sport);
+    assert_eq!(ia, 7);
+    assert_ne!(ia, ib);
+    let (r, mac) = inb(&mut n, t, echo(R1, EXT, ICMP_ECHO_REPLY, ib)).unwrap();
+    assert_eq!(mac, MAC2);
+    assert_eq!(tuple_of(&r).sport, 7);
+    assert_eq!(tuple_of(&r).dst, Ipv4Addr::from(G2));
+}
+
+// RFC 5508 4.1 (REQ-3): an ICMP error from outside is matched by the packet it quotes and
+// translated, quoted header, quoted port and every checksum included.
+#[test]
+fn inbound_icmp_errors_follow_their_connection() {
+    let (mut n, t) = nat();
+    let sent = out(&mut n, t, MAC2, udp(G2, 5000, R1, 9, b"probe")).unwrap();
+    out(&mut n, t, MAC1, udp(G1, 5000, R1, 9, b"probe")).unwrap();
+    let sent = if tuple_of(&sent).sport == 5000 {
+        sent
+    } else {
+        unreachable!()
+    };
+    // Port unreachable, quoting the translated datagram in full.
+    let err = icmp(R1, EXT, ICMP_DEST_UNREACHABLE, 3, [0; 4], &sent);
+    let (p, mac) = inb(&mut n, t, err).unwrap();
+    assert_eq!(mac, MAC2);
+    assert_eq!(&p[16..20], &G2);
+    let quoted = &p[28..];
+    assert_eq!(&quoted[12..16], &G2, "quoted source is the guest again");
+    assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 5000);
+    assert_eq!(
+        checksum::checksum(&quoted[..20]),
+        0,
+        "quoted IP header checksum"
+    );
+    assert!(checksums_ok(quoted), "quoted UDP checksum");
+    assert_eq!(n.counters.icmp_errors_translated, 1);
+
+    // Time exceeded from a router, quoting only the header and 8 bytes.
+    let err = icmp(
+        [198, 51, 100, 1],
+        EXT,
+        ICMP_TIME_EXCEEDED,
+        0,
+        [0; 4],
+        &sent[..28],
+    );
+    let (p, mac) = inb(&mut n, t, err).unwrap();
+    assert_eq!(mac, MAC2);
+    assert_eq!(&p[28 + 12..28 + 16], &G2);
+
+    // An error about a connection that does not exist goes nowhere.
+    let stray = udp(EXT, 6000, R1, 9, b"x");
+    let err = icmp(R1, EXT, ICMP_DEST_UNREACHABLE, 3, [0; 4], &stray);
+    assert_eq!(inb(&mut n, t, err).unwrap_err(), DropReason::NatNoFlow);
+}
+
+// RFC 5508 4.2: an ICMP error a guest sends about an inbound packet leaves with the external
+// address, outside and inside.
+#[test]
+fn outbound_icmp_errors_are_translated_too() {
+    let (mut n, t) = nat_with(|c| c.ports = (30000, 30000));
+    out(&mut n, t, MAC1, udp(G1, 40000, R1, 9, b"x")).unwrap();
+    let (arrived, _) = inb(&mut n, t, udp(R1, 9, EXT, 30000, b"late")).unwrap();
+    let err = icmp(G1, R1, ICMP_DEST_UNREACHABLE, 3, [0; 4], &arrived);
+    let p = out(&mut n, t, MAC1, err).unwrap();
+    assert_eq!(&p[12..16], &EXT);
+    let quoted = &p[28..];
+    assert_eq!(&quoted[16..20], &EXT);
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 30000);
+    assert!(checksums_ok(quoted));
+}
+
+fn fragment(p: &[u8], offset: usize, len: usize, more: bool) -> Vec<u8> {
+    let mut f = p[..20].to_vec();
+    f.extend_from_slice(&p[20 + offset..20 + offset + len]);
+    let total = f.len() as u16;
+    f[2..4].copy_from_slice(&total.to_be_bytes());
+    let word = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
+    f[6..8].copy_from_slice(&word.to_be_bytes());
+    f[10..12].fill(0);
+    let c = checksum::checksum(&f[..20]);
+    f[10..12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+// The issue: a fragmented datagram crosses in both directions. The first fragment carries the
+// ports and binds the train; the rest follow by (src, dst, protocol, id).
+#[test]
+fn fragments_follow_their_first_fragment_both_ways() {
+    let (mut n, t) = nat_with(|c| c.ports = (30000, 30000));
+    let data = vec![0xab; 3000];
+    let whole = udp(G1, 40000, R1, 7, &data);
+    let (f1, f2) = (
+        fragment(&whole, 0, 1480, true),
+        fragment(&whole, 1480, whole.len() - 20 - 1480, false),
+    );
+    let mut f1 = f1;
+    n.handle_outbound(t, &mut f1, MAC1, false).unwrap();
+    let mut f2 = f2;
+    n.handle_outbound(t, &mut f2, MAC1, false).unwrap();
+    for f in [&f1, &f2] {
+        assert_eq!(&f[12..16], &EXT);
+        assert_eq!(checksum::checksum(&f[..20]), 0);
+    }
+    // Reassembled, the translated datagram's UDP checksum verifies.
+    let mut joined = f1.clone();
+    joined.extend_from_slice(&f2[20..]);
+    let total = joined.len() as u16;
+    joined[2..4].copy_from_slice(&total.to_be_bytes());
+    joined[6..8].fill(0);
+    joined[10..12].fill(0);
+    let c = checksum::checksum(&joined[..20]);
+    joined[10..12].copy_from_slice(&c.to_be_bytes());
+    assert!(checksums_ok(&joined));
+    assert_eq!(u16::from_be_bytes([joined[20], joined[21]]), 30000);
+
+    // And back.
+    let reply = udp(R1, 7, EXT, 30000, &data);
+    let (mut r1, mut r2) = (
+        fragment(&reply, 0, 1480, true),
+        fragment(&reply, 1480, reply.len() - 20 - 1480, false),
+    );
+    assert_eq!(n.handle_inbound(t, &mut r1, false), Ok(MAC1));
+    assert_eq!(n.handle_inbound(t, &mut r2, false), Ok(MAC1));
+    assert_eq!(&r2[16..20], &G1);
+    assert_eq!(n.counters.fragments_translated, 2);
+
+    // A later fragment whose first never came is dropped, counted.
+    let mut orphan = fragment(&udp(R1, 7, EXT, 30000, &data), 1480, 8, false);
+    orphan[4] ^= 0xff;
+    assert_eq!(
+        n.handle_inbound(t, &mut orphan, false),
+        Err(DropReason::NatUnsupported)
+    );
+}
+
+// RFC 4787 REQ-9 (6): hairpinning: a guest reaches another through the external address and
+// mapped port, and sees the sender's external address and port as the source.
+#[test]
+fn hairpinning_delivers_with_the_external_source() {
+    let (mut n, t) = nat_with(|c| c.filtering = Filtering::EndpointIndependent);
+    out(&mut n, t, MAC2, udp(G2, 6000, R1, 9, b"open")).unwrap();
+    let mut p = udp(G1, 7000, EXT, 6000, b"hello");
+    let o = n.handle_outbound(t, &mut p, MAC1, false).unwrap();
+    assert!(o.hairpin);
+    assert_eq!(n.handle_inbound(t, &mut p, false), Ok(MAC2));
+    let tu = tuple_of(&p);
+    assert_eq!((tu.src, tu.sport), (Ipv4Addr::from(EXT), 7000));
+    assert_eq!((tu.dst, tu.dport), (Ipv4Addr::from(G2), 6000));
+    assert!(checksums_ok(&p));
+    // The answer goes back the same way to the first guest.
+    let mut back = udp(G2, 6000, EXT, 7000, b"hi");
+    assert!(
+        n.handle_outbound(t, &mut back, MAC2, false)
+            .unwrap()
+            .hairpin
+    );
+    assert_eq!(n.handle_inbound(t, &mut back, false), Ok(MAC1));
+    assert_eq!(tuple_of(&back).dst, Ipv4Addr::from(G1));
+}
+
+// libvirt's RETURN rules: nothing to multicast or broadcast, only the subnet's sources.
+#[test]
+fn untranslated_destinations_and_sources() {
+    let (mut n, t) = nat();
+    for p in [
+        udp(G1, 5353, [224, 0, 0, 251], 5353, b"m"),
+        udp(G1, 68, [255, 255, 255, 255], 67, b"b"),
+        udp([10, 0, 0, 5], 5000, R1, 53, b"x"),
+    ] {
+        assert_eq!(out(&mut n, t, MAC1, p).unwrap_err(), DropReason::NoRoute);
+    }
+    assert!(n.is_empty());
+}
+
+// The issue's limits: a table cap, a per-guest cap, and port exhaustion refuse new
+// connections with a counter and never disturb an existing one.
+#[test]
+fn caps_refuse_new_connections_only() {
+    let (mut n, t) = nat_with(|c| {
+        c.max_flows = 3;
+        c.max_flows_per_guest = 2;
+    });
+    out(&mut n, t, MAC1, udp(G1, 1, R1, 9, b"")).unwrap();
+    out(&mut n, t, MAC1, udp(G1, 2, R1, 9, b"")).unwrap();
+    assert_eq!(
+        out(&mut n, t, MAC1, udp(G1, 3, R1, 9, b"")).unwrap_err(),
+        DropReason::NatGuestLimit
+    );
+    out(&mut n, t, MAC2, udp(G2, 1, R1, 9, b"")).unwrap();
+    assert_eq!(
+        out(&mut n, t, MAC2, udp(G2, 2, R1, 9, b"")).unwrap_err(),
+        DropReason::NatTableFull
+    );
+    assert!(out(&mut n, t, MAC1, udp(G1, 1, R1, 9, b"")).is_ok());
+
+    let (mut n, t) = nat_with(|c| c.ports = (40000, 40001));
+    out(&mut n, t, MAC1, udp(G1, 40000, R1, 9, b"")).unwrap();
+    out(&mut n, t, MAC1, udp(G1, 40001, R1, 9, b"")).unwrap();
+    assert_eq!(
+        out(&mut n, t, MAC2, udp(G2, 40000, R1, 9, b"")).unwrap_err(),
+        DropReason::NatPortsExhausted
+    );
+    // TCP has its own port space; the existing UDP flows still pass.
+    assert!(out(&mut n, t, MAC2, tcp(G2, 40000, R1, 9, TCP_SYN)).is_ok());
+    assert!(inb(&mut n, t, udp(R1, 9, EXT, 40001, b"")).is_ok());
+}
+
+// Partial checksums (virtio NEEDS_CSUM) survive translation both ways.
+#[test]
+fn partial_checksums_are_translated_as_partial() {
+    let (mut n, t) = nat();
+    let mut p = tcp(G1, 40000, R1, 80, TCP_SYN);
+    let len = (p.len() - 20) as u16;
+    let pseudo = |s, d| checksum::fold(checksum::pseudo_header_v4(s, d, 6, len));
+    p[36..38].copy_from_slice(&pseudo(G1, R1).to_be_bytes());
+    n.handle_outbound(t, &mut p, MAC1, true).unwrap();
+    assert_eq!(u16::from_be_bytes([p[36], p[37]]), pseudo(EXT, R1));
+    let mut r = tcp(R1, 80, EXT, 40000, TCP_SYN | TCP_ACK);
+    r[36..38].copy_from_slice(&pseudo(R1, EXT).to_be_bytes());
+    n.handle_inbound(t, &mut r, true).unwrap();
+    assert_eq!(u16::from_be_bytes([r[36], r[37]]), pseudo(R1, G1));
+}
+
+#[test]
+fn conntrack_rows_read_like_conntrack_l() {
+    let (mut n, t) = nat();
+    out(&mut n, t, MAC1, udp(G1, 40000, R1, 53, b"q")).unwrap();
+    let line = n.rows(t)[0].to_string();
+    assert_eq!(
+        line,
+        "udp      17 300 src=192.168.122.10 dst=203.0.113.1 sport=40000 dport=53 packets=1 \
+         bytes=29 [UNREPLIED] src=203.0.113.1 dst=203.0.113.2 sport=53 dport=40000 packets=0 bytes=0"
+    );
+}
+
+// Bad input costs a drop, never a panic: random bytes and truncations of real packets.
+#[test]
+fn garbage_never_panics() {
+    let (mut n, t) = nat_with(|c| c.filtering = Filtering::EndpointIndependent);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let samples = [
+        udp(G1, 40000, R1, 53, b"query"),
+        tcp(G1, 40000, R1, 80, TCP_SYN),
+        echo(G1, R1, ICMP_ECHO_REQUEST, 3),
+        icmp(R1, EXT, 3, 3, [0; 4], &udp(EXT, 40000, R1, 53, b"q")),
+    ];
+    for i in 0..20000 {
+        let mut p = samples[i % samples.len()].clone();
+        let flips = next() % 4;
+        for _ in 0..flips {
+            let at = (next() as usize) % p.len();
+            p[at] = next() as u8;
+        }
+        let cut = (next() as usize) % (p.len() + 1);
+        p.truncate(cut.max(20));
+        if ip_header_len(&p).is_none_or(|ihl| ihl > p.len()) {
+            continue;
+        }
+        let _ = n.handle_outbound(t, &mut p, MAC1, next() % 2 == 0);
+        let _ = n.handle_inbound(t, &mut p, false);
+    }
+}
