@@ -203,8 +203,28 @@ pub struct Switchyard {
 impl Switchyard {
     /// Starts `switchyard args...` and waits for it to report that it runs.
     pub fn start(args: &[&str]) -> Switchyard {
-        let mut child = Command::new(switchyard_bin())
-            .args(args)
+        Self::start_in(None, args)
+    }
+
+    /// Like [`Switchyard::start`], inside network namespace `ns` (`ip netns exec` execs, so the
+    /// child is switchyard itself).
+    pub fn start_in(ns: Option<&Netns>, args: &[&str]) -> Switchyard {
+        let bin = switchyard_bin();
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        command.args(args);
+        let control = std::env::temp_dir().join(format!("{}.sock", unique_name("syctl")));
+        if args.first() == Some(&"run") && !args.contains(&"--control") {
+            // Tests run in parallel, many on the same network name: one socket each.
+            command.arg("--control").arg(&control);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -125,6 +125,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         fdb_aging: DEFAULT_AGING,
         fdb_max: DEFAULT_CAPACITY,
         json: false,
+        control: None,
     };
     println!(
         "\n$ switchyard run --tap eth0@{}=... --tap ... --tap ...",
@@ -137,7 +138,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
     dp.install_signal_handlers().map_err(|e| e.to_string())?;
     let handle = dp.handle();
     let engine_thread = std::thread::spawn(move || {
-        let result = dp.run(|_| {});
+        let result = dp.run(|_| {}, run::answer);
         (dp, result)
     });
 

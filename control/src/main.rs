@@ -39,6 +39,27 @@ enum Command {
         /// Print counters as JSON lines on stdout instead of tables on stderr.
         #[arg(long)]
         json: bool,
+        /// Control socket (default /run/switchyard/NETWORK.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// List NAT's connections of a running network, like `conntrack -L`.
+    Conntrack {
+        #[command(flatten)]
+        target: Target,
+        /// JSON instead of conntrack's text layout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the uplink's ARP cache (next hops) of a running network.
+    Neighbors {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the counters of a running network as JSON.
+    Stats {
+        #[command(flatten)]
+        target: Target,
     },
     /// Build guests in fresh network namespaces, switch them, and show what happens.
     Demo {
@@ -46,6 +67,28 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// Which running network to ask.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// The network's name (its control socket is /run/switchyard/NAME.sock).
+    #[arg(long, default_value = "default")]
+    network: String,
+    /// The control socket itself.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn ask(&self, request: &str) -> Result<(), String> {
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| run::default_control_socket(&self.network));
+        print!("{}", run::ask(&socket, request)?);
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,13 +100,20 @@ fn main() -> ExitCode {
             fdb_aging,
             fdb_max,
             json,
+            control,
         } => run::run(&RunOptions {
             xml,
             taps,
             fdb_aging: Duration::from_secs(fdb_aging),
             fdb_max,
             json,
+            control,
         }),
+        Command::Conntrack { target, json } => {
+            target.ask(if json { "conntrack json" } else { "conntrack" })
+        }
+        Command::Neighbors { target } => target.ask("neighbors"),
+        Command::Stats { target } => target.ask("stats"),
         Command::Demo { keep } => control::demo::demo(keep),
     };
     match result {

@@ -153,9 +153,13 @@ const NETWORK: Schema = Schema {
     ],
 };
 
-/// switchyard's extensions, in [`SY_NS`], allowed directly under `<network>`. None is
-/// implemented yet; the NAT and rootless issues add `uplink`, `egress`, `forward`.
-const SY_EXTENSIONS: &[Schema] = &[];
+/// switchyard's extensions, in [`SY_NS`], allowed directly under `<network>`:
+/// `<sy:uplink prefix gateway mac>` (the external address's subnet and next hop) and
+/// `<sy:nat filtering max-flows max-flows-per-guest>`.
+const SY_EXTENSIONS: &[Schema] = &[
+    leaf("uplink", &["prefix", "gateway", "mac"]),
+    leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
+];
 
 fn line_of(node: roxmltree::Node<'_, '_>) -> u32 {
     node.document().text_pos_at(node.range().start).row
@@ -230,6 +234,26 @@ pub enum ForwardMode {
 pub struct Forward {
     pub mode: ForwardMode,
     pub dev: Option<String>,
+    /// `<nat><address start end>`.
+    pub nat_address: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// `<nat><port start end>`.
+    pub nat_ports: Option<(u16, u16)>,
+}
+
+/// `<sy:uplink>`: where the external address lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyUplink {
+    pub prefix: Option<u8>,
+    pub gateway: Option<Ipv4Addr>,
+    pub mac: Option<datapath::MacAddr>,
+}
+
+/// `<sy:nat>`: NAT behaviour beyond what libvirt's XML says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyNat {
+    pub filtering: Option<datapath::nat::Filtering>,
+    pub max_flows: Option<usize>,
+    pub max_flows_per_guest: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,6 +280,8 @@ pub struct NetworkDef {
     pub forward: Option<Forward>,
     pub ips: Vec<IpDef>,
     pub has_dns: bool,
+    pub sy_uplink: Option<SyUplink>,
+    pub sy_nat: SyNat,
 }
 
 fn attr_parse<T: std::str::FromStr>(
@@ -317,6 +343,7 @@ impl NetworkDef {
         validate(root, &NETWORK)?;
 
         let child = |name: &str| root.children().find(|c| c.has_tag_name(name));
+        let sy_child = |name: &str| root.children().find(|c| c.has_tag_name((SY_NS, name)));
         let name_node = required(root, "<name>", child("name"))?;
         let name = name_node.text().unwrap_or("").trim().to_string();
         if name.is_empty() || name.contains('/') {
@@ -346,9 +373,41 @@ impl NetworkDef {
                         });
                     }
                 };
+                let nat = f.children().find(|c| c.has_tag_name("nat"));
+                let range =
+                    |name: &str| nat.and_then(|n| n.children().find(|c| c.has_tag_name(name)));
+                let nat_address = match range("address") {
+                    Some(a) => Some((
+                        required(a, "start", attr_parse(a, "start")?)?,
+                        match attr_parse(a, "end")? {
+                            Some(end) => end,
+                            None => required(a, "start", attr_parse(a, "start")?)?,
+                        },
+                    )),
+                    None => None,
+                };
+                let nat_ports = match range("port") {
+                    Some(p) => {
+                        let start: u16 = required(p, "start", attr_parse(p, "start")?)?;
+                        let end: u16 = required(p, "end", attr_parse(p, "end")?)?;
+                        if start == 0 || start > end {
+                            return Err(XmlError::BadValue {
+                                element: "port".into(),
+                                attribute: "start".into(),
+                                value: format!("{start}-{end}"),
+                                line: line_of(p),
+                                why: "a port range is 1 <= start <= end".into(),
+                            });
+                        }
+                        Some((start, end))
+                    }
+                    None => None,
+                };
                 Some(Forward {
                     mode,
                     dev: f.attribute("dev").map(str::to_string),
+                    nat_address,
+                    nat_ports,
                 })
             }
         };
@@ -408,7 +467,79 @@ impl NetworkDef {
             forward,
             ips,
             has_dns: child("dns").is_some(),
+            sy_uplink: match sy_child("uplink") {
+                Some(u) => Some(SyUplink {
+                    prefix: match attr_parse::<u8>(u, "prefix")? {
+                        Some(p) if p > 32 => {
+                            return Err(XmlError::BadValue {
+                                element: "uplink".into(),
+                                attribute: "prefix".into(),
+                                value: p.to_string(),
+                                line: line_of(u),
+                                why: "an IPv4 prefix is at most 32".into(),
+                            });
+                        }
+                        p => p,
+                    },
+                    gateway: attr_parse(u, "gateway")?,
+                    mac: attr_parse(u, "mac")?,
+                }),
+                None => None,
+            },
+            sy_nat: match sy_child("nat") {
+                Some(n) => SyNat {
+                    filtering: attr_parse(n, "filtering")?,
+                    max_flows: attr_parse(n, "max-flows")?,
+                    max_flows_per_guest: attr_parse(n, "max-flows-per-guest")?,
+                },
+                None => SyNat::default(),
+            },
         })
+    }
+
+    /// Packet NAT's settings, when the network asks for it: `<forward mode='nat' dev=...>`
+    /// with one `<nat><address>`. `uplink_mtu` is the MTU of `dev`.
+    pub fn nat_setup(
+        &self,
+        uplink_mtu: u16,
+    ) -> Result<Option<(datapath::nat::NatConfig, datapath::uplink::UplinkConfig)>, String> {
+        let Some(f) = self.forward.as_ref().filter(|f| f.mode == ForwardMode::Nat) else {
+            return Ok(None);
+        };
+        let (Some(_), Some((start, end)), Some(ip)) = (&f.dev, f.nat_address, self.ips.first())
+        else {
+            return Ok(None);
+        };
+        if start != end {
+            return Err(format!(
+                "<nat><address start='{start}' end='{end}'>: switchyard owns exactly one external \
+                 address; give start = end"
+            ));
+        }
+        let sy = self.sy_uplink.clone().unwrap_or_default();
+        let mut nat = datapath::nat::NatConfig::new(ip.address, ip.prefix, start);
+        if let Some(ports) = f.nat_ports {
+            nat.ports = ports;
+        }
+        if let Some(filtering) = self.sy_nat.filtering {
+            nat.filtering = filtering;
+        }
+        if let Some(n) = self.sy_nat.max_flows {
+            nat.max_flows = n;
+        }
+        if let Some(n) = self.sy_nat.max_flows_per_guest {
+            nat.max_flows_per_guest = n;
+        }
+        let uplink = datapath::uplink::UplinkConfig {
+            mac: sy.mac.unwrap_or_else(|| {
+                datapath::gateway::GatewayConfig::mac_for_network(&format!("{}/uplink", self.name))
+            }),
+            ip: start,
+            prefix: sy.prefix.unwrap_or(24),
+            gateway: sy.gateway,
+            mtu: uplink_mtu,
+        };
+        Ok(Some((nat, uplink)))
     }
 
     /// The gateway the engine serves: the first `<ip>`, with `<mac>` or a MAC derived from
@@ -429,16 +560,27 @@ impl NetworkDef {
     pub fn not_yet_implemented(&self) -> Vec<String> {
         let mut missing = Vec::new();
         if let Some(f) = &self.forward {
-            missing.push(format!(
-                "<forward mode='{}'>: forwarding beyond the switch is not implemented yet; \
+            if f.mode == ForwardMode::Nat && f.dev.is_some() && f.nat_address.is_some() {
+                // Packet NAT is implemented.
+            } else if f.mode == ForwardMode::Nat {
+                missing.push(
+                    "<forward mode='nat'> without dev= and <nat><address>: NAT through host \
+                     sockets (no address of its own) is not implemented yet; guests reach \
+                     each other and the gateway only"
+                        .into(),
+                );
+            } else {
+                missing.push(format!(
+                    "<forward mode='{}'>: forwarding beyond the switch is not implemented yet; \
                  guests reach each other only",
-                match f.mode {
-                    ForwardMode::Nat => "nat",
-                    ForwardMode::Bridge => "bridge",
-                    ForwardMode::Route => "route",
-                    ForwardMode::Open => "open",
-                }
-            ));
+                    match f.mode {
+                        ForwardMode::Nat => "nat",
+                        ForwardMode::Bridge => "bridge",
+                        ForwardMode::Route => "route",
+                        ForwardMode::Open => "open",
+                    }
+                ));
+            }
         }
         for ip in self.ips.iter().skip(1) {
             missing.push(format!(
@@ -471,7 +613,9 @@ mod tests {
             net.forward,
             Some(Forward {
                 mode: ForwardMode::Nat,
-                dev: None
+                dev: None,
+                nat_address: None,
+                nat_ports: None,
             })
         );
         assert_eq!(
@@ -567,5 +711,37 @@ mod tests {
         let missing = net.not_yet_implemented();
         assert!(missing.iter().any(|m| m.contains("forward mode='nat'")));
         assert!(missing.iter().any(|m| m.contains("DHCP")));
+    }
+
+    const PACKET_NAT: &str = "<network xmlns:sy='urn:switchyard:network:1'>
+      <name>n</name>
+      <forward mode='nat' dev='eth1'>
+        <nat><address start='203.0.113.2' end='203.0.113.2'/><port start='2000' end='3000'/></nat>
+      </forward>
+      <ip address='192.168.122.1' netmask='255.255.255.0'/>
+      <sy:uplink prefix='24' gateway='203.0.113.1'/>
+      <sy:nat filtering='endpoint-independent' max-flows='100' max-flows-per-guest='10'/>
+    </network>";
+
+    #[test]
+    fn packet_nat_takes_libvirts_nat_and_the_sy_extensions() {
+        let net = NetworkDef::parse(PACKET_NAT).unwrap();
+        assert!(net.not_yet_implemented().is_empty());
+        let (nat, uplink) = net.nat_setup(1400).unwrap().unwrap();
+        assert_eq!(nat.external, Ipv4Addr::new(203, 0, 113, 2));
+        assert_eq!(nat.ports, (2000, 3000));
+        assert_eq!(nat.filtering, datapath::nat::Filtering::EndpointIndependent);
+        assert_eq!((nat.max_flows, nat.max_flows_per_guest), (100, 10));
+        assert_eq!(uplink.gateway, Some(Ipv4Addr::new(203, 0, 113, 1)));
+        assert_eq!((uplink.prefix, uplink.mtu), (24, 1400));
+        assert_eq!(uplink.mac, net.nat_setup(1400).unwrap().unwrap().1.mac, "stable");
+
+        let two = PACKET_NAT.replace("end='203.0.113.2'", "end='203.0.113.9'");
+        let err = NetworkDef::parse(&two).unwrap().nat_setup(1500).unwrap_err();
+        assert!(err.contains("exactly one external"), "{err}");
+        let bad = PACKET_NAT.replace("filtering='endpoint-independent'", "filtering='cone'");
+        assert!(NetworkDef::parse(&bad).unwrap_err().to_string().contains("filtering"));
+        let unknown = PACKET_NAT.replace("<sy:nat ", "<sy:nat bogus='1' ");
+        assert!(NetworkDef::parse(&unknown).is_err());
     }
 }

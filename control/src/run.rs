@@ -1,6 +1,6 @@
 //! `switchyard run`: one network in the foreground, ports given on the command line.
 
-use crate::network::{DEFAULT_XML, NetworkDef};
+use crate::network::{DEFAULT_XML, ForwardMode, NetworkDef};
 use crate::report;
 use datapath::io::{Datapath, Tap, TapSpec};
 use datapath::{Config, Engine};
@@ -15,6 +15,71 @@ pub struct RunOptions {
     pub fdb_aging: Duration,
     pub fdb_max: usize,
     pub json: bool,
+    /// Control socket; `None` = [`default_control_socket`] of the network.
+    pub control: Option<PathBuf>,
+}
+
+/// Where `run` listens for `switchyard conntrack` and friends: `/run/switchyard/NAME.sock`
+/// as root, else under `$XDG_RUNTIME_DIR`.
+pub fn default_control_socket(network: &str) -> PathBuf {
+    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !is_root() => PathBuf::from(dir),
+        _ => PathBuf::from("/run"),
+    };
+    base.join("switchyard").join(format!("{network}.sock"))
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Answers one control request: `conntrack [json]`, `neighbors`, `stats`.
+pub fn answer(engine: &Engine, request: &str) -> String {
+    let now = std::time::Instant::now();
+    let json = |v: Result<String, serde_json::Error>| match v {
+        Ok(s) => s + "\n",
+        Err(e) => format!("error: {e}\n"),
+    };
+    match request {
+        "conntrack" => {
+            let rows = engine.conntrack(now);
+            let mut out: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            out.push_str(&format!(
+                "switchyard conntrack: {} flow entries have been shown.\n",
+                rows.len()
+            ));
+            out
+        }
+        "conntrack json" => json(serde_json::to_string(&engine.conntrack(now))),
+        "neighbors" => json(serde_json::to_string(&engine.neighbors())),
+        "stats" => json(serde_json::to_string(&engine.stats())),
+        other => format!("error: unknown request {other:?}; try conntrack, neighbors, stats\n"),
+    }
+}
+
+/// Sends `request` to the engine listening on `socket` and returns its answer.
+pub fn ask(socket: &std::path::Path, request: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "{}: {e} (is `switchyard run` running for this network?)",
+            socket.display()
+        )
+    })?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    match reply.strip_prefix("error: ") {
+        Some(e) => Err(e.trim().to_string()),
+        None => Ok(reply),
+    }
 }
 
 /// Reads the network definition, or the embedded default.
@@ -34,13 +99,46 @@ pub fn load_network(path: Option<&PathBuf>) -> Result<NetworkDef, String> {
 
 /// Builds the datapath for `def` with the taps of `taps` attached.
 pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
+    let uplink_dev = def
+        .forward
+        .as_ref()
+        .filter(|f| f.mode == ForwardMode::Nat && f.nat_address.is_some())
+        .and_then(|f| f.dev.clone());
+    let nat = match &uplink_dev {
+        Some(dev) => {
+            let mtu = datapath::io::sys::interface_mtu(dev)
+                .map_err(|e| format!("<forward dev='{dev}'>: {e}"))?;
+            def.nat_setup(mtu.min(u16::MAX as u32) as u16)?
+        }
+        None => None,
+    };
     let config = Config {
         mtu: def.mtu.unwrap_or(1500),
         fdb_capacity: opts.fdb_max,
         fdb_aging: opts.fdb_aging,
         gateway: def.gateway(),
+        nat: nat.clone(),
     };
     let mut dp = Datapath::new(Engine::new(&config)).map_err(|e| format!("poll: {e}"))?;
+    if let (Some(dev), Some((nat, uplink))) = (&uplink_dev, &nat) {
+        let id = dp
+            .add_uplink(dev)
+            .map_err(|e| format!("uplink {dev}: {e}"))?;
+        eprintln!(
+            "switchyard: port {id}: uplink {dev} (AF_PACKET, promiscuous, mtu {}): external \
+             address {}/{} at {}, next hop {}; NAT ports {}-{}, filtering {:?}",
+            uplink.mtu,
+            uplink.ip,
+            uplink.prefix,
+            uplink.mac,
+            uplink
+                .gateway
+                .map_or("on-link only".to_string(), |g| g.to_string()),
+            nat.ports.0,
+            nat.ports.1,
+            nat.filtering
+        );
+    }
     for spec in &opts.taps {
         let tap = Tap::open(spec).map_err(|e| format!("tap {spec}: {e}"))?;
         let how = if tap.created { "created" } else { "attached" };
@@ -83,6 +181,16 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     }
     dp.install_signal_handlers()
         .map_err(|e| format!("signals: {e}"))?;
+    let control = opts
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control_socket(&def.name));
+    dp.listen_control(&control)
+        .map_err(|e| format!("control socket {}: {e}", control.display()))?;
+    eprintln!(
+        "switchyard: control socket {} (switchyard conntrack --socket ...)",
+        control.display()
+    );
     eprintln!(
         "switchyard: network '{}' (switch '{}') running with {} ports; SIGUSR1 prints counters, Ctrl-C stops",
         def.name,
@@ -90,16 +198,19 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         opts.taps.len()
     );
     let json = opts.json;
-    dp.run(|engine| {
-        let stats = engine.stats();
-        if json {
-            if let Ok(line) = serde_json::to_string(&stats) {
-                println!("{line}");
+    dp.run(
+        |engine| {
+            let stats = engine.stats();
+            if json {
+                if let Ok(line) = serde_json::to_string(&stats) {
+                    println!("{line}");
+                }
+            } else {
+                eprint!("{}", report::stats_table(&stats));
             }
-        } else {
-            eprint!("{}", report::stats_table(&stats));
-        }
-    })
+        },
+        answer,
+    )
     .map_err(|e| format!("poll loop: {e}"))?;
     eprintln!("switchyard: stopping; removing the taps it created");
     print_stats(&dp, opts.json);

@@ -6,13 +6,27 @@
 //! testable with fixtures and virtual time, and cheap enough to bench per frame (the model is
 //! smoltcp's `Interface::poll` and quinn-proto's `Connection`).
 
-use crate::gateway::{Answer, Gateway, GatewayConfig, GatewayCounters};
+use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
+use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
-use crate::wire::VnetHdr;
+use crate::uplink::{ArpAnswer, NeighborRow, Uplink, UplinkConfig, UplinkCounters};
 use crate::wire::ethernet::{self, EthernetFrame};
+use crate::wire::ipv4::{Ipv4Packet, PROTO_ICMP};
+use crate::wire::{EtherType, MacAddr, VnetHdr};
 use serde::Serialize;
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP errors the engine originates: at most a burst of this many, refilled at one per
+/// millisecond (Linux's `icmp_msgs_per_sec` 1000, `icmp_msgs_burst` 50).
+const ICMP_BURST: u32 = 50;
+/// Frames the engine originates (ICMP errors) waiting for the I/O edge.
+const MAX_OUTGOING: usize = 256;
 
 /// The largest frame the engine accepts: a 64 KiB GSO super-frame plus Ethernet and VLAN
 /// headers. I/O buffers are this size plus the virtio-net header.
@@ -27,6 +41,8 @@ pub struct Config {
     pub fdb_aging: Duration,
     /// The gateway address served inside the engine (`<ip>` of the network), if any.
     pub gateway: Option<GatewayConfig>,
+    /// Packet NAT through an uplink (`<forward mode='nat' dev=...>` with an address).
+    pub nat: Option<(NatConfig, UplinkConfig)>,
 }
 
 impl Default for Config {
@@ -36,6 +52,7 @@ impl Default for Config {
             fdb_capacity: switch::DEFAULT_CAPACITY,
             fdb_aging: switch::DEFAULT_AGING,
             gateway: None,
+            nat: None,
         }
     }
 }
@@ -52,6 +69,17 @@ pub enum Verdict {
     Reply,
     /// Drop it; the reason was counted on the ingress port.
     Drop(DropReason),
+    /// The engine kept a copy (held for ARP) or answered through
+    /// [`Engine::poll_transmit`]: nothing to send now.
+    Consumed,
+}
+
+/// A frame the engine originated or released, for the I/O edge to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub port: PortId,
+    pub vnet: VnetHdr,
+    pub frame: Vec<u8>,
 }
 
 /// A port as the engine sees it.
@@ -68,6 +96,10 @@ pub struct EngineCounters {
     pub flooded: u64,
     pub fdb: FdbCounters,
     pub gateway: GatewayCounters,
+    pub nat: NatCounters,
+    pub uplink: UplinkCounters,
+    pub icmp_errors_sent: u64,
+    pub icmp_errors_rate_limited: u64,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -76,29 +108,72 @@ pub struct Stats {
     pub ports: Vec<(PortId, PortState)>,
     pub engine: EngineCounters,
     pub fdb_entries: usize,
+    pub nat_flows: usize,
+}
+
+/// Packet NAT's parts: the connection table, the uplink host and its port.
+#[derive(Debug)]
+struct Router {
+    nat: Nat,
+    uplink: Uplink,
+    port: Option<PortId>,
 }
 
 /// One network's forwarding pipeline.
 #[derive(Debug)]
 pub struct Engine {
+    mtu: u16,
     max_plain_frame: usize,
     fdb: Fdb,
     gateway: Option<Gateway>,
+    router: Option<Router>,
     ports: Vec<Option<PortState>>,
+    outgoing: VecDeque<Outgoing>,
+    icmp_tokens: u32,
+    icmp_refilled: Option<Instant>,
     forwarded: u64,
     flooded: u64,
+    icmp_errors_sent: u64,
+    icmp_errors_rate_limited: u64,
 }
 
 impl Engine {
     pub fn new(config: &Config) -> Engine {
         Engine {
+            mtu: config.mtu,
             max_plain_frame: config.mtu as usize + ethernet::HEADER_LEN + ethernet::VLAN_TAG_LEN,
             fdb: Fdb::new(config.fdb_capacity, config.fdb_aging),
             gateway: config.gateway.map(Gateway::new),
+            router: config.nat.as_ref().map(|(nat, uplink)| Router {
+                nat: Nat::new(nat.clone()),
+                uplink: Uplink::new(*uplink),
+                port: None,
+            }),
             ports: Vec::new(),
+            outgoing: VecDeque::with_capacity(MAX_OUTGOING),
+            icmp_tokens: ICMP_BURST,
+            icmp_refilled: None,
             forwarded: 0,
             flooded: 0,
+            icmp_errors_sent: 0,
+            icmp_errors_rate_limited: 0,
         }
+    }
+
+    /// Adds the uplink port of packet NAT. It is not a switch port: frames reach it only
+    /// through the gateway and NAT. `None` when the network has no NAT configured.
+    pub fn add_uplink(&mut self, name: impl Into<String>) -> Option<PortId> {
+        self.router.as_ref()?;
+        let id = self.add_port(name);
+        if let Some(router) = &mut self.router {
+            router.port = Some(id);
+        }
+        Some(id)
+    }
+
+    /// Whether `port` takes part in switching (floods reach it).
+    pub fn is_switch_port(&self, port: PortId) -> bool {
+        self.router.as_ref().and_then(|r| r.port) != Some(port)
     }
 
     /// Adds a port; its id is the lowest free one.
@@ -121,6 +196,11 @@ impl Engine {
     /// Removes a port and forgets what was learned on it.
     pub fn remove_port(&mut self, port: PortId) -> Option<PortState> {
         self.fdb.flush_port(port);
+        if let Some(router) = &mut self.router
+            && router.port == Some(port)
+        {
+            router.port = None;
+        }
         self.ports.get_mut(port.0 as usize)?.take()
     }
 
@@ -181,6 +261,9 @@ impl Engine {
         };
         let (src, dst, vlan) = (eth.src(), eth.dst(), eth.vlan_id());
         let (ethertype, l3) = (eth.ethertype(), eth.header_len());
+        if self.router.as_ref().and_then(|r| r.port) == Some(ingress) {
+            return self.uplink_frame(now, ingress, vnet, frame, (dst, ethertype, l3));
+        }
         if !src.is_valid_source() {
             return Verdict::Drop(DropReason::InvalidSource);
         }
@@ -198,6 +281,7 @@ impl Engine {
                 match gateway.handle(frame, l3, ethertype, to_gateway) {
                     Answer::Reply => return Verdict::Reply,
                     Answer::Drop(reason) => return Verdict::Drop(reason),
+                    Answer::Route => return self.route_out(now, ingress, vnet, frame, l3),
                     Answer::Pass => {}
                 }
             }
@@ -219,6 +303,261 @@ impl Engine {
         }
     }
 
+    /// A guest's packet for beyond the subnet, sent to the gateway (RFC 1812 5.2/5.3):
+    /// TTL, MTU, NAT, then out of the uplink to the next hop, or back in (hairpin).
+    fn route_out(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &mut [u8],
+        l3: usize,
+    ) -> Verdict {
+        let (Some(gateway), Some(router)) = (&self.gateway, &self.router) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let (gateway_ip, uplink_mtu) = (gateway.config().ip, router.uplink.config().mtu);
+        if l3 != ethernet::HEADER_LEN || router.port.is_none() {
+            return Verdict::Drop(DropReason::NoRoute);
+        }
+        let back = (MacAddr::from_slice(&frame[6..12]), gateway.config().mac);
+        let ip = &frame[l3..];
+        let external = router.uplink.config().ip;
+        if ip[16..20] == external.octets()
+            && ip[9] == PROTO_ICMP
+            && ip.get(ip_header_len(ip)) == Some(&packet::ICMP_ECHO_REQUEST)
+        {
+            // The external address is the engine's own: it answers, as the host owning it
+            // would.
+            return match gateway::answer_echo(&mut frame[l3..]) {
+                Ok(()) => {
+                    frame[0..6].copy_from_slice(&back.0.0);
+                    frame[6..12].copy_from_slice(&back.1.0);
+                    Verdict::Reply
+                }
+                Err(reason) => Verdict::Drop(reason),
+            };
+        }
+        if let Some(reason) =
+            self.check_forwardable(now, ingress, vnet, frame, back, gateway_ip, uplink_mtu)
+        {
+            return Verdict::Drop(reason);
+        }
+        let total = ip_total_len(frame);
+        let Some(router) = &mut self.router else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let ip = &mut frame[l3..l3 + total];
+        let partial = vnet.needs_csum();
+        let outbound = match router.nat.handle_outbound(now, ip, back.0, partial) {
+            Ok(o) => o,
+            Err(reason) => return Verdict::Drop(reason),
+        };
+        packet::decrement_ttl(ip);
+        if outbound.hairpin {
+            return match router.nat.handle_inbound(now, ip, partial) {
+                Ok(guest_mac) => {
+                    router.nat.record_hairpin();
+                    self.deliver_to_guest(now, frame, guest_mac)
+                }
+                Err(reason) => Verdict::Drop(reason),
+            };
+        }
+        let dst = Ipv4Addr::from([ip[16], ip[17], ip[18], ip[19]]);
+        let Some(next_hop) = router.uplink.next_hop(dst) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        frame[6..12].copy_from_slice(&router.uplink.config().mac.0);
+        match router.uplink.resolve(now, next_hop) {
+            Some(mac) => {
+                frame[0..6].copy_from_slice(&mac.0);
+                self.forwarded += 1;
+                router
+                    .port
+                    .map_or(Verdict::Drop(DropReason::NoRoute), Verdict::Forward)
+            }
+            None => match router.uplink.enqueue(now, next_hop, *vnet, frame.to_vec()) {
+                Ok(()) => Verdict::Consumed,
+                Err(reason) => Verdict::Drop(reason),
+            },
+        }
+    }
+
+    /// RFC 1812 5.3.1 and 4.2.2.5: a packet whose TTL runs out here, or that is too large for
+    /// the egress with DF set, gets its ICMP error back (to `back` = (its sender's MAC, our
+    /// MAC), from `our_ip`, out of `ingress`) and is dropped for the returned reason.
+    #[allow(clippy::too_many_arguments)]
+    fn check_forwardable(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &[u8],
+        back: (MacAddr, MacAddr),
+        our_ip: Ipv4Addr,
+        egress_mtu: u16,
+    ) -> Option<DropReason> {
+        let ip = &frame[ethernet::HEADER_LEN..ethernet::HEADER_LEN + ip_total_len(frame)];
+        if ip[8] <= 1 {
+            self.send_icmp_error(
+                now,
+                ingress,
+                back,
+                our_ip,
+                (ICMP_TIME_EXCEEDED, 0),
+                [0; 4],
+                ip,
+            );
+            return Some(DropReason::TtlExceeded);
+        }
+        // A GSO frame is cut to gso_size by whoever sends it on; only plain ones are checked.
+        if !vnet.is_gso() && ip.len() > egress_mtu as usize {
+            if ip[6] & 0x40 != 0 {
+                let [hi, lo] = egress_mtu.to_be_bytes();
+                let code = (ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED);
+                self.send_icmp_error(now, ingress, back, our_ip, code, [0, 0, hi, lo], ip);
+            }
+            return Some(DropReason::NeedsFragmentation);
+        }
+        None
+    }
+
+    /// A frame on the uplink: ARP for the external address, ping to it, or NAT's way back in.
+    fn uplink_frame(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &mut [u8],
+        (dst, ethertype, l3): (MacAddr, EtherType, usize),
+    ) -> Verdict {
+        let Some(router) = &mut self.router else {
+            return Verdict::Drop(DropReason::NotForUs);
+        };
+        let ours = *router.uplink.config();
+        if l3 != ethernet::HEADER_LEN || !(dst == ours.mac || dst.is_broadcast()) {
+            return Verdict::Drop(DropReason::NotForUs);
+        }
+        if ethertype == EtherType::ARP {
+            return match router.uplink.handle_arp(now, frame, l3) {
+                ArpAnswer::Reply => Verdict::Reply,
+                ArpAnswer::Consumed => Verdict::Consumed,
+                ArpAnswer::NotOurs => Verdict::Drop(DropReason::NotForUs),
+            };
+        }
+        if dst != ours.mac || ethertype != EtherType::IPV4 {
+            return Verdict::Drop(DropReason::NotForUs);
+        }
+        let Ok(ip) = Ipv4Packet::new_checked(&frame[l3..]) else {
+            return Verdict::Drop(DropReason::BadHeader);
+        };
+        if !ip.header_checksum_ok() {
+            return Verdict::Drop(DropReason::BadChecksum);
+        }
+        if ip.dst() != ours.ip {
+            return Verdict::Drop(DropReason::NotForUs);
+        }
+        let total = ip.total_len();
+        let is_echo_request = ip.protocol() == PROTO_ICMP
+            && !ip.is_fragment()
+            && ip.payload().first() == Some(&packet::ICMP_ECHO_REQUEST);
+        let sender = MacAddr::from_slice(&frame[6..12]);
+        if is_echo_request {
+            // The external address answers ping, as the host owning it would.
+            return match gateway::answer_echo(&mut frame[l3..]) {
+                Ok(()) => {
+                    frame[0..6].copy_from_slice(&sender.0);
+                    frame[6..12].copy_from_slice(&ours.mac.0);
+                    Verdict::Reply
+                }
+                Err(reason) => Verdict::Drop(reason),
+            };
+        }
+        let mtu = self.mtu;
+        if let Some(reason) =
+            self.check_forwardable(now, ingress, vnet, frame, (sender, ours.mac), ours.ip, mtu)
+        {
+            return Verdict::Drop(reason);
+        }
+        let Some(router) = &mut self.router else {
+            return Verdict::Drop(DropReason::NotForUs);
+        };
+        let ip = &mut frame[l3..l3 + total];
+        match router.nat.handle_inbound(now, ip, vnet.needs_csum()) {
+            Ok(guest_mac) => {
+                packet::decrement_ttl(ip);
+                self.deliver_to_guest(now, frame, guest_mac)
+            }
+            Err(reason) => Verdict::Drop(reason),
+        }
+    }
+
+    /// Sends a routed packet from the gateway to the guest with `guest_mac`.
+    fn deliver_to_guest(&mut self, now: Instant, frame: &mut [u8], guest_mac: MacAddr) -> Verdict {
+        let Some(gateway) = &self.gateway else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        frame[0..6].copy_from_slice(&guest_mac.0);
+        frame[6..12].copy_from_slice(&gateway.config().mac.0);
+        match self.fdb.lookup(now, guest_mac, 0) {
+            Some(port) => {
+                self.forwarded += 1;
+                Verdict::Forward(port)
+            }
+            None => {
+                self.flooded += 1;
+                Verdict::Flood
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_icmp_error(
+        &mut self,
+        now: Instant,
+        port: PortId,
+        macs: (MacAddr, MacAddr),
+        src_ip: Ipv4Addr,
+        (kind, code): (u8, u8),
+        rest: [u8; 4],
+        offending: &[u8],
+    ) {
+        let elapsed = self
+            .icmp_refilled
+            .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        let refill = elapsed.as_millis().min(ICMP_BURST as u128) as u32;
+        if refill > 0 {
+            self.icmp_tokens = (self.icmp_tokens + refill).min(ICMP_BURST);
+            self.icmp_refilled = Some(now);
+        }
+        if self.icmp_tokens == 0 || self.outgoing.len() >= MAX_OUTGOING {
+            self.icmp_errors_rate_limited += 1;
+            return;
+        }
+        let Some(frame) = gateway::icmp_error(macs, src_ip, kind, code, rest, offending) else {
+            return;
+        };
+        self.icmp_tokens -= 1;
+        self.icmp_errors_sent += 1;
+        self.outgoing.push_back(Outgoing {
+            port,
+            vnet: VnetHdr::default(),
+            frame,
+        });
+    }
+
+    /// The next frame the engine wants sent: ICMP errors it generated, ARP requests and
+    /// packets released by ARP answers.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        if let Some(out) = self.outgoing.pop_front() {
+            return Some(out);
+        }
+        let router = self.router.as_mut()?;
+        let port = router.port?;
+        let (vnet, frame) = router.uplink.poll_transmit()?;
+        Some(Outgoing { port, vnet, frame })
+    }
+
     /// The I/O edge reports frames it wrote to `port` (more than one when it segmented).
     pub fn record_tx(&mut self, port: PortId, packets: u64, bytes: usize) {
         if let Some(c) = self.counters_mut(port) {
@@ -235,7 +574,15 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.fdb.next_expiry()
+        let router = self.router.as_ref();
+        [
+            self.fdb.next_expiry(),
+            router.and_then(|r| r.nat.poll_timeout()),
+            router.and_then(|r| r.uplink.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the timers that are due at `now`.
@@ -243,6 +590,32 @@ impl Engine {
         if self.fdb.next_expiry().is_some_and(|t| t <= now) {
             self.fdb.expire(now);
         }
+        let Some(router) = &mut self.router else {
+            return;
+        };
+        router.nat.handle_timeout(now);
+        let unresolved = router.uplink.handle_timeout(now);
+        if let Some(port) = router.port {
+            for _ in 0..unresolved {
+                self.record_drop(port, DropReason::NeighborUnresolved);
+            }
+        }
+    }
+
+    /// NAT's connections, as `switchyard conntrack` lists them.
+    pub fn conntrack(&self, now: Instant) -> Vec<FlowRow> {
+        self.router
+            .as_ref()
+            .map(|r| r.nat.rows(now))
+            .unwrap_or_default()
+    }
+
+    /// The uplink's ARP cache.
+    pub fn neighbors(&self) -> Vec<NeighborRow> {
+        self.router
+            .as_ref()
+            .map(|r| r.uplink.rows())
+            .unwrap_or_default()
     }
 
     pub fn fdb(&self) -> &Fdb {
@@ -254,6 +627,7 @@ impl Engine {
     }
 
     pub fn stats(&self) -> Stats {
+        let router = self.router.as_ref();
         Stats {
             ports: self.ports().map(|(id, p)| (id, p.clone())).collect(),
             engine: EngineCounters {
@@ -265,10 +639,27 @@ impl Engine {
                     .as_ref()
                     .map(|g| g.counters.clone())
                     .unwrap_or_default(),
+                nat: router.map(|r| r.nat.counters.clone()).unwrap_or_default(),
+                uplink: router
+                    .map(|r| r.uplink.counters.clone())
+                    .unwrap_or_default(),
+                icmp_errors_sent: self.icmp_errors_sent,
+                icmp_errors_rate_limited: self.icmp_errors_rate_limited,
             },
             fdb_entries: self.fdb.len(),
+            nat_flows: router.map_or(0, |r| r.nat.len()),
         }
     }
+}
+
+fn ip_header_len(ip: &[u8]) -> usize {
+    (ip[0] & 0x0f) as usize * 4
+}
+
+/// The IPv4 total length of a frame whose header the gateway checked.
+fn ip_total_len(frame: &[u8]) -> usize {
+    let at = ethernet::HEADER_LEN + 2;
+    u16::from_be_bytes([frame[at], frame[at + 1]]) as usize
 }
 
 #[cfg(test)]
@@ -482,7 +873,7 @@ mod tests {
             };
             match e.handle_frame(now, port, &hdr, &mut buf[..len]) {
                 Verdict::Forward(p) => assert!(p != port && e.port(p).is_some()),
-                Verdict::Flood | Verdict::Reply | Verdict::Drop(_) => {}
+                Verdict::Flood | Verdict::Reply | Verdict::Drop(_) | Verdict::Consumed => {}
             }
             if round % 1000 == 999 {
                 let gone = live.remove((rng.next() % live.len() as u64) as usize);
@@ -542,5 +933,161 @@ mod tests {
             Verdict::Drop(DropReason::SpoofedGatewayMac)
         );
         assert_eq!(e.stats().engine.gateway.arp_replies, 1);
+    }
+
+    mod routed {
+        //! The gateway, NAT and uplink together, in memory.
+        use super::*;
+        use crate::nat::packet::fixtures;
+        use crate::wire::arp;
+
+        const GW: MacAddr = MacAddr([0x52, 0x54, 0, 0xaa, 0, 1]);
+        const UP: MacAddr = MacAddr([0x52, 0x54, 0, 0xee, 0, 2]);
+        const ROUTER: MacAddr = MacAddr([0x52, 0x54, 0, 0xee, 0, 1]);
+        const GUEST: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x10]);
+
+        fn engine() -> (Engine, PortId, PortId, Instant) {
+            let mut e = Engine::new(&Config {
+                gateway: Some(GatewayConfig {
+                    mac: GW,
+                    ip: Ipv4Addr::new(192, 168, 122, 1),
+                    prefix: 24,
+                }),
+                nat: Some((
+                    NatConfig::new(
+                        Ipv4Addr::new(192, 168, 122, 1),
+                        24,
+                        Ipv4Addr::new(203, 0, 113, 2),
+                    ),
+                    UplinkConfig {
+                        mac: UP,
+                        ip: Ipv4Addr::new(203, 0, 113, 2),
+                        prefix: 24,
+                        gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+                        mtu: 1500,
+                    },
+                )),
+                ..Config::default()
+            });
+            let guest = e.add_port("guest");
+            let uplink = e.add_uplink("up0").unwrap();
+            (e, guest, uplink, Instant::now())
+        }
+
+        fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+            let mut f = dst.0.to_vec();
+            f.extend_from_slice(&src.0);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        }
+
+        fn guest_udp(ttl: u8) -> Vec<u8> {
+            let mut ip = fixtures::udp([192, 168, 122, 10], 40000, [203, 0, 113, 1], 53, b"q");
+            ip[8] = ttl;
+            ip[10..12].fill(0);
+            let c = crate::wire::checksum::checksum(&ip[..20]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            eth(GW, GUEST, 0x0800, &ip)
+        }
+
+        // RFC 1122 2.3.2.2 and the whole path: held for ARP, released with the next hop's MAC
+        // and the uplink's, translated; the reply comes back to the guest from the gateway.
+        #[test]
+        fn a_guest_packet_goes_out_after_arp_and_its_reply_comes_back() {
+            let (mut e, guest, uplink, t) = engine();
+            let hdr = VnetHdr::default();
+            let mut f = guest_udp(64);
+            assert_eq!(e.handle_frame(t, guest, &hdr, &mut f), Verdict::Consumed);
+            let request = e.poll_transmit().unwrap();
+            assert_eq!(request.port, uplink);
+            assert_eq!(&request.frame[..6], &[0xff; 6]);
+            assert!(e.poll_transmit().is_none());
+
+            let mut answer = arp::request_frame(
+                ROUTER,
+                Ipv4Addr::new(203, 0, 113, 1),
+                Ipv4Addr::new(203, 0, 113, 2),
+            );
+            answer[20..22].copy_from_slice(&arp::OP_REPLY.to_be_bytes());
+            answer[0..6].copy_from_slice(&UP.0);
+            assert_eq!(
+                e.handle_frame(t, uplink, &hdr, &mut answer),
+                Verdict::Consumed
+            );
+            let out = e.poll_transmit().unwrap();
+            assert_eq!(out.port, uplink);
+            assert_eq!(&out.frame[0..6], &ROUTER.0);
+            assert_eq!(&out.frame[6..12], &UP.0);
+            assert_eq!(&out.frame[14 + 12..14 + 16], &[203, 0, 113, 2]);
+            assert_eq!(out.frame[14 + 8], 63, "TTL decremented");
+            assert!(fixtures::checksums_ok(&out.frame[14..]));
+
+            // Now resolved: the next packet goes straight out.
+            let mut f = guest_udp(64);
+            assert_eq!(
+                e.handle_frame(t, guest, &hdr, &mut f),
+                Verdict::Forward(uplink)
+            );
+
+            let sport = u16::from_be_bytes([out.frame[34], out.frame[35]]);
+            let ip = fixtures::udp([203, 0, 113, 1], 53, [203, 0, 113, 2], sport, b"a");
+            let mut reply = eth(UP, ROUTER, 0x0800, &ip);
+            assert_eq!(
+                e.handle_frame(t, uplink, &hdr, &mut reply),
+                Verdict::Forward(guest)
+            );
+            assert_eq!(&reply[0..6], &GUEST.0);
+            assert_eq!(&reply[6..12], &GW.0);
+            assert_eq!(&reply[14 + 16..14 + 20], &[192, 168, 122, 10]);
+            assert!(fixtures::checksums_ok(&reply[14..]));
+            assert_eq!(e.conntrack(t).len(), 1);
+
+            // Frames for other hosts on the uplink are not ours.
+            let mut other = eth(ROUTER, UP, 0x0800, &ip);
+            assert_eq!(
+                e.handle_frame(t, uplink, &hdr, &mut other),
+                Verdict::Drop(DropReason::NotForUs)
+            );
+        }
+
+        // RFC 1812 5.3.1: TTL 1 is not forwarded; time exceeded goes back from the gateway.
+        #[test]
+        fn expiring_ttl_gets_time_exceeded_from_the_gateway() {
+            let (mut e, guest, _, t) = engine();
+            let mut f = guest_udp(1);
+            assert_eq!(
+                e.handle_frame(t, guest, &VnetHdr::default(), &mut f),
+                Verdict::Drop(DropReason::TtlExceeded)
+            );
+            let err = e.poll_transmit().unwrap();
+            assert_eq!(err.port, guest);
+            assert_eq!(&err.frame[0..6], &GUEST.0);
+            assert_eq!(&err.frame[14 + 12..14 + 16], &[192, 168, 122, 1]);
+            assert_eq!(err.frame[34], 11);
+            assert!(e.conntrack(t).is_empty(), "nothing was translated");
+        }
+
+        // RFC 826 on the uplink: the engine answers for its external address.
+        #[test]
+        fn the_uplink_answers_arp_and_ping_for_the_external_address() {
+            let (mut e, _, uplink, t) = engine();
+            let hdr = VnetHdr::default();
+            let mut who_has = arp::request_frame(
+                ROUTER,
+                Ipv4Addr::new(203, 0, 113, 1),
+                Ipv4Addr::new(203, 0, 113, 2),
+            );
+            assert_eq!(
+                e.handle_frame(t, uplink, &hdr, &mut who_has),
+                Verdict::Reply
+            );
+            assert_eq!(&who_has[6..12], &UP.0);
+            let ip = fixtures::echo([203, 0, 113, 1], [203, 0, 113, 2], 8, 1);
+            let mut ping = eth(UP, ROUTER, 0x0800, &ip);
+            assert_eq!(e.handle_frame(t, uplink, &hdr, &mut ping), Verdict::Reply);
+            assert_eq!(&ping[0..6], &ROUTER.0);
+            assert_eq!(ping[34], 0, "echo reply");
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! (192.168.122.1), served inside the engine.
 //!
 //! It answers ARP for its address and ICMP echo, rewriting the request into the reply in the
-//! frame buffer itself, so answering costs no allocation and no copy. What lies beyond it
-//! (routing to NAT, DHCP, DNS) is counted and dropped until those parts exist.
+//! frame buffer itself, so answering costs no allocation and no copy. Packets for other
+//! addresses are handed to the engine to route (TTL, MTU, NAT); the ICMP errors routing
+//! needs are built here.
 
 use crate::port::DropReason;
 use crate::wire::arp::{self, ArpPacket};
@@ -46,6 +47,9 @@ pub enum Answer {
     Reply,
     /// Not addressed to the gateway: switch it as usual.
     Pass,
+    /// An IPv4 packet sent to the gateway's MAC for another address: route it (its header
+    /// was checked).
+    Route,
     Drop(DropReason),
 }
 
@@ -120,44 +124,124 @@ impl Gateway {
     }
 
     fn handle_ipv4(&mut self, packet: &mut [u8]) -> Answer {
-        let Ok(mut ip) = Ipv4Packet::new_checked(packet) else {
+        let Ok(ip) = Ipv4Packet::new_checked(&*packet) else {
             return Answer::Drop(DropReason::BadHeader);
         };
         if !ip.header_checksum_ok() {
             return Answer::Drop(DropReason::BadChecksum);
         }
         if ip.dst() != self.config.ip {
-            // Routing beyond the subnet is NAT's job, which does not exist yet.
-            return Answer::Drop(DropReason::NoRoute);
+            return Answer::Route;
         }
-        if ip.protocol() != ipv4::PROTO_ICMP {
-            return Answer::Drop(DropReason::GatewayUnhandled);
+        match answer_echo(packet) {
+            Ok(()) => {
+                self.counters.echo_replies += 1;
+                Answer::Reply
+            }
+            Err(reason) => Answer::Drop(reason),
         }
-        if ip.is_fragment() {
-            return Answer::Drop(DropReason::Fragment);
-        }
-        let icmp = ip.payload_mut();
-        if icmp.len() < 8 || icmp[0] != ICMP_ECHO_REQUEST || icmp[1] != 0 {
-            return Answer::Drop(DropReason::GatewayUnhandled);
-        }
-        if checksum::fold(checksum::accumulate(0, icmp)) != 0xffff {
-            return Answer::Drop(DropReason::BadChecksum);
-        }
-        // RFC 792 "Echo or Echo Reply Message": same identifier, sequence and data, type 0;
-        // the type/code word changes, so the checksum is updated for that word (RFC 1624).
-        let check = u16::from_be_bytes([icmp[2], icmp[3]]);
-        icmp[0] = ICMP_ECHO_REPLY;
-        let check = checksum::update16(
-            check,
-            (ICMP_ECHO_REQUEST as u16) << 8,
-            (ICMP_ECHO_REPLY as u16) << 8,
-        );
-        icmp[2..4].copy_from_slice(&check.to_be_bytes());
-        ip.swap_addresses();
-        ip.set_ttl(DEFAULT_TTL);
-        self.counters.echo_replies += 1;
-        Answer::Reply
     }
+}
+
+/// RFC 792 "Echo or Echo Reply Message": turns the echo request `packet` (an IPv4 packet
+/// whose header was checked) into its reply, in place: same identifier, sequence and data,
+/// type 0, addresses swapped. The type/code word changes, so the checksum is updated for that
+/// word (RFC 1624).
+pub fn answer_echo(packet: &mut [u8]) -> Result<(), DropReason> {
+    let Ok(mut ip) = Ipv4Packet::new_checked(packet) else {
+        return Err(DropReason::BadHeader);
+    };
+    if ip.protocol() != ipv4::PROTO_ICMP {
+        return Err(DropReason::GatewayUnhandled);
+    }
+    if ip.is_fragment() {
+        return Err(DropReason::Fragment);
+    }
+    let icmp = ip.payload_mut();
+    if icmp.len() < 8 || icmp[0] != ICMP_ECHO_REQUEST || icmp[1] != 0 {
+        return Err(DropReason::GatewayUnhandled);
+    }
+    if checksum::fold(checksum::accumulate(0, icmp)) != 0xffff {
+        return Err(DropReason::BadChecksum);
+    }
+    let check = u16::from_be_bytes([icmp[2], icmp[3]]);
+    icmp[0] = ICMP_ECHO_REPLY;
+    let check = checksum::update16(
+        check,
+        (ICMP_ECHO_REQUEST as u16) << 8,
+        (ICMP_ECHO_REPLY as u16) << 8,
+    );
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    ip.swap_addresses();
+    ip.set_ttl(DEFAULT_TTL);
+    Ok(())
+}
+
+/// ICMP types that are errors (RFC 792); RFC 1122 3.2.2 forbids answering them with errors.
+fn is_icmp_error(kind: u8) -> bool {
+    matches!(kind, 3 | 4 | 5 | 11 | 12)
+}
+
+/// An Ethernet frame carrying an ICMP error (RFC 792) from `src_ip` about `offending` (the
+/// IPv4 packet that caused it), quoting as much of it as fits in 576 bytes (RFC 1812
+/// 4.3.2.3). `None` where RFC 1122 3.2.2 says no error may be sent: about an ICMP error, a
+/// later fragment, or a packet to or from a broadcast, multicast or unspecified address.
+pub fn icmp_error(
+    macs: (MacAddr, MacAddr),
+    src_ip: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    offending: &[u8],
+) -> Option<Vec<u8>> {
+    let (dst_mac, src_mac) = macs;
+    let ip = Ipv4Packet::new_checked(offending).ok()?;
+    let ihl = ip.header_len();
+    let (offset_word, proto) = (
+        u16::from_be_bytes([offending[6], offending[7]]),
+        ip.protocol(),
+    );
+    let dst = ip.src();
+    let bad_address = |a: Ipv4Addr| a.is_broadcast() || a.is_multicast() || a.is_unspecified();
+    if offset_word & 0x1fff != 0
+        || bad_address(ip.src())
+        || bad_address(ip.dst())
+        || (proto == ipv4::PROTO_ICMP && offending.len() > ihl && is_icmp_error(offending[ihl]))
+    {
+        return None;
+    }
+    let quote = &offending[..ip.total_len().min(576 - 28)];
+    let total = 20 + 8 + quote.len();
+    let mut f = Vec::with_capacity(14 + total);
+    f.extend_from_slice(&dst_mac.0);
+    f.extend_from_slice(&src_mac.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut header = [
+        0x45,
+        0xc0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        DEFAULT_TTL,
+        ipv4::PROTO_ICMP,
+        0,
+        0,
+    ];
+    header[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    f.extend_from_slice(&header);
+    f.extend_from_slice(&src_ip.octets());
+    f.extend_from_slice(&dst.octets());
+    let c = checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&[kind, code, 0, 0]);
+    f.extend_from_slice(&rest);
+    f.extend_from_slice(quote);
+    let c = checksum::checksum(&f[34..]);
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    Some(f)
 }
 
 #[cfg(test)]
@@ -257,12 +341,12 @@ mod tests {
     }
 
     #[test]
-    fn drops_what_it_cannot_serve_yet_with_a_reason() {
+    fn routes_other_destinations_and_drops_the_rest_with_a_reason() {
         let mut gw = gateway();
         let mut beyond = echo_request([203, 0, 113, 1], &[0; 8]);
         assert_eq!(
             gw.handle(&mut beyond, HEADER_LEN, EtherType::IPV4, true),
-            Answer::Drop(DropReason::NoRoute)
+            Answer::Route
         );
         let mut bad_sum = echo_request([192, 168, 122, 1], &[0; 8]);
         let last = bad_sum.len() - 1;
@@ -288,6 +372,27 @@ mod tests {
             gw.handle(&mut v6, HEADER_LEN, EtherType::IPV6, true),
             Answer::Drop(DropReason::GatewayUnhandled)
         );
+    }
+
+    // RFC 792 / RFC 1812 4.3.2.3: the error quotes the offending header and data, from the
+    // gateway to the sender; RFC 1122 3.2.2: never about an ICMP error.
+    #[test]
+    fn icmp_errors_quote_the_packet_and_are_not_sent_about_errors() {
+        let f = echo_request([203, 0, 113, 1], &[7; 32]);
+        let offending = &f[HEADER_LEN..];
+        let gw_ip = Ipv4Addr::new(192, 168, 122, 1);
+        let e = icmp_error((GUEST, GW_MAC), gw_ip, 11, 0, [0; 4], offending).unwrap();
+        assert_eq!(&e[0..6], &GUEST.0);
+        let ip = Ipv4Packet::new_checked(&e[HEADER_LEN..]).unwrap();
+        assert!(ip.header_checksum_ok());
+        assert_eq!(ip.src(), gw_ip);
+        assert_eq!(ip.dst(), Ipv4Addr::new(192, 168, 122, 10));
+        let icmp = ip.payload();
+        assert_eq!((icmp[0], icmp[1]), (11, 0));
+        assert_eq!(checksum::checksum(icmp), 0);
+        assert_eq!(&icmp[8..], offending);
+        let about_error = icmp_error((GUEST, GW_MAC), gw_ip, 3, 1, [0; 4], &e[HEADER_LEN..]);
+        assert!(about_error.is_none());
     }
 
     #[test]

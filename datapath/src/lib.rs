@@ -12,6 +12,7 @@ pub mod io;
 pub mod nat;
 pub mod port;
 pub mod switch;
+pub mod uplink;
 pub mod wire;
 
 pub use engine::{Config, Engine, Verdict};

@@ -11,7 +11,7 @@ pub mod netns;
 pub mod sys;
 pub mod tap;
 
-use crate::engine::{Engine, MAX_FRAME_LEN, Verdict};
+use crate::engine::{Engine, MAX_FRAME_LEN, Outgoing, Verdict};
 use crate::port::{DropReason, PortId};
 use crate::wire::offload::{self, Segmenter};
 use crate::wire::{VnetHdr, vnet};
@@ -21,7 +21,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +39,9 @@ const BUF_LEN: usize = vnet::LEN + MAX_FRAME_LEN;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const CONTROL: Token = Token(usize::MAX - 3);
+/// How long a control client may take to send its one-line request.
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// What the fd of a port speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,8 @@ pub struct Datapath {
     shutdown: Arc<AtomicBool>,
     report: Arc<AtomicBool>,
     signals: Option<UnixStream>,
+    control: Option<(mio::net::UnixListener, PathBuf)>,
+    control_ready: bool,
 }
 
 impl Datapath {
@@ -145,6 +153,8 @@ impl Datapath {
             shutdown: Arc::new(AtomicBool::new(false)),
             report: Arc::new(AtomicBool::new(false)),
             signals: None,
+            control: None,
+            control_ready: false,
         })
     }
 
@@ -179,6 +189,23 @@ impl Datapath {
         self.add_port(name, file, caps, None)
     }
 
+    /// Adds the uplink of packet NAT: an AF_PACKET socket on interface `dev` (in the calling
+    /// thread's namespace), promiscuous, with virtio-net headers.
+    pub fn add_uplink(&mut self, dev: &str) -> io::Result<PortId> {
+        let index = sys::if_nametoindex(dev).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
+        })?;
+        let file = File::from(sys::open_packet_socket(index, vnet::LEN)?);
+        if self.engine.ports().count() >= MAX_PORTS {
+            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
+        }
+        let id = self
+            .engine
+            .add_uplink(format!("{dev}(uplink)"))
+            .ok_or_else(|| io::Error::other("the network has no NAT uplink configured"))?;
+        self.attach(id, file, PortCaps { vnet_hdr: true }, None)
+    }
+
     fn add_port(
         &mut self,
         name: String,
@@ -190,6 +217,16 @@ impl Datapath {
             return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
         }
         let id = self.engine.add_port(name);
+        self.attach(id, file, caps, tap)
+    }
+
+    fn attach(
+        &mut self,
+        id: PortId,
+        file: File,
+        caps: PortCaps,
+        tap: Option<Tap>,
+    ) -> io::Result<PortId> {
         let index = id.0 as usize;
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&file.as_raw_fd()),
@@ -242,16 +279,80 @@ impl Datapath {
         Ok(())
     }
 
+    /// Listens for control requests on the unix socket `path` (mode 0600; a stale socket is
+    /// replaced). Each connection sends one request line and gets one answer from `run`'s
+    /// `answer`. The socket file is removed when the datapath is dropped.
+    pub fn listen_control(&mut self, path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another switchyard answers there: is this network already running?",
+            ));
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut listener = mio::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        self.poll
+            .registry()
+            .register(&mut listener, CONTROL, Interest::READABLE)?;
+        self.control = Some((listener, path.to_path_buf()));
+        // Connections may have queued before registration.
+        self.control_ready = true;
+        Ok(())
+    }
+
     /// Runs until [`Handle::shutdown`] or a termination signal; `report` is called with the
-    /// engine on SIGUSR1.
-    pub fn run(&mut self, mut report: impl FnMut(&Engine)) -> io::Result<()> {
+    /// engine on SIGUSR1, `answer` with each control request line.
+    pub fn run(
+        &mut self,
+        mut report: impl FnMut(&Engine),
+        mut answer: impl FnMut(&Engine, &str) -> String,
+    ) -> io::Result<()> {
         while !self.shutdown.load(Ordering::SeqCst) {
             self.turn(None)?;
             if self.report.swap(false, Ordering::SeqCst) {
                 report(&self.engine);
             }
+            if std::mem::take(&mut self.control_ready) {
+                self.serve_control(&mut answer);
+            }
         }
         Ok(())
+    }
+
+    /// Answers every waiting control connection. A client gets [`CONTROL_READ_TIMEOUT`] to
+    /// send its request, so a stuck client delays the datapath by at most that.
+    fn serve_control(&mut self, answer: &mut impl FnMut(&Engine, &str) -> String) {
+        let Some((listener, _)) = &self.control else {
+            return;
+        };
+        loop {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let mut line = String::new();
+            if BufReader::new(&stream)
+                .take(4096)
+                .read_line(&mut line)
+                .is_err()
+            {
+                continue;
+            }
+            let reply = answer(&self.engine, line.trim());
+            let _ = (&stream).write_all(reply.as_bytes());
+        }
     }
 
     /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next
@@ -279,6 +380,7 @@ impl Datapath {
             match event.token() {
                 WAKER => {}
                 SIGNALS => drain_signals = true,
+                CONTROL => self.control_ready = true,
                 Token(index) => {
                     if self.ports.get(index).is_some_and(Option::is_some) {
                         self.ready.mark(PortId(index as u16));
@@ -304,7 +406,33 @@ impl Datapath {
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
         }
+        while let Some(out) = self.engine.poll_transmit() {
+            self.transmit_outgoing(&out);
+        }
         Ok(())
+    }
+
+    /// Writes a frame the engine originated (ICMP error, ARP) or released (held for ARP).
+    fn transmit_outgoing(&mut self, out: &Outgoing) {
+        let Some(port) = self.ports.get(out.port.0 as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let len = out.frame.len();
+        let result = if port.caps.vnet_hdr {
+            let buf = &mut self.scratch[..vnet::LEN + len];
+            out.vnet.emit(buf);
+            buf[vnet::LEN..].copy_from_slice(&out.frame);
+            write_frame(&port.file, buf).map(|()| (1, len))
+        } else if out.vnet.is_gso() || out.vnet.needs_csum() {
+            write_without_offloads(&port.file, &out.vnet, &out.frame, &mut self.scratch)
+                .map_err(|_| io::Error::other("offload"))
+        } else {
+            write_frame(&port.file, &out.frame).map(|()| (1, len))
+        };
+        match result {
+            Ok((packets, bytes)) => self.engine.record_tx(out.port, packets as u64, bytes),
+            Err(_) => self.engine.record_drop(out.port, DropReason::TxError),
+        }
     }
 
     /// Reads and forwards up to [`RX_BUDGET`] frames from `id`; true when drained.
@@ -349,12 +477,16 @@ impl Datapath {
             Verdict::Reply => self.transmit(ingress, &hdr, frame_start, n),
             Verdict::Flood => {
                 for index in 0..self.ports.len() {
-                    if index != ingress.0 as usize && self.ports[index].is_some() {
-                        self.transmit(PortId(index as u16), &hdr, frame_start, n);
+                    let port = PortId(index as u16);
+                    if index != ingress.0 as usize
+                        && self.ports[index].is_some()
+                        && self.engine.is_switch_port(port)
+                    {
+                        self.transmit(port, &hdr, frame_start, n);
                     }
                 }
             }
-            Verdict::Drop(_) => {}
+            Verdict::Drop(_) | Verdict::Consumed => {}
         }
     }
 
@@ -388,6 +520,14 @@ impl Datapath {
         match result {
             Ok((packets, bytes)) => self.engine.record_tx(egress, packets as u64, bytes),
             Err(_) => self.engine.record_drop(egress, DropReason::TxError),
+        }
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.control {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

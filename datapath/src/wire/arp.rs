@@ -81,6 +81,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> ArpPacket<T> {
     }
 }
 
+/// An Ethernet frame carrying the broadcast ARP request "who has `target`, tell `ip`"
+/// (RFC 826 "Packet Generation").
+pub fn request_frame(mac: MacAddr, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + LEN);
+    f.extend_from_slice(&MacAddr::BROADCAST.0);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0x08, 0x06, 0x00, 0x01, 0x08, 0x00, 6, 4]);
+    f.extend_from_slice(&OP_REQUEST.to_be_bytes());
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +119,21 @@ mod tests {
         assert_eq!(arp.sender_ip(), Ipv4Addr::new(192, 168, 122, 1));
         assert_eq!(&buf[18..24], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert_eq!(&buf[24..28], &[192, 168, 122, 10]);
+    }
+
+    #[test]
+    fn builds_a_broadcast_request() {
+        let mac = MacAddr([0x52, 0x54, 0, 1, 2, 3]);
+        let f = request_frame(
+            mac,
+            Ipv4Addr::new(203, 0, 113, 2),
+            Ipv4Addr::new(203, 0, 113, 1),
+        );
+        let arp = ArpPacket::new_checked(&f[14..]).unwrap();
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(arp.operation(), OP_REQUEST);
+        assert_eq!(arp.sender_mac(), mac);
+        assert_eq!(arp.target_ip(), Ipv4Addr::new(203, 0, 113, 1));
     }
 
     #[test]

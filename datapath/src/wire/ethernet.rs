@@ -10,6 +10,12 @@ use std::fmt;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MacAddr(pub [u8; 6]);
 
+impl serde::Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl MacAddr {
     pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
     pub const ZERO: MacAddr = MacAddr([0; 6]);

@@ -1,0 +1,406 @@
+//! Packet NAT end to end, in the topology of DESIGN.md: guests on taps, switchyard in its own
+//! namespace with the uplink veth, and an `outside` namespace at 203.0.113.1 with the servers.
+//! The outside has no route to 192.168.122.0/24, so anything that works went through the NAT.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use switchyard_tests::*;
+
+const OUTSIDE: &str = "203.0.113.1";
+const EXTERNAL: &str = "203.0.113.2";
+
+struct NatNet {
+    // Field order is drop order: switchyard stops before its namespaces go.
+    sy: Switchyard,
+    guests: Vec<Netns>,
+    sw: Netns,
+    outside: Netns,
+    dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn nat_net(guests: usize, extra_xml: &str) -> NatNet {
+    nat_net_with_mtu(guests, extra_xml, 1500)
+}
+
+/// The control socket of the topology's switchyard.
+fn control(net: &NatNet) -> String {
+    net.dir.0.join("ctl.sock").display().to_string()
+}
+
+fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
+    require(&["ip", "ping", "python3"]);
+    let dir = TempDir(std::env::temp_dir().join(unique_name("synat")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let outside = Netns::new("o");
+    let sw = Netns::new("s");
+    sw.must(&[
+        "ip",
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &outside.name,
+    ]);
+    let mtu = uplink_mtu.to_string();
+    sw.must(&["ip", "link", "set", "up0", "mtu", &mtu, "up"]);
+    outside.must(&["ip", "link", "set", "eth0", "mtu", &mtu]);
+    // The host keeps an address of its own on the uplink; both must work.
+    sw.must(&["ip", "addr", "add", "203.0.113.3/24", "dev", "up0"]);
+    outside.must(&["ip", "link", "set", "eth0", "up"]);
+    outside.must(&["ip", "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
+
+    let xml = dir.0.join("nat.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<network xmlns:sy='urn:switchyard:network:1'>\n\
+             <name>nat</name>\n\
+             <forward mode='nat' dev='up0'>\n\
+               <nat><address start='{EXTERNAL}' end='{EXTERNAL}'/><port start='1024' end='65535'/></nat>\n\
+             </forward>\n\
+             <ip address='192.168.122.1' netmask='255.255.255.0'/>\n\
+             <sy:uplink prefix='24' gateway='{OUTSIDE}'/>\n\
+             {extra_xml}\n\
+             </network>\n"
+        ),
+    )
+    .unwrap();
+    let guests: Vec<Netns> = (0..guests).map(|_| Netns::new("g")).collect();
+    let mut args = vec![
+        "run".to_string(),
+        xml.display().to_string(),
+        "--json".to_string(),
+        "--control".to_string(),
+        dir.0.join("ctl.sock").display().to_string(),
+    ];
+    for (i, g) in guests.iter().enumerate() {
+        args.push("--tap".into());
+        args.push(g.tap_arg("eth0", &format!("52:54:00:c0:00:{:02x}", i + 1)));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sy = Switchyard::start_in(Some(&sw), &args);
+    // Static addresses, as the seeds' ifcfg files give them: no DHCP involved.
+    for (i, g) in guests.iter().enumerate() {
+        g.must(&["ip", "link", "set", "eth0", "up"]);
+        g.must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.168.122.{}/24", 10 + i),
+            "dev",
+            "eth0",
+        ]);
+        g.must(&["ip", "route", "add", "default", "via", "192.168.122.1"]);
+    }
+    NatNet {
+        sy,
+        guests,
+        sw,
+        outside,
+        dir,
+    }
+}
+
+/// Runs a python3 program inside `ns` and returns its stdout; it must succeed.
+fn python(ns: &Netns, program: &str, args: &[&str]) -> String {
+    let mut argv = vec!["timeout", "20", "python3", "-c", program];
+    argv.extend_from_slice(args);
+    ns.must(&argv)
+}
+
+/// Waits until something listens on `port` (TCP or UDP) inside `ns`.
+fn wait_listening(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!(":{port} ");
+    while !ns.must(&["ss", "-lntu"]).contains(&needle) {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A UDP server in the outside namespace that answers each datagram with the address and
+/// port it came from: what the outside sees of a guest.
+const UDP_REFLECTOR: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.1", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(("%s:%d" % peer).encode(), peer)
+"#;
+
+/// From source port argv[1], asks the reflector at argv[2] how it sees us.
+const ASK_REFLECTOR: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(5)
+s.sendto(b"who am i", ("203.0.113.1", int(sys.argv[2])))
+print(s.recvfrom(100)[0].decode())
+"#;
+
+#[test]
+fn ping_traceroute_fragments_and_port_unreachable_through_the_nat() {
+    require(&["traceroute", "bash"]);
+    let net = nat_net(1, "");
+    let g = &net.guests[0];
+    g.must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", OUTSIDE]);
+    // The external address answers ping itself, as the host owning it would.
+    g.must(&["ping", "-c", "1", "-W", "2", EXTERNAL]);
+    // The host's own address on the same NIC keeps working beside the engine's.
+    net.sw
+        .must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", OUTSIDE]);
+
+    // TTL: the gateway is hop 1 (time exceeded from 192.168.122.1), the outside hop 2.
+    let trace = g.must(&["traceroute", "-n", "-q", "1", "-w", "2", "-m", "5", OUTSIDE]);
+    let hops: Vec<&str> = trace
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(hops, ["192.168.122.1", OUTSIDE], "{trace}");
+
+    // A 4000-byte ping is fragmented by the guest and its reply by the outside: both cross.
+    g.must(&[
+        "ping", "-c", "2", "-i", "0.2", "-W", "2", "-s", "4000", OUTSIDE,
+    ]);
+    // RFC 5508: the outside's port unreachable reaches the guest's socket translated back.
+    let probe = g.run(&[
+        "bash",
+        "-c",
+        "exec 3<>/dev/udp/203.0.113.1/9; echo a >&3; sleep 0.5; echo b >&3",
+    ]);
+    let err = String::from_utf8_lossy(&probe.stderr);
+    assert!(err.contains("Connection refused"), "{err}");
+
+    let mut sy = net.sy;
+    let stats = sy.stop_json();
+    let nat = &stats["engine"]["nat"];
+    assert!(nat["translated_out"].as_u64().unwrap() >= 5, "{stats}");
+    assert!(
+        nat["icmp_errors_translated"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(
+        nat["fragments_translated"].as_u64().unwrap() >= 4,
+        "{stats}"
+    );
+    assert!(
+        stats["engine"]["icmp_errors_sent"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+}
+
+// RFC 1812 4.2.2.5 / RFC 1191: the uplink's MTU is below the network's; a DF packet too big
+// for it gets fragmentation-needed with the next-hop MTU, from the gateway.
+#[test]
+fn df_packets_too_big_for_the_uplink_get_fragmentation_needed() {
+    let net = nat_net_with_mtu(1, "", 1400);
+    let g = &net.guests[0];
+    g.must(&[
+        "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1372", OUTSIDE,
+    ]);
+    let big = g.run(&[
+        "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1450", OUTSIDE,
+    ]);
+    let text = String::from_utf8_lossy(&big.stdout);
+    assert!(!big.status.success());
+    assert!(
+        text.contains("192.168.122.1") && text.contains("mtu = 1400"),
+        "{text}"
+    );
+    // The guest's kernel now knows the path MTU: the next DF ping fails locally.
+    let again = g.run(&[
+        "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1450", OUTSIDE,
+    ]);
+    assert!(!again.status.success());
+}
+
+#[test]
+fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
+    require(&["curl", "iperf3", "tcpdump", "sha256sum", "ss"]);
+    let net = nat_net(1, "");
+    let (g, outside) = (&net.guests[0], &net.outside);
+
+    let www = net.dir.0.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let file = www.join("blob");
+    must(&[
+        "sh",
+        "-c",
+        &format!("head -c 3000000 /dev/urandom > {}", file.display()),
+    ]);
+    let want = must(&["sha256sum", &file.display().to_string()]);
+    let want = want.split_whitespace().next().unwrap();
+    let _http = outside.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        OUTSIDE,
+        "--directory",
+        &www.display().to_string(),
+        "8080",
+    ]);
+    wait_listening(outside, 8080);
+    let capture_file = net.dir.0.join("outside.txt");
+    let _capture = outside.spawn(&[
+        "sh",
+        "-c",
+        &format!(
+            "exec tcpdump -i eth0 -n -l -q 'tcp port 8080' > {} 2>/dev/null",
+            capture_file.display()
+        ),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let got = g.must(&[
+        "sh",
+        "-c",
+        "curl -sS --max-time 20 http://203.0.113.1:8080/blob | sha256sum",
+    ]);
+    assert_eq!(got.split_whitespace().next().unwrap(), want);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(_capture);
+    let seen = std::fs::read_to_string(&capture_file).unwrap();
+    let mut lines = 0;
+    for line in seen.lines().filter(|l| l.contains(" IP ")) {
+        lines += 1;
+        // "... IP 203.0.113.2.40000 > 203.0.113.1.8080: tcp 0"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "IP").unwrap();
+        for end in [words[at + 1], words[at + 3].trim_end_matches(':')] {
+            let (addr, port) = end.rsplit_once('.').unwrap();
+            let port: u32 = port.parse().unwrap();
+            match addr {
+                OUTSIDE => assert_eq!(port, 8080),
+                EXTERNAL => assert!((1024..=65535).contains(&port), "{line}"),
+                other => panic!("the outside saw {other}: {line}"),
+            }
+        }
+    }
+    assert!(lines > 10, "tcpdump saw the transfer: {seen}");
+
+    // `switchyard conntrack` reads the table from the running engine, conntrack -L style.
+    let bin = switchyard_bin().display().to_string();
+    let table = must(&[&bin, "conntrack", "--socket", &control(&net)]);
+    assert!(
+        table.lines().any(|l| l.starts_with("tcp")
+            && l.contains("src=192.168.122.10 dst=203.0.113.1")
+            && l.contains("dport=8080")
+            && l.contains("src=203.0.113.1 dst=203.0.113.2 sport=8080")),
+        "{table}"
+    );
+    assert!(table.contains("flow entries have been shown"), "{table}");
+
+    for extra in [&[][..], &["-R"][..], &["-u", "-b", "200M"][..]] {
+        let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
+        wait_listening(outside, 5201);
+        let mut argv = vec!["timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-J"];
+        argv.extend_from_slice(extra);
+        let report = g.must(&argv);
+        let json: serde_json::Value = serde_json::from_str(&report).unwrap();
+        let end = &json["end"];
+        let bps = end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .or_else(|| end["sum"]["bits_per_second"].as_f64())
+            .unwrap_or(0.0);
+        assert!(bps > 1e6, "iperf3 {extra:?}: {bps} bit/s");
+        if extra.first() == Some(&"-u") {
+            let lost = end["sum"]["lost_percent"].as_f64().unwrap_or(100.0);
+            assert!(lost < 5.0, "UDP loss {lost}%");
+        }
+    }
+}
+
+#[test]
+fn two_guests_on_one_source_port_get_distinct_mappings() {
+    require(&["ss"]);
+    let net = nat_net(2, "");
+    let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
+    wait_listening(&net.outside, 7000);
+    let a = python(&net.guests[0], ASK_REFLECTOR, &["5000", "7000"]);
+    let b = python(&net.guests[1], ASK_REFLECTOR, &["5000", "7000"]);
+    let (a, b) = (a.trim(), b.trim());
+    assert_eq!(a, format!("{EXTERNAL}:5000"), "the first keeps its port");
+    let (addr, port) = b.split_once(':').unwrap();
+    assert_eq!(addr, EXTERNAL);
+    let port: u32 = port.parse().unwrap();
+    assert!(port != 5000 && (1024..=65535).contains(&port), "{b}");
+}
+
+/// Guest A learns its mapping from the reflector, then waits; guest B sends to A's mapping.
+const HAIRPIN_LISTENER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 6000))
+s.settimeout(10)
+s.sendto(b"who am i", ("203.0.113.1", 7000))
+print(s.recvfrom(100)[0].decode(), flush=True)
+data, peer = s.recvfrom(100)
+print("%s from %s:%d" % (data.decode(), peer[0], peer[1]), flush=True)
+"#;
+
+// RFC 4787 6 (REQ-9): a guest reaches another through the external address and its mapped
+// port, and sees the sender's external address as the source.
+#[test]
+fn hairpinning_between_guests() {
+    require(&["ss"]);
+    let net = nat_net(2, "<sy:nat filtering='endpoint-independent'/>");
+    let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
+    wait_listening(&net.outside, 7000);
+    let out = net.dir.0.join("listener.txt");
+    let _listener = net.guests[0].spawn(&[
+        "sh",
+        "-c",
+        &format!("python3 -c '{HAIRPIN_LISTENER}' > {}", out.display()),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mapping = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listener never learned its mapping"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (_, port) = mapping.split_once(':').unwrap();
+    python(
+        &net.guests[1],
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', 6001))\n\
+         s.sendto(b'hello', ('203.0.113.2', int(sys.argv[1])))\n",
+        &[port],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(line) = text.lines().nth(1) {
+            assert_eq!(line, format!("hello from {EXTERNAL}:6001"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hairpinned datagram never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
