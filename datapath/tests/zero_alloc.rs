@@ -178,3 +178,113 @@ fn poll_loop_forwards_floods_and_completes_offloads_without_allocating() {
     let c_counters = &stats.ports[2].1.counters;
     assert_eq!(c_counters.tx_packets, 2 + rounds * 44, "{c_counters:?}");
 }
+
+/// An Ethernet/IPv4/TCP ACK with `payload` bytes and a partial (NEEDS_CSUM) checksum.
+fn routed_tcp(dst: MacAddr, src: MacAddr, from: ([u8; 4], u16), to: ([u8; 4], u16)) -> Vec<u8> {
+    let mut f = vec![0u8; 54 + 1000];
+    f[0..6].copy_from_slice(&dst.0);
+    f[6..12].copy_from_slice(&src.0);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&1040u16.to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[26..30].copy_from_slice(&from.0);
+    f[30..34].copy_from_slice(&to.0);
+    let c = !fold(accumulate(0, &f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34..36].copy_from_slice(&from.1.to_be_bytes());
+    f[36..38].copy_from_slice(&to.1.to_be_bytes());
+    f[46] = 5 << 4;
+    f[47] = 0x10;
+    let pseudo = pseudo_header_v4(from.0, to.0, 6, 1020);
+    f[50..52].copy_from_slice(&fold(pseudo).to_be_bytes());
+    f
+}
+
+// DESIGN.md principle 2 for NAT: an established connection is translated both ways with no
+// allocation (the frame is reset from its template each time: the TTL goes down per pass).
+#[test]
+fn engine_translates_established_nat_flows_without_allocating() {
+    use datapath::gateway::GatewayConfig;
+    use datapath::nat::NatConfig;
+    use datapath::uplink::UplinkConfig;
+    use std::net::Ipv4Addr;
+    const GW: MacAddr = MacAddr([0x52, 0x54, 0, 0xaa, 0, 1]);
+    const UP: MacAddr = MacAddr([0x52, 0x54, 0, 0xee, 0, 2]);
+    const ROUTER: MacAddr = MacAddr([0x52, 0x54, 0, 0xee, 0, 1]);
+    let mut engine = Engine::new(&Config {
+        gateway: Some(GatewayConfig {
+            mac: GW,
+            ip: Ipv4Addr::new(192, 168, 122, 1),
+            prefix: 24,
+        }),
+        nat: Some((
+            NatConfig::new(
+                Ipv4Addr::new(192, 168, 122, 1),
+                24,
+                Ipv4Addr::new(203, 0, 113, 2),
+            ),
+            UplinkConfig {
+                mac: UP,
+                ip: Ipv4Addr::new(203, 0, 113, 2),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+                mtu: 1500,
+            },
+        )),
+        ..Config::default()
+    });
+    let guest = engine.add_port("guest");
+    let uplink = engine.add_uplink("up0").unwrap();
+    let now = Instant::now();
+    let hdr = VnetHdr {
+        flags: vnet::F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..Default::default()
+    };
+    // The next hop announces itself; the guest opens the connection with a SYN.
+    let mut arp = datapath::wire::arp::request_frame(
+        ROUTER,
+        Ipv4Addr::new(203, 0, 113, 1),
+        Ipv4Addr::new(203, 0, 113, 2),
+    );
+    assert_eq!(
+        engine.handle_frame(now, uplink, &hdr, &mut arp),
+        Verdict::Reply
+    );
+    let out_template = routed_tcp(GW, A, (SRC_IP, 40000), ([203, 0, 113, 1], 80));
+    let in_template = routed_tcp(
+        UP,
+        ROUTER,
+        ([203, 0, 113, 1], 80),
+        ([203, 0, 113, 2], 40000),
+    );
+    let mut syn = out_template.clone();
+    syn[47] = 0x02;
+    assert_eq!(
+        engine.handle_frame(now, guest, &hdr, &mut syn),
+        Verdict::Forward(uplink)
+    );
+    let mut out = out_template.clone();
+    let mut inb = in_template.clone();
+    let info = allocation_counter::measure(|| {
+        for i in 0..10_000u64 {
+            let t = now + Duration::from_micros(i);
+            out.copy_from_slice(&out_template);
+            inb.copy_from_slice(&in_template);
+            assert_eq!(
+                engine.handle_frame(t, guest, &hdr, &mut out),
+                Verdict::Forward(uplink)
+            );
+            assert_eq!(
+                engine.handle_frame(t, uplink, &hdr, &mut inb),
+                Verdict::Forward(guest)
+            );
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+    assert_eq!(&out[26..30], &[203, 0, 113, 2]);
+    assert_eq!(&inb[30..34], &SRC_IP);
+}
