@@ -734,13 +734,25 @@ mod tests {
         assert_eq!((nat.max_flows, nat.max_flows_per_guest), (100, 10));
         assert_eq!(uplink.gateway, Some(Ipv4Addr::new(203, 0, 113, 1)));
         assert_eq!((uplink.prefix, uplink.mtu), (24, 1400));
-        assert_eq!(uplink.mac, net.nat_setup(1400).unwrap().unwrap().1.mac, "stable");
+        assert_eq!(
+            uplink.mac,
+            net.nat_setup(1400).unwrap().unwrap().1.mac,
+            "stable"
+        );
 
         let two = PACKET_NAT.replace("end='203.0.113.2'", "end='203.0.113.9'");
-        let err = NetworkDef::parse(&two).unwrap().nat_setup(1500).unwrap_err();
+        let err = NetworkDef::parse(&two)
+            .unwrap()
+            .nat_setup(1500)
+            .unwrap_err();
         assert!(err.contains("exactly one external"), "{err}");
         let bad = PACKET_NAT.replace("filtering='endpoint-independent'", "filtering='cone'");
-        assert!(NetworkDef::parse(&bad).unwrap_err().to_string().contains("filtering"));
+        assert!(
+            NetworkDef::parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("filtering")
+        );
         let unknown = PACKET_NAT.replace("<sy:nat ", "<sy:nat bogus='1' ");
         assert!(NetworkDef::parse(&unknown).is_err());
     }
