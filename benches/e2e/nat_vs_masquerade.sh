@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# A guest behind switchyard's NAT versus a guest behind libvirt's kernel NAT (bridge + iptables
+# MASQUERADE), in one run, interleaved.
+#
+# Two topologies, each a guest, a NAT box and an "outside" host, in namespaces built side by side:
+#   switchyard: guest --tap--> switchyard (release build, ns sw, packet NAT to 203.0.113.2)
+#               --veth up0 (AF_PACKET)--> outside 203.0.113.1
+#   kernel:     guest --veth--> virbr0 192.168.122.1 + ip_forward + libvirt's MASQUERADE rules
+#               (ns kr, up0 203.0.113.2) --veth--> outside 203.0.113.1
+# The outside namespaces have no route back to 192.168.122.0/24: traffic only works through NAT.
+# For each of RUNS rounds it measures on both: iperf3 TCP guest->outside and outside->guest (-R),
+# one stream, SECS seconds; and new TCP connections per second (CONNS sequential connect, send a
+# byte, read until close, close; bounded by count and by a 60 s timeout). Then it prints median
+# and min-max and the ratio switchyard/kernel of the medians.
+# All traffic stays inside namespaces this script creates; it removes them on exit.
+# Usage: sudo benches/e2e/nat_vs_masquerade.sh [RUNS] [SECS] [CONNS]
+# Environment: ONLY=kernel or ONLY=switchyard measures one topology only (empty: both);
+# ONLY=kernel neither builds nor runs switchyard.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${1:-3}
+SECS=${2:-5}
+CONNS=${3:-500}
+ONLY=${ONLY:-}
+for v in "$RUNS" "$SECS" "$CONNS"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [RUNS] [SECS] [CONNS] (positive integers)" >&2; exit 2; }
+done
+case "$ONLY" in
+  "") do_sy=1; do_k=1 ;;
+  switchyard) do_sy=1; do_k=0 ;;
+  kernel) do_sy=0; do_k=1 ;;
+  *) echo "ONLY must be kernel, switchyard or empty" >&2; exit 2 ;;
+esac
+tests/setup.sh
+SY=target/release/switchyard
+[ "$do_sy" = 1 ] && cargo build --release --quiet -p switchyard
+
+tag="n$$"
+OUT=203.0.113.1     # the outside server, in both topologies
+CPORT=5300          # the accept-and-close server
+ns=()
+[ "$do_sy" = 1 ] && ns+=("sg-$tag" "sw-$tag" "so-$tag")
+[ "$do_k" = 1 ] && ns+=("kg-$tag" "kr-$tag" "ko-$tag")
+pids=()             # background servers, killed on exit
+sy_pid=""
+xml=""
+log=""
+cleanup() {
+  local rc=$?
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "$sy_pid" ]; then kill "$sy_pid" 2>/dev/null || true; fi
+  wait 2>/dev/null || true
+  for n in "${ns[@]}"; do ip netns del "$n" 2>/dev/null || true; done
+  [ -n "$xml" ] && rm -f "$xml"
+  if [ -n "$log" ]; then
+    if [ "$rc" -eq 0 ]; then rm -f "$log"; else echo "switchyard log kept: $log" >&2; fi
+  fi
+}
+trap cleanup EXIT
+die() { echo "nat_vs_masquerade: $*" >&2; exit 1; }
+for n in "${ns[@]}"; do ip netns add "$n"; ip -n "$n" link set lo up; done
+
+# waits (bounded) until something listens on TCP port $2 in namespace $1
+wait_listen() {
+  for _ in $(seq 50); do
+    [ -n "$(ip netns exec "$1" ss -Hltn "sport = :$2")" ] && return 0
+    sleep 0.1
+  done
+  die "no listener on port $2 in $1"
+}
+
+# accept, read one byte, close; runs until killed
+conn_server='
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(128)
+while True:
+    c, _ = s.accept()
+    try:
+        c.settimeout(5)
+        c.recv(1)
+    except OSError:
+        pass
+    c.close()
+'
+# N sequential short connections, stopping early after BUDGET seconds; prints connections/s
+conn_client='
+import socket, sys, time
+host, port, n, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+done = 0
+t0 = time.perf_counter()
+for _ in range(n):
+    if time.perf_counter() - t0 > budget:
+        break
+    c = socket.create_connection((host, port), timeout=5)
+    c.sendall(b"x")
+    while c.recv(4096):
+        pass
+    c.close()
+    done += 1
+dt = time.perf_counter() - t0
+if done < n:
+    print(f"warning: only {done}/{n} connections in {budget:.0f} s", file=sys.stderr)
+print(f"{done / dt:.0f}")
+'
+start_outside_servers() { # outside-ns
+  ip netns exec "$1" python3 -c "$conn_server" "$OUT" "$CPORT" &
+  pids+=($!)
+  wait_listen "$1" "$CPORT"
+}
+
+# switchyard topology
+if [ "$do_sy" = 1 ]; then
+  ip -n "sw-$tag" link add up0 type veth peer name eth0 netns "so-$tag"
+  ip -n "sw-$tag" addr add 203.0.113.3/24 dev up0   # the host's own address coexists
+  ip -n "sw-$tag" link set up0 up
+  ip -n "so-$tag" addr add "$OUT/24" dev eth0
+  ip -n "so-$tag" link set eth0 up
+  xml=$(mktemp /tmp/switchyard-natbench-XXXXXX.xml)
+  log=$(mktemp /tmp/switchyard-natbench-XXXXXX.log)
+  cat >"$xml" <<'EOF'
+<network xmlns:sy='urn:switchyard:network:1'>
+  <name>natbench</name>
+  <forward mode='nat' dev='up0'>
+    <nat><address start='203.0.113.2' end='203.0.113.2'/><port start='1024' end='65535'/></nat>
+  </forward>
+  <ip address='192.168.122.1' netmask='255.255.255.0'/>
+  <sy:uplink prefix='24' gateway='203.0.113.1'/>
+</network>
+EOF
+  ip netns exec "sw-$tag" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" 2>"$log" &
+  sy_pid=$!
+  for _ in $(seq 100); do
+    grep -q " running with " "$log" && break
+    kill -0 "$sy_pid" 2>/dev/null || { cat "$log" >&2; die "switchyard exited"; }
+    sleep 0.1
+  done
+  grep -q " running with " "$log" || { cat "$log" >&2; die "switchyard did not start"; }
+  for _ in $(seq 50); do ip -n "sg-$tag" link show eth0 >/dev/null 2>&1 && break; sleep 0.1; done
+  ip -n "sg-$tag" link set eth0 up
+  ip -n "sg-$tag" addr add 192.168.122.10/24 dev eth0
+  ip -n "sg-$tag" route add default via 192.168.122.1
+  start_outside_servers "so-$tag"
+fi
+
+# kernel topology: what libvirt's default network sets up
+if [ "$do_k" = 1 ]; then
+  ip -n "kr-$tag" link add virbr0 type bridge
+  ip -n "kr-$tag" addr add 192.168.122.1/24 dev virbr0
+  ip -n "kr-$tag" link set virbr0 up
+  ip -n "kg-$tag" link add eth0 type veth peer name vnet0 netns "kr-$tag"
+  ip -n "kr-$tag" link set vnet0 master virbr0 up
+  ip -n "kg-$tag" addr add 192.168.122.10/24 dev eth0
+  ip -n "kg-$tag" link set eth0 up
+  ip -n "kg-$tag" route add default via 192.168.122.1
+  ip -n "kr-$tag" link add up0 type veth peer name eth0 netns "ko-$tag"
+  ip -n "kr-$tag" addr add 203.0.113.2/24 dev up0
+  ip -n "kr-$tag" link set up0 up
+  ip -n "ko-$tag" addr add "$OUT/24" dev eth0
+  ip -n "ko-$tag" link set eth0 up
+  ip netns exec "kr-$tag" sysctl -qw net.ipv4.ip_forward=1
+  ipt() { ip netns exec "kr-$tag" iptables -t nat -A POSTROUTING "$@"; }
+  ipt -s 192.168.122.0/24 -d 224.0.0.0/24 -j RETURN
+  ipt -s 192.168.122.0/24 -d 255.255.255.255/32 -j RETURN
+  ipt -s 192.168.122.0/24 ! -d 192.168.122.0/24 -p tcp -j MASQUERADE --to-ports 1024-65535
+  ipt -s 192.168.122.0/24 ! -d 192.168.122.0/24 -p udp -j MASQUERADE --to-ports 1024-65535
+  ipt -s 192.168.122.0/24 ! -d 192.168.122.0/24 -j MASQUERADE
+  start_outside_servers "ko-$tag"
+fi
+
+iperf_gbps() { # guest-ns outside-ns [extra client args, e.g. -R]
+  ip netns exec "$2" iperf3 -s -1 -B "$OUT" >/dev/null 2>&1 &
+  local srv=$! out
+  wait_listen "$2" 5201
+  out=$(timeout $((SECS + 30)) ip netns exec "$1" iperf3 -c "$OUT" -t "$SECS" -J "${@:3}") || {
+    kill "$srv" 2>/dev/null || true
+    echo "$out" | grep '"error"' >&2 || true
+    return 1
+  }
+  wait "$srv" 2>/dev/null || true
+  awk -F'[:,]' '/"sum_received"/ {r=1} r && /"bits_per_second"/ {printf "%.2f\n", $2/1e9; found=1; exit}
+    END {exit !found}' <<<"$out"
+}
+conns_per_s() { # guest-ns [count]
+  timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50
+}
+
+# warm up ARP and NAT on both, and check that the guest reaches the outside only through NAT
+topos=()
+[ "$do_sy" = 1 ] && topos+=(sy)
+[ "$do_k" = 1 ] && topos+=(k)
+guest_of() { if [ "$1" = sy ]; then echo "sg-$tag"; else echo "kg-$tag"; fi; }
+outside_of() { if [ "$1" = sy ]; then echo "so-$tag"; else echo "ko-$tag"; fi; }
+for t in "${topos[@]}"; do
+  ip netns exec "$(guest_of "$t")" ping -c 2 -i 0.2 -W 1 -q "$OUT" >/dev/null 2>&1 || true
+  conns_per_s "$(guest_of "$t")" 3 >/dev/null || die "$t: guest cannot reach $OUT:$CPORT through NAT"
+done
+
+declare -A res=()   # res[topo,metric] = space-separated values per round
+for r in $(seq "$RUNS"); do
+  line="round $r:"
+  for t in "${topos[@]}"; do
+    g=$(guest_of "$t"); o=$(outside_of "$t")
+    up=$(iperf_gbps "$g" "$o") || die "$t: iperf3 guest->outside failed"
+    down=$(iperf_gbps "$g" "$o" -R) || die "$t: iperf3 outside->guest failed"
+    cps=$(conns_per_s "$g") || die "$t: connection test failed or timed out"
+    res[$t,up]+="$up "; res[$t,down]+="$down "; res[$t,cps]+="$cps "
+    line+=" $t up $up Gbps, down $down Gbps, $cps conn/s;"
+  done
+  echo "$line" >&2
+done
+
+stats() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; printf "%s %s %s\n", m, v[1], v[NR]}'; }
+row() { # label metric
+  local sm="" s="-" km="" k="-" smin smax kmin kmax
+  # shellcheck disable=SC2086 # the values are space-separated numbers
+  if [ "$do_sy" = 1 ]; then read -r sm smin smax < <(stats ${res[sy,$2]}); s="$sm ($smin-$smax)"; fi
+  # shellcheck disable=SC2086
+  if [ "$do_k" = 1 ]; then read -r km kmin kmax < <(stats ${res[k,$2]}); k="$km ($kmin-$kmax)"; fi
+  awk -v l="$1" -v s="$s" -v k="$k" -v a="$sm" -v b="$km" \
+    'BEGIN {ratio = (a != "" && b != "" && b > 0) ? sprintf("%.2f", a/b) : "-"; printf "| %s | %s | %s | %s |\n", l, s, k, ratio}'
+}
+echo
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, interleaved"
+echo "| path | switchyard NAT median (min-max) | kernel MASQUERADE median (min-max) | ratio |"
+echo "|---|---|---|---|"
+row "TCP guest->outside, Gbps" up
+row "TCP outside->guest (-R), Gbps" down
+row "new TCP connections/s" cps
