@@ -153,6 +153,16 @@ impl Netns {
         }
     }
 
+    /// Gives `dev` the static address `cidr` (as the seeds' ifcfg files do, no DHCP) and, if
+    /// asked, a default route via `gateway`.
+    pub fn set_static_address(&self, dev: &str, cidr: &str, gateway: Option<&str>) {
+        self.must(&["ip", "link", "set", dev, "up"]);
+        self.must(&["ip", "addr", "add", cidr, "dev", dev]);
+        if let Some(gw) = gateway {
+            self.must(&["ip", "route", "add", "default", "via", gw]);
+        }
+    }
+
     /// Whether a link named `dev` exists in this namespace.
     pub fn has_link(&self, dev: &str) -> bool {
         self.run(&["ip", "link", "show", "dev", dev])

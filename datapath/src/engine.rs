@@ -290,8 +290,20 @@ impl Engine {
             self.flooded += 1;
             return Verdict::Flood;
         }
+        self.forward_unicast(now, dst, vlan, Some(ingress))
+    }
+
+    /// Forwards to the port `dst` was learned on, or floods if unknown. A frame never goes
+    /// back out of `ingress`.
+    fn forward_unicast(
+        &mut self,
+        now: Instant,
+        dst: MacAddr,
+        vlan: u16,
+        ingress: Option<PortId>,
+    ) -> Verdict {
         match self.fdb.lookup(now, dst, vlan) {
-            Some(port) if port == ingress => Verdict::Drop(DropReason::SamePort),
+            Some(port) if Some(port) == ingress => Verdict::Drop(DropReason::SamePort),
             Some(port) => {
                 self.forwarded += 1;
                 Verdict::Forward(port)
@@ -499,16 +511,8 @@ impl Engine {
         };
         frame[0..6].copy_from_slice(&guest_mac.0);
         frame[6..12].copy_from_slice(&gateway.config().mac.0);
-        match self.fdb.lookup(now, guest_mac, 0) {
-            Some(port) => {
-                self.forwarded += 1;
-                Verdict::Forward(port)
-            }
-            None => {
-                self.flooded += 1;
-                Verdict::Flood
-            }
-        }
+        // Routed frames come from the gateway, not a port: any port may take them.
+        self.forward_unicast(now, guest_mac, 0, None)
     }
 
     #[allow(clippy::too_many_arguments)]

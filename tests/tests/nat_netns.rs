@@ -96,16 +96,8 @@ fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
     let sy = Switchyard::start_in(Some(&sw), &args);
     // Static addresses, as the seeds' ifcfg files give them: no DHCP involved.
     for (i, g) in guests.iter().enumerate() {
-        g.must(&["ip", "link", "set", "eth0", "up"]);
-        g.must(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("192.168.122.{}/24", 10 + i),
-            "dev",
-            "eth0",
-        ]);
-        g.must(&["ip", "route", "add", "default", "via", "192.168.122.1"]);
+        let cidr = format!("192.168.122.{}/24", 10 + i);
+        g.set_static_address("eth0", &cidr, Some("192.168.122.1"));
     }
     NatNet {
         sy,
