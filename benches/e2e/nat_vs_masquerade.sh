@@ -10,18 +10,22 @@
 # The outside namespaces have no route back to 192.168.122.0/24: traffic only works through NAT.
 # For each of RUNS rounds it measures on both: iperf3 TCP guest->outside and outside->guest (-R),
 # one stream, SECS seconds; and new TCP connections per second (CONNS sequential connect, send a
-# byte, read until close, close; bounded by count and by a 60 s timeout). Then it prints median
-# and min-max and the ratio switchyard/kernel of the medians.
+# byte, read until close, close; bounded by count and by a 60 s timeout); and the round-trip time
+# of 50 pings 10 ms apart. Then it prints median and min-max and the ratio switchyard/kernel of
+# the medians.
 # All traffic stays inside namespaces this script creates; it removes them on exit.
 # Usage: sudo benches/e2e/nat_vs_masquerade.sh [RUNS] [SECS] [CONNS]
 # Environment: ONLY=kernel or ONLY=switchyard measures one topology only (empty: both);
-# ONLY=kernel neither builds nor runs switchyard.
+# ONLY=kernel neither builds nor runs switchyard. RX=ring (default) or RX=read picks how
+# switchyard's uplink receives (<sy:uplink rx=...>).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
 SECS=${2:-5}
 CONNS=${3:-500}
 ONLY=${ONLY:-}
+RX=${RX:-ring}
+case "$RX" in ring|read) ;; *) echo "RX must be ring or read" >&2; exit 2 ;; esac
 for v in "$RUNS" "$SECS" "$CONNS"; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [RUNS] [SECS] [CONNS] (positive integers)" >&2; exit 2; }
 done
@@ -120,14 +124,14 @@ if [ "$do_sy" = 1 ]; then
   ip -n "so-$tag" link set eth0 up
   xml=$(mktemp /tmp/switchyard-natbench-XXXXXX.xml)
   log=$(mktemp /tmp/switchyard-natbench-XXXXXX.log)
-  cat >"$xml" <<'EOF'
+  cat >"$xml" <<EOF
 <network xmlns:sy='urn:switchyard:network:1'>
   <name>natbench</name>
   <forward mode='nat' dev='up0'>
     <nat><address start='203.0.113.2' end='203.0.113.2'/><port start='1024' end='65535'/></nat>
   </forward>
   <ip address='192.168.122.1' netmask='255.255.255.0'/>
-  <sy:uplink prefix='24' gateway='203.0.113.1'/>
+  <sy:uplink prefix='24' gateway='203.0.113.1' rx='$RX'/>
 </network>
 EOF
   ip netns exec "sw-$tag" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" 2>"$log" &
@@ -183,6 +187,10 @@ iperf_gbps() { # guest-ns outside-ns [extra client args, e.g. -R]
   awk -F'[:,]' '/"sum_received"/ {r=1} r && /"bits_per_second"/ {printf "%.2f\n", $2/1e9; found=1; exit}
     END {exit !found}' <<<"$out"
 }
+ping_rtt_us() { # guest-ns: average round trip of 50 pings, microseconds
+  ip netns exec "$1" ping -c 50 -i 0.01 -W 1 -q "$OUT" |
+    awk -F'[/ ]+' '/^rtt|^round-trip/ {printf "%.0f\n", $8 * 1000; found=1} END {exit !found}'
+}
 conns_per_s() { # guest-ns [count]
   timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50
 }
@@ -206,8 +214,9 @@ for r in $(seq "$RUNS"); do
     up=$(iperf_gbps "$g" "$o") || die "$t: iperf3 guest->outside failed"
     down=$(iperf_gbps "$g" "$o" -R) || die "$t: iperf3 outside->guest failed"
     cps=$(conns_per_s "$g") || die "$t: connection test failed or timed out"
-    res[$t,up]+="$up "; res[$t,down]+="$down "; res[$t,cps]+="$cps "
-    line+=" $t up $up Gbps, down $down Gbps, $cps conn/s;"
+    rtt=$(ping_rtt_us "$g") || die "$t: ping failed"
+    res[$t,up]+="$up "; res[$t,down]+="$down "; res[$t,cps]+="$cps "; res[$t,rtt]+="$rtt "
+    line+=" $t up $up Gbps, down $down Gbps, $cps conn/s, rtt $rtt us;"
   done
   echo "$line" >&2
 done
@@ -223,9 +232,10 @@ row() { # label metric
     'BEGIN {ratio = (a != "" && b != "" && b > 0) ? sprintf("%.2f", a/b) : "-"; printf "| %s | %s | %s | %s |\n", l, s, k, ratio}'
 }
 echo
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, interleaved"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, interleaved, uplink rx=$RX"
 echo "| path | switchyard NAT median (min-max) | kernel MASQUERADE median (min-max) | ratio |"
 echo "|---|---|---|---|"
 row "TCP guest->outside, Gbps" up
 row "TCP outside->guest (-R), Gbps" down
 row "new TCP connections/s" cps
+row "ping round trip, us (lower is better)" rtt

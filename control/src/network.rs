@@ -154,10 +154,11 @@ const NETWORK: Schema = Schema {
 };
 
 /// switchyard's extensions, in [`SY_NS`], allowed directly under `<network>`:
-/// `<sy:uplink prefix gateway mac>` (the external address's subnet and next hop) and
+/// `<sy:uplink prefix gateway mac rx>` (the external address's subnet and next hop, how frames
+/// are received) and
 /// `<sy:nat filtering max-flows max-flows-per-guest>`.
 const SY_EXTENSIONS: &[Schema] = &[
-    leaf("uplink", &["prefix", "gateway", "mac"]),
+    leaf("uplink", &["prefix", "gateway", "mac", "rx"]),
     leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
 ];
 
@@ -246,6 +247,29 @@ pub struct SyUplink {
     pub prefix: Option<u8>,
     pub gateway: Option<Ipv4Addr>,
     pub mac: Option<datapath::MacAddr>,
+    pub rx: Option<UplinkRx>,
+}
+
+/// How the uplink receives: `read` (the default: one `read` per frame, woken per frame) or
+/// `ring` (a `TPACKET_V3` ring: no system call per frame, but the kernel hands a block over
+/// only when it is full or 1 ms old, so a lone frame waits; on a veth that costs 10x in round
+/// trip and new connections/s, see benches/RESULTS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UplinkRx {
+    Ring,
+    #[default]
+    Read,
+}
+
+impl std::str::FromStr for UplinkRx {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ring" => Ok(UplinkRx::Ring),
+            "read" => Ok(UplinkRx::Read),
+            _ => Err("expected 'ring' or 'read'".into()),
+        }
+    }
 }
 
 /// `<sy:nat>`: NAT behaviour beyond what libvirt's XML says.
@@ -483,6 +507,7 @@ impl NetworkDef {
                     },
                     gateway: attr_parse(u, "gateway")?,
                     mac: attr_parse(u, "mac")?,
+                    rx: attr_parse(u, "rx")?,
                 }),
                 None => None,
             },
@@ -739,6 +764,23 @@ mod tests {
             net.nat_setup(1400).unwrap().unwrap().1.mac,
             "stable"
         );
+
+        assert_eq!(
+            net.sy_uplink.as_ref().unwrap().rx,
+            None,
+            "read unless asked"
+        );
+        let ring = PACKET_NAT.replace(
+            "gateway='203.0.113.1'/>",
+            "gateway='203.0.113.1' rx='ring'/>",
+        );
+        let ring = NetworkDef::parse(&ring).unwrap();
+        assert_eq!(ring.sy_uplink.unwrap().rx, Some(UplinkRx::Ring));
+        let bad = PACKET_NAT.replace(
+            "gateway='203.0.113.1'/>",
+            "gateway='203.0.113.1' rx='mmap'/>",
+        );
+        assert!(NetworkDef::parse(&bad).is_err());
 
         let two = PACKET_NAT.replace("end='203.0.113.2'", "end='203.0.113.9'");
         let err = NetworkDef::parse(&two)

@@ -1,6 +1,6 @@
 //! `switchyard run`: one network in the foreground, ports given on the command line.
 
-use crate::network::{DEFAULT_XML, ForwardMode, NetworkDef};
+use crate::network::{DEFAULT_XML, ForwardMode, NetworkDef, UplinkRx};
 use crate::report;
 use datapath::io::{Datapath, Tap, TapSpec};
 use datapath::{Config, Engine};
@@ -97,6 +97,19 @@ pub fn load_network(path: Option<&PathBuf>) -> Result<NetworkDef, String> {
     NetworkDef::parse(&xml).map_err(|e| format!("{origin}: {e}"))
 }
 
+/// The receive ring the uplink gets when `<sy:uplink rx='ring'>` asks for one.
+fn uplink_ring(def: &NetworkDef) -> Option<datapath::io::sys::RingLayout> {
+    match def
+        .sy_uplink
+        .as_ref()
+        .and_then(|u| u.rx)
+        .unwrap_or_default()
+    {
+        UplinkRx::Ring => Some(datapath::io::sys::RingLayout::default()),
+        UplinkRx::Read => None,
+    }
+}
+
 /// Builds the datapath for `def` with the taps of `taps` attached.
 pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let uplink_dev = def
@@ -122,7 +135,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let mut dp = Datapath::new(Engine::new(&config)).map_err(|e| format!("poll: {e}"))?;
     if let (Some(dev), Some((nat, uplink))) = (&uplink_dev, &nat) {
         let id = dp
-            .add_uplink(dev)
+            .add_uplink(dev, uplink_ring(def))
             .map_err(|e| format!("uplink {dev}: {e}"))?;
         eprintln!(
             "switchyard: port {id}: uplink {dev} (AF_PACKET, promiscuous, mtu {}): external \

@@ -60,6 +60,7 @@ drop_reasons! {
     NotForUs => "not_for_us", "Seen on the uplink (promiscuous) but addressed to another host.";
     NeighborUnresolved => "neighbor_unresolved", "The next hop did not answer ARP (or its queue of waiting packets was full).";
     GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP and ping are answered.";
+    RingTruncated => "ring_truncated", "The uplink's receive ring cut the frame short (it was larger than a ring block).";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
     TxError => "tx_error", "The egress write failed (queue full, interface down).";

@@ -38,6 +38,11 @@ fn control(net: &NatNet) -> String {
 }
 
 fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
+    nat_net_with(guests, extra_xml, uplink_mtu, "read")
+}
+
+/// `uplink_rx` is `<sy:uplink rx=...>`: `read` or `ring`.
+fn nat_net_with(guests: usize, extra_xml: &str, uplink_mtu: u32, uplink_rx: &str) -> NatNet {
     require(&["ip", "ping", "python3"]);
     let dir = TempDir(std::env::temp_dir().join(unique_name("synat")));
     std::fs::create_dir_all(&dir.0).unwrap();
@@ -74,7 +79,7 @@ fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
                <nat><address start='{EXTERNAL}' end='{EXTERNAL}'/><port start='1024' end='65535'/></nat>\n\
              </forward>\n\
              <ip address='192.168.122.1' netmask='255.255.255.0'/>\n\
-             <sy:uplink prefix='24' gateway='{OUTSIDE}'/>\n\
+             <sy:uplink prefix='24' gateway='{OUTSIDE}' rx='{uplink_rx}'/>\n\
              {extra_xml}\n\
              </network>\n"
         ),
@@ -317,6 +322,60 @@ fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
             assert!(lost < 5.0, "UDP loss {lost}%");
         }
     }
+}
+
+/// The sum of every `key` anywhere in `value`.
+fn sum_of(value: &serde_json::Value, key: &str) -> u64 {
+    match value {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| {
+                if k == key {
+                    v.as_u64().unwrap_or(0)
+                } else {
+                    sum_of(v, key)
+                }
+            })
+            .sum(),
+        serde_json::Value::Array(items) => items.iter().map(|v| sum_of(v, key)).sum(),
+        _ => 0,
+    }
+}
+
+/// The uplink with `<sy:uplink rx='ring'>`: frames from the outside arrive through a
+/// TPACKET_V3 ring, 64 KB GRO frames included, and fragments and bulk TCP cross both ways.
+#[test]
+fn the_tpacket_v3_ring_uplink_carries_fragments_and_bulk_tcp() {
+    require(&["iperf3", "ss"]);
+    let net = nat_net_with(1, "", 1500, "ring");
+    let (g, outside) = (&net.guests[0], &net.outside);
+    g.must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", OUTSIDE]);
+    g.must(&[
+        "ping", "-c", "2", "-i", "0.2", "-W", "2", "-s", "4000", OUTSIDE,
+    ]);
+    for extra in [&[][..], &["-R"][..]] {
+        let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
+        wait_listening(outside, 5201);
+        let mut argv = vec!["timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-J"];
+        argv.extend_from_slice(extra);
+        let report = g.must(&argv);
+        let json: serde_json::Value = serde_json::from_str(&report).unwrap();
+        let bps = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(bps > 1e8, "iperf3 {extra:?} over the ring: {bps} bit/s");
+    }
+    let mut sy = net.sy;
+    let stats = sy.stop_json();
+    assert!(
+        stats["engine"]["nat"]["fragments_translated"]
+            .as_u64()
+            .unwrap()
+            >= 4,
+        "{stats}"
+    );
+    // No frame was cut to fit a ring block: 64 KB GRO frames fit.
+    assert_eq!(sum_of(&stats, "drop_ring_truncated"), 0, "{stats}");
 }
 
 #[test]

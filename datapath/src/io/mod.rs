@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +54,8 @@ pub struct PortCaps {
 struct IoPort {
     file: File,
     caps: PortCaps,
+    /// Frames arrive in this mapped ring instead of by `read` (the uplink).
+    ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     _tap: Option<Tap>,
 }
@@ -190,12 +192,18 @@ impl Datapath {
     }
 
     /// Adds the uplink of packet NAT: an AF_PACKET socket on interface `dev` (in the calling
-    /// thread's namespace), promiscuous, with virtio-net headers.
-    pub fn add_uplink(&mut self, dev: &str) -> io::Result<PortId> {
+    /// thread's namespace), promiscuous, with virtio-net headers, receiving through a
+    /// `TPACKET_V3` ring shaped by `ring` (or by `read`, one frame per call, when `None`).
+    pub fn add_uplink(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
         let index = sys::if_nametoindex(dev).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
         })?;
-        let file = File::from(sys::open_packet_socket(index, vnet::LEN)?);
+        let socket = sys::open_packet_socket(index, vnet::LEN)?;
+        let ring = match ring {
+            Some(layout) => Some(sys::RxRing::attach(socket.as_fd(), layout, vnet::LEN)?),
+            None => None,
+        };
+        let file = File::from(socket);
         if self.engine.ports().count() >= MAX_PORTS {
             return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
         }
@@ -203,7 +211,7 @@ impl Datapath {
             .engine
             .add_uplink(format!("{dev}(uplink)"))
             .ok_or_else(|| io::Error::other("the network has no NAT uplink configured"))?;
-        self.attach(id, file, PortCaps { vnet_hdr: true }, None)
+        self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
     }
 
     fn add_port(
@@ -217,7 +225,7 @@ impl Datapath {
             return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
         }
         let id = self.engine.add_port(name);
-        self.attach(id, file, caps, tap)
+        self.attach(id, file, caps, None, tap)
     }
 
     fn attach(
@@ -225,6 +233,7 @@ impl Datapath {
         id: PortId,
         file: File,
         caps: PortCaps,
+        ring: Option<sys::RxRing>,
         tap: Option<Tap>,
     ) -> io::Result<PortId> {
         let index = id.0 as usize;
@@ -242,6 +251,7 @@ impl Datapath {
         self.ports[index] = Some(IoPort {
             file,
             caps,
+            ring,
             _tap: tap,
         });
         // Frames may already be waiting: edge-triggered polling reports only new arrivals.
@@ -437,12 +447,27 @@ impl Datapath {
 
     /// Reads and forwards up to [`RX_BUDGET`] frames from `id`; true when drained.
     fn serve_port(&mut self, now: Instant, id: PortId) -> bool {
+        let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return true;
+        };
+        if let Some(ring) = port.ring.take() {
+            return self.serve_ring(now, id, ring);
+        }
+        // The buffer leaves `self` while a frame is handled, so the frame and the ports can be
+        // borrowed at once; taking an empty box does not allocate.
+        let mut rx_buf = std::mem::take(&mut self.rx_buf);
+        let drained = self.serve_reads(now, id, &mut rx_buf);
+        self.rx_buf = rx_buf;
+        drained
+    }
+
+    fn serve_reads(&mut self, now: Instant, id: PortId, rx_buf: &mut [u8]) -> bool {
         for _ in 0..RX_BUDGET {
             let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
                 return true;
             };
             let caps = port.caps;
-            let n = match (&port.file).read(&mut self.rx_buf) {
+            let n = match (&port.file).read(rx_buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -452,14 +477,37 @@ impl Datapath {
                     return true;
                 }
             };
-            self.forward(now, id, caps, n);
+            self.forward(now, id, caps, &mut rx_buf[..n]);
         }
         false
     }
 
-    fn forward(&mut self, now: Instant, ingress: PortId, caps: PortCaps, n: usize) {
+    /// Forwards up to [`RX_BUDGET`] frames from the ring of `id`, in place.
+    fn serve_ring(&mut self, now: Instant, id: PortId, mut ring: sys::RxRing) -> bool {
+        let caps = PortCaps { vnet_hdr: true };
+        let mut drained = false;
+        for _ in 0..RX_BUDGET {
+            let Some(frame) = ring.next_frame() else {
+                drained = true;
+                break;
+            };
+            if frame.truncated {
+                self.engine.record_drop(id, DropReason::RingTruncated);
+                continue;
+            }
+            self.forward(now, id, caps, frame.buf);
+        }
+        if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            port.ring = Some(ring);
+        }
+        drained
+    }
+
+    /// Hands the frame in `buf` (after its virtio-net header when the port has one) to the
+    /// engine and carries out the verdict.
+    fn forward(&mut self, now: Instant, ingress: PortId, caps: PortCaps, buf: &mut [u8]) {
         let (hdr, frame_start) = if caps.vnet_hdr {
-            match VnetHdr::parse(&self.rx_buf[..n]) {
+            match VnetHdr::parse(buf) {
                 Ok(hdr) => (hdr, vnet::LEN),
                 Err(_) => {
                     self.engine.record_drop(ingress, DropReason::BadVnetHeader);
@@ -469,12 +517,12 @@ impl Datapath {
         } else {
             (VnetHdr::default(), 0)
         };
-        let verdict =
-            self.engine
-                .handle_frame(now, ingress, &hdr, &mut self.rx_buf[frame_start..n]);
+        let verdict = self
+            .engine
+            .handle_frame(now, ingress, &hdr, &mut buf[frame_start..]);
         match verdict {
-            Verdict::Forward(egress) => self.transmit(egress, &hdr, frame_start, n),
-            Verdict::Reply => self.transmit(ingress, &hdr, frame_start, n),
+            Verdict::Forward(egress) => self.transmit(egress, &hdr, buf, frame_start),
+            Verdict::Reply => self.transmit(ingress, &hdr, buf, frame_start),
             Verdict::Flood => {
                 for index in 0..self.ports.len() {
                     let port = PortId(index as u16);
@@ -482,7 +530,7 @@ impl Datapath {
                         && self.ports[index].is_some()
                         && self.engine.is_switch_port(port)
                     {
-                        self.transmit(port, &hdr, frame_start, n);
+                        self.transmit(port, &hdr, buf, frame_start);
                     }
                 }
             }
@@ -490,26 +538,26 @@ impl Datapath {
         }
     }
 
-    /// Writes the frame at `rx_buf[frame_start..n]` to `egress`, adapting its offload state to
+    /// Writes the frame at `buf[frame_start..]` to `egress`, adapting its offload state to
     /// what the port can take.
-    fn transmit(&mut self, egress: PortId, hdr: &VnetHdr, frame_start: usize, n: usize) {
+    fn transmit(&mut self, egress: PortId, hdr: &VnetHdr, buf: &[u8], frame_start: usize) {
         let Some(port) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
             return;
         };
-        let frame = frame_start..n;
+        let frame = &buf[frame_start..];
         let offloaded = hdr.is_gso() || hdr.needs_csum();
         let result = if port.caps.vnet_hdr && frame_start == vnet::LEN {
-            write_frame(&port.file, &self.rx_buf[..n]).map(|()| (1, frame.len()))
+            write_frame(&port.file, buf).map(|()| (1, frame.len()))
         } else if port.caps.vnet_hdr {
             // A plain frame to a vnet port: prepend an empty header.
             let out = &mut self.scratch[..vnet::LEN + frame.len()];
             out[..vnet::LEN].fill(0);
-            out[vnet::LEN..].copy_from_slice(&self.rx_buf[frame.clone()]);
+            out[vnet::LEN..].copy_from_slice(frame);
             write_frame(&port.file, out).map(|()| (1, frame.len()))
         } else if !offloaded {
-            write_frame(&port.file, &self.rx_buf[frame.clone()]).map(|()| (1, frame.len()))
+            write_frame(&port.file, frame).map(|()| (1, frame.len()))
         } else {
-            match write_without_offloads(&port.file, hdr, &self.rx_buf[frame], &mut self.scratch) {
+            match write_without_offloads(&port.file, hdr, frame, &mut self.scratch) {
                 Ok(sent) => Ok(sent),
                 Err(reason) => {
                     self.engine.record_drop(egress, reason);

@@ -232,3 +232,222 @@ pub fn interface_mtu(name: &str) -> io::Result<u32> {
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     Ok(mtu as u32)
 }
+
+/// The shape of a `TPACKET_V3` receive ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Bytes per block: a multiple of the page size, larger than the largest frame (a 64 KB
+    /// GSO frame with its headers), or the kernel truncates it.
+    pub block_size: usize,
+    pub block_count: usize,
+    /// A block that is not full is handed over after this many milliseconds: the latency
+    /// floor of a lone frame.
+    pub retire_ms: u32,
+}
+
+impl Default for RingLayout {
+    fn default() -> Self {
+        RingLayout {
+            block_size: 128 << 10,
+            block_count: 64,
+            retire_ms: 1,
+        }
+    }
+}
+
+/// `tp_frame_size` given to the kernel: V3 packs frames back to back whatever this is, but it
+/// must divide the block size and hold a header.
+const RING_FRAME_SIZE: usize = 2048;
+
+/// One frame in the ring: `buf` holds the virtio-net header (`vnet_len` bytes, normalised to
+/// the layout a tap read has: header first, `num_buffers` zero) followed by the frame.
+#[derive(Debug)]
+pub struct RingFrame<'a> {
+    pub buf: &'a mut [u8],
+    /// The kernel cut the frame to fit the block (`tp_snaplen < tp_len`).
+    pub truncated: bool,
+}
+
+/// A `TPACKET_V3` receive ring mapped from an AF_PACKET socket.
+///
+/// The kernel fills one block at a time and hands it over (`TP_STATUS_USER`) when it is full
+/// or after [`RingLayout::retire_ms`]; the socket turns readable then. Frames are read in place,
+/// with no system call per frame, and the block goes back to the kernel when the next frame is
+/// asked for after its last one.
+#[derive(Debug)]
+pub struct RxRing {
+    map: std::ptr::NonNull<u8>,
+    map_len: usize,
+    block_size: usize,
+    block_count: usize,
+    vnet_len: usize,
+    /// The block being read, if one is held.
+    block: usize,
+    held: bool,
+    /// Offset of the next frame header within the held block, and frames left in it.
+    next: usize,
+    left: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone (nothing else holds its address), and the
+// kernel side synchronises through the block status words, so moving it between threads is
+// sound.
+unsafe impl Send for RxRing {}
+
+/// The virtio-net header the kernel writes right before the MAC header in a ring
+/// (`sizeof(struct virtio_net_hdr)`, whatever `PACKET_VNET_HDR_SZ` says).
+const KERNEL_VNET_LEN: usize = 10;
+
+impl RxRing {
+    /// Sets up a `TPACKET_V3` rx ring on `fd` (an AF_PACKET socket whose vnet header, if any,
+    /// is already configured as `vnet_len` bytes) and maps it.
+    pub fn attach(fd: BorrowedFd<'_>, layout: RingLayout, vnet_len: usize) -> io::Result<RxRing> {
+        // SAFETY: `sysconf` has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        if layout.block_size % page != 0
+            || layout.block_size % RING_FRAME_SIZE != 0
+            || layout.block_count == 0
+            || vnet_len < KERNEL_VNET_LEN && vnet_len != 0
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad ring layout {layout:?}"),
+            ));
+        }
+        let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
+        let frames_per_block = layout.block_size / RING_FRAME_SIZE;
+        let req = libc::tpacket_req3 {
+            tp_block_size: layout.block_size as libc::c_uint,
+            tp_block_nr: layout.block_count as libc::c_uint,
+            tp_frame_size: RING_FRAME_SIZE as libc::c_uint,
+            tp_frame_nr: (frames_per_block * layout.block_count) as libc::c_uint,
+            tp_retire_blk_tov: layout.retire_ms,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
+        let map_len = layout.block_size * layout.block_count;
+        // SAFETY: a fresh shared mapping of the socket's ring, of exactly the size the kernel
+        // just allocated; no existing memory is affected.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = std::ptr::NonNull::new(map.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(RxRing {
+            map,
+            map_len,
+            block_size: layout.block_size,
+            block_count: layout.block_count,
+            vnet_len,
+            block: 0,
+            held: false,
+            next: 0,
+            left: 0,
+        })
+    }
+
+    /// The address `offset` bytes into the mapping (computing it is safe; using it is not).
+    fn at(&self, offset: usize) -> *mut u8 {
+        self.map.as_ptr().wrapping_add(offset)
+    }
+
+    /// The status word of block `index`, shared with the kernel.
+    fn block_status(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
+        let offset = index * self.block_size + std::mem::offset_of!(libc::tpacket_block_desc, hdr);
+        // SAFETY: `offset` lies inside the mapping (index < block_count) at the start of the
+        // block's `tpacket_hdr_v1`, whose first field is the u32 `block_status`; blocks are
+        // page aligned so the word is 4-byte aligned. The kernel and we access it only
+        // atomically (it is the handover flag), which is what `AtomicU32` models.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.at(offset).cast()) }
+    }
+
+    /// The next frame, or `None` when the kernel has handed over no more blocks.
+    pub fn next_frame(&mut self) -> Option<RingFrame<'_>> {
+        use std::sync::atomic::Ordering;
+        while self.left == 0 {
+            if self.held {
+                self.block_status(self.block)
+                    .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+                self.held = false;
+                self.block = (self.block + 1) % self.block_count;
+            }
+            if self.block_status(self.block).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+                return None;
+            }
+            // SAFETY: the block is ours (TP_STATUS_USER, read with Acquire above), it starts
+            // with a `tpacket_block_desc`, and blocks are page aligned.
+            let desc = unsafe {
+                std::ptr::read(
+                    self.at(self.block * self.block_size)
+                        .cast::<libc::tpacket_block_desc>(),
+                )
+            };
+            // SAFETY: in a TPACKET_V3 ring the header union holds `bh1`.
+            let bh1 = unsafe { desc.hdr.bh1 };
+            self.held = true;
+            self.left = bh1.num_pkts;
+            self.next = bh1.offset_to_first_pkt as usize;
+        }
+        self.left -= 1;
+        let base = self.block * self.block_size;
+        let header_len = std::mem::size_of::<libc::tpacket3_hdr>();
+        if self.next + header_len > self.block_size {
+            // A header past the block: the block is corrupt; give it back.
+            self.left = 0;
+            return None;
+        }
+        // SAFETY: the header lies inside the held block (checked above); tpacket3_hdr is
+        // plain old data and the kernel aligns it to TPACKET_ALIGNMENT (16).
+        let hdr = unsafe { std::ptr::read(self.at(base + self.next).cast::<libc::tpacket3_hdr>()) };
+        let frame_at = self.next;
+        self.next += hdr.tp_next_offset as usize;
+        let mac = frame_at + hdr.tp_mac as usize;
+        let end = mac + hdr.tp_snaplen as usize;
+        if (hdr.tp_mac as usize) < header_len + self.vnet_len || end > self.block_size {
+            self.left = 0;
+            return None;
+        }
+        // SAFETY: [mac - vnet_len, end) lies inside the held block (checked above), which the
+        // kernel does not touch until we store TP_STATUS_KERNEL into its status word; the
+        // slice's lifetime is tied to `&mut self`, so it ends before that can happen.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.at(base + mac - self.vnet_len),
+                end - mac + self.vnet_len,
+            )
+        };
+        if self.vnet_len > 0 {
+            // The kernel wrote its 10-byte header just before the MAC header; move it to the
+            // front, as a tap read has it, and zero `num_buffers`.
+            let from = self.vnet_len - KERNEL_VNET_LEN;
+            buf.copy_within(from..self.vnet_len, 0);
+            buf[KERNEL_VNET_LEN..self.vnet_len].fill(0);
+        }
+        Some(RingFrame {
+            buf,
+            truncated: hdr.tp_snaplen < hdr.tp_len,
+        })
+    }
+}
+
+impl Drop for RxRing {
+    fn drop(&mut self) {
+        // SAFETY: `map`/`map_len` are exactly the mapping made in `attach`, and no slice into
+        // it outlives `&mut self`.
+        unsafe {
+            libc::munmap(self.map.as_ptr().cast(), self.map_len);
+        }
+    }
+}
