@@ -234,6 +234,11 @@ impl Switchyard {
             // Tests run in parallel, many on the same network name: one socket each.
             command.arg("--control").arg(&control);
         }
+        if args.first() == Some(&"run") && !args.contains(&"--state-dir") {
+            // ... and one lease file each, thrown away (tests of restarts pass their own).
+            let state = std::env::temp_dir().join(unique_name("systate"));
+            command.arg("--state-dir").arg(&state);
+        }
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

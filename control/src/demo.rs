@@ -126,6 +126,10 @@ pub fn demo(keep: bool) -> Result<(), String> {
         fdb_max: DEFAULT_CAPACITY,
         json: false,
         control: None,
+        // The demo's leases are thrown away with it.
+        state_dir: Some(
+            std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id())),
+        ),
     };
     println!(
         "\n$ switchyard run --tap eth0@{}=... --tap ... --tap ...",
@@ -227,6 +231,9 @@ pub fn demo(keep: bool) -> Result<(), String> {
     print!("{}", report::stats_table(&engine.stats()));
     drop(dp);
     drop(namespaces);
+    if let Some(dir) = &opts.state_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     println!("\nRemoved the namespaces and taps; nothing is left behind.");
     outcome
 }

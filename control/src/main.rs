@@ -42,6 +42,21 @@ enum Command {
         /// Control socket (default /run/switchyard/NETWORK.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Where the DHCP lease file NETWORK.leases is kept (default /var/lib/switchyard as
+        /// root, else $XDG_STATE_HOME/switchyard).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// List the DHCP leases of a running network, like `virsh net-dhcp-leases NAME`.
+    NetDhcpLeases {
+        /// The network's name.
+        name: Option<String>,
+        /// The control socket itself.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// JSON instead of virsh's table.
+        #[arg(long)]
+        json: bool,
     },
     /// List NAT's connections of a running network, like `conntrack -L`.
     Conntrack {
@@ -101,6 +116,7 @@ fn main() -> ExitCode {
             fdb_max,
             json,
             control,
+            state_dir,
         } => run::run(&RunOptions {
             xml,
             taps,
@@ -108,7 +124,13 @@ fn main() -> ExitCode {
             fdb_max,
             json,
             control,
+            state_dir,
         }),
+        Command::NetDhcpLeases { name, socket, json } => Target {
+            network: name.unwrap_or_else(|| "default".into()),
+            socket,
+        }
+        .ask(if json { "leases json" } else { "leases" }),
         Command::Conntrack { target, json } => {
             target.ask(if json { "conntrack json" } else { "conntrack" })
         }

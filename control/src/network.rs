@@ -280,17 +280,62 @@ pub struct SyNat {
     pub max_flows_per_guest: Option<usize>,
 }
 
+/// `<lease expiry='N' unit='seconds|minutes|hours'/>` (libvirt: unit defaults to minutes;
+/// expiry 0 means the lease never expires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseTime {
+    Seconds(u32),
+    Infinite,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpRange {
     pub start: Ipv4Addr,
     pub end: Ipv4Addr,
+    pub lease: Option<LeaseTime>,
+}
+
+/// `<dhcp><host mac name ip>`: a reservation (or only a name) for one MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpHost {
+    pub mac: datapath::MacAddr,
+    pub name: Option<String>,
+    pub ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpDef {
     pub address: Ipv4Addr,
     pub prefix: u8,
+    /// `<dhcp>` is present (even empty).
+    pub dhcp: bool,
     pub dhcp_ranges: Vec<DhcpRange>,
+    pub dhcp_hosts: Vec<DhcpHost>,
+}
+
+fn lease_time(node: roxmltree::Node<'_, '_>) -> Result<Option<LeaseTime>, XmlError> {
+    let Some(lease) = node.children().find(|c| c.has_tag_name("lease")) else {
+        return Ok(None);
+    };
+    let expiry: u64 = required(lease, "expiry", attr_parse(lease, "expiry")?)?;
+    let unit = match lease.attribute("unit").unwrap_or("minutes") {
+        "seconds" => 1,
+        "minutes" => 60,
+        "hours" => 3600,
+        other => {
+            return Err(XmlError::BadValue {
+                element: "lease".into(),
+                attribute: "unit".into(),
+                value: other.into(),
+                line: line_of(lease),
+                why: "expected seconds, minutes or hours".into(),
+            });
+        }
+    };
+    Ok(Some(match expiry * unit {
+        0 => LeaseTime::Infinite,
+        secs => LeaseTime::Seconds(secs.min(u32::MAX as u64 - 1) as u32),
+    }))
 }
 
 /// The parts of a network definition switchyard uses so far.
@@ -303,6 +348,8 @@ pub struct NetworkDef {
     pub mtu: Option<u16>,
     pub forward: Option<Forward>,
     pub ips: Vec<IpDef>,
+    /// `<domain name>`: the DNS domain of the guests (DHCP option 15).
+    pub domain: Option<String>,
     pub has_dns: bool,
     pub sy_uplink: Option<SyUplink>,
     pub sy_nat: SyNat,
@@ -455,21 +502,30 @@ impl NetworkDef {
                 }
                 (None, None) => 24,
             };
+            let dhcp = ip.children().find(|c| c.has_tag_name("dhcp"));
             let mut dhcp_ranges = Vec::new();
-            for range in ip
-                .children()
-                .filter(|c| c.has_tag_name("dhcp"))
-                .flat_map(|d| d.children().filter(|c| c.has_tag_name("range")))
-            {
-                dhcp_ranges.push(DhcpRange {
-                    start: required(range, "start", attr_parse(range, "start")?)?,
-                    end: required(range, "end", attr_parse(range, "end")?)?,
-                });
+            let mut dhcp_hosts = Vec::new();
+            for node in dhcp.iter().flat_map(|d| d.children()) {
+                if node.has_tag_name("range") {
+                    dhcp_ranges.push(DhcpRange {
+                        start: required(node, "start", attr_parse(node, "start")?)?,
+                        end: required(node, "end", attr_parse(node, "end")?)?,
+                        lease: lease_time(node)?,
+                    });
+                } else if node.has_tag_name("host") {
+                    dhcp_hosts.push(DhcpHost {
+                        mac: required(node, "mac", attr_parse(node, "mac")?)?,
+                        name: node.attribute("name").map(str::to_string),
+                        ip: attr_parse(node, "ip")?,
+                    });
+                }
             }
             ips.push(IpDef {
                 address,
                 prefix,
+                dhcp: dhcp.is_some(),
                 dhcp_ranges,
+                dhcp_hosts,
             });
         }
         Ok(NetworkDef {
@@ -490,6 +546,9 @@ impl NetworkDef {
             },
             forward,
             ips,
+            domain: child("domain")
+                .and_then(|d| d.attribute("name"))
+                .map(str::to_string),
             has_dns: child("dns").is_some(),
             sy_uplink: match sy_child("uplink") {
                 Some(u) => Some(SyUplink {
@@ -580,6 +639,45 @@ impl NetworkDef {
         })
     }
 
+    /// The DHCP server's settings, when the first `<ip>` has a `<dhcp>`: its first `<range>`
+    /// (with its `<lease>`, default one hour), its `<host>` reservations, `<domain name>`, and
+    /// the gateway as router and DNS server, as libvirt's dnsmasq configuration says.
+    pub fn dhcp_config(&self) -> Result<Option<dhcp_dns::dhcp::DhcpConfig>, String> {
+        let Some(ip) = self.ips.first().filter(|ip| ip.dhcp) else {
+            return Ok(None);
+        };
+        // Only <host> entries: reservations only, no dynamic pool (an empty range).
+        let range = ip.dhcp_ranges.first().map_or_else(
+            || {
+                let after = u32::from(ip.address).saturating_add(1);
+                (Ipv4Addr::from(after), ip.address)
+            },
+            |r| (r.start, r.end),
+        );
+        let mut config = dhcp_dns::dhcp::DhcpConfig::new(ip.address, ip.prefix, range);
+        if let Some(lease) = ip.dhcp_ranges.first().and_then(|r| r.lease) {
+            config.lease_time = match lease {
+                LeaseTime::Seconds(s) => Some(s),
+                LeaseTime::Infinite => None,
+            };
+        }
+        config.domain = self.domain.clone();
+        config.hosts = ip
+            .dhcp_hosts
+            .iter()
+            .map(|h| dhcp_dns::dhcp::HostReservation {
+                mac: h.mac.0,
+                name: h.name.clone(),
+                ip: h.ip,
+            })
+            .collect();
+        if ip.dhcp_ranges.is_empty() {
+            config.lease_max = config.hosts.len();
+        }
+        config.validate().map_err(|e| format!("<dhcp>: {e}"))?;
+        Ok(Some(config))
+    }
+
     /// Parts of this definition the engine does not carry out yet, one line each, so `run`
     /// can say so plainly instead of pretending.
     pub fn not_yet_implemented(&self) -> Vec<String> {
@@ -613,10 +711,10 @@ impl NetworkDef {
                 ip.address
             ));
         }
-        for ip in &self.ips {
-            if !ip.dhcp_ranges.is_empty() {
-                missing.push("<dhcp>: DHCP is not served yet; give guests static addresses".into());
-            }
+        if let Some(ip) = self.ips.first()
+            && ip.dhcp_ranges.len() > 1
+        {
+            missing.push("<dhcp>: only the first <range> is served".into());
         }
         if self.has_dns {
             missing.push("<dns>: DNS is not served yet".into());
@@ -648,10 +746,13 @@ mod tests {
             vec![IpDef {
                 address: Ipv4Addr::new(192, 168, 122, 1),
                 prefix: 24,
+                dhcp: true,
                 dhcp_ranges: vec![DhcpRange {
                     start: Ipv4Addr::new(192, 168, 122, 2),
                     end: Ipv4Addr::new(192, 168, 122, 254),
+                    lease: None,
                 }],
+                dhcp_hosts: vec![],
             }]
         );
     }
@@ -735,7 +836,59 @@ mod tests {
         let net = NetworkDef::parse(DEFAULT_XML).unwrap();
         let missing = net.not_yet_implemented();
         assert!(missing.iter().any(|m| m.contains("forward mode='nat'")));
-        assert!(missing.iter().any(|m| m.contains("DHCP")));
+        // DHCP is served; the default network's <dhcp> is taken as dnsmasq would.
+        assert!(!missing.iter().any(|m| m.contains("dhcp")), "{missing:?}");
+        let dhcp = net.dhcp_config().unwrap().unwrap();
+        assert_eq!(
+            dhcp.range,
+            (
+                Ipv4Addr::new(192, 168, 122, 2),
+                Ipv4Addr::new(192, 168, 122, 254)
+            )
+        );
+        assert_eq!((dhcp.lease_time, dhcp.lease_max), (Some(3600), 253));
+        assert_eq!(dhcp.router, Some(Ipv4Addr::new(192, 168, 122, 1)));
+    }
+
+    #[test]
+    fn dhcp_takes_ranges_leases_hosts_and_the_domain() {
+        let xml = "<network><name>d</name><domain name='lab'/>
+          <ip address='10.0.0.1' prefix='24'><dhcp>
+            <range start='10.0.0.10' end='10.0.0.19'><lease expiry='2' unit='hours'/></range>
+            <host mac='52:54:00:00:00:09' name='db' ip='10.0.0.5'/>
+          </dhcp></ip></network>";
+        let dhcp = NetworkDef::parse(xml)
+            .unwrap()
+            .dhcp_config()
+            .unwrap()
+            .unwrap();
+        assert_eq!(dhcp.lease_time, Some(7200));
+        assert_eq!(dhcp.lease_max, 10);
+        assert_eq!(dhcp.domain.as_deref(), Some("lab"));
+        assert_eq!(dhcp.hosts[0].ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(dhcp.hosts[0].name.as_deref(), Some("db"));
+        // libvirt: expiry 0 is a lease that never ends; the unit defaults to minutes.
+        let forever = xml.replace("expiry='2' unit='hours'", "expiry='0'");
+        let dhcp = NetworkDef::parse(&forever)
+            .unwrap()
+            .dhcp_config()
+            .unwrap()
+            .unwrap();
+        assert_eq!(dhcp.lease_time, None);
+        let minutes = xml.replace("expiry='2' unit='hours'", "expiry='5'");
+        let dhcp = NetworkDef::parse(&minutes)
+            .unwrap()
+            .dhcp_config()
+            .unwrap()
+            .unwrap();
+        assert_eq!(dhcp.lease_time, Some(300));
+        // A range outside the network is refused, naming <dhcp>.
+        let outside = xml.replace("10.0.0.19", "10.0.1.19");
+        let err = NetworkDef::parse(&outside)
+            .unwrap()
+            .dhcp_config()
+            .unwrap_err();
+        assert!(err.contains("<dhcp>"), "{err}");
     }
 
     const PACKET_NAT: &str = "<network xmlns:sy='urn:switchyard:network:1'>

@@ -17,6 +17,21 @@ pub struct RunOptions {
     pub json: bool,
     /// Control socket; `None` = [`default_control_socket`] of the network.
     pub control: Option<PathBuf>,
+    /// Where the lease file lives; `None` = [`default_state_dir`].
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
+/// root, else `$XDG_STATE_HOME/switchyard` (or `~/.local/state/switchyard`).
+pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/switchyard");
+    }
+    match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(dir), _) => PathBuf::from(dir).join("switchyard"),
+        (None, Some(home)) => PathBuf::from(home).join(".local/state/switchyard"),
+        (None, None) => PathBuf::from("/var/lib/switchyard"),
+    }
 }
 
 /// Where `run` listens for `switchyard conntrack` and friends: `/run/switchyard/NAME.sock`
@@ -55,7 +70,19 @@ pub fn answer(engine: &Engine, request: &str) -> String {
         "conntrack json" => json(serde_json::to_string(&engine.conntrack(now))),
         "neighbors" => json(serde_json::to_string(&engine.neighbors())),
         "stats" => json(serde_json::to_string(&engine.stats())),
-        other => format!("error: unknown request {other:?}; try conntrack, neighbors, stats\n"),
+        "leases" => match engine.dhcp() {
+            Some(d) => dhcp_dns::dhcp::format_lease_table(d.leases(), d.config().prefix),
+            None => "error: this network serves no DHCP\n".into(),
+        },
+        "leases json" => json(serde_json::to_string(
+            &engine
+                .dhcp()
+                .map(|d| d.leases().cloned().collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )),
+        other => {
+            format!("error: unknown request {other:?}; try conntrack, neighbors, stats, leases\n")
+        }
     }
 }
 
@@ -110,6 +137,45 @@ fn uplink_ring(def: &NetworkDef) -> Option<datapath::io::sys::RingLayout> {
     }
 }
 
+/// Serves DHCP when the network has `<dhcp>`, with the leases of its lease file restored.
+/// Returns the lease file's path.
+fn enable_dhcp(
+    def: &NetworkDef,
+    opts: &RunOptions,
+    engine: &mut Engine,
+) -> Result<Option<PathBuf>, String> {
+    let (Some(config), Some(gateway)) = (def.dhcp_config()?, def.gateway()) else {
+        return Ok(None);
+    };
+    let dir = opts.state_dir.clone().unwrap_or_else(default_state_dir);
+    let path = dir.join(format!("{}.leases", def.name));
+    let leases = match std::fs::read_to_string(&path) {
+        Ok(text) => dhcp_dns::dhcp::parse_lease_file(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("lease file {}: {e}", path.display())),
+    };
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    eprintln!(
+        "switchyard: DHCP {}-{} on {} ({} leases restored from {})",
+        config.range.0,
+        config.range.1,
+        gateway.ip,
+        leases.len(),
+        path.display()
+    );
+    let server = dhcp_dns::dhcp::DhcpServer::new(config, leases, unix);
+    let service = datapath::dhcp::DhcpService::new(
+        server,
+        gateway.mac,
+        true,
+        (std::time::Instant::now(), unix),
+    );
+    engine.enable_dhcp(service);
+    Ok(Some(path))
+}
+
 /// Builds the datapath for `def` with the taps of `taps` attached.
 pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let uplink_dev = def
@@ -132,7 +198,13 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         gateway: def.gateway(),
         nat: nat.clone(),
     };
-    let mut dp = Datapath::new(Engine::new(&config)).map_err(|e| format!("poll: {e}"))?;
+    let mut engine = Engine::new(&config);
+    let leases = enable_dhcp(def, opts, &mut engine)?;
+    let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
+    if let Some(path) = leases {
+        dp.persist_leases(&path)
+            .map_err(|e| format!("lease file {}: {e}", path.display()))?;
+    }
     if let (Some(dev), Some((nat, uplink))) = (&uplink_dev, &nat) {
         let id = dp
             .add_uplink(dev, uplink_ring(def))
@@ -188,7 +260,7 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     let mut dp = build(&def, opts)?;
     if let Some(gw) = def.gateway() {
         eprintln!(
-            "switchyard: gateway {}/{} at {} (answers ARP and ping)",
+            "switchyard: gateway {}/{} at {} (answers ARP, ping and DHCP)",
             gw.ip, gw.prefix, gw.mac
         );
     }

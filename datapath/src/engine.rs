@@ -6,11 +6,13 @@
 //! testable with fixtures and virtual time, and cheap enough to bench per frame (the model is
 //! smoltcp's `Interface::poll` and quinn-proto's `Connection`).
 
+use crate::dhcp::{self, DhcpService};
 use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
 use crate::uplink::{ArpAnswer, NeighborRow, Uplink, UplinkConfig, UplinkCounters};
+use crate::wire::arp::ArpPacket;
 use crate::wire::ethernet::{self, EthernetFrame};
 use crate::wire::ipv4::{Ipv4Packet, PROTO_ICMP};
 use crate::wire::{EtherType, MacAddr, VnetHdr};
@@ -100,6 +102,9 @@ pub struct EngineCounters {
     pub uplink: UplinkCounters,
     pub icmp_errors_sent: u64,
     pub icmp_errors_rate_limited: u64,
+    pub dhcp: dhcp_dns::dhcp::DhcpCounters,
+    /// DHCP replies dropped because too many waited for the lease file.
+    pub dhcp_held_dropped: u64,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -109,6 +114,7 @@ pub struct Stats {
     pub engine: EngineCounters,
     pub fdb_entries: usize,
     pub nat_flows: usize,
+    pub dhcp_leases: usize,
 }
 
 /// Packet NAT's parts: the connection table, the uplink host and its port.
@@ -127,6 +133,7 @@ pub struct Engine {
     fdb: Fdb,
     gateway: Option<Gateway>,
     router: Option<Router>,
+    dhcp: Option<DhcpService>,
     ports: Vec<Option<PortState>>,
     outgoing: VecDeque<Outgoing>,
     icmp_tokens: u32,
@@ -149,6 +156,7 @@ impl Engine {
                 uplink: Uplink::new(*uplink),
                 port: None,
             }),
+            dhcp: None,
             ports: Vec::new(),
             outgoing: VecDeque::with_capacity(MAX_OUTGOING),
             icmp_tokens: ICMP_BURST,
@@ -275,15 +283,25 @@ impl Engine {
         // destination is unknown); `fdb.full` counts it.
         let _: Learned = self.fdb.learn(now, src, vlan, ingress);
 
-        if let Some(gateway) = &mut self.gateway {
-            let to_gateway = Some(dst) == gateway_mac;
-            if to_gateway || dst.is_broadcast() {
-                match gateway.handle(frame, l3, ethertype, to_gateway) {
-                    Answer::Reply => return Verdict::Reply,
-                    Answer::Drop(reason) => return Verdict::Drop(reason),
-                    Answer::Route => return self.route_out(now, ingress, vnet, frame, l3),
-                    Answer::Pass => {}
-                }
+        let to_gateway = gateway_mac.is_some() && Some(dst) == gateway_mac;
+        if self.dhcp.is_some() {
+            if ethertype == EtherType::ARP {
+                self.note_arp_sender(now, &frame[l3..]);
+            } else if ethertype == EtherType::IPV4
+                && (to_gateway || dst.is_broadcast())
+                && let Some(verdict) = self.serve_dhcp(now, ingress, src, &frame[l3..], to_gateway)
+            {
+                return verdict;
+            }
+        }
+        if let Some(gateway) = &mut self.gateway
+            && (to_gateway || dst.is_broadcast())
+        {
+            match gateway.handle(frame, l3, ethertype, to_gateway) {
+                Answer::Reply => return Verdict::Reply,
+                Answer::Drop(reason) => return Verdict::Drop(reason),
+                Answer::Route => return self.route_out(now, ingress, vnet, frame, l3),
+                Answer::Pass => {}
             }
         }
         if dst.is_multicast() {
@@ -291,6 +309,51 @@ impl Engine {
             return Verdict::Flood;
         }
         self.forward_unicast(now, dst, vlan, Some(ingress))
+    }
+
+    /// A DHCP request to the gateway (or broadcast) goes to the DHCP server; its reply leaves
+    /// through [`Engine::poll_transmit`]. A broadcast is still flooded, as a bridge would.
+    /// `None`: not a DHCP request.
+    fn serve_dhcp(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        src_mac: MacAddr,
+        packet: &[u8],
+        to_gateway: bool,
+    ) -> Option<Verdict> {
+        let dhcp = self.dhcp.as_mut()?;
+        let ip = Ipv4Packet::new_checked(packet).ok()?;
+        if !ip.header_checksum_ok() {
+            return None;
+        }
+        let payload = dhcp::request_payload(packet)?;
+        let served = dhcp.handle_request(
+            now,
+            ingress,
+            (src_mac, ip.src()),
+            payload,
+            &mut self.outgoing,
+        );
+        Some(if !to_gateway {
+            self.flooded += 1;
+            Verdict::Flood
+        } else if served {
+            Verdict::Consumed
+        } else {
+            Verdict::Drop(DropReason::DhcpRejected)
+        })
+    }
+
+    /// A guest announcing or asking with an address (ARP sender) holds it: DHCP must not
+    /// offer it to another client.
+    fn note_arp_sender(&mut self, now: Instant, arp: &[u8]) {
+        let (Some(dhcp), Ok(arp)) = (self.dhcp.as_mut(), ArpPacket::new_checked(arp)) else {
+            return;
+        };
+        if !arp.sender_ip().is_unspecified() {
+            dhcp.note_address_in_use(now, arp.sender_ip(), arp.sender_mac());
+        }
     }
 
     /// Forwards to the port `dst` was learned on, or floods if unknown. A frame never goes
@@ -583,6 +646,7 @@ impl Engine {
             self.fdb.next_expiry(),
             router.and_then(|r| r.nat.poll_timeout()),
             router.and_then(|r| r.uplink.poll_timeout()),
+            self.dhcp.as_ref().and_then(DhcpService::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -594,6 +658,9 @@ impl Engine {
         if self.fdb.next_expiry().is_some_and(|t| t <= now) {
             self.fdb.expire(now);
         }
+        if let Some(dhcp) = &mut self.dhcp {
+            dhcp.handle_timeout(now);
+        }
         let Some(router) = &mut self.router else {
             return;
         };
@@ -603,6 +670,32 @@ impl Engine {
             for _ in 0..unresolved {
                 self.record_drop(port, DropReason::NeighborUnresolved);
             }
+        }
+    }
+
+    /// Serves DHCP on the gateway's address (it needs a gateway; false without one).
+    pub fn enable_dhcp(&mut self, service: DhcpService) -> bool {
+        if self.gateway.is_none() {
+            return false;
+        }
+        self.dhcp = Some(service);
+        true
+    }
+
+    pub fn dhcp(&self) -> Option<&DhcpService> {
+        self.dhcp.as_ref()
+    }
+
+    /// The lease file's next contents and their generation, when the leases changed since the
+    /// last call (see [`DhcpService::poll_lease_write`]).
+    pub fn poll_lease_write(&mut self) -> Option<(u64, String)> {
+        self.dhcp.as_mut()?.poll_lease_write()
+    }
+
+    /// The lease file of `generation` is on disk: the replies it holds may leave.
+    pub fn handle_lease_written(&mut self, generation: u64) {
+        if let Some(dhcp) = &mut self.dhcp {
+            dhcp.handle_lease_written(generation, &mut self.outgoing);
         }
     }
 
@@ -632,6 +725,7 @@ impl Engine {
 
     pub fn stats(&self) -> Stats {
         let router = self.router.as_ref();
+        let dhcp = self.dhcp.as_ref();
         Stats {
             ports: self.ports().map(|(id, p)| (id, p.clone())).collect(),
             engine: EngineCounters {
@@ -649,9 +743,12 @@ impl Engine {
                     .unwrap_or_default(),
                 icmp_errors_sent: self.icmp_errors_sent,
                 icmp_errors_rate_limited: self.icmp_errors_rate_limited,
+                dhcp: dhcp.map(|d| d.counters().clone()).unwrap_or_default(),
+                dhcp_held_dropped: dhcp.map_or(0, |d| d.held_dropped),
             },
             fdb_entries: self.fdb.len(),
             nat_flows: router.map_or(0, |r| r.nat.len()),
+            dhcp_leases: dhcp.map_or(0, |d| d.leases().count()),
         }
     }
 }
@@ -863,7 +960,7 @@ mod tests {
                 *b = rng.next() as u8;
             }
             // Small MAC space so learning, moves and the cap all happen.
-            if len >= 12 && rng.next() % 2 == 0 {
+            if len >= 12 && rng.next().is_multiple_of(2) {
                 buf[6] &= 0xfe;
                 buf[7..11].fill(0);
                 buf[11] = (rng.next() % 100) as u8;
@@ -872,7 +969,11 @@ mod tests {
             }
             let port = live[(rng.next() % live.len() as u64) as usize];
             let hdr = VnetHdr {
-                gso_type: if rng.next() % 8 == 0 { gso::TCPV4 } else { 0 },
+                gso_type: if rng.next().is_multiple_of(8) {
+                    gso::TCPV4
+                } else {
+                    0
+                },
                 ..Default::default()
             };
             match e.handle_frame(now, port, &hdr, &mut buf[..len]) {

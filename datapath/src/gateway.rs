@@ -15,7 +15,7 @@ use serde::Serialize;
 use std::net::Ipv4Addr;
 
 /// TTL of packets the gateway originates (Linux's default `ip_default_ttl`).
-const DEFAULT_TTL: u8 = 64;
+pub const DEFAULT_TTL: u8 = 64;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 
@@ -194,7 +194,6 @@ pub fn icmp_error(
     rest: [u8; 4],
     offending: &[u8],
 ) -> Option<Vec<u8>> {
-    let (dst_mac, src_mac) = macs;
     let ip = Ipv4Packet::new_checked(offending).ok()?;
     let ihl = ip.header_len();
     let (offset_word, proto) = (
@@ -211,37 +210,42 @@ pub fn icmp_error(
         return None;
     }
     let quote = &offending[..ip.total_len().min(576 - 28)];
-    let total = 20 + 8 + quote.len();
-    let mut f = Vec::with_capacity(14 + total);
-    f.extend_from_slice(&dst_mac.0);
-    f.extend_from_slice(&src_mac.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut header = [
-        0x45,
-        0xc0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        DEFAULT_TTL,
-        ipv4::PROTO_ICMP,
-        0,
-        0,
-    ];
-    header[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    f.extend_from_slice(&header);
-    f.extend_from_slice(&src_ip.octets());
-    f.extend_from_slice(&dst.octets());
-    let c = checksum::checksum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&[kind, code, 0, 0]);
-    f.extend_from_slice(&rest);
-    f.extend_from_slice(quote);
+    let mut f = ipv4_frame(macs, src_ip, dst, ipv4::PROTO_ICMP, 0xc0, 8 + quote.len());
+    f[34..36].copy_from_slice(&[kind, code]);
+    f[38..42].copy_from_slice(&rest);
+    f[42..].copy_from_slice(quote);
     let c = checksum::checksum(&f[34..]);
     f[36..38].copy_from_slice(&c.to_be_bytes());
     Some(f)
+}
+
+/// An Ethernet frame (`macs` = destination, source) with an IPv4 header from `src` to `dst`
+/// (TTL [`DEFAULT_TTL`], type of service `tos`, header checksum filled in) and
+/// `payload_len` zero bytes of payload for the caller to fill.
+pub fn ipv4_frame(
+    (dst_mac, src_mac): (MacAddr, MacAddr),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    tos: u8,
+    payload_len: usize,
+) -> Vec<u8> {
+    let total = 20 + payload_len;
+    let mut f = vec![0u8; 14 + total];
+    f[0..6].copy_from_slice(&dst_mac.0);
+    f[6..12].copy_from_slice(&src_mac.0);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let header = &mut f[14..34];
+    header[0] = 0x45;
+    header[1] = tos;
+    header[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    header[8] = DEFAULT_TTL;
+    header[9] = protocol;
+    header[12..16].copy_from_slice(&src.octets());
+    header[16..20].copy_from_slice(&dst.octets());
+    let c = checksum::checksum(header);
+    header[10..12].copy_from_slice(&c.to_be_bytes());
+    f
 }
 
 #[cfg(test)]

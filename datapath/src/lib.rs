@@ -6,6 +6,7 @@
 //! Only [`io`] touches the operating system, and only `io::sys` holds `unsafe` code.
 #![deny(unsafe_code)]
 
+pub mod dhcp;
 pub mod engine;
 pub mod gateway;
 pub mod io;

@@ -59,7 +59,8 @@ drop_reasons! {
     NatUnsupported => "nat_unsupported", "A packet NAT cannot translate: unknown ICMP type, TCP without SYN for a new flow, unmatched fragment.";
     NotForUs => "not_for_us", "Seen on the uplink (promiscuous) but addressed to another host.";
     NeighborUnresolved => "neighbor_unresolved", "The next hop did not answer ARP (or its queue of waiting packets was full).";
-    GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP and ping are answered.";
+    GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP, ping and DHCP are answered.";
+    DhcpRejected => "dhcp_rejected", "A DHCP message to the gateway that the server dropped (malformed, not a request, not for this server); the dhcp counters say why.";
     RingTruncated => "ring_truncated", "The uplink's receive ring cut the frame short (it was larger than a ring block).";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";

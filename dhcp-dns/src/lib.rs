@@ -1,5 +1,13 @@
 //! DHCP and DNS for the virtual gateway, sans-IO.
 //!
-//! Not implemented yet: the DHCP and DNS issues build this crate. It exists now so the
-//! workspace has its final shape.
+//! The engine owns the gateway address, so the services a guest expects from libvirt's dnsmasq
+//! have to be answered from inside it rather than by a daemon bound to a kernel bridge. Keeping
+//! them free of sockets and clocks lets the datapath thread call them with the payload of a
+//! frame and the current time, and lets the tests drive whole client conversations with byte
+//! fixtures.
+//!
+//! - [`dhcp`]: the DHCPv4 server (leases, reservations, the dnsmasq lease file).
+//! - DNS comes later: it will read names from [`dhcp::DhcpServer::poll_event`].
 #![forbid(unsafe_code)]
+
+pub mod dhcp;

@@ -137,6 +137,87 @@ pub struct Datapath {
     signals: Option<UnixStream>,
     control: Option<(mio::net::UnixListener, PathBuf)>,
     control_ready: bool,
+    leases: Option<LeaseWriter>,
+}
+
+/// The thread that writes the DHCP lease file, so the datapath never waits for a disk.
+///
+/// Each write is a whole new file (temp file, fsync, rename, fsync of the directory): the file
+/// is always one complete generation. Generations queued while a write is under way are
+/// skipped to the newest, which commits them together.
+#[derive(Debug)]
+struct LeaseWriter {
+    tx: Option<std::sync::mpsc::Sender<(u64, String)>>,
+    /// The newest generation on disk, set by the thread.
+    written: Arc<std::sync::atomic::AtomicU64>,
+    /// The newest generation the engine was told about.
+    reported: u64,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseWriter {
+    fn spawn(path: PathBuf, waker: Arc<Waker>, first: u64) -> io::Result<LeaseWriter> {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, String)>();
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(first));
+        let done = written.clone();
+        let thread = std::thread::Builder::new()
+            .name("lease-writer".into())
+            .spawn(move || {
+                while let Ok(mut next) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        next = newer;
+                    }
+                    let (generation, contents) = next;
+                    match write_durably(&path, contents.as_bytes()) {
+                        Ok(()) => {
+                            done.store(generation, Ordering::SeqCst);
+                            let _ = waker.wake();
+                        }
+                        Err(e) => eprintln!(
+                            "switchyard: cannot write the lease file {}: {e}; \
+                             DHCP acknowledgements wait for it",
+                            path.display()
+                        ),
+                    }
+                }
+            })?;
+        Ok(LeaseWriter {
+            tx: Some(tx),
+            written,
+            reported: first,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LeaseWriter {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the write under way is done.
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Replaces `path` with `contents` so that a crash leaves either the old file or the new one:
+/// write a temporary file beside it, fsync it, rename it over, fsync the directory.
+pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let mut file = File::create(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    File::open(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })?
+    .sync_all()
 }
 
 impl Datapath {
@@ -157,6 +238,7 @@ impl Datapath {
             signals: None,
             control: None,
             control_ready: false,
+            leases: None,
         })
     }
 
@@ -317,6 +399,39 @@ impl Datapath {
         Ok(())
     }
 
+    /// Keeps the DHCP leases in `path` (dnsmasq's format), written by a thread of its own; a
+    /// lease-changing DHCP reply leaves only once the file holding it is on disk. The engine
+    /// must have DHCP enabled with durable replies.
+    pub fn persist_leases(&mut self, path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let first = self.engine.dhcp().map_or(0, |d| d.server().generation());
+        self.leases = Some(LeaseWriter::spawn(
+            path.to_path_buf(),
+            self.waker.clone(),
+            first,
+        )?);
+        Ok(())
+    }
+
+    /// Hands changed leases to the writer, and releases replies whose leases are on disk.
+    fn sync_leases(&mut self) {
+        let Some(writer) = &mut self.leases else {
+            return;
+        };
+        if let Some(next) = self.engine.poll_lease_write()
+            && let Some(tx) = &writer.tx
+        {
+            let _ = tx.send(next);
+        }
+        let written = writer.written.load(Ordering::SeqCst);
+        if written > writer.reported {
+            writer.reported = written;
+            self.engine.handle_lease_written(written);
+        }
+    }
+
     /// Runs until [`Handle::shutdown`] or a termination signal; `report` is called with the
     /// engine on SIGUSR1, `answer` with each control request line.
     pub fn run(
@@ -416,6 +531,7 @@ impl Datapath {
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
         }
+        self.sync_leases();
         while let Some(out) = self.engine.poll_transmit() {
             self.transmit_outgoing(&out);
         }

@@ -304,8 +304,8 @@ impl RxRing {
     pub fn attach(fd: BorrowedFd<'_>, layout: RingLayout, vnet_len: usize) -> io::Result<RxRing> {
         // SAFETY: `sysconf` has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        if layout.block_size % page != 0
-            || layout.block_size % RING_FRAME_SIZE != 0
+        if !layout.block_size.is_multiple_of(page)
+            || !layout.block_size.is_multiple_of(RING_FRAME_SIZE)
             || layout.block_count == 0
             || vnet_len < KERNEL_VNET_LEN && vnet_len != 0
         {
