@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what switchyard's tests, demo and benchmarks run: the tools people use
-# (ip, ping, iperf3, tcpdump, udhcpc, dhclient, dig, nc, curl, traceroute, iptables). Debian/Ubuntu, as root.
+# (ip, ping, iperf3, tcpdump, udhcpc, dhclient, dhcpcd, dig, nc, curl, traceroute, iptables). Debian/Ubuntu, as root.
 set -euo pipefail
 
 declare -A package_of=(
   [ip]=iproute2 [ping]=iputils-ping [iperf3]=iperf3 [tcpdump]=tcpdump [busybox]=busybox
   [dig]=dnsutils [dhclient]=isc-dhcp-client [nc]=netcat-openbsd [curl]=curl [pgrep]=procps
   [iptables]=iptables [traceroute]=traceroute [python3]=python3 [sha256sum]=coreutils
+  [dhcpcd]=dhcpcd-base
 )
 missing=()
 for tool in "${!package_of[@]}"; do

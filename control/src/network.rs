@@ -671,9 +671,13 @@ impl NetworkDef {
                 ip: h.ip,
             })
             .collect();
-        if ip.dhcp_ranges.is_empty() {
-            config.lease_max = config.hosts.len();
-        }
+        // Reservations hold leases too: they must not be refused for lease-max.
+        let reserved = config.hosts.iter().filter(|h| h.ip.is_some()).count();
+        config.lease_max = if ip.dhcp_ranges.is_empty() {
+            reserved
+        } else {
+            config.lease_max + reserved
+        };
         config.validate().map_err(|e| format!("<dhcp>: {e}"))?;
         Ok(Some(config))
     }
@@ -863,7 +867,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(dhcp.lease_time, Some(7200));
-        assert_eq!(dhcp.lease_max, 10);
+        assert_eq!(dhcp.lease_max, 11, "the range and the reservation");
         assert_eq!(dhcp.domain.as_deref(), Some("lab"));
         assert_eq!(dhcp.hosts[0].ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
         assert_eq!(dhcp.hosts[0].name.as_deref(), Some("db"));

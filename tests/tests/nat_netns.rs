@@ -3,7 +3,6 @@
 //! The outside has no route to 192.168.122.0/24, so anything that works went through the NAT.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use switchyard_tests::*;
 
@@ -17,15 +16,6 @@ struct NatNet {
     sw: Netns,
     outside: Netns,
     dir: TempDir,
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn nat_net(guests: usize, extra_xml: &str) -> NatNet {
@@ -44,8 +34,7 @@ fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
 /// `uplink_rx` is `<sy:uplink rx=...>`: `read` or `ring`.
 fn nat_net_with(guests: usize, extra_xml: &str, uplink_mtu: u32, uplink_rx: &str) -> NatNet {
     require(&["ip", "ping", "python3"]);
-    let dir = TempDir(std::env::temp_dir().join(unique_name("synat")));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("synat");
     let outside = Netns::new("o");
     let sw = Netns::new("s");
     sw.must(&[
