@@ -2,8 +2,9 @@
 //!
 //! It builds three guests as network namespaces, plugs each into the embedded default
 //! network through a tap created inside the namespace, and runs the commands a libvirt user
-//! would (`ip addr`, `ping`, `iperf3`), printing each command and its real output. Then it
-//! shows what the switch learned and counted, and removes everything it made.
+//! would (`udhcpc` for an address from the gateway's DHCP, `ip addr`, `ping`, `iperf3`),
+//! printing each command and its real output. Then it shows the DHCP leases and what the
+//! switch learned and counted, and removes everything it made.
 
 use crate::network::NetworkDef;
 use crate::report;
@@ -29,6 +30,11 @@ impl Drop for Namespaces {
 }
 
 fn sh(args: &[&str]) -> Result<String, String> {
+    sh_both(args).map(|(stdout, _)| stdout)
+}
+
+/// Runs `args`; on success returns (stdout, stderr).
+fn sh_both(args: &[&str]) -> Result<(String, String), String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -45,7 +51,10 @@ fn sh(args: &[&str]) -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// Prints a guest's command as a user would type it, runs it, and prints its output.
@@ -53,10 +62,21 @@ fn show(guest: &str, ns: &str, cmd: &[&str]) -> Result<String, String> {
     println!("\n[{guest}]$ {}", cmd.join(" "));
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(cmd);
-    let out = sh(&full)?;
-    print!("{out}");
+    let (out, err) = sh_both(&full)?;
+    // Some tools (udhcpc) report on stderr: show it as a terminal would.
+    print!("{out}{err}");
     Ok(out)
 }
+
+/// What udhcpc runs on each event: configure the guest's eth0 (address and default route)
+/// inside its namespace, nothing else (the host's resolv.conf is left alone).
+const UDHCPC_SCRIPT: &str = "#!/bin/sh
+case \"$1\" in
+  bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"
+    ip route replace default via \"$router\" ;;
+  deconfig) ip -4 addr flush dev \"$interface\"; ip link set \"$interface\" up ;;
+esac
+";
 
 fn wait_for_ipv6_link_local(ns: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -146,10 +166,32 @@ pub fn demo(keep: bool) -> Result<(), String> {
         (dp, result)
     });
 
+    let state_dir = opts.state_dir.clone().unwrap_or_default();
+    let script = state_dir.join("udhcpc.sh");
+    std::fs::write(&script, UDHCPC_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    sh(&["chmod", "+x", &script.display().to_string()])?;
+    let script = script.display().to_string();
     let steps = || -> Result<(), String> {
+        let mut addrs = Vec::new();
         for (i, ns) in namespaces.0.iter().enumerate() {
-            let addr = format!("192.168.122.{}/24", 10 + i);
-            show(guests[i], ns, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
+            let hostname = format!("hostname:{}", guests[i]);
+            show(
+                guests[i],
+                ns,
+                &[
+                    "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "eth0",
+                    "-s", &script, "-x", &hostname,
+                ],
+            )?;
+            let out = sh(&["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
+            let addr = out
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|cidr| cidr.split('/').next())
+                .ok_or_else(|| format!("{}: udhcpc configured no address", guests[i]))?
+                .to_string();
+            addrs.push(addr);
         }
         show(
             guests[0],
@@ -167,11 +209,11 @@ pub fn demo(keep: bool) -> Result<(), String> {
             &["ip", "neigh", "show", "192.168.122.1"],
         )?;
         for (from, to) in [(0usize, 1usize), (0, 2), (1, 2)] {
-            let dst = format!("192.168.122.{}", 10 + to);
+            let dst = &addrs[to];
             show(
                 guests[from],
                 &namespaces.0[from],
-                &["ping", "-c", "2", "-i", "0.2", &dst],
+                &["ping", "-c", "2", "-i", "0.2", dst],
             )?;
             if handle.is_shutdown() {
                 return Err("interrupted".into());
@@ -195,7 +237,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
             let result = show(
                 guests[0],
                 &namespaces.0[0],
-                &["iperf3", "-c", "192.168.122.11", "-t", "3", "-f", "g"],
+                &["iperf3", "-c", &addrs[1], "-t", "3", "-f", "g"],
             );
             let mut server = server;
             let _ = server.kill();
@@ -207,7 +249,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
     let outcome = steps();
     if keep && outcome.is_ok() {
         println!("\nLeft running. Try, for example:");
-        println!("  ip netns exec {} ping 192.168.122.11", namespaces.0[0]);
+        println!("  ip netns exec {} ping 192.168.122.1", namespaces.0[0]);
         println!("Ctrl-C stops the switch and removes the namespaces.");
     } else {
         handle.shutdown();
@@ -217,6 +259,13 @@ pub fn demo(keep: bool) -> Result<(), String> {
         .map_err(|_| "engine thread panicked".to_string())?;
     result.map_err(|e| e.to_string())?;
     let engine = dp.engine();
+    if let Some(dhcp) = engine.dhcp() {
+        println!("\n== DHCP leases (switchyard net-dhcp-leases default) ==");
+        print!(
+            "{}",
+            dhcp_dns::dhcp::format_lease_table(dhcp.leases(), dhcp.config().prefix)
+        );
+    }
     println!("\n== What the switch learned (switchyard fdb) ==");
     print!(
         "{}",

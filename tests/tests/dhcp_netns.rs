@@ -80,9 +80,9 @@ fn write_scripts(dir: &TempDir) {
         "#!/bin/sh\n\
          echo \"$1 $ip router=$router dns=$dns domain=$domain\" >> {events}\n\
          case \"$1\" in\n\
-           bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\";\n\
+           bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\";\n\
              ip route replace default via \"$router\" ;;\n\
-           deconfig) ip addr flush dev \"$interface\" ;;\n\
+           deconfig) ip -4 addr flush dev \"$interface\" ;;\n\
          esac\n",
         events = dir.file("events-udhcpc")
     );
@@ -90,9 +90,9 @@ fn write_scripts(dir: &TempDir) {
         "#!/bin/sh\n\
          echo \"$reason $new_ip_address router=$new_routers dns=$new_domain_name_servers domain=$new_domain_name\" >> {events}\n\
          case \"$reason\" in\n\
-           BOUND|RENEW|REBIND|REBOOT) ip addr flush dev \"$interface\";\n\
+           BOUND|RENEW|REBIND|REBOOT) ip -4 addr flush dev \"$interface\";\n\
              ip addr add \"$new_ip_address/24\" dev \"$interface\" ;;\n\
-           RELEASE|EXPIRE|STOP) ip addr flush dev \"$interface\" ;;\n\
+           RELEASE|EXPIRE|STOP) ip -4 addr flush dev \"$interface\" ;;\n\
          esac\n",
         events = dir.file("events-dhclient")
     );

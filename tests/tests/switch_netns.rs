@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use switchyard_tests::{Netns, Switchyard, must, port_counters, require, run, unique_name};
+use switchyard_tests::{
+    Netns, Switchyard, must, port_counters, require, run, switchyard_bin, unique_name,
+};
 
 const MACS: [&str; 3] = [
     "52:54:00:5e:00:01",
@@ -196,4 +198,33 @@ fn a_missing_namespace_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&ns), "{err}");
+}
+
+/// The README's main job: `switchyard demo` builds guests, gives them addresses by DHCP,
+/// pings and measures between them, and leaves nothing behind.
+#[test]
+fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
+    require(&["ip", "busybox", "ping", "iperf3"]);
+    let out = run(&[switchyard_bin().to_str().unwrap(), "demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for needle in [
+        "lease of 192.168.122.",
+        "0% packet loss",
+        "== DHCP leases",
+        "vm3",
+        "Removed the namespaces",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+    // Its namespaces are sy-demo-PID-vmN.
+    let at = stdout.find("sy-demo-").expect("the demo names its namespaces");
+    let tag: String = stdout[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let tag = tag.trim_end_matches(|c: char| c != '-');
+    let left = must(&["ip", "netns", "list"]);
+    assert!(!left.contains(tag), "{tag}: {left}");
 }
