@@ -323,11 +323,12 @@ impl Engine {
         to_gateway: bool,
     ) -> Option<Verdict> {
         let dhcp = self.dhcp.as_mut()?;
+        // Cheap tests first: most frames to the gateway are routed traffic, not DHCP.
+        let payload = dhcp::request_payload(packet)?;
         let ip = Ipv4Packet::new_checked(packet).ok()?;
         if !ip.header_checksum_ok() {
             return None;
         }
-        let payload = dhcp::request_payload(packet)?;
         let served = dhcp.handle_request(
             now,
             ingress,
