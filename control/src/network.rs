@@ -338,6 +338,111 @@ fn lease_time(node: roxmltree::Node<'_, '_>) -> Result<Option<LeaseTime>, XmlErr
     }))
 }
 
+/// `<dns>`: what the gateway's DNS serves beyond DHCP's names (libvirt's dnsmasq options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDef {
+    /// `enable='no'` turns DNS off.
+    pub enable: bool,
+    /// `forwardPlainNames='no'` is dnsmasq's `domain-needed`.
+    pub forward_plain_names: bool,
+    /// `<forwarder domain addr>`: (domain, address); a domain without an address is answered
+    /// locally only.
+    pub forwarders: Vec<(Option<String>, Option<std::net::IpAddr>)>,
+    /// `<host ip><hostname>..</hostname></host>` (libvirt's addn-hosts).
+    pub hosts: Vec<(Ipv4Addr, Vec<String>)>,
+    /// `<txt name value>`.
+    pub txt: Vec<(String, String)>,
+    pub srv: Vec<SrvDef>,
+}
+
+impl Default for DnsDef {
+    fn default() -> Self {
+        DnsDef {
+            enable: true,
+            forward_plain_names: true,
+            forwarders: Vec::new(),
+            hosts: Vec::new(),
+            txt: Vec::new(),
+            srv: Vec::new(),
+        }
+    }
+}
+
+/// `<srv service protocol domain target port priority weight>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvDef {
+    pub service: String,
+    pub protocol: String,
+    pub domain: Option<String>,
+    pub target: Option<String>,
+    pub port: u16,
+    pub priority: u16,
+    pub weight: u16,
+}
+
+fn yes_no(node: roxmltree::Node<'_, '_>, attr: &str, default: bool) -> Result<bool, XmlError> {
+    match node.attribute(attr) {
+        None => Ok(default),
+        Some("yes") => Ok(true),
+        Some("no") => Ok(false),
+        Some(other) => Err(XmlError::BadValue {
+            element: node.tag_name().name().into(),
+            attribute: attr.into(),
+            value: other.into(),
+            line: line_of(node),
+            why: "expected yes or no".into(),
+        }),
+    }
+}
+
+fn parse_dns(dns: roxmltree::Node<'_, '_>) -> Result<DnsDef, XmlError> {
+    let mut def = DnsDef {
+        enable: yes_no(dns, "enable", true)?,
+        forward_plain_names: yes_no(dns, "forwardPlainNames", true)?,
+        ..DnsDef::default()
+    };
+    for node in dns.children().filter(roxmltree::Node::is_element) {
+        match node.tag_name().name() {
+            "forwarder" => def.forwarders.push((
+                node.attribute("domain").map(str::to_string),
+                attr_parse(node, "addr")?,
+            )),
+            "host" => def.hosts.push((
+                required(node, "ip", attr_parse(node, "ip")?)?,
+                node.children()
+                    .filter(|c| c.has_tag_name("hostname"))
+                    .filter_map(|c| c.text())
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            )),
+            "txt" => def.txt.push((
+                required(node, "name", node.attribute("name").map(str::to_string))?,
+                node.attribute("value").unwrap_or_default().to_string(),
+            )),
+            "srv" => def.srv.push(SrvDef {
+                service: required(
+                    node,
+                    "service",
+                    node.attribute("service").map(str::to_string),
+                )?,
+                protocol: required(
+                    node,
+                    "protocol",
+                    node.attribute("protocol").map(str::to_string),
+                )?,
+                domain: node.attribute("domain").map(str::to_string),
+                target: node.attribute("target").map(str::to_string),
+                port: attr_parse(node, "port")?.unwrap_or(0),
+                priority: attr_parse(node, "priority")?.unwrap_or(0),
+                weight: attr_parse(node, "weight")?.unwrap_or(0),
+            }),
+            _ => {}
+        }
+    }
+    Ok(def)
+}
+
 /// The parts of a network definition switchyard uses so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkDef {
@@ -350,7 +455,9 @@ pub struct NetworkDef {
     pub ips: Vec<IpDef>,
     /// `<domain name>`: the DNS domain of the guests (DHCP option 15).
     pub domain: Option<String>,
-    pub has_dns: bool,
+    /// `<domain localOnly='yes'>`: names under the domain are never forwarded.
+    pub domain_local_only: bool,
+    pub dns: DnsDef,
     pub sy_uplink: Option<SyUplink>,
     pub sy_nat: SyNat,
 }
@@ -549,7 +656,14 @@ impl NetworkDef {
             domain: child("domain")
                 .and_then(|d| d.attribute("name"))
                 .map(str::to_string),
-            has_dns: child("dns").is_some(),
+            domain_local_only: match child("domain") {
+                Some(d) => yes_no(d, "localOnly", false)?,
+                None => false,
+            },
+            dns: match child("dns") {
+                Some(d) => parse_dns(d)?,
+                None => DnsDef::default(),
+            },
             sy_uplink: match sy_child("uplink") {
                 Some(u) => Some(SyUplink {
                     prefix: match attr_parse::<u8>(u, "prefix")? {
@@ -720,8 +834,9 @@ impl NetworkDef {
         {
             missing.push("<dhcp>: only the first <range> is served".into());
         }
-        if self.has_dns {
-            missing.push("<dns>: DNS is not served yet".into());
+        if self.dns.enable && !self.ips.is_empty() {
+            missing
+                .push("DNS is not served yet: guests' queries to the gateway get no answer".into());
         }
         missing
     }

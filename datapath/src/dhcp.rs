@@ -12,10 +12,8 @@
 //! write is under way are committed together by the next one.
 
 use crate::engine::Outgoing;
-use crate::gateway::ipv4_frame;
+use crate::gateway::udp_frame;
 use crate::port::PortId;
-use crate::wire::checksum;
-use crate::wire::ipv4::{self, Ipv4Packet};
 use crate::wire::{MacAddr, VnetHdr};
 use dhcp_dns::dhcp::{Destination, DhcpConfig, DhcpCounters, DhcpServer, Lease, Reply};
 use std::collections::VecDeque;
@@ -27,24 +25,6 @@ pub const CLIENT_PORT: u16 = 68;
 /// Replies waiting for the lease file; beyond this, the oldest are dropped (the client
 /// retries), so a stuck disk cannot grow memory without bound.
 const MAX_HELD: usize = 1024;
-
-/// The DHCP payload of `packet` (an IPv4 packet whose header was checked) when it is a UDP
-/// datagram to the server port, unfragmented.
-pub fn request_payload(packet: &[u8]) -> Option<&[u8]> {
-    let ip = Ipv4Packet::new_checked(packet).ok()?;
-    if ip.protocol() != ipv4::PROTO_UDP || ip.is_fragment() {
-        return None;
-    }
-    let udp = packet.get(ip.header_len()..ip.total_len())?;
-    if udp.len() < 8 || u16::from_be_bytes([udp[2], udp[3]]) != SERVER_PORT {
-        return None;
-    }
-    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-    if len < 8 || len > udp.len() {
-        return None;
-    }
-    Some(&udp[8..len])
-}
 
 #[derive(Debug)]
 pub struct DhcpService {
@@ -201,29 +181,6 @@ impl DhcpService {
     }
 }
 
-/// An Ethernet frame carrying one UDP datagram, checksums filled in.
-pub fn udp_frame(
-    macs: (MacAddr, MacAddr),
-    (src, sport): (Ipv4Addr, u16),
-    (dst, dport): (Ipv4Addr, u16),
-    payload: &[u8],
-) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let mut f = ipv4_frame(macs, src, dst, ipv4::PROTO_UDP, 0, udp_len);
-    let udp = &mut f[34..];
-    udp[0..2].copy_from_slice(&sport.to_be_bytes());
-    udp[2..4].copy_from_slice(&dport.to_be_bytes());
-    udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
-    udp[8..].copy_from_slice(payload);
-    let sum =
-        checksum::pseudo_header_v4(src.octets(), dst.octets(), ipv4::PROTO_UDP, udp_len as u16);
-    let c = !checksum::fold(checksum::accumulate(sum, udp));
-    // RFC 768: a computed checksum of zero is sent as all ones.
-    let c = if c == 0 { 0xffff } else { c };
-    udp[6..8].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,7 +270,7 @@ mod tests {
         assert_eq!(&out.frame[26..30], &[192, 168, 122, 1]);
         assert_eq!(reply_of(&out), (2, Ipv4Addr::new(192, 168, 122, 10)));
         let ip = &out.frame[14..];
-        assert_eq!(checksum::checksum(&ip[..20]), 0);
+        assert_eq!(crate::wire::checksum::checksum(&ip[..20]), 0);
         assert!(e.poll_transmit().is_none());
     }
 
@@ -396,44 +353,5 @@ mod tests {
             reply_of(&e.poll_transmit().expect("an offer")).1,
             Ipv4Addr::new(192, 168, 122, 11)
         );
-    }
-
-    fn udp_packet(dport: u16, payload: &[u8]) -> Vec<u8> {
-        let f = udp_frame(
-            (MacAddr::BROADCAST, MacAddr([2, 0, 0, 0, 0, 1])),
-            (Ipv4Addr::UNSPECIFIED, CLIENT_PORT),
-            (Ipv4Addr::BROADCAST, dport),
-            payload,
-        );
-        f[14..].to_vec()
-    }
-
-    #[test]
-    fn finds_the_payload_of_datagrams_to_port_67_only() {
-        let p = udp_packet(SERVER_PORT, b"hello");
-        assert_eq!(request_payload(&p), Some(&b"hello"[..]));
-        assert_eq!(request_payload(&udp_packet(53, b"hello")), None);
-        // A UDP length longer than the packet, or shorter than its header: not DHCP.
-        let mut lying = p.clone();
-        lying[24..26].copy_from_slice(&100u16.to_be_bytes());
-        assert_eq!(request_payload(&lying), None);
-        lying[24..26].copy_from_slice(&4u16.to_be_bytes());
-        assert_eq!(request_payload(&lying), None);
-        for n in 0..p.len() {
-            let _ = request_payload(&p[..n]);
-        }
-    }
-
-    #[test]
-    fn udp_frames_carry_valid_checksums() {
-        let p = udp_packet(SERVER_PORT, b"odd");
-        assert_eq!(checksum::checksum(&p[..20]), 0);
-        let sum = checksum::pseudo_header_v4(
-            p[12..16].try_into().unwrap(),
-            p[16..20].try_into().unwrap(),
-            ipv4::PROTO_UDP,
-            11,
-        );
-        assert_eq!(checksum::fold(checksum::accumulate(sum, &p[20..])), 0xffff);
     }
 }

@@ -324,7 +324,7 @@ impl Engine {
     ) -> Option<Verdict> {
         let dhcp = self.dhcp.as_mut()?;
         // Cheap tests first: most frames to the gateway are routed traffic, not DHCP.
-        let payload = dhcp::request_payload(packet)?;
+        let (_, payload) = gateway::udp_datagram_to(packet, dhcp::SERVER_PORT)?;
         let ip = Ipv4Packet::new_checked(packet).ok()?;
         if !ip.header_checksum_ok() {
             return None;

@@ -248,6 +248,47 @@ pub fn ipv4_frame(
     f
 }
 
+/// The source port and payload of `packet` (an IPv4 packet) when it is an unfragmented UDP
+/// datagram to port `port` whose lengths are consistent.
+pub fn udp_datagram_to(packet: &[u8], port: u16) -> Option<(u16, &[u8])> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    if ip.protocol() != ipv4::PROTO_UDP || ip.is_fragment() {
+        return None;
+    }
+    let udp = packet.get(ip.header_len()..ip.total_len())?;
+    if udp.len() < 8 || u16::from_be_bytes([udp[2], udp[3]]) != port {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if len < 8 || len > udp.len() {
+        return None;
+    }
+    Some((u16::from_be_bytes([udp[0], udp[1]]), &udp[8..len]))
+}
+
+/// An Ethernet frame carrying one UDP datagram, checksums filled in.
+pub fn udp_frame(
+    macs: (MacAddr, MacAddr),
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut f = ipv4_frame(macs, src, dst, ipv4::PROTO_UDP, 0, udp_len);
+    let udp = &mut f[34..];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    udp[8..].copy_from_slice(payload);
+    let sum =
+        checksum::pseudo_header_v4(src.octets(), dst.octets(), ipv4::PROTO_UDP, udp_len as u16);
+    let c = !checksum::fold(checksum::accumulate(sum, udp));
+    // RFC 768: a computed checksum of zero is sent as all ones.
+    let c = if c == 0 { 0xffff } else { c };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,5 +447,52 @@ mod tests {
         assert_ne!(a, GatewayConfig::mac_for_network("other"));
         assert!(a.is_valid_source());
         assert_eq!(&a.0[..3], &[0x52, 0x54, 0x00]);
+    }
+
+    const SERVER_PORT: u16 = 67;
+
+    fn udp_packet(dport: u16, payload: &[u8]) -> Vec<u8> {
+        let f = udp_frame(
+            (MacAddr::BROADCAST, MacAddr([2, 0, 0, 0, 0, 1])),
+            (Ipv4Addr::UNSPECIFIED, 68),
+            (Ipv4Addr::BROADCAST, dport),
+            payload,
+        );
+        f[14..].to_vec()
+    }
+
+    #[test]
+    fn finds_the_payload_of_datagrams_to_one_port_only() {
+        let p = udp_packet(SERVER_PORT, b"hello");
+        assert_eq!(
+            udp_datagram_to(&p, SERVER_PORT).map(|(_, d)| d),
+            Some(&b"hello"[..])
+        );
+        assert_eq!(
+            udp_datagram_to(&udp_packet(53, b"hello"), SERVER_PORT),
+            None
+        );
+        // A UDP length longer than the packet, or shorter than its header: not DHCP.
+        let mut lying = p.clone();
+        lying[24..26].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(udp_datagram_to(&lying, SERVER_PORT), None);
+        lying[24..26].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(udp_datagram_to(&lying, SERVER_PORT), None);
+        for n in 0..p.len() {
+            let _ = udp_datagram_to(&p[..n], SERVER_PORT);
+        }
+    }
+
+    #[test]
+    fn udp_frames_carry_valid_checksums() {
+        let p = udp_packet(SERVER_PORT, b"odd");
+        assert_eq!(checksum::checksum(&p[..20]), 0);
+        let sum = checksum::pseudo_header_v4(
+            p[12..16].try_into().unwrap(),
+            p[16..20].try_into().unwrap(),
+            ipv4::PROTO_UDP,
+            11,
+        );
+        assert_eq!(checksum::fold(checksum::accumulate(sum, &p[20..])), 0xffff);
     }
 }
