@@ -257,6 +257,10 @@ impl Switchyard {
             // Tests run in parallel, many on the same network name: one socket each.
             command.arg("--control").arg(&control);
         }
+        if args.first() == Some(&"run") && !args.contains(&"--resolv-conf") {
+            // Never the machine's resolvers: DNS upstreams only where a test names them.
+            command.arg("--resolv-conf").arg("/dev/null");
+        }
         if args.first() == Some(&"run") && !args.contains(&"--state-dir") {
             // ... and one lease file each, thrown away (tests of restarts pass their own).
             let state = std::env::temp_dir().join(unique_name("systate"));

@@ -46,6 +46,10 @@ enum Command {
         /// root, else $XDG_STATE_HOME/switchyard).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// The resolver configuration whose nameservers are the DNS upstreams when the network
+        /// has no <forwarder> (re-read when it changes).
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
     },
     /// List the DHCP leases of a running network, like `virsh net-dhcp-leases NAME`.
     NetDhcpLeases {
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             json,
             control,
             state_dir,
+            resolv_conf,
         } => run::run(&RunOptions {
             xml,
             taps,
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
             json,
             control,
             state_dir,
+            resolv_conf,
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             network: name.unwrap_or_else(|| "default".into()),

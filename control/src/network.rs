@@ -796,6 +796,56 @@ impl NetworkDef {
         Ok(Some(config))
     }
 
+    /// The DNS forwarder's settings, unless `<dns enable='no'>` or the network has no
+    /// address: local names under `<domain>`, the `<dns>` records, and the forwarders. The
+    /// second value says whether the default upstreams come from the host's resolv.conf (no
+    /// `<forwarder>` without a domain was given), as libvirt's dnsmasq does.
+    pub fn dns_config(&self) -> Option<(dhcp_dns::dns::DnsConfig, bool)> {
+        let ip = self.ips.first()?;
+        if !self.dns.enable {
+            return None;
+        }
+        let mut config = dhcp_dns::dns::DnsConfig::new();
+        config.domain = self.domain.clone();
+        config.local_only = self.domain_local_only;
+        config.network = Some((ip.address, ip.prefix));
+        config.hosts = self.dns.hosts.clone();
+        // Every <dhcp><host name ip> has its name, leased or not (dnsmasq's dhcp-host names).
+        for host in &ip.dhcp_hosts {
+            if let (Some(name), Some(addr)) = (&host.name, host.ip) {
+                config.hosts.push((addr, vec![name.clone()]));
+            }
+        }
+        config.txt = self.dns.txt.clone();
+        config.srv = self
+            .dns
+            .srv
+            .iter()
+            .map(|s| dhcp_dns::dns::SrvRecord {
+                service: s.service.clone(),
+                protocol: s.protocol.clone(),
+                domain: s.domain.clone(),
+                target: s.target.clone(),
+                port: s.port,
+                priority: s.priority,
+                weight: s.weight,
+            })
+            .collect();
+        config.forward_plain_names = self.dns.forward_plain_names;
+        let at53 = |a: &std::net::IpAddr| std::net::SocketAddr::new(*a, 53);
+        for (domain, addr) in &self.dns.forwarders {
+            match domain {
+                None => config.upstreams.extend(addr.iter().map(at53)),
+                Some(domain) => {
+                    let servers = addr.iter().map(at53).collect();
+                    config.domain_upstreams.push((domain.clone(), servers));
+                }
+            }
+        }
+        let from_resolv_conf = config.upstreams.is_empty();
+        Some((config, from_resolv_conf))
+    }
+
     /// Parts of this definition the engine does not carry out yet, one line each, so `run`
     /// can say so plainly instead of pretending.
     pub fn not_yet_implemented(&self) -> Vec<String> {
@@ -833,10 +883,6 @@ impl NetworkDef {
             && ip.dhcp_ranges.len() > 1
         {
             missing.push("<dhcp>: only the first <range> is served".into());
-        }
-        if self.dns.enable && !self.ips.is_empty() {
-            missing
-                .push("DNS is not served yet: guests' queries to the gateway get no answer".into());
         }
         missing
     }

@@ -19,6 +19,9 @@ pub struct RunOptions {
     pub control: Option<PathBuf>,
     /// Where the lease file lives; `None` = [`default_state_dir`].
     pub state_dir: Option<PathBuf>,
+    /// The resolver configuration whose nameservers are the DNS upstreams when the network
+    /// names no `<forwarder>` (`/etc/resolv.conf`).
+    pub resolv_conf: PathBuf,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -73,6 +76,16 @@ pub fn answer(engine: &Engine, request: &str) -> String {
         "leases" => match engine.dhcp() {
             Some(d) => dhcp_dns::dhcp::format_lease_table(d.leases(), d.config().prefix),
             None => "error: this network serves no DHCP\n".into(),
+        },
+        "dns" => match engine.dns() {
+            Some(d) => {
+                let mut out = String::new();
+                for (name, ip) in d.server().names() {
+                    out.push_str(&format!("{ip}\t{name}\n"));
+                }
+                out
+            }
+            None => "error: this network serves no DNS\n".into(),
         },
         "leases json" => json(serde_json::to_string(
             &engine
@@ -176,6 +189,27 @@ fn enable_dhcp(
     Ok(Some(path))
 }
 
+/// Answers DNS on the gateway unless `<dns enable='no'>`. Returns `None` without DNS, else
+/// the resolv.conf to take upstreams from (`None` when `<forwarder>`s name them).
+fn enable_dns(def: &NetworkDef, opts: &RunOptions, engine: &mut Engine) -> Option<Option<PathBuf>> {
+    let (config, from_resolv_conf) = def.dns_config()?;
+    let gateway = def.gateway()?;
+    let resolv_conf = from_resolv_conf.then(|| opts.resolv_conf.clone());
+    eprintln!(
+        "switchyard: DNS on {}:53 (domain {}), upstream {}",
+        gateway.ip,
+        config.domain.as_deref().unwrap_or("-"),
+        match &resolv_conf {
+            Some(path) => format!("from {}", path.display()),
+            None => format!("{:?}", config.upstreams),
+        }
+    );
+    let server = dhcp_dns::dns::DnsServer::new(config);
+    let service = datapath::dns::DnsService::new(server, gateway.mac, gateway.ip);
+    engine.enable_dns(service);
+    Some(resolv_conf)
+}
+
 /// Builds the datapath for `def` with the taps of `taps` attached.
 pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let uplink_dev = def
@@ -200,10 +234,18 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     };
     let mut engine = Engine::new(&config);
     let leases = enable_dhcp(def, opts, &mut engine)?;
+    let resolv_conf = enable_dns(def, opts, &mut engine);
     let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
     if let Some(path) = leases {
         dp.persist_leases(&path)
             .map_err(|e| format!("lease file {}: {e}", path.display()))?;
+    }
+    if let Some(resolv_conf) = resolv_conf {
+        dp.enable_upstream_dns()
+            .map_err(|e| format!("DNS upstream sockets: {e}"))?;
+        if let Some(path) = resolv_conf {
+            dp.watch_resolv_conf(&path);
+        }
     }
     if let (Some(dev), Some((nat, uplink))) = (&uplink_dev, &nat) {
         let id = dp
@@ -260,7 +302,7 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     let mut dp = build(&def, opts)?;
     if let Some(gw) = def.gateway() {
         eprintln!(
-            "switchyard: gateway {}/{} at {} (answers ARP, ping and DHCP)",
+            "switchyard: gateway {}/{} at {} (answers ARP, ping, DHCP and DNS)",
             gw.ip, gw.prefix, gw.mac
         );
     }

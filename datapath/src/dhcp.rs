@@ -76,6 +76,11 @@ impl DhcpService {
         self.server.leases()
     }
 
+    /// The next change of the lease set (for the DNS).
+    pub fn poll_event(&mut self) -> Option<dhcp_dns::dhcp::LeaseEvent> {
+        self.server.poll_event()
+    }
+
     pub fn server(&self) -> &DhcpServer {
         &self.server
     }

@@ -7,6 +7,7 @@
 //! smoltcp's `Interface::poll` and quinn-proto's `Connection`).
 
 use crate::dhcp::{self, DhcpService};
+use crate::dns::DnsService;
 use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
@@ -105,6 +106,9 @@ pub struct EngineCounters {
     pub dhcp: dhcp_dns::dhcp::DhcpCounters,
     /// DHCP replies dropped because too many waited for the lease file.
     pub dhcp_held_dropped: u64,
+    pub dns: dhcp_dns::dns::DnsCounters,
+    /// Upstream DNS queries dropped because too many waited for the host socket.
+    pub dns_upstream_dropped: u64,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -134,6 +138,7 @@ pub struct Engine {
     gateway: Option<Gateway>,
     router: Option<Router>,
     dhcp: Option<DhcpService>,
+    dns: Option<DnsService>,
     ports: Vec<Option<PortState>>,
     outgoing: VecDeque<Outgoing>,
     icmp_tokens: u32,
@@ -157,6 +162,7 @@ impl Engine {
                 port: None,
             }),
             dhcp: None,
+            dns: None,
             ports: Vec::new(),
             outgoing: VecDeque::with_capacity(MAX_OUTGOING),
             icmp_tokens: ICMP_BURST,
@@ -284,6 +290,12 @@ impl Engine {
         let _: Learned = self.fdb.learn(now, src, vlan, ingress);
 
         let to_gateway = gateway_mac.is_some() && Some(dst) == gateway_mac;
+        if to_gateway
+            && ethertype == EtherType::IPV4
+            && let Some(verdict) = self.serve_dns(now, ingress, src, &frame[l3..])
+        {
+            return verdict;
+        }
         if self.dhcp.is_some() {
             if ethertype == EtherType::ARP {
                 self.note_arp_sender(now, &frame[l3..]);
@@ -336,6 +348,7 @@ impl Engine {
             payload,
             &mut self.outgoing,
         );
+        self.sync_names();
         Some(if !to_gateway {
             self.flooded += 1;
             Verdict::Flood
@@ -344,6 +357,55 @@ impl Engine {
         } else {
             Verdict::Drop(DropReason::DhcpRejected)
         })
+    }
+
+    /// A DNS query to the gateway goes to the forwarder; answers leave through
+    /// [`Engine::poll_transmit`]. `None`: not a DNS query (or DNS is off).
+    fn serve_dns(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        src_mac: MacAddr,
+        packet: &[u8],
+    ) -> Option<Verdict> {
+        let dns = self.dns.as_mut()?;
+        let (sport, query) = dns.query_in(packet)?;
+        let ip = Ipv4Packet::new_checked(packet).ok()?;
+        if !ip.header_checksum_ok() {
+            return None;
+        }
+        let src = std::net::SocketAddrV4::new(ip.src(), sport);
+        Some(
+            if dns.handle_query(now, ingress, src_mac, src, query, &mut self.outgoing) {
+                Verdict::Consumed
+            } else {
+                Verdict::Drop(DropReason::DnsRejected)
+            },
+        )
+    }
+
+    /// Lease changes become name changes in the DNS (or are discarded without one).
+    fn sync_names(&mut self) {
+        let Some(dhcp) = &mut self.dhcp else {
+            return;
+        };
+        while let Some(event) = dhcp.poll_event() {
+            let Some(dns) = &mut self.dns else {
+                continue;
+            };
+            match event {
+                dhcp_dns::dhcp::LeaseEvent::Added(lease) => {
+                    if let Some(name) = &lease.hostname {
+                        dns.server_mut().add_name(lease.ip, name);
+                    }
+                }
+                dhcp_dns::dhcp::LeaseEvent::Removed(lease) => {
+                    if let Some(name) = &lease.hostname {
+                        dns.server_mut().remove_name(lease.ip, name);
+                    }
+                }
+            }
+        }
     }
 
     /// A guest announcing or asking with an address (ARP sender) holds it: DHCP must not
@@ -648,6 +710,7 @@ impl Engine {
             router.and_then(|r| r.nat.poll_timeout()),
             router.and_then(|r| r.uplink.poll_timeout()),
             self.dhcp.as_ref().and_then(DhcpService::poll_timeout),
+            self.dns.as_ref().and_then(DnsService::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -661,6 +724,12 @@ impl Engine {
         }
         if let Some(dhcp) = &mut self.dhcp {
             dhcp.handle_timeout(now);
+            self.sync_names();
+        }
+        if let Some(dns) = &mut self.dns
+            && dns.poll_timeout().is_some_and(|t| t <= now)
+        {
+            dns.handle_timeout(now, &mut self.outgoing);
         }
         let Some(router) = &mut self.router else {
             return;
@@ -685,6 +754,48 @@ impl Engine {
 
     pub fn dhcp(&self) -> Option<&DhcpService> {
         self.dhcp.as_ref()
+    }
+
+    /// Answers DNS on the gateway's address (it needs a gateway; false without one). The
+    /// names of current DHCP leases are added at once.
+    pub fn enable_dns(&mut self, mut service: DnsService) -> bool {
+        if self.gateway.is_none() {
+            return false;
+        }
+        if let Some(dhcp) = &self.dhcp {
+            for lease in dhcp.leases() {
+                if let Some(name) = &lease.hostname {
+                    service.server_mut().add_name(lease.ip, name);
+                }
+            }
+        }
+        self.dns = Some(service);
+        true
+    }
+
+    pub fn dns(&self) -> Option<&DnsService> {
+        self.dns.as_ref()
+    }
+
+    pub fn dns_mut(&mut self) -> Option<&mut DnsService> {
+        self.dns.as_mut()
+    }
+
+    /// The next DNS query to send upstream from a host socket.
+    pub fn poll_upstream_query(&mut self) -> Option<(std::net::SocketAddr, Vec<u8>)> {
+        self.dns.as_mut()?.poll_upstream()
+    }
+
+    /// A datagram a host socket received from upstream DNS server `from`.
+    pub fn handle_upstream_response(
+        &mut self,
+        now: Instant,
+        from: std::net::SocketAddr,
+        response: &[u8],
+    ) {
+        if let Some(dns) = &mut self.dns {
+            dns.handle_upstream(now, from, response, &mut self.outgoing);
+        }
     }
 
     /// The lease file's next contents and their generation, when the leases changed since the
@@ -746,6 +857,12 @@ impl Engine {
                 icmp_errors_rate_limited: self.icmp_errors_rate_limited,
                 dhcp: dhcp.map(|d| d.counters().clone()).unwrap_or_default(),
                 dhcp_held_dropped: dhcp.map_or(0, |d| d.held_dropped),
+                dns: self
+                    .dns
+                    .as_ref()
+                    .map(|d| d.counters().clone())
+                    .unwrap_or_default(),
+                dns_upstream_dropped: self.dns.as_ref().map_or(0, |d| d.upstream_dropped),
             },
             fdb_entries: self.fdb.len(),
             nat_flows: router.map_or(0, |r| r.nat.len()),

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod dhcp;
+pub mod dns;
 pub mod engine;
 pub mod gateway;
 pub mod io;

@@ -60,6 +60,7 @@ drop_reasons! {
     NotForUs => "not_for_us", "Seen on the uplink (promiscuous) but addressed to another host.";
     NeighborUnresolved => "neighbor_unresolved", "The next hop did not answer ARP (or its queue of waiting packets was full).";
     GatewayUnhandled => "gateway_unhandled", "Addressed to the gateway for a service it does not offer (yet): only ARP, ping and DHCP are answered.";
+    DnsRejected => "dns_rejected", "A DNS message to the gateway that the forwarder dropped (not even answerable with FORMERR); the dns counters say why.";
     DhcpRejected => "dhcp_rejected", "A DHCP message to the gateway that the server dropped (malformed, not a request, not for this server); the dhcp counters say why.";
     RingTruncated => "ring_truncated", "The uplink's receive ring cut the frame short (it was larger than a ring block).";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";

@@ -7,7 +7,9 @@
 //! fixtures.
 //!
 //! - [`dhcp`]: the DHCPv4 server (leases, reservations, the dnsmasq lease file).
-//! - DNS comes later: it will read names from [`dhcp::DhcpServer::poll_event`].
+//! - [`dns`]: the DNS forwarder (local names, cache, strict-order upstreams); its lease names
+//!   come from [`dhcp::DhcpServer::poll_event`].
 #![forbid(unsafe_code)]
 
 pub mod dhcp;
+pub mod dns;

@@ -219,7 +219,9 @@ fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
         assert!(stdout.contains(needle), "{needle}: {stdout}");
     }
     // Its namespaces are sy-demo-PID-vmN.
-    let at = stdout.find("sy-demo-").expect("the demo names its namespaces");
+    let at = stdout
+        .find("sy-demo-")
+        .expect("the demo names its namespaces");
     let tag: String = stdout[at..]
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')

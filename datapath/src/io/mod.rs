@@ -40,6 +40,12 @@ const BUF_LEN: usize = vnet::LEN + MAX_FRAME_LEN;
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const CONTROL: Token = Token(usize::MAX - 3);
+const UPSTREAM_V4: Token = Token(usize::MAX - 4);
+const UPSTREAM_V6: Token = Token(usize::MAX - 5);
+/// Upstream DNS answers read per socket per turn.
+const UPSTREAM_BUDGET: usize = 256;
+/// How often the resolver configuration is checked for changes.
+const RESOLV_CHECK: Duration = Duration::from_secs(2);
 /// How long a control client may take to send its one-line request.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -138,6 +144,33 @@ pub struct Datapath {
     control: Option<(mio::net::UnixListener, PathBuf)>,
     control_ready: bool,
     leases: Option<LeaseWriter>,
+    upstream: Vec<mio::net::UdpSocket>,
+    upstream_ready: bool,
+    resolv: Option<ResolvWatch>,
+}
+
+/// The resolver configuration whose `nameserver` lines are the DNS upstreams, re-read when it
+/// changes (as dnsmasq does with resolv.conf).
+#[derive(Debug)]
+struct ResolvWatch {
+    path: PathBuf,
+    stamp: Option<(std::time::SystemTime, u64)>,
+    next_check: Instant,
+}
+
+/// The `nameserver` addresses of a resolv.conf, port 53, in order.
+pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+        })
+        // A scoped IPv6 address (fe80::1%eth0) is not usable from here: skipped.
+        .filter_map(|addr| addr.parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .collect()
 }
 
 /// The thread that writes the DHCP lease file, so the datapath never waits for a disk.
@@ -239,6 +272,9 @@ impl Datapath {
             control: None,
             control_ready: false,
             leases: None,
+            upstream: Vec::new(),
+            upstream_ready: false,
+            resolv: None,
         })
     }
 
@@ -415,6 +451,97 @@ impl Datapath {
         Ok(())
     }
 
+    /// Opens the host sockets (IPv4, and IPv6 where the host has it) that the DNS forwarder's
+    /// upstream queries leave from, in the calling thread's network namespace.
+    pub fn enable_upstream_dns(&mut self) -> io::Result<()> {
+        let any4 = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        let any6 = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+        let mut v4 = mio::net::UdpSocket::bind(any4)?;
+        self.poll
+            .registry()
+            .register(&mut v4, UPSTREAM_V4, Interest::READABLE)?;
+        self.upstream = vec![v4];
+        if let Ok(mut v6) = mio::net::UdpSocket::bind(any6) {
+            self.poll
+                .registry()
+                .register(&mut v6, UPSTREAM_V6, Interest::READABLE)?;
+            self.upstream.push(v6);
+        }
+        Ok(())
+    }
+
+    /// Takes the DNS upstreams from the `nameserver` lines of `path` (a resolv.conf), now and
+    /// whenever the file changes.
+    pub fn watch_resolv_conf(&mut self, path: &Path) {
+        self.resolv = Some(ResolvWatch {
+            path: path.to_path_buf(),
+            stamp: None,
+            next_check: Instant::now(),
+        });
+        self.check_resolv_conf(Instant::now());
+    }
+
+    fn check_resolv_conf(&mut self, now: Instant) {
+        let Some(watch) = &mut self.resolv else {
+            return;
+        };
+        if now < watch.next_check {
+            return;
+        }
+        watch.next_check = now + RESOLV_CHECK;
+        let stamp = std::fs::metadata(&watch.path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp == watch.stamp {
+            return;
+        }
+        watch.stamp = stamp;
+        let servers = std::fs::read_to_string(&watch.path)
+            .map(|text| parse_resolv_conf(&text))
+            .unwrap_or_default();
+        if let Some(dns) = self.engine.dns_mut() {
+            dns.server_mut().set_upstreams(servers);
+        }
+    }
+
+    /// Reads upstream DNS answers (within a budget) and sends the queries the forwarder asks
+    /// for.
+    fn exchange_upstream(&mut self, now: Instant) {
+        if std::mem::take(&mut self.upstream_ready) {
+            for socket in &self.upstream {
+                let mut drained = false;
+                for _ in 0..UPSTREAM_BUDGET {
+                    match socket.recv_from(&mut self.scratch) {
+                        Ok((n, from)) => {
+                            self.engine
+                                .handle_upstream_response(now, from, &self.scratch[..n]);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // An ICMP error for an earlier query (port unreachable): the
+                        // forwarder's timeout moves on to the next server.
+                        Err(_) => {}
+                    }
+                }
+                // Edge-triggered: a socket not drained gets another turn without a new event.
+                self.upstream_ready |= !drained;
+            }
+        }
+        while let Some((to, query)) = self.engine.poll_upstream_query() {
+            let socket = match to {
+                std::net::SocketAddr::V4(_) => self.upstream.first(),
+                std::net::SocketAddr::V6(_) => self.upstream.get(1),
+            };
+            if let Some(socket) = socket {
+                // A failed send is a lost datagram: the forwarder's timeout covers it.
+                let _ = socket.send_to(&query, to);
+            }
+        }
+    }
+
     /// Hands changed leases to the writer, and releases replies whose leases are on disk.
     fn sync_leases(&mut self) {
         let Some(writer) = &mut self.leases else {
@@ -483,10 +610,12 @@ impl Datapath {
     /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next
     /// timer), serve ready ports within their budget, run due timers.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() {
-            let timer = self
-                .engine
-                .poll_timeout()
+        let timeout = if self.ready.is_empty() && !self.upstream_ready {
+            let resolv = self.resolv.as_ref().map(|w| w.next_check);
+            let timer = [self.engine.poll_timeout(), resolv]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             match (timer, max_wait) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -506,6 +635,7 @@ impl Datapath {
                 WAKER => {}
                 SIGNALS => drain_signals = true,
                 CONTROL => self.control_ready = true,
+                UPSTREAM_V4 | UPSTREAM_V6 => self.upstream_ready = true,
                 Token(index) => {
                     if self.ports.get(index).is_some_and(Option::is_some) {
                         self.ready.mark(PortId(index as u16));
@@ -531,6 +661,8 @@ impl Datapath {
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
         }
+        self.check_resolv_conf(now);
+        self.exchange_upstream(now);
         self.sync_leases();
         while let Some(out) = self.engine.poll_transmit() {
             self.transmit_outgoing(&out);
