@@ -9,13 +9,17 @@
 //! An acknowledgement that changes the lease set is held until the lease file holding it is
 //! on disk ([`DhcpService::poll_lease_write`], [`DhcpService::handle_lease_written`]): after a
 //! crash, every lease a client was told about is still honoured. Changes that arrive while a
-//! write is under way are committed together by the next one.
+//! write is under way are committed together by the next one. Changes no reply waits for (a
+//! RELEASE, an expiry) are written within [`LAZY_WRITE`], usually together with the next
+//! acknowledgement: losing one in a crash only keeps an address leased until it expires.
 
 use crate::engine::Outgoing;
 use crate::gateway::udp_frame;
 use crate::port::PortId;
 use crate::wire::{MacAddr, VnetHdr};
-use dhcp_dns::dhcp::{Destination, DhcpConfig, DhcpCounters, DhcpServer, Lease, Reply};
+use dhcp_dns::dhcp::{
+    Destination, DhcpConfig, DhcpCounters, DhcpServer, Lease, Reply, format_lease_file,
+};
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -25,6 +29,8 @@ pub const CLIENT_PORT: u16 = 68;
 /// Replies waiting for the lease file; beyond this, the oldest are dropped (the client
 /// retries), so a stuck disk cannot grow memory without bound.
 const MAX_HELD: usize = 1024;
+/// How long a lease change that no reply waits for may stay unwritten.
+pub const LAZY_WRITE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct DhcpService {
@@ -39,6 +45,8 @@ pub struct DhcpService {
     /// The lease generation last handed out for writing, and the last one on disk.
     requested: u64,
     written: u64,
+    /// Since when the lease set has changes not yet handed out for writing.
+    dirty_since: Option<Instant>,
     pub held_dropped: u64,
 }
 
@@ -60,6 +68,7 @@ impl DhcpService {
             held: VecDeque::new(),
             requested: generation,
             written: generation,
+            dirty_since: None,
             held_dropped: 0,
         }
     }
@@ -96,9 +105,13 @@ impl DhcpService {
 
     /// When [`Self::handle_timeout`] is next due (a lease or an offer expires).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let due = self.server.poll_timeout()?;
         let (at, unix) = self.clock;
-        Some(at + Duration::from_secs(due.saturating_sub(unix)))
+        let lease = self
+            .server
+            .poll_timeout()
+            .map(|due| at + Duration::from_secs(due.saturating_sub(unix)));
+        let flush = self.dirty_since.map(|t| t + LAZY_WRITE);
+        lease.into_iter().chain(flush).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -146,18 +159,22 @@ impl DhcpService {
         true
     }
 
-    /// The lease file's new contents and their generation, when the lease set changed since
-    /// the last call and a lease file is kept.
-    pub fn poll_lease_write(&mut self) -> Option<(u64, String)> {
+    /// The lease file's new contents and their generation, when a lease file is kept and the
+    /// lease set changed since the last call: at once when a reply waits for it, else once the
+    /// change is [`LAZY_WRITE`] old.
+    pub fn poll_lease_write(&mut self, now: Instant) -> Option<(u64, String)> {
         let generation = self.server.generation();
         if !self.durable || generation <= self.requested {
             return None;
         }
+        let dirty_since = *self.dirty_since.get_or_insert(now);
+        let waited_for = self.held.back().is_some_and(|(g, _)| *g > self.requested);
+        if !waited_for && now < dirty_since + LAZY_WRITE {
+            return None;
+        }
         self.requested = generation;
-        Some((
-            generation,
-            dhcp_dns::dhcp::format_lease_file(self.server.leases()),
-        ))
+        self.dirty_since = None;
+        Some((generation, format_lease_file(self.server.leases())))
     }
 
     /// The lease file of `generation` is on disk: replies it covers may leave.
@@ -295,9 +312,9 @@ mod tests {
             Verdict::Flood
         );
         assert!(e.poll_transmit().is_none(), "held until written");
-        let (generation, contents) = e.poll_lease_write().expect("a lease file to write");
+        let (generation, contents) = e.poll_lease_write(now).expect("a lease file to write");
         assert!(contents.contains("192.168.122.10"), "{contents}");
-        assert!(e.poll_lease_write().is_none(), "asked once");
+        assert!(e.poll_lease_write(now).is_none(), "asked once");
         e.handle_lease_written(generation);
         assert_eq!(reply_of(&e.poll_transmit().expect("the ACK")), (5, ip));
 
@@ -309,7 +326,7 @@ mod tests {
             e.handle_frame(later, a, &VnetHdr::default(), &mut f),
             Verdict::Consumed
         );
-        let Some((generation, _)) = e.poll_lease_write() else {
+        let Some((generation, _)) = e.poll_lease_write(later) else {
             panic!("a renewal moves the expiry");
         };
         e.handle_lease_written(generation);
@@ -317,6 +334,33 @@ mod tests {
         assert_eq!(reply_of(&out), (5, ip));
         assert_eq!(&out.frame[0..6], &GUEST.0, "unicast to the client");
         assert_eq!(e.stats().dhcp_leases, 1);
+    }
+
+    // A RELEASE gets no reply (RFC 2131 4.4.6), so nothing waits for its write: it is
+    // written within LAZY_WRITE, or with the next acknowledgement.
+    #[test]
+    fn a_release_is_written_lazily() {
+        let (mut e, a, _b, now) = engine(true);
+        let ip = Ipv4Addr::new(192, 168, 122, 10);
+        let request = bootrequest(3, Ipv4Addr::UNSPECIFIED, &[50, 4, 192, 168, 122, 10]);
+        let mut f = from_guest(
+            (MacAddr::BROADCAST, Ipv4Addr::BROADCAST),
+            Ipv4Addr::UNSPECIFIED,
+            &request,
+        );
+        e.handle_frame(now, a, &VnetHdr::default(), &mut f);
+        let (generation, _) = e.poll_lease_write(now).expect("the ACK waits for this");
+        e.handle_lease_written(generation);
+        assert!(e.poll_transmit().is_some());
+        let release = bootrequest(7, ip, &[54, 4, 192, 168, 122, 1]);
+        let mut f = from_guest((GW_MAC, Ipv4Addr::new(192, 168, 122, 1)), ip, &release);
+        e.handle_frame(now, a, &VnetHdr::default(), &mut f);
+        assert_eq!(e.stats().dhcp_leases, 0);
+        assert!(e.poll_lease_write(now).is_none(), "nothing waits for it");
+        let due = e.poll_timeout().expect("a flush is due");
+        assert!(due <= now + LAZY_WRITE);
+        let (_, contents) = e.poll_lease_write(due).expect("written by then");
+        assert!(!contents.contains("192.168.122.10"), "{contents}");
     }
 
     // Garbage to port 67 of the gateway is dropped with a reason, never a panic.

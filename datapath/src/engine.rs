@@ -800,8 +800,8 @@ impl Engine {
 
     /// The lease file's next contents and their generation, when the leases changed since the
     /// last call (see [`DhcpService::poll_lease_write`]).
-    pub fn poll_lease_write(&mut self) -> Option<(u64, String)> {
-        self.dhcp.as_mut()?.poll_lease_write()
+    pub fn poll_lease_write(&mut self, now: Instant) -> Option<(u64, String)> {
+        self.dhcp.as_mut()?.poll_lease_write(now)
     }
 
     /// The lease file of `generation` is on disk: the replies it holds may leave.

@@ -132,6 +132,12 @@ fn wait_event(net: &DhcpNet, client: &str, event: &str) -> String {
     }
 }
 
+/// `switchyard stats` of the running network.
+fn ask_stats(net: &DhcpNet) -> String {
+    let bin = switchyard_bin().display().to_string();
+    must(&[&bin, "stats", "--socket", &net.dir.file("ctl.sock")])
+}
+
 /// `switchyard net-dhcp-leases` of the running network.
 fn leases(net: &DhcpNet) -> String {
     let bin = switchyard_bin().display().to_string();
@@ -286,8 +292,11 @@ fn udhcpc_dhclient_and_dhcpcd_lease_renew_release_and_reboot() {
     {
         assert!(
             Instant::now() < deadline,
-            "released leases stay: {}",
-            leases(&net)
+            "released leases stay: {}\nudhcpc: {:?}\ndhclient: {:?}\nstats: {}",
+            leases(&net),
+            events(&net, "udhcpc"),
+            events(&net, "dhclient"),
+            ask_stats(&net)
         );
         std::thread::sleep(Duration::from_millis(50));
     }

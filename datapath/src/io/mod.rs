@@ -547,7 +547,7 @@ impl Datapath {
         let Some(writer) = &mut self.leases else {
             return;
         };
-        if let Some(next) = self.engine.poll_lease_write()
+        if let Some(next) = self.engine.poll_lease_write(Instant::now())
             && let Some(tx) = &writer.tx
         {
             let _ = tx.send(next);
