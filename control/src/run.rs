@@ -205,7 +205,12 @@ fn enable_dns(def: &NetworkDef, opts: &RunOptions, engine: &mut Engine) -> Optio
         }
     );
     let server = dhcp_dns::dns::DnsServer::new(config);
-    let service = datapath::dns::DnsService::new(server, gateway.mac, gateway.ip);
+    let mtu = usize::from(def.mtu.unwrap_or(1500));
+    let service = datapath::dns::DnsService::new(server, gateway.mac, gateway.ip).with_tcp(
+        gateway.prefix,
+        mtu,
+        std::time::Instant::now(),
+    );
     engine.enable_dns(service);
     Some(resolv_conf)
 }

@@ -7,6 +7,7 @@
 //! switchyard is not an open resolver. Names follow the DHCP leases: the engine feeds lease
 //! events in as they happen.
 
+use crate::dns_tcp::DnsTcp;
 use crate::engine::Outgoing;
 use crate::gateway::{self, udp_frame};
 use crate::port::PortId;
@@ -42,6 +43,7 @@ pub struct DnsService {
     gateway_mac: MacAddr,
     gateway_ip: Ipv4Addr,
     upstream: VecDeque<(SocketAddr, Vec<u8>)>,
+    tcp: Option<DnsTcp>,
     pub upstream_dropped: u64,
 }
 
@@ -52,8 +54,46 @@ impl DnsService {
             gateway_mac,
             gateway_ip,
             upstream: VecDeque::new(),
+            tcp: None,
             upstream_dropped: 0,
         }
+    }
+
+    /// Also answers over TCP (RFC 7766) on the gateway's address, whose network has `prefix`
+    /// and `mtu`; `now` is the TCP stack's time origin.
+    pub fn with_tcp(mut self, prefix: u8, mtu: usize, now: Instant) -> DnsService {
+        self.tcp = Some(DnsTcp::new(
+            self.gateway_ip,
+            prefix,
+            self.gateway_mac,
+            mtu,
+            now,
+        ));
+        self
+    }
+
+    pub fn tcp(&self) -> Option<&DnsTcp> {
+        self.tcp.as_ref()
+    }
+
+    /// Whether `packet` (IPv4 to the gateway) is a TCP segment for port 53 that is served.
+    pub fn wants_tcp(&self, packet: &[u8]) -> bool {
+        self.tcp.is_some() && DnsTcp::wants(packet, self.gateway_ip)
+    }
+
+    /// A TCP segment for port 53 from guest `src_mac` on `ingress` (the whole frame).
+    pub fn handle_tcp_segment(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        src_mac: MacAddr,
+        frame: (&VnetHdr, &[u8]),
+        ready: &mut VecDeque<Outgoing>,
+    ) {
+        if let Some(tcp) = &mut self.tcp {
+            tcp.handle_segment(now, ingress, src_mac, frame, &mut self.server);
+        }
+        self.drain(now, ready);
     }
 
     pub fn server(&self) -> &DnsServer {
@@ -95,7 +135,7 @@ impl DnsService {
             transport: Transport::Udp,
         };
         let served = self.server.handle_query(now, client, query).is_ok();
-        self.drain(ready);
+        self.drain(now, ready);
         served
     }
 
@@ -108,7 +148,7 @@ impl DnsService {
         ready: &mut VecDeque<Outgoing>,
     ) {
         self.server.handle_upstream(now, from, response);
-        self.drain(ready);
+        self.drain(now, ready);
     }
 
     /// The next query for a host socket to send upstream.
@@ -117,46 +157,65 @@ impl DnsService {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.server.poll_timeout()
+        let tcp = self.tcp.as_ref().and_then(DnsTcp::poll_at);
+        self.server.poll_timeout().into_iter().chain(tcp).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, ready: &mut VecDeque<Outgoing>) {
         self.server.handle_timeout(now);
-        self.drain(ready);
+        self.drain(now, ready);
     }
 
-    /// Moves the forwarder's output to where it goes: answers framed into `ready`, upstream
-    /// queries to the queue of the I/O edge.
-    fn drain(&mut self, ready: &mut VecDeque<Outgoing>) {
-        while let Some(output) = self.server.poll_output() {
-            match output {
-                Output::ToClient(client, answer) => {
-                    let SocketAddr::V4(to) = client.addr else {
-                        continue;
-                    };
-                    if client.transport != Transport::Udp {
-                        continue;
-                    }
-                    let (port, mac) = untoken(client.token);
-                    ready.push_back(Outgoing {
-                        port,
-                        vnet: VnetHdr::default(),
-                        frame: udp_frame(
-                            (mac, self.gateway_mac),
-                            (self.gateway_ip, PORT),
-                            (*to.ip(), to.port()),
-                            &answer,
-                        ),
-                    });
-                }
-                Output::ToUpstream(server, query) => {
-                    if self.upstream.len() >= MAX_UPSTREAM_QUEUE {
-                        self.upstream_dropped += 1;
-                    } else {
-                        self.upstream.push_back((server, query));
+    /// Moves the forwarder's output to where it goes: UDP answers framed into `ready`, TCP
+    /// answers into their connection, upstream queries to the queue of the I/O edge; then
+    /// lets the TCP stack send. A TCP poll may complete more queries, whose local answers
+    /// come out at once: a few rounds settle it.
+    fn drain(&mut self, now: Instant, ready: &mut VecDeque<Outgoing>) {
+        for _ in 0..4 {
+            let mut moved = 0;
+            while let Some(output) = self.server.poll_output() {
+                moved += 1;
+                match output {
+                    Output::ToClient(client, answer) => self.answer(&client, &answer, ready),
+                    Output::ToUpstream(server, query) => {
+                        if self.upstream.len() >= MAX_UPSTREAM_QUEUE {
+                            self.upstream_dropped += 1;
+                        } else {
+                            self.upstream.push_back((server, query));
+                        }
                     }
                 }
             }
+            if let Some(tcp) = &mut self.tcp {
+                tcp.poll_egress(now, &mut self.server, ready);
+            }
+            if moved == 0 {
+                break;
+            }
+        }
+    }
+
+    fn answer(&mut self, client: &Client, answer: &[u8], ready: &mut VecDeque<Outgoing>) {
+        match (client.transport, client.addr) {
+            (Transport::Tcp, _) => {
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.deliver(client, answer);
+                }
+            }
+            (Transport::Udp, SocketAddr::V4(to)) => {
+                let (port, mac) = untoken(client.token);
+                ready.push_back(Outgoing {
+                    port,
+                    vnet: VnetHdr::default(),
+                    frame: udp_frame(
+                        (mac, self.gateway_mac),
+                        (self.gateway_ip, PORT),
+                        (*to.ip(), to.port()),
+                        answer,
+                    ),
+                });
+            }
+            (Transport::Udp, SocketAddr::V6(_)) => {}
         }
     }
 }

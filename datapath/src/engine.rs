@@ -109,6 +109,7 @@ pub struct EngineCounters {
     pub dns: dhcp_dns::dns::DnsCounters,
     /// Upstream DNS queries dropped because too many waited for the host socket.
     pub dns_upstream_dropped: u64,
+    pub dns_tcp: crate::dns_tcp::DnsTcpCounters,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -292,7 +293,7 @@ impl Engine {
         let to_gateway = gateway_mac.is_some() && Some(dst) == gateway_mac;
         if to_gateway
             && ethertype == EtherType::IPV4
-            && let Some(verdict) = self.serve_dns(now, ingress, src, &frame[l3..])
+            && let Some(verdict) = self.serve_dns(now, ingress, src, (vnet, frame), l3)
         {
             return verdict;
         }
@@ -366,9 +367,19 @@ impl Engine {
         now: Instant,
         ingress: PortId,
         src_mac: MacAddr,
-        packet: &[u8],
+        (vnet, frame): (&VnetHdr, &[u8]),
+        l3: usize,
     ) -> Option<Verdict> {
         let dns = self.dns.as_mut()?;
+        let packet = &frame[l3..];
+        if dns.wants_tcp(packet) {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if !ip.header_checksum_ok() {
+                return None;
+            }
+            dns.handle_tcp_segment(now, ingress, src_mac, (vnet, frame), &mut self.outgoing);
+            return Some(Verdict::Consumed);
+        }
         let (sport, query) = dns.query_in(packet)?;
         let ip = Ipv4Packet::new_checked(packet).ok()?;
         if !ip.header_checksum_ok() {
@@ -863,6 +874,12 @@ impl Engine {
                     .map(|d| d.counters().clone())
                     .unwrap_or_default(),
                 dns_upstream_dropped: self.dns.as_ref().map_or(0, |d| d.upstream_dropped),
+                dns_tcp: self
+                    .dns
+                    .as_ref()
+                    .and_then(DnsService::tcp)
+                    .map(|t| t.counters.clone())
+                    .unwrap_or_default(),
             },
             fdb_entries: self.fdb.len(),
             nat_flows: router.map_or(0, |r| r.nat.len()),

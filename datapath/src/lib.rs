@@ -8,6 +8,7 @@
 
 pub mod dhcp;
 pub mod dns;
+pub mod dns_tcp;
 pub mod engine;
 pub mod gateway;
 pub mod io;

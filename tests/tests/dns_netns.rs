@@ -261,9 +261,11 @@ fn forwarding_cache_and_strict_order_failover() {
 }
 
 // RFC 6891 / RFC 1035 4.2.1: an answer larger than the client's UDP size comes back
-// truncated (TC) without EDNS0, and whole with a large enough EDNS0 buffer.
+// truncated (TC) without EDNS0, and whole with a large enough EDNS0 buffer; RFC 7766: the
+// client's retry over TCP gets it whole, and `dig +tcp` asks over TCP from the start, for
+// local and forwarded names, several queries on one connection too.
 #[test]
-fn large_answers_are_truncated_for_small_udp_buffers() {
+fn large_answers_are_truncated_for_small_udp_buffers_and_whole_over_tcp() {
     let net = dns_net(1);
     let g = &net.guests[0];
     let _stub1 = start_stub(&net, STUB1, "1");
@@ -280,6 +282,32 @@ fn large_answers_are_truncated_for_small_udp_buffers() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap();
     assert!(size > 512, "{size}");
+
+    // Without +ignore, dig retries a truncated answer over TCP.
+    let retried = dig(g, &["+noedns", "big.example.test", "TXT"]);
+    assert!(
+        retried.contains("ANSWER: 1") && retried.contains("(TCP)"),
+        "{retried}"
+    );
+    assert_eq!(short(g, &["+tcp", "www.example.test"]), "198.51.100.1");
+    let ip1 = short(g, &["guest1.lab"]);
+    let several = short(
+        g,
+        &[
+            "+tcp",
+            "+keepopen",
+            "guest1.lab",
+            "printer.lab",
+            "fixed.lab",
+        ],
+    );
+    assert_eq!(
+        several.lines().collect::<Vec<_>>(),
+        [ip1.as_str(), "192.168.122.7", "192.168.122.50"]
+    );
+    for _ in 0..40 {
+        assert_eq!(short(g, &["+tcp", "printer.lab"]), "192.168.122.7");
+    }
 }
 
 /// Sends malformed DNS queries to the gateway from UDP port argv[1]: truncated headers,
