@@ -54,6 +54,13 @@ while True:
 
 /// An isolated network with DHCP and DNS; upstreams are the two stubs, in this order.
 fn dns_net(guests: usize) -> DnsNet {
+    let forwarders = format!("<forwarder addr='{STUB1}'/>\n<forwarder addr='{STUB2}'/>");
+    dns_net_with(guests, &forwarders, None)
+}
+
+/// `forwarders` is the <forwarder> elements; without them, upstreams come from the
+/// resolv.conf `resolv_conf` (a file of the test's).
+fn dns_net_with(guests: usize, forwarders: &str, resolv_conf: Option<&str>) -> DnsNet {
     require(&["ip", "busybox", "dig", "python3"]);
     let dir = TempDir::new("sydns");
     let outside = Netns::new("o");
@@ -82,7 +89,7 @@ fn dns_net(guests: usize) -> DnsNet {
         format!(
             "<network>\n<name>dns</name>\n<domain name='lab' localOnly='yes'/>\n\
              <dns>\n\
-               <forwarder addr='{STUB1}'/>\n<forwarder addr='{STUB2}'/>\n\
+               {forwarders}\n\
                <host ip='192.168.122.7'><hostname>printer</hostname><hostname>lpr</hostname></host>\n\
                <txt name='motd.lab' value='hello from the gateway'/>\n\
                <srv service='ldap' protocol='tcp' domain='lab' target='printer.lab' port='389' priority='1' weight='5'/>\n\
@@ -102,6 +109,10 @@ fn dns_net(guests: usize) -> DnsNet {
         "--control".into(),
         dir.file("ctl.sock"),
     ];
+    if let Some(path) = resolv_conf {
+        args.push("--resolv-conf".into());
+        args.push(path.into());
+    }
     for (i, g) in guests.iter().enumerate() {
         args.push("--tap".into());
         args.push(g.tap_arg("eth0", &format!("52:54:00:e0:00:{:02x}", i + 1)));
@@ -307,6 +318,35 @@ fn large_answers_are_truncated_for_small_udp_buffers_and_whole_over_tcp() {
     );
     for _ in 0..40 {
         assert_eq!(short(g, &["+tcp", "printer.lab"]), "192.168.122.7");
+    }
+}
+
+// Without <forwarder>, the upstreams are the nameservers of resolv.conf, re-read when it
+// changes (as dnsmasq does); here a resolv.conf of the test's, naming the stubs.
+#[test]
+fn upstreams_follow_resolv_conf() {
+    let dir = TempDir::new("syrc");
+    let resolv = dir.file("resolv.conf");
+    std::fs::write(&resolv, format!("# test\nnameserver {STUB1}\n")).unwrap();
+    let net = dns_net_with(1, "", Some(&resolv));
+    let g = &net.guests[0];
+    let _stub1 = start_stub(&net, STUB1, "1");
+    let _stub2 = start_stub(&net, STUB2, "2");
+    assert_eq!(short(g, &["one.example.test"]), "198.51.100.1");
+    std::fs::write(&resolv, format!("nameserver {STUB2}\noptions edns0\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let name = format!("fresh{n}.example.test");
+        if short(g, &[&name]) == "198.51.100.2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resolv.conf change not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

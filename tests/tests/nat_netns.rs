@@ -142,7 +142,7 @@ print(s.recvfrom(100)[0].decode())
 
 #[test]
 fn ping_traceroute_fragments_and_port_unreachable_through_the_nat() {
-    require(&["traceroute", "bash"]);
+    require(&["traceroute", "bash", "dig"]);
     let net = nat_net(1, "");
     let g = &net.guests[0];
     g.must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", OUTSIDE]);
@@ -173,6 +173,14 @@ fn ping_traceroute_fragments_and_port_unreachable_through_the_nat() {
     ]);
     let err = String::from_utf8_lossy(&probe.stderr);
     assert!(err.contains("Connection refused"), "{err}");
+    // Not an open resolver: DNS is answered on guest ports only, never from the uplink side.
+    let outside_query =
+        net.outside
+            .run(&["dig", "@203.0.113.2", "+time=1", "+tries=1", "printer.lab"]);
+    assert!(
+        !outside_query.status.success(),
+        "the outside got a DNS answer"
+    );
 
     let mut sy = net.sy;
     let stats = sy.stop_json();
