@@ -233,6 +233,53 @@ fn local_names_from_leases_hosts_and_records() {
     );
     let nslookup = g2.must(&["busybox", "nslookup", "guest1.lab", "192.168.122.1"]);
     assert!(nslookup.contains(&ip1), "{nslookup}");
+
+    // A released lease takes its name with it: a running udhcpc releases on SIGUSR2.
+    let script = net.dir.file("udhcpc.sh");
+    let pidfile = net.dir.file("udhcpc2.pid");
+    let acks = || -> u64 {
+        let bin = switchyard_bin().display().to_string();
+        let stats = must(&[&bin, "stats", "--socket", &net.dir.file("ctl.sock")]);
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        stats["engine"]["dhcp"]["acks"].as_u64().unwrap()
+    };
+    let before = acks();
+    let _udhcpc = g2.spawn(&[
+        "busybox",
+        "udhcpc",
+        "-f",
+        "-t",
+        "5",
+        "-T",
+        "1",
+        "-i",
+        "eth0",
+        "-s",
+        &script,
+        "-p",
+        &pidfile,
+        "-x",
+        "hostname:guest2",
+    ]);
+    // Bound (acknowledged) before it is asked to release.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pidfile).is_err() || acks() == before {
+        assert!(
+            Instant::now() < deadline,
+            "udhcpc did not get guest2's lease again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(short(g1, &["guest2.lab"]), ip2);
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    must(&["kill", "-USR2", pid.trim()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(g1, &["guest2.lab"]) != "NXDOMAIN" {
+        assert!(Instant::now() < deadline, "guest2.lab outlived its lease");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(g1, &["guest2.lab"]), "NXDOMAIN");
+    assert_eq!(status(g1, &["-x", &ip2]), "NXDOMAIN");
 }
 
 // Forwarding (strict-order), the cache, and failover: a forwarded name comes from the first
