@@ -485,7 +485,7 @@ echo "|---|---|---|---|"
 for m in "${metrics[@]}"; do
   for c in "${levels[@]}"; do
     if [ "$m" = local ]; then what="local name ($LOCAL_NAME A, <dns><host> / addn-hosts)"; else what="cached forwarded names ($NAMES x NAME.example.test A)"; fi
-    if [ "$c" = 1 ]; then what+=", sequential (python3)"; else what+=", $c in flight ($LOADGEN)"; fi
+    if [ "$c" = 1 ]; then what+=", sequential (python3)"; else what+=", $c in flight (${LOADGEN/python/python3})"; fi
     row "$what" "$m" "$c"
   done
 done

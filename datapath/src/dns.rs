@@ -93,7 +93,7 @@ impl DnsService {
         if let Some(tcp) = &mut self.tcp {
             tcp.handle_segment(now, ingress, src_mac, frame, &mut self.server);
         }
-        self.drain(now, ready);
+        self.drain(now, ready, true);
     }
 
     pub fn server(&self) -> &DnsServer {
@@ -135,7 +135,7 @@ impl DnsService {
             transport: Transport::Udp,
         };
         let served = self.server.handle_query(now, client, query).is_ok();
-        self.drain(now, ready);
+        self.drain(now, ready, false);
         served
     }
 
@@ -148,7 +148,7 @@ impl DnsService {
         ready: &mut VecDeque<Outgoing>,
     ) {
         self.server.handle_upstream(now, from, response);
-        self.drain(now, ready);
+        self.drain(now, ready, false);
     }
 
     /// The next query for a host socket to send upstream.
@@ -163,20 +163,30 @@ impl DnsService {
 
     pub fn handle_timeout(&mut self, now: Instant, ready: &mut VecDeque<Outgoing>) {
         self.server.handle_timeout(now);
-        self.drain(now, ready);
+        let tcp_due = self
+            .tcp
+            .as_ref()
+            .and_then(DnsTcp::poll_at)
+            .is_some_and(|t| t <= now);
+        self.drain(now, ready, tcp_due);
     }
 
     /// Moves the forwarder's output to where it goes: UDP answers framed into `ready`, TCP
     /// answers into their connection, upstream queries to the queue of the I/O edge; then
     /// lets the TCP stack send. A TCP poll may complete more queries, whose local answers
     /// come out at once: a few rounds settle it.
-    fn drain(&mut self, now: Instant, ready: &mut VecDeque<Outgoing>) {
+    /// `poll_tcp`: the TCP stack has input or timers due; otherwise it runs only when an
+    /// answer went into one of its connections (a UDP query never touches it).
+    fn drain(&mut self, now: Instant, ready: &mut VecDeque<Outgoing>, mut poll_tcp: bool) {
         for _ in 0..4 {
             let mut moved = 0;
             while let Some(output) = self.server.poll_output() {
                 moved += 1;
                 match output {
-                    Output::ToClient(client, answer) => self.answer(&client, &answer, ready),
+                    Output::ToClient(client, answer) => {
+                        poll_tcp |= client.transport == Transport::Tcp;
+                        self.answer(&client, &answer, ready);
+                    }
                     Output::ToUpstream(server, query) => {
                         if self.upstream.len() >= MAX_UPSTREAM_QUEUE {
                             self.upstream_dropped += 1;
@@ -186,8 +196,10 @@ impl DnsService {
                     }
                 }
             }
-            if let Some(tcp) = &mut self.tcp {
+            if let Some(tcp) = self.tcp.as_mut().filter(|_| poll_tcp) {
                 tcp.poll_egress(now, &mut self.server, ready);
+                poll_tcp = false;
+                continue;
             }
             if moved == 0 {
                 break;
