@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use control::daemon;
 use control::run::{self, RunOptions};
 use datapath::io::TapSpec;
 use std::path::PathBuf;
@@ -80,12 +81,99 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Host every started network and answer the net-* commands (as libvirtd does).
+    Daemon {
+        /// The control socket (mode 0600).
+        #[arg(long, env = "SWITCHYARD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Defined networks, autostart marks and lease files (default /var/lib/switchyard as
+        /// root, else $XDG_STATE_HOME/switchyard).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Where DNS upstreams come from when a network has no <forwarder>.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
+    },
+    /// Define (or redefine) a network from its libvirt XML file.
+    NetDefine {
+        file: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Forget a defined network (a running one keeps running, transient).
+    NetUndefine {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Start a defined network.
+    NetStart {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Stop a running network (its taps go away; the definition stays).
+    NetDestroy {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Start the network whenever the daemon starts (or not, with --disable).
+    NetAutostart {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// List the networks: active ones, or all with --all.
+    NetList {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Name, UUID, state, autostart and bridge of a network.
+    NetInfo {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// The network's XML, with the uuid and MAC generated at definition.
+    NetDumpxml {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
     /// Build guests in fresh network namespaces, switch them, and show what happens.
     Demo {
         /// Leave the namespaces and the switch up until Ctrl-C.
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// Which daemon to ask.
+#[derive(clap::Args, Debug)]
+struct DaemonArg {
+    /// The daemon's socket (default /run/switchyard/daemon.sock).
+    #[arg(long, env = "SWITCHYARD_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+impl DaemonArg {
+    fn ask(&self, request: &daemon::Request) -> Result<serde_json::Value, String> {
+        let socket = self.socket.clone().unwrap_or_else(daemon::default_socket);
+        daemon::request(&socket, request)
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
 }
 
 /// Which running network to ask.
@@ -143,6 +231,76 @@ fn main() -> ExitCode {
         Command::Neighbors { target } => target.ask("neighbors"),
         Command::Stats { target } => target.ask("stats"),
         Command::Demo { keep } => control::demo::demo(keep),
+        Command::Daemon {
+            socket,
+            state_dir,
+            resolv_conf,
+        } => daemon::daemon(&daemon::DaemonOptions {
+            socket: socket.unwrap_or_else(daemon::default_socket),
+            state_dir: state_dir.unwrap_or_else(run::default_state_dir),
+            resolv_conf,
+        }),
+        Command::NetDefine { file, daemon } => std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|xml| daemon.ask(&daemon::Request::NetDefine { xml }))
+            .map(|name| {
+                println!(
+                    "Network {} defined from {}",
+                    name.as_str().unwrap_or_default(),
+                    file.display()
+                )
+            }),
+        Command::NetUndefine { name, daemon } => daemon
+            .ask(&daemon::Request::NetUndefine { name: name.clone() })
+            .map(|_| println!("Network {name} has been undefined")),
+        Command::NetStart { name, daemon } => daemon
+            .ask(&daemon::Request::NetStart { name: name.clone() })
+            .map(|_| println!("Network {name} started")),
+        Command::NetDestroy { name, daemon } => daemon
+            .ask(&daemon::Request::NetDestroy { name: name.clone() })
+            .map(|_| println!("Network {name} destroyed")),
+        Command::NetAutostart {
+            name,
+            disable,
+            daemon,
+        } => daemon
+            .ask(&daemon::Request::NetAutostart {
+                name: name.clone(),
+                disable,
+            })
+            .map(|_| {
+                if disable {
+                    println!("Network {name} unmarked as autostarted");
+                } else {
+                    println!("Network {name} marked as autostarted");
+                }
+            }),
+        Command::NetList { all, json, daemon } => daemon
+            .ask(&daemon::Request::NetList { all })
+            .and_then(|rows| {
+                if json {
+                    print_json(&rows);
+                    return Ok(());
+                }
+                let rows: Vec<daemon::ListRow> =
+                    serde_json::from_value(rows).map_err(|e| e.to_string())?;
+                print!("{}", daemon::list_table(&rows));
+                Ok(())
+            }),
+        Command::NetInfo { name, json, daemon } => daemon
+            .ask(&daemon::Request::NetInfo { name })
+            .and_then(|info| {
+                if json {
+                    print_json(&info);
+                    return Ok(());
+                }
+                let info: daemon::Info = serde_json::from_value(info).map_err(|e| e.to_string())?;
+                print!("{}", daemon::info_text(&info));
+                Ok(())
+            }),
+        Command::NetDumpxml { name, daemon } => daemon
+            .ask(&daemon::Request::NetDumpxml { name })
+            .map(|xml| print!("{}", xml.as_str().unwrap_or_default())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@ use crate::network::{DEFAULT_XML, ForwardMode, NetworkDef, UplinkRx};
 use crate::report;
 use datapath::io::{Datapath, Tap, TapSpec};
 use datapath::{Config, Engine};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Everything `run` needs, from the command line.
@@ -37,14 +37,24 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
-/// Where `run` listens for `switchyard conntrack` and friends: `/run/switchyard/NAME.sock`
-/// as root, else under `$XDG_RUNTIME_DIR`.
-pub fn default_control_socket(network: &str) -> PathBuf {
+/// Where switchyard keeps its sockets: `/run/switchyard` as root, else
+/// `$XDG_RUNTIME_DIR/switchyard`.
+pub fn run_dir() -> PathBuf {
     let base = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !is_root() => PathBuf::from(dir),
         _ => PathBuf::from("/run"),
     };
-    base.join("switchyard").join(format!("{network}.sock"))
+    base.join("switchyard")
+}
+
+/// Where a network listens for `switchyard conntrack` and friends: `net-NAME.sock` beside the
+/// daemon's socket when `$SWITCHYARD_SOCKET` names one, else in [`run_dir`]. `run` and the
+/// daemon use the same place, so the commands find a network however it was started.
+pub fn default_control_socket(network: &str) -> PathBuf {
+    match std::env::var_os("SWITCHYARD_SOCKET") {
+        Some(daemon) => crate::daemon::network_socket(Path::new(&daemon), network),
+        None => run_dir().join(format!("net-{network}.sock")),
+    }
 }
 
 fn is_root() -> bool {
@@ -298,21 +308,18 @@ pub fn print_stats(dp: &Datapath, json: bool) {
     }
 }
 
-/// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
-pub fn run(opts: &RunOptions) -> Result<(), String> {
-    let def = load_network(opts.xml.as_ref())?;
+/// Builds the network `def` and opens its control socket: ready to run.
+pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     for line in def.not_yet_implemented() {
         eprintln!("switchyard: note: {line}");
     }
-    let mut dp = build(&def, opts)?;
+    let mut dp = build(def, opts)?;
     if let Some(gw) = def.gateway() {
         eprintln!(
             "switchyard: gateway {}/{} at {} (answers ARP, ping, DHCP and DNS)",
             gw.ip, gw.prefix, gw.mac
         );
     }
-    dp.install_signal_handlers()
-        .map_err(|e| format!("signals: {e}"))?;
     let control = opts
         .control
         .clone()
@@ -323,6 +330,15 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         "switchyard: control socket {} (switchyard conntrack --socket ...)",
         control.display()
     );
+    Ok(dp)
+}
+
+/// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
+pub fn run(opts: &RunOptions) -> Result<(), String> {
+    let def = load_network(opts.xml.as_ref())?;
+    let mut dp = start(&def, opts)?;
+    dp.install_signal_handlers()
+        .map_err(|e| format!("signals: {e}"))?;
     eprintln!(
         "switchyard: network '{}' (switch '{}') running with {} ports; SIGUSR1 prints counters, Ctrl-C stops",
         def.name,

@@ -198,7 +198,10 @@ mod tests {
         assert!(def.uuid.is_some() && def.mac.is_some(), "{stored}");
         assert!(stored.contains("<!-- mine -->"));
         let bridge = stored.find("<bridge").unwrap();
-        assert!(stored[bridge..].find("<mac address=").unwrap() < 80, "{stored}");
+        assert!(
+            stored[bridge..].find("<mac address=").unwrap() < 80,
+            "{stored}"
+        );
         // Defining the stored XML again changes nothing: it is complete.
         let (_, again) = state.define(&stored).unwrap();
         assert_eq!(again, stored);
@@ -208,7 +211,12 @@ mod tests {
         assert!(state.autostart("default"));
         state.undefine("default").unwrap();
         assert!(!state.autostart("default") && state.names().is_empty());
-        assert!(state.undefine("default").unwrap_err().contains("not defined"));
+        assert!(
+            state
+                .undefine("default")
+                .unwrap_err()
+                .contains("not defined")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

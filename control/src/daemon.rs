@@ -1,0 +1,480 @@
+//! `switchyard daemon`: hosts every started network, each with its own engine on a thread of
+//! its own, and answers the virsh-style commands on a unix socket.
+//!
+//! Protocol: one JSON request per connection, one line, `{"v":1,"cmd":"net-start","name":..}`;
+//! one JSON answer line, `{"v":1,"ok":true,"data":..}` or `{"v":1,"ok":false,"error":".."}`.
+//! The version lets a newer CLI refuse an older daemon plainly. Each running network also
+//! listens on its own socket (`net-NAME.sock` beside the daemon's) for `conntrack`, `stats`,
+//! leases and the rest, exactly as `switchyard run` does, so those commands work the same
+//! against either.
+
+use crate::network::NetworkDef;
+use crate::run::{self, RunOptions};
+use crate::state::StateDir;
+use datapath::io::Handle;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub resolv_conf: PathBuf,
+}
+
+/// The daemon's socket: `$SWITCHYARD_SOCKET`, else `daemon.sock` in the run directory
+/// (`/run/switchyard` as root, `$XDG_RUNTIME_DIR/switchyard` otherwise).
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("SWITCHYARD_SOCKET") {
+        Some(path) => PathBuf::from(path),
+        None => run::run_dir().join("daemon.sock"),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    NetDefine {
+        xml: String,
+    },
+    NetUndefine {
+        name: String,
+    },
+    NetStart {
+        name: String,
+    },
+    NetDestroy {
+        name: String,
+    },
+    NetAutostart {
+        name: String,
+        #[serde(default)]
+        disable: bool,
+    },
+    NetList {
+        #[serde(default)]
+        all: bool,
+    },
+    NetInfo {
+        name: String,
+    },
+    NetDumpxml {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRow {
+    pub name: String,
+    pub active: bool,
+    pub autostart: bool,
+    pub persistent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub active: bool,
+    pub persistent: bool,
+    pub autostart: bool,
+    pub bridge: Option<String>,
+    /// The network's own control socket while it runs.
+    pub socket: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    v: u32,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// A started network: its engine's thread and what it was started from.
+struct Running {
+    handle: Handle,
+    thread: std::thread::JoinHandle<()>,
+    def: NetworkDef,
+    xml: String,
+    socket: PathBuf,
+}
+
+struct Daemon {
+    opts: DaemonOptions,
+    state: StateDir,
+    running: BTreeMap<String, Running>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT: starts the autostart networks, then answers
+/// requests; on the way out it stops every network cleanly.
+pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;
+    }
+    let listener = bind(&opts.socket)?;
+    let mut daemon = Daemon {
+        opts: opts.clone(),
+        state: StateDir::new(&opts.state_dir),
+        running: BTreeMap::new(),
+    };
+    eprintln!(
+        "switchyard daemon: socket {}, state {}",
+        opts.socket.display(),
+        opts.state_dir.display()
+    );
+    for name in daemon.state.names() {
+        if daemon.state.autostart(&name) {
+            match daemon.start(&name) {
+                Ok(()) => eprintln!("switchyard daemon: autostarted network '{name}'"),
+                Err(e) => eprintln!("switchyard daemon: autostart of '{name}' failed: {e}"),
+            }
+        }
+    }
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => daemon.serve(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{}: {e}", opts.socket.display())),
+        }
+        daemon.reap();
+    }
+    eprintln!(
+        "switchyard daemon: stopping {} networks",
+        daemon.running.len()
+    );
+    let names: Vec<String> = daemon.running.keys().cloned().collect();
+    for name in names {
+        daemon.destroy(&name)?;
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    let shown = path.display();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "{shown}: a switchyard daemon already answers there"
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{shown}: {e}")),
+        _ => {}
+    }
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("{shown}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(listener)
+}
+
+impl Daemon {
+    fn serve(&mut self, stream: std::os::unix::net::UnixStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        // A definition is small; 4 MiB bounds a hostile client.
+        if BufReader::new(&stream)
+            .take(4 << 20)
+            .read_line(&mut line)
+            .is_err()
+        {
+            return;
+        }
+        let reply = match serde_json::from_str::<serde_json::Value>(&line) {
+            Err(e) => failure(format!("bad request: {e}")),
+            Ok(value) => match value.get("v").and_then(serde_json::Value::as_u64) {
+                Some(v) if v == u64::from(VERSION) => {
+                    match serde_json::from_value::<Request>(value) {
+                        Ok(request) => match self.handle(request) {
+                            Ok(data) => Reply {
+                                v: VERSION,
+                                ok: true,
+                                data: Some(data),
+                                error: None,
+                            },
+                            Err(e) => failure(e),
+                        },
+                        Err(e) => failure(format!("bad request: {e}")),
+                    }
+                }
+                other => failure(format!(
+                    "protocol version {other:?} not spoken here (this daemon speaks {VERSION})"
+                )),
+            },
+        };
+        if let Ok(mut text) = serde_json::to_string(&reply) {
+            text.push('\n');
+            let _ = (&stream).write_all(text.as_bytes());
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Result<serde_json::Value, String> {
+        let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
+        match request {
+            Request::NetDefine { xml } => {
+                let (def, _) = self.state.define(&xml)?;
+                Ok(serde_json::Value::String(def.name))
+            }
+            Request::NetUndefine { name } => {
+                self.state.undefine(&name)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::NetStart { name } => {
+                self.start(&name)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::NetDestroy { name } => {
+                self.destroy(&name)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::NetAutostart { name, disable } => {
+                self.state.set_autostart(&name, !disable)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::NetList { all } => json(serde_json::to_value(self.list(all))),
+            Request::NetInfo { name } => json(serde_json::to_value(self.info(&name)?)),
+            Request::NetDumpxml { name } => {
+                Ok(serde_json::Value::String(match self.running.get(&name) {
+                    Some(r) => r.xml.clone(),
+                    None => self.state.xml(&name)?,
+                }))
+            }
+        }
+    }
+
+    /// Forgets networks whose engine stopped on its own (a fatal I/O error).
+    fn reap(&mut self) {
+        let dead: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.thread.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dead {
+            if let Some(r) = self.running.remove(&name) {
+                let _ = r.thread.join();
+                eprintln!("switchyard daemon: network '{name}' stopped on its own");
+            }
+        }
+    }
+
+    fn start(&mut self, name: &str) -> Result<(), String> {
+        if self.running.contains_key(name) {
+            return Err(format!("network '{name}' is already active"));
+        }
+        let xml = self.state.xml(name)?;
+        let def = NetworkDef::parse(&xml).map_err(|e| e.to_string())?;
+        let socket = network_socket(&self.opts.socket, name);
+        let opts = RunOptions {
+            xml: None,
+            taps: Vec::new(),
+            fdb_aging: datapath::switch::DEFAULT_AGING,
+            fdb_max: datapath::switch::DEFAULT_CAPACITY,
+            json: false,
+            control: Some(socket.clone()),
+            state_dir: Some(self.opts.state_dir.clone()),
+            resolv_conf: self.opts.resolv_conf.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_def = def.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("net-{name}"))
+            .spawn(move || match run::start(&thread_def, &opts) {
+                Ok(mut dp) => {
+                    let _ = tx.send(Ok(dp.handle()));
+                    if let Err(e) = dp.run(|_| {}, run::answer) {
+                        eprintln!("switchyard daemon: network '{}': {e}", thread_def.name);
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| format!("thread: {e}"))?;
+        let handle = match rx.recv() {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(format!("network '{name}' failed to start: {e}"));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(format!("network '{name}' failed to start"));
+            }
+        };
+        eprintln!("switchyard daemon: network '{name}' started");
+        self.running.insert(
+            name.to_string(),
+            Running {
+                handle,
+                thread,
+                def,
+                xml,
+                socket,
+            },
+        );
+        Ok(())
+    }
+
+    fn destroy(&mut self, name: &str) -> Result<(), String> {
+        let running = self
+            .running
+            .remove(name)
+            .ok_or_else(|| format!("network '{name}' is not active"))?;
+        running.handle.shutdown();
+        running
+            .thread
+            .join()
+            .map_err(|_| format!("network '{name}': its engine panicked"))?;
+        eprintln!("switchyard daemon: network '{name}' destroyed");
+        Ok(())
+    }
+
+    fn list(&self, all: bool) -> Vec<ListRow> {
+        let mut names: Vec<String> = self.state.names();
+        names.extend(self.running.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| ListRow {
+                active: self.running.contains_key(&name),
+                autostart: self.state.autostart(&name),
+                persistent: self.state.is_defined(&name),
+                name,
+            })
+            .filter(|row| all || row.active)
+            .collect()
+    }
+
+    fn info(&self, name: &str) -> Result<Info, String> {
+        let running = self.running.get(name);
+        let def = match running {
+            Some(r) => r.def.clone(),
+            None => NetworkDef::parse(&self.state.xml(name)?).map_err(|e| e.to_string())?,
+        };
+        Ok(Info {
+            name: def.name.clone(),
+            uuid: def.uuid.clone(),
+            active: running.is_some(),
+            persistent: self.state.is_defined(name),
+            autostart: self.state.autostart(name),
+            bridge: def.bridge.clone(),
+            socket: running.map(|r| r.socket.display().to_string()),
+        })
+    }
+}
+
+fn failure(error: String) -> Reply {
+    Reply {
+        v: VERSION,
+        ok: false,
+        data: None,
+        error: Some(error),
+    }
+}
+
+/// The control socket of network `name` hosted by the daemon listening on `daemon_socket`.
+pub fn network_socket(daemon_socket: &Path, name: &str) -> PathBuf {
+    daemon_socket
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("net-{name}.sock"))
+}
+
+/// Sends `request` to the daemon at `socket`; its data, or its error as one line.
+pub fn request(socket: &Path, request: &Request) -> Result<serde_json::Value, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the switchyard daemon at {}: {e} (is `switchyard daemon` running?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(&Envelope {
+        v: VERSION,
+        body: request,
+    })
+    .map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let reply: Reply = serde_json::from_str(&answer)
+        .map_err(|e| format!("{}: unreadable answer: {e}", socket.display()))?;
+    if reply.ok {
+        Ok(reply.data.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(reply.error.unwrap_or_else(|| "failed".into()))
+    }
+}
+
+/// `virsh net-list` layout.
+pub fn list_table(rows: &[ListRow]) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!(
+        " {:<width$}   {:<8}   {:<9}   {}\n",
+        "Name", "State", "Autostart", "Persistent"
+    );
+    out.push_str(&format!("{}\n", "-".repeat(width + 38)));
+    for r in rows {
+        out.push_str(&format!(
+            " {:<width$}   {:<8}   {:<9}   {}\n",
+            r.name,
+            if r.active { "active" } else { "inactive" },
+            yes(r.autostart),
+            yes(r.persistent)
+        ));
+    }
+    out
+}
+
+/// `virsh net-info` layout.
+pub fn info_text(info: &Info) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    format!(
+        "Name:           {}\nUUID:           {}\nActive:         {}\nPersistent:     {}\n\
+         Autostart:      {}\nBridge:         {}\n",
+        info.name,
+        info.uuid.as_deref().unwrap_or("-"),
+        yes(info.active),
+        yes(info.persistent),
+        yes(info.autostart),
+        info.bridge.as_deref().unwrap_or("-")
+    )
+}

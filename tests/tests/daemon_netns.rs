@@ -1,0 +1,237 @@
+//! The control plane end to end: `switchyard daemon` in a namespace of its own, driven by the
+//! virsh-style commands (`net-define`, `net-start`, `net-list`, ...), with its socket and
+//! state directory in the test's temporary directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use switchyard_tests::*;
+
+/// A daemon process, stopped with SIGTERM on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// A daemon with its directory and namespace; field order is drop order, so the process
+/// stops before its namespace goes.
+struct Daemon {
+    process: Process,
+    dir: TempDir,
+    ns: Netns,
+}
+
+impl Daemon {
+    fn start(dir: TempDir, ns: Netns) -> Daemon {
+        let bin = switchyard_bin().display().to_string();
+        let log = std::fs::File::create(dir.0.join("daemon.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, &bin, "daemon"])
+            .args(["--socket", &dir.file("run/daemon.sock")])
+            .args(["--state-dir", &dir.file("state")])
+            .args(["--resolv-conf", "/dev/null"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            process: Process(child),
+            dir,
+            ns,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.cli(&["net-list"]).status.success() {
+            assert!(Instant::now() < deadline, "the daemon did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    /// Stops the daemon (SIGTERM) and hands back its directory and namespace.
+    fn stop(self) -> (TempDir, Netns) {
+        let Daemon { process, dir, ns } = self;
+        drop(process);
+        (dir, ns)
+    }
+
+    /// `switchyard ARGS` against this daemon.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(switchyard_bin())
+            .args(args)
+            .env("SWITCHYARD_SOCKET", self.dir.file("run/daemon.sock"))
+            .output()
+            .unwrap()
+    }
+
+    /// `switchyard ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "switchyard {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `switchyard ARGS`, which must fail with one line naming `needle`.
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "switchyard {} succeeded",
+            args.join(" ")
+        );
+        assert!(err.contains(needle), "switchyard {}: {err}", args.join(" "));
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+const LAB: &str = "<network>
+  <name>lab</name>
+  <bridge name='br-lab'/>
+  <!-- a comment survives -->
+  <ip address='10.77.0.1' prefix='24'>
+    <dhcp><range start='10.77.0.10' end='10.77.0.20'/></dhcp>
+  </ip>
+</network>
+";
+
+fn define(daemon: &Daemon, name: &str, xml: &str) -> String {
+    let file = daemon.dir.file(&format!("{name}.xml"));
+    std::fs::write(&file, xml).unwrap();
+    file
+}
+
+// define / start / list / info / dumpxml / destroy / undefine, as virsh shows them, and
+// autostart across a restart of the daemon.
+#[test]
+fn define_start_list_dumpxml_and_autostart_across_a_restart() {
+    let daemon = Daemon::start(TempDir::new("sydmn"), Netns::new("d"));
+    let file = define(&daemon, "lab", LAB);
+    assert_eq!(
+        daemon.ok(&["net-define", &file]).trim(),
+        format!("Network lab defined from {file}")
+    );
+    let list = daemon.ok(&["net-list", "--all"]);
+    assert!(
+        list.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["lab", "inactive", "no", "yes"]),
+        "{list}"
+    );
+    assert!(
+        !daemon.ok(&["net-list"]).contains("lab"),
+        "inactive is not listed"
+    );
+    daemon.ok(&["net-start", "lab"]);
+    let list = daemon.ok(&["net-list"]);
+    assert!(list.starts_with(" Name"), "{list}");
+    assert!(list.contains("active"), "{list}");
+
+    // dumpxml: what was defined, byte for byte, plus the generated uuid and MAC.
+    let xml = daemon.ok(&["net-dumpxml", "lab"]);
+    assert!(xml.contains("<!-- a comment survives -->"), "{xml}");
+    assert!(
+        xml.contains("<uuid>") && xml.contains("<mac address='52:54:00:"),
+        "{xml}"
+    );
+    let stripped: String = xml
+        .lines()
+        .filter(|l| !l.contains("<uuid>") && !l.contains("<mac address"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(stripped, LAB);
+    let info = daemon.ok(&["net-info", "lab"]);
+    let uuid = xml
+        .split("<uuid>")
+        .nth(1)
+        .unwrap()
+        .split("</uuid>")
+        .next()
+        .unwrap();
+    assert!(info.contains(&format!("UUID:           {uuid}")), "{info}");
+    assert!(info.contains("Active:         yes") && info.contains("Bridge:         br-lab"));
+    let json: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["net-info", "lab", "--json"])).unwrap();
+    assert_eq!(json["active"], true);
+
+    // The running network answers on its own socket, found through SWITCHYARD_SOCKET.
+    let stats = daemon.ok(&["stats", "--network", "lab"]);
+    assert!(stats.contains("\"ports\""), "{stats}");
+
+    daemon.ok(&["net-autostart", "lab"]);
+    let (dir, ns) = daemon.stop();
+    let daemon = Daemon::start(dir, ns);
+    let list = daemon.ok(&["net-list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["lab", "active", "yes", "yes"]),
+        "autostarted after the restart: {list}"
+    );
+    // Same uuid after the restart: it was stored.
+    assert!(daemon.ok(&["net-dumpxml", "lab"]).contains(uuid));
+    daemon.ok(&["net-autostart", "lab", "--disable"]);
+    daemon.ok(&["net-destroy", "lab"]);
+    daemon.ok(&["net-undefine", "lab"]);
+    assert!(!daemon.ok(&["net-list", "--all"]).contains("lab"));
+}
+
+// Every error is one clear line and a non-zero exit; bad definitions write nothing.
+#[test]
+fn errors_are_one_line_and_bad_definitions_write_nothing() {
+    let daemon = Daemon::start(TempDir::new("sydme"), Netns::new("d"));
+    daemon.fails(&["net-start", "nope"], "network 'nope' is not defined");
+    daemon.fails(&["net-destroy", "nope"], "network 'nope' is not active");
+    daemon.fails(&["net-info", "nope"], "not defined");
+    daemon.fails(&["net-dumpxml", "nope"], "not defined");
+    daemon.fails(&["net-undefine", "nope"], "not defined");
+    daemon.fails(&["net-autostart", "nope"], "not defined");
+    let file = define(&daemon, "lab", LAB);
+    daemon.ok(&["net-define", &file]);
+    daemon.ok(&["net-start", "lab"]);
+    daemon.fails(&["net-start", "lab"], "already active");
+    daemon.ok(&["net-destroy", "lab"]);
+
+    for (name, xml, needle) in [
+        ("nwf", "<network><name>bad</name", "well-formed"),
+        (
+            "unknown",
+            "<network>\n<name>bad</name>\n<portgroup name='x'/>\n</network>",
+            "line 3: unsupported element <portgroup>",
+        ),
+        (
+            "address",
+            "<network><name>bad</name><ip address='10.0.0.300'/></network>",
+            "10.0.0.300",
+        ),
+        (
+            "range",
+            "<network><name>bad</name><ip address='10.0.0.1' prefix='24'><dhcp>\
+             <range start='10.0.1.2' end='10.0.1.9'/></dhcp></ip></network>",
+            "<dhcp>",
+        ),
+    ] {
+        let file = define(&daemon, name, xml);
+        daemon.fails(&["net-define", &file], needle);
+    }
+    let stored: Vec<String> = std::fs::read_dir(daemon.dir.0.join("state/networks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(stored, ["lab.xml"], "nothing but the good definition");
+
+    // No daemon: the error says so and how to start one.
+    let out = Command::new(switchyard_bin())
+        .args(["net-list"])
+        .env("SWITCHYARD_SOCKET", daemon.dir.file("nothing-here.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `switchyard daemon` running?"));
+}
