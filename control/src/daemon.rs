@@ -69,6 +69,27 @@ pub enum Request {
     },
     NetDumpxml {
         name: String,
+        /// The stored definition (what the next start uses) rather than the running one.
+        #[serde(default)]
+        inactive: bool,
+    },
+    /// A tap for `network`: live (now), config (from the next start), or both.
+    AttachInterface {
+        network: String,
+        target: String,
+        #[serde(default)]
+        netns: Option<String>,
+        #[serde(default)]
+        mac: Option<String>,
+        live: bool,
+        config: bool,
+    },
+    /// Removes the tap `target` (a name or a MAC) from `network`: live, config, or both.
+    DetachInterface {
+        network: String,
+        target: String,
+        live: bool,
+        config: bool,
     },
 }
 
@@ -264,13 +285,112 @@ impl Daemon {
             }
             Request::NetList { all } => json(serde_json::to_value(self.list(all))),
             Request::NetInfo { name } => json(serde_json::to_value(self.info(&name)?)),
-            Request::NetDumpxml { name } => {
+            Request::AttachInterface {
+                network,
+                target,
+                netns,
+                mac,
+                live,
+                config,
+            } => self.attach_interface(
+                &network,
+                &target,
+                netns.as_deref(),
+                mac.as_deref(),
+                (live, config),
+            ),
+            Request::DetachInterface {
+                network,
+                target,
+                live,
+                config,
+            } => self.detach_interface(&network, &target, (live, config)),
+            Request::NetDumpxml { name, inactive } => {
                 Ok(serde_json::Value::String(match self.running.get(&name) {
-                    Some(r) => r.xml.clone(),
-                    None => self.state.xml(&name)?,
+                    Some(r) if !inactive || !self.state.is_defined(&name) => r.xml.clone(),
+                    _ => self.state.xml(&name)?,
                 }))
             }
         }
+    }
+
+    /// `attach-interface`: `live` attaches to the running network, `config` adds a
+    /// `<sy:port>` to its definition; the live part goes first, so a tap that cannot be opened
+    /// is not recorded.
+    fn attach_interface(
+        &mut self,
+        network: &str,
+        target: &str,
+        netns: Option<&str>,
+        mac: Option<&str>,
+        (live, config): (bool, bool),
+    ) -> Result<serde_json::Value, String> {
+        let mut spec = target.to_string();
+        if let Some(ns) = netns {
+            spec.push_str(&format!("@{ns}"));
+        }
+        if let Some(mac) = mac {
+            spec.push_str(&format!("={mac}"));
+        }
+        let parsed: datapath::io::TapSpec = spec.parse().map_err(|e| format!("{e}"))?;
+        let new_xml = if config {
+            let xml = self.state.xml(network)?;
+            let def = NetworkDef::parse(&xml).map_err(|e| e.to_string())?;
+            if def
+                .sy_ports
+                .iter()
+                .any(|p| p.name == parsed.name && p.netns == parsed.netns)
+            {
+                return Err(format!(
+                    "interface {spec} is already in the configuration of '{network}'"
+                ));
+            }
+            Some(crate::network::add_port_xml(&xml, target, netns, mac))
+        } else {
+            None
+        };
+        if live {
+            self.ask_network(network, &format!("attach tap {spec}"))?;
+        }
+        if let Some(xml) = new_xml {
+            self.state.define(&xml)?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+
+    /// `detach-interface`: by tap name or MAC, live and/or from the definition.
+    fn detach_interface(
+        &mut self,
+        network: &str,
+        target: &str,
+        (live, config): (bool, bool),
+    ) -> Result<serde_json::Value, String> {
+        let new_xml = if config {
+            let xml = self.state.xml(network)?;
+            Some(
+                crate::network::remove_port_xml(&xml, target).ok_or_else(|| {
+                    format!("no interface {target} in the configuration of '{network}'")
+                })?,
+            )
+        } else {
+            None
+        };
+        if live {
+            self.ask_network(network, &format!("detach {target}"))?;
+        }
+        if let Some(xml) = new_xml {
+            self.state.define(&xml)?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+
+    /// Sends a request line to running network `name`'s own socket.
+    fn ask_network(&self, name: &str, request: &str) -> Result<String, String> {
+        let running = self
+            .running
+            .get(name)
+            .ok_or_else(|| format!("network '{name}' is not active"))?;
+        run::ask(&running.socket, request)
     }
 
     /// Forgets networks whose engine stopped on its own (a fatal I/O error).
@@ -298,7 +418,7 @@ impl Daemon {
         let socket = network_socket(&self.opts.socket, name);
         let opts = RunOptions {
             xml: None,
-            taps: Vec::new(),
+            taps: def.sy_ports.clone(),
             fdb_aging: datapath::switch::DEFAULT_AGING,
             fdb_max: datapath::switch::DEFAULT_CAPACITY,
             json: false,

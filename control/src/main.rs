@@ -143,11 +143,69 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArg,
     },
-    /// The network's XML, with the uuid and MAC generated at definition.
+    /// The network's XML, with the uuid and MAC generated at definition: as it runs, or as
+    /// the next start will use it (--inactive).
     NetDumpxml {
         name: String,
+        #[arg(long)]
+        inactive: bool,
         #[command(flatten)]
         daemon: DaemonArg,
+    },
+    /// Attach a tap to a network (as `virsh attach-interface`): now (--current, the
+    /// default), from the next start (--config), or both (--persistent).
+    AttachInterface {
+        #[arg(long)]
+        network: String,
+        /// Only tap for now (QEMU stream sockets come with the modes issue).
+        #[arg(long = "type", default_value = "tap")]
+        kind: String,
+        /// The tap's name (created inside --netns if it does not exist).
+        #[arg(long)]
+        target: String,
+        /// The namespace the tap lives in: an `ip netns` name or a path.
+        #[arg(long)]
+        netns: Option<String>,
+        /// MAC address of the kernel side.
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long, default_value = "virtio")]
+        model: String,
+        #[command(flatten)]
+        when: When,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// Detach a tap from a network, by name or MAC.
+    DetachInterface {
+        #[arg(long)]
+        network: String,
+        #[arg(long, required_unless_present = "mac")]
+        target: Option<String>,
+        #[arg(long)]
+        mac: Option<String>,
+        #[command(flatten)]
+        when: When,
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+    /// The taps of a running network, their MACs and leased addresses.
+    IfaceList {
+        /// The network's name.
+        network: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// The learned MACs of a running network (like `brctl showmacs`).
+    Fdb {
+        /// The network's name.
+        network: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Build guests in fresh network namespaces, switch them, and show what happens.
     Demo {
@@ -155,6 +213,32 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// virsh's --current / --config / --persistent.
+#[derive(clap::Args, Debug)]
+#[group(multiple = false)]
+struct When {
+    /// The running network only (the default).
+    #[arg(long)]
+    current: bool,
+    /// The definition only: takes effect at the next start.
+    #[arg(long)]
+    config: bool,
+    /// Both.
+    #[arg(long)]
+    persistent: bool,
+}
+
+impl When {
+    /// (live, config)
+    fn targets(&self) -> (bool, bool) {
+        match (self.config, self.persistent) {
+            (true, _) => (false, true),
+            (_, true) => (true, true),
+            _ => (true, false),
+        }
+    }
 }
 
 /// Which daemon to ask.
@@ -298,8 +382,71 @@ fn main() -> ExitCode {
                 print!("{}", daemon::info_text(&info));
                 Ok(())
             }),
-        Command::NetDumpxml { name, daemon } => daemon
-            .ask(&daemon::Request::NetDumpxml { name })
+        Command::AttachInterface {
+            network,
+            kind,
+            target,
+            netns,
+            mac,
+            model,
+            when,
+            daemon,
+        } => {
+            if kind != "tap" || model != "virtio" {
+                Err(format!(
+                    "--type {kind} --model {model}: only --type tap --model virtio is supported"
+                ))
+            } else {
+                let (live, config) = when.targets();
+                daemon
+                    .ask(&daemon::Request::AttachInterface {
+                        network,
+                        target,
+                        netns,
+                        mac,
+                        live,
+                        config,
+                    })
+                    .map(|_| println!("Interface attached successfully"))
+            }
+        }
+        Command::DetachInterface {
+            network,
+            target,
+            mac,
+            when,
+            daemon,
+        } => {
+            let (live, config) = when.targets();
+            daemon
+                .ask(&daemon::Request::DetachInterface {
+                    network,
+                    target: target.or(mac).unwrap_or_default(),
+                    live,
+                    config,
+                })
+                .map(|_| println!("Interface detached successfully"))
+        }
+        Command::IfaceList {
+            network,
+            json,
+            socket,
+        } => Target { network, socket }.ask(if json {
+            "iface-list json"
+        } else {
+            "iface-list"
+        }),
+        Command::Fdb {
+            network,
+            json,
+            socket,
+        } => Target { network, socket }.ask(if json { "fdb json" } else { "fdb" }),
+        Command::NetDumpxml {
+            name,
+            inactive,
+            daemon,
+        } => daemon
+            .ask(&daemon::Request::NetDumpxml { name, inactive })
             .map(|xml| print!("{}", xml.as_str().unwrap_or_default())),
     };
     match result {

@@ -160,6 +160,7 @@ const NETWORK: Schema = Schema {
 const SY_EXTENSIONS: &[Schema] = &[
     leaf("uplink", &["prefix", "gateway", "mac", "rx"]),
     leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
+    leaf("port", &["type", "target", "netns", "mac", "model"]),
 ];
 
 fn line_of(node: roxmltree::Node<'_, '_>) -> u32 {
@@ -443,6 +444,54 @@ fn parse_dns(dns: roxmltree::Node<'_, '_>) -> Result<DnsDef, XmlError> {
     Ok(def)
 }
 
+/// `xml` with one more `<sy:port>` (a tap attached at every start), declaring switchyard's
+/// namespace on `<network>` if it is not yet.
+pub fn add_port_xml(xml: &str, target: &str, netns: Option<&str>, mac: Option<&str>) -> String {
+    let escape = |v: &str| {
+        v.replace('&', "&amp;")
+            .replace('\'', "&apos;")
+            .replace('<', "&lt;")
+    };
+    let mut element = format!("<sy:port type='tap' target='{}'", escape(target));
+    if let Some(ns) = netns {
+        element.push_str(&format!(" netns='{}'", escape(ns)));
+    }
+    if let Some(mac) = mac {
+        element.push_str(&format!(" mac='{}'", escape(mac)));
+    }
+    element.push_str(" model='virtio'/>");
+    let mut out = xml.to_string();
+    if let Some(end) = out.rfind("</network>") {
+        out.insert_str(end, &format!("  {element}\n"));
+    }
+    if !out.contains(SY_NS)
+        && let Some(at) = out.find("<network").map(|i| i + "<network".len())
+    {
+        out.insert_str(at, &format!(" xmlns:sy='{SY_NS}'"));
+    }
+    out
+}
+
+/// `xml` without the `<sy:port>` whose target (or MAC) is `target`; `None` if it has none.
+pub fn remove_port_xml(xml: &str, target: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let port = doc.root_element().children().find(|c| {
+        c.has_tag_name((SY_NS, "port"))
+            && (c.attribute("target") == Some(target)
+                || c.attribute("mac")
+                    .is_some_and(|m| m.eq_ignore_ascii_case(target)))
+    })?;
+    let range = port.range();
+    // Take the indentation and line break before it too.
+    let start = xml[..range.start].trim_end_matches([' ', '\t']).len();
+    let start = if xml[..start].ends_with('\n') {
+        start - 1
+    } else {
+        start
+    };
+    Some(format!("{}{}", &xml[..start], &xml[range.end..]))
+}
+
 /// The parts of a network definition switchyard uses so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkDef {
@@ -460,6 +509,9 @@ pub struct NetworkDef {
     pub dns: DnsDef,
     pub sy_uplink: Option<SyUplink>,
     pub sy_nat: SyNat,
+    /// `<sy:port type='tap' target netns mac model/>`: taps attached at every start
+    /// (`attach-interface --config`).
+    pub sy_ports: Vec<datapath::io::TapSpec>,
 }
 
 fn attr_parse<T: std::str::FromStr>(
@@ -684,6 +736,27 @@ impl NetworkDef {
                 }),
                 None => None,
             },
+            sy_ports: root
+                .children()
+                .filter(|c| c.has_tag_name((SY_NS, "port")))
+                .map(|p| {
+                    if p.attribute("type").is_some_and(|t| t != "tap") {
+                        return Err(XmlError::BadValue {
+                            element: "port".into(),
+                            attribute: "type".into(),
+                            value: p.attribute("type").unwrap_or_default().into(),
+                            line: line_of(p),
+                            why: "only tap ports are defined in the network".into(),
+                        });
+                    }
+                    Ok(datapath::io::TapSpec {
+                        name: required(p, "target", p.attribute("target").map(str::to_string))?,
+                        netns: p.attribute("netns").map(datapath::io::netns::netns_path),
+                        mac: attr_parse(p, "mac")?,
+                        mtu: None,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             sy_nat: match sy_child("nat") {
                 Some(n) => SyNat {
                     filtering: attr_parse(n, "filtering")?,

@@ -63,13 +63,139 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Answers one control request: `conntrack [json]`, `neighbors`, `stats`.
-pub fn answer(engine: &Engine, request: &str) -> String {
+/// A tap as `switchyard iface-list` shows it (virsh `domiflist` + `domifaddr`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IfaceRow {
+    pub interface: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The namespace the tap lives in, or `-`.
+    pub source: String,
+    pub model: String,
+    pub mac: String,
+    /// From the MAC's DHCP lease, with the prefix.
+    pub ip: String,
+}
+
+/// `iface-list` layout.
+pub fn iface_table(rows: &[IfaceRow]) -> String {
+    let w = |f: fn(&IfaceRow) -> &str, title: &str| {
+        rows.iter()
+            .map(|r| f(r).len())
+            .max()
+            .unwrap_or(0)
+            .max(title.len())
+    };
+    let (wi, ws, wm) = (
+        w(|r| &r.interface, "Interface"),
+        w(|r| &r.source, "Source"),
+        w(|r| &r.mac, "MAC"),
+    );
+    let mut out = format!(
+        " {:<wi$}   {:<5}   {:<ws$}   {:<6}   {:<wm$}   IP address\n",
+        "Interface", "Type", "Source", "Model", "MAC"
+    );
+    out.push_str(&format!("{}\n", "-".repeat(wi + ws + wm + 40)));
+    for r in rows {
+        out.push_str(&format!(
+            " {:<wi$}   {:<5}   {:<ws$}   {:<6}   {:<wm$}   {}\n",
+            r.interface, r.kind, r.source, r.model, r.mac, r.ip
+        ));
+    }
+    out
+}
+
+fn iface_rows(dp: &Datapath) -> Vec<IfaceRow> {
+    let engine = dp.engine();
+    let fdb = engine.fdb_rows(std::time::Instant::now());
+    dp.taps()
+        .into_iter()
+        .map(|(port, name, netns, mac)| {
+            let mac = mac
+                .map(|m| m.to_string())
+                .or_else(|| fdb.iter().find(|r| r.port == port).map(|r| r.mac.clone()));
+            let ip = engine.dhcp().and_then(|d| {
+                let mac = mac.as_deref()?;
+                let lease = d
+                    .leases()
+                    .find(|l| dhcp_dns::dhcp::format_mac(&l.mac) == mac)?;
+                Some(format!("{}/{}", lease.ip, d.config().prefix))
+            });
+            IfaceRow {
+                interface: name,
+                kind: "tap".into(),
+                source: netns
+                    .map(|p| {
+                        p.strip_prefix(datapath::io::netns::NETNS_RUN_DIR)
+                            .unwrap_or(&p)
+                            .display()
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                model: "virtio".into(),
+                mac: mac.unwrap_or_else(|| "-".into()),
+                ip: ip.unwrap_or_else(|| "-".into()),
+            }
+        })
+        .collect()
+}
+
+/// `attach tap SPEC`: opens the tap (created inside its namespace) and adds it as a port.
+fn attach(dp: &mut Datapath, spec: &str) -> String {
+    let spec: TapSpec = match spec.parse() {
+        Ok(spec) => spec,
+        Err(e) => return format!("error: {e}\n"),
+    };
+    if dp
+        .taps()
+        .iter()
+        .any(|(_, name, netns, _)| *name == spec.name && *netns == spec.netns)
+    {
+        return format!("error: interface {spec} is already attached\n");
+    }
+    match Tap::open(&spec).and_then(|tap| dp.add_tap(tap)) {
+        Ok(id) => format!("port {id}\n"),
+        Err(e) => format!("error: tap {spec}: {e}\n"),
+    }
+}
+
+/// `detach TARGET`: removes the tap named TARGET (`NAME`, or `NAME@NETNS`) or with MAC
+/// TARGET.
+fn detach(dp: &mut Datapath, target: &str) -> String {
+    let rows = iface_rows(dp);
+    let found = dp
+        .taps()
+        .into_iter()
+        .zip(rows)
+        .find(|((_, name, _, _), row)| {
+            *name == target
+                || format!("{name}@{}", row.source) == target
+                || row.mac.eq_ignore_ascii_case(target)
+        });
+    match found {
+        Some(((port, ..), _)) => {
+            dp.remove_port(port);
+            "ok\n".into()
+        }
+        None => format!("error: no interface {target} on this network\n"),
+    }
+}
+
+/// Answers one control request: `conntrack [json]`, `neighbors`, `stats`, `leases [json]`,
+/// `dns`, `fdb [json]`, `iface-list [json]`, `attach tap SPEC`, `detach TARGET`.
+pub fn answer(dp: &mut Datapath, request: &str) -> String {
     let now = std::time::Instant::now();
     let json = |v: Result<String, serde_json::Error>| match v {
         Ok(s) => s + "\n",
         Err(e) => format!("error: {e}\n"),
     };
+    if let Some(spec) = request.strip_prefix("attach tap ") {
+        return attach(dp, spec.trim());
+    }
+    if let Some(target) = request.strip_prefix("detach ") {
+        return detach(dp, target.trim());
+    }
+    let engine = dp.engine();
     match request {
         "conntrack" => {
             let rows = engine.conntrack(now);
@@ -103,9 +229,19 @@ pub fn answer(engine: &Engine, request: &str) -> String {
                 .map(|d| d.leases().cloned().collect::<Vec<_>>())
                 .unwrap_or_default(),
         )),
-        other => {
-            format!("error: unknown request {other:?}; try conntrack, neighbors, stats, leases\n")
-        }
+        "fdb" => report::fdb_table(&engine.fdb_rows(now), |id| {
+            engine
+                .port(datapath::PortId(id))
+                .map(|p| p.name.clone())
+                .unwrap_or_default()
+        }),
+        "fdb json" => json(serde_json::to_string(&engine.fdb_rows(now))),
+        "iface-list" => iface_table(&iface_rows(dp)),
+        "iface-list json" => json(serde_json::to_string(&iface_rows(dp))),
+        other => format!(
+            "error: unknown request {other:?}; try conntrack, neighbors, stats, leases, dns, \
+             fdb, iface-list\n"
+        ),
     }
 }
 
@@ -347,7 +483,7 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     );
     let json = opts.json;
     dp.run(
-        |engine| {
+        |engine: &Engine| {
             let stats = engine.stats();
             if json {
                 if let Ok(line) = serde_json::to_string(&stats) {

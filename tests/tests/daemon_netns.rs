@@ -235,3 +235,145 @@ fn errors_are_one_line_and_bad_definitions_write_nothing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `switchyard daemon` running?"));
 }
+
+// attach-interface as virsh: live (--current) a tap inside a guest namespace, which then gets
+// a lease and pings the gateway, shown by iface-list and fdb; detach removes the tap; a
+// --config attach appears only after net-destroy + net-start, and --persistent detach
+// removes it from both.
+#[test]
+fn attach_and_detach_interfaces_live_and_in_the_configuration() {
+    require(&["busybox", "ping"]);
+    let daemon = Daemon::start(TempDir::new("sydma"), Netns::new("d"));
+    let (g1, g2) = (Netns::new("g"), Netns::new("g"));
+    let file = define(&daemon, "lab", LAB);
+    daemon.ok(&["net-define", &file]);
+    daemon.ok(&["net-start", "lab"]);
+    let attached = daemon.ok(&[
+        "attach-interface",
+        "--network",
+        "lab",
+        "--type",
+        "tap",
+        "--target",
+        "eth0",
+        "--netns",
+        &g1.name,
+        "--mac",
+        "52:54:00:aa:00:01",
+        "--model",
+        "virtio",
+    ]);
+    assert_eq!(attached.trim(), "Interface attached successfully");
+    let script = daemon.dir.0.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n",
+    )
+    .unwrap();
+    must(&["chmod", "+x", &script.display().to_string()]);
+    g1.must(&["ip", "link", "set", "eth0", "up"]);
+    g1.must(&[
+        "timeout",
+        "30",
+        "busybox",
+        "udhcpc",
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "5",
+        "-T",
+        "1",
+        "-i",
+        "eth0",
+        "-s",
+        &script.display().to_string(),
+    ]);
+    g1.must(&["ping", "-c", "1", "-W", "2", "10.77.0.1"]);
+    let ifaces = daemon.ok(&["iface-list", "lab"]);
+    let row: Vec<&str> = ifaces
+        .lines()
+        .find(|l| l.contains("eth0"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row,
+        [
+            "eth0",
+            "tap",
+            g1.name.as_str(),
+            "virtio",
+            "52:54:00:aa:00:01",
+            "10.77.0.10/24"
+        ],
+        "{ifaces}"
+    );
+    assert!(daemon.ok(&["fdb", "lab"]).contains("52:54:00:aa:00:01"));
+    daemon.fails(
+        &[
+            "attach-interface",
+            "--network",
+            "lab",
+            "--target",
+            "eth0",
+            "--netns",
+            &g1.name,
+        ],
+        "already attached",
+    );
+
+    daemon.ok(&[
+        "detach-interface",
+        "--network",
+        "lab",
+        "--mac",
+        "52:54:00:aa:00:01",
+    ]);
+    assert!(!g1.has_link("eth0"), "the tap switchyard created is gone");
+    daemon.fails(
+        &["detach-interface", "--network", "lab", "--target", "eth0"],
+        "no interface eth0",
+    );
+
+    // --config: not now, at the next start.
+    daemon.ok(&[
+        "attach-interface",
+        "--network",
+        "lab",
+        "--target",
+        "eth1",
+        "--netns",
+        &g2.name,
+        "--config",
+    ]);
+    assert!(!g2.has_link("eth1"));
+    assert!(!daemon.ok(&["net-dumpxml", "lab"]).contains("sy:port"));
+    assert!(
+        daemon
+            .ok(&["net-dumpxml", "lab", "--inactive"])
+            .contains("<sy:port type='tap' target='eth1'")
+    );
+    daemon.ok(&["net-destroy", "lab"]);
+    daemon.ok(&["net-start", "lab"]);
+    assert!(g2.has_link("eth1"));
+    assert!(daemon.ok(&["iface-list", "lab"]).contains("eth1"));
+    daemon.ok(&[
+        "detach-interface",
+        "--network",
+        "lab",
+        "--target",
+        "eth1",
+        "--persistent",
+    ]);
+    assert!(!g2.has_link("eth1"));
+    assert!(
+        !daemon
+            .ok(&["net-dumpxml", "lab", "--inactive"])
+            .contains("sy:port")
+    );
+    daemon.fails(
+        &["attach-interface", "--network", "nope", "--target", "x"],
+        "not active",
+    );
+}

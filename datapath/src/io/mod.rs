@@ -564,7 +564,7 @@ impl Datapath {
     pub fn run(
         &mut self,
         mut report: impl FnMut(&Engine),
-        mut answer: impl FnMut(&Engine, &str) -> String,
+        mut answer: impl FnMut(&mut Datapath, &str) -> String,
     ) -> io::Result<()> {
         while !self.shutdown.load(Ordering::SeqCst) {
             self.turn(None)?;
@@ -579,32 +579,60 @@ impl Datapath {
     }
 
     /// Answers every waiting control connection. A client gets [`CONTROL_READ_TIMEOUT`] to
-    /// send its request, so a stuck client delays the datapath by at most that.
-    fn serve_control(&mut self, answer: &mut impl FnMut(&Engine, &str) -> String) {
-        let Some((listener, _)) = &self.control else {
-            return;
-        };
-        loop {
-            let stream = match listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let mut line = String::new();
-            if BufReader::new(&stream)
-                .take(4096)
-                .read_line(&mut line)
-                .is_err()
-            {
-                continue;
+    /// send its request, so a stuck client delays the datapath by at most that. The answer
+    /// may change the datapath (attach or detach a port).
+    fn serve_control(&mut self, answer: &mut impl FnMut(&mut Datapath, &str) -> String) {
+        let mut requests = Vec::new();
+        if let Some((listener, _)) = &self.control {
+            loop {
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let stream =
+                    std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                let mut line = String::new();
+                if BufReader::new(&stream)
+                    .take(4096)
+                    .read_line(&mut line)
+                    .is_ok()
+                {
+                    requests.push((stream, line));
+                }
             }
-            let reply = answer(&self.engine, line.trim());
+        }
+        for (stream, line) in requests {
+            let reply = answer(self, line.trim());
             let _ = (&stream).write_all(reply.as_bytes());
         }
+    }
+
+    /// The tap ports: (port, tap name, its namespace, the MAC asked for its kernel side).
+    pub fn taps(
+        &self,
+    ) -> Vec<(
+        PortId,
+        String,
+        Option<PathBuf>,
+        Option<crate::wire::MacAddr>,
+    )> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let tap = p.as_ref()?._tap.as_ref()?;
+                Some((
+                    PortId(i as u16),
+                    tap.name.clone(),
+                    tap.netns.clone(),
+                    tap.mac,
+                ))
+            })
+            .collect()
     }
 
     /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next

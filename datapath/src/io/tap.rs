@@ -77,6 +77,8 @@ pub struct Tap {
     pub(crate) file: File,
     pub name: String,
     pub netns: Option<PathBuf>,
+    /// The MAC set on the kernel side, if one was asked for.
+    pub mac: Option<MacAddr>,
     /// The tap did not exist before: it goes away when this is dropped. An attached
     /// (persistent) tap is left as it was found.
     pub created: bool,
@@ -112,6 +114,7 @@ impl Tap {
             file: File::from(fd),
             name,
             netns: spec.netns.clone(),
+            mac: spec.mac,
             created,
         })
     }
