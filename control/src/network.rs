@@ -666,11 +666,24 @@ impl NetworkDef {
             let mut dhcp_hosts = Vec::new();
             for node in dhcp.iter().flat_map(|d| d.children()) {
                 if node.has_tag_name("range") {
-                    dhcp_ranges.push(DhcpRange {
+                    let range = DhcpRange {
                         start: required(node, "start", attr_parse(node, "start")?)?,
                         end: required(node, "end", attr_parse(node, "end")?)?,
                         lease: lease_time(node)?,
-                    });
+                    };
+                    if let Some(other) = dhcp_ranges.iter().find(|o: &&DhcpRange| {
+                        u32::from(o.start) <= u32::from(range.end)
+                            && u32::from(range.start) <= u32::from(o.end)
+                    }) {
+                        return Err(XmlError::BadValue {
+                            element: "range".into(),
+                            attribute: "start".into(),
+                            value: format!("{}-{}", range.start, range.end),
+                            line: line_of(node),
+                            why: format!("overlaps the range {}-{}", other.start, other.end),
+                        });
+                    }
+                    dhcp_ranges.push(range);
                 } else if node.has_tag_name("host") {
                     dhcp_hosts.push(DhcpHost {
                         mac: required(node, "mac", attr_parse(node, "mac")?)?,

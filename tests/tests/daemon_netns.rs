@@ -216,6 +216,13 @@ fn errors_are_one_line_and_bad_definitions_write_nothing() {
              <range start='10.0.1.2' end='10.0.1.9'/></dhcp></ip></network>",
             "<dhcp>",
         ),
+        (
+            "overlap",
+            "<network><name>bad</name><ip address='10.0.0.1' prefix='24'><dhcp>\n\
+             <range start='10.0.0.10' end='10.0.0.50'/>\n\
+             <range start='10.0.0.40' end='10.0.0.90'/>\n</dhcp></ip></network>",
+            "line 3",
+        ),
     ] {
         let file = define(&daemon, name, xml);
         daemon.fails(&["net-define", &file], needle);
