@@ -84,6 +84,13 @@ pub enum Request {
         live: bool,
         config: bool,
     },
+    /// A VM port for `network`: a unix stream socket at `socket` (QEMU's stream netdev).
+    AttachStream {
+        network: String,
+        socket: String,
+        live: bool,
+        config: bool,
+    },
     /// Removes the tap `target` (a name or a MAC) from `network`: live, config, or both.
     DetachInterface {
         network: String,
@@ -299,6 +306,12 @@ impl Daemon {
                 mac.as_deref(),
                 (live, config),
             ),
+            Request::AttachStream {
+                network,
+                socket,
+                live,
+                config,
+            } => self.attach_stream(&network, &socket, (live, config)),
             Request::DetachInterface {
                 network,
                 target,
@@ -351,6 +364,42 @@ impl Daemon {
         };
         if live {
             self.ask_network(network, &format!("attach tap {spec}"))?;
+        }
+        if let Some(xml) = new_xml {
+            self.state.define(&xml)?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+
+    /// `attach-interface --type stream`: the socket QEMU connects to, now and/or at every
+    /// start (`<sy:port type='stream' socket=...>`).
+    fn attach_stream(
+        &mut self,
+        network: &str,
+        socket: &str,
+        (live, config): (bool, bool),
+    ) -> Result<serde_json::Value, String> {
+        if !socket.starts_with('/') {
+            return Err(format!("--socket {socket}: give an absolute path"));
+        }
+        let new_xml = if config {
+            let xml = self.state.xml(network)?;
+            let def = NetworkDef::parse(&xml).map_err(|e| e.to_string())?;
+            if def
+                .sy_streams
+                .iter()
+                .any(|p| p.as_path() == Path::new(socket))
+            {
+                return Err(format!(
+                    "stream {socket} is already in the configuration of '{network}'"
+                ));
+            }
+            Some(crate::network::add_stream_xml(&xml, socket))
+        } else {
+            None
+        };
+        if live {
+            self.ask_network(network, &format!("attach stream {socket}"))?;
         }
         if let Some(xml) = new_xml {
             self.state.define(&xml)?;
@@ -419,6 +468,7 @@ impl Daemon {
         let opts = RunOptions {
             xml: None,
             taps: def.sy_ports.clone(),
+            streams: def.sy_streams.clone(),
             fdb_aging: datapath::switch::DEFAULT_AGING,
             fdb_max: datapath::switch::DEFAULT_CAPACITY,
             json: false,

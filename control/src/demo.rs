@@ -142,6 +142,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
     let opts = RunOptions {
         xml: None,
         taps,
+        streams: Vec::new(),
         fdb_aging: DEFAULT_AGING,
         fdb_max: DEFAULT_CAPACITY,
         json: false,

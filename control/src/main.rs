@@ -31,6 +31,10 @@ enum Command {
         /// /proc/PID/ns/net; MAC is set on the kernel side. Repeat for more ports.
         #[arg(long = "tap", value_name = "NAME[@NETNS][=MAC]")]
         taps: Vec<TapSpec>,
+        /// A VM port: a unix socket for `qemu -netdev stream,...,addr.type=unix,addr.path=PATH`
+        /// (4-byte big-endian length before each frame). Repeat for more VMs.
+        #[arg(long = "stream", value_name = "PATH")]
+        streams: Vec<PathBuf>,
         /// Seconds before an idle MAC is forgotten (the Linux bridge's ageing_time).
         #[arg(long, default_value_t = 300)]
         fdb_aging: u64,
@@ -157,12 +161,15 @@ enum Command {
     AttachInterface {
         #[arg(long)]
         network: String,
-        /// Only tap for now (QEMU stream sockets come with the modes issue).
+        /// `tap`, or `stream` for a QEMU VM (`-netdev stream,addr.type=unix,addr.path=SOCKET`).
         #[arg(long = "type", default_value = "tap")]
         kind: String,
         /// The tap's name (created inside --netns if it does not exist).
+        #[arg(long, required_unless_present = "socket")]
+        target: Option<String>,
+        /// With --type stream: the unix socket QEMU connects to (created now).
         #[arg(long)]
-        target: String,
+        socket: Option<PathBuf>,
         /// The namespace the tap lives in: an `ip netns` name or a path.
         #[arg(long)]
         netns: Option<String>,
@@ -245,13 +252,13 @@ impl When {
 #[derive(clap::Args, Debug)]
 struct DaemonArg {
     /// The daemon's socket (default /run/switchyard/daemon.sock).
-    #[arg(long, env = "SWITCHYARD_SOCKET")]
-    socket: Option<PathBuf>,
+    #[arg(long = "connect", env = "SWITCHYARD_SOCKET", value_name = "SOCKET")]
+    connect: Option<PathBuf>,
 }
 
 impl DaemonArg {
     fn ask(&self, request: &daemon::Request) -> Result<serde_json::Value, String> {
-        let socket = self.socket.clone().unwrap_or_else(daemon::default_socket);
+        let socket = self.connect.clone().unwrap_or_else(daemon::default_socket);
         daemon::request(&socket, request)
     }
 }
@@ -288,6 +295,7 @@ fn main() -> ExitCode {
         Command::Run {
             xml,
             taps,
+            streams,
             fdb_aging,
             fdb_max,
             json,
@@ -297,6 +305,7 @@ fn main() -> ExitCode {
         } => run::run(&RunOptions {
             xml,
             taps,
+            streams,
             fdb_aging: Duration::from_secs(fdb_aging),
             fdb_max,
             json,
@@ -386,29 +395,39 @@ fn main() -> ExitCode {
             network,
             kind,
             target,
+            socket,
             netns,
             mac,
             model,
             when,
             daemon,
         } => {
-            if kind != "tap" || model != "virtio" {
-                Err(format!(
-                    "--type {kind} --model {model}: only --type tap --model virtio is supported"
-                ))
-            } else {
-                let (live, config) = when.targets();
+            let (live, config) = when.targets();
+            let request = match (kind.as_str(), target, socket) {
+                _ if model != "virtio" => Err(format!("--model {model}: only virtio")),
+                ("tap", Some(target), None) => Ok(daemon::Request::AttachInterface {
+                    network,
+                    target,
+                    netns,
+                    mac,
+                    live,
+                    config,
+                }),
+                ("stream", None, Some(socket)) => Ok(daemon::Request::AttachStream {
+                    network,
+                    socket: socket.display().to_string(),
+                    live,
+                    config,
+                }),
+                ("tap", ..) => Err("--type tap takes --target NAME (not --socket)".into()),
+                ("stream", ..) => Err("--type stream takes --socket PATH (not --target)".into()),
+                (other, ..) => Err(format!("--type {other}: tap or stream")),
+            };
+            request.and_then(|request| {
                 daemon
-                    .ask(&daemon::Request::AttachInterface {
-                        network,
-                        target,
-                        netns,
-                        mac,
-                        live,
-                        config,
-                    })
+                    .ask(&request)
                     .map(|_| println!("Interface attached successfully"))
-            }
+            })
         }
         Command::DetachInterface {
             network,

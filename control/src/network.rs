@@ -7,6 +7,7 @@
 //! user debugging the wrong thing.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 /// The XML namespace of switchyard's own extensions (prefix `sy:` by convention).
 pub const SY_NS: &str = "urn:switchyard:network:1";
@@ -160,7 +161,10 @@ const NETWORK: Schema = Schema {
 const SY_EXTENSIONS: &[Schema] = &[
     leaf("uplink", &["prefix", "gateway", "mac", "rx"]),
     leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
-    leaf("port", &["type", "target", "netns", "mac", "model"]),
+    leaf(
+        "port",
+        &["type", "target", "netns", "mac", "model", "socket"],
+    ),
 ];
 
 fn line_of(node: roxmltree::Node<'_, '_>) -> u32 {
@@ -472,12 +476,33 @@ pub fn add_port_xml(xml: &str, target: &str, netns: Option<&str>, mac: Option<&s
     out
 }
 
+/// `xml` with one more `<sy:port type='stream'>` (a QEMU socket made at every start).
+pub fn add_stream_xml(xml: &str, socket: &str) -> String {
+    let escape = |v: &str| {
+        v.replace('&', "&amp;")
+            .replace('\'', "&apos;")
+            .replace('<', "&lt;")
+    };
+    let element = format!("<sy:port type='stream' socket='{}'/>", escape(socket));
+    let mut out = xml.to_string();
+    if let Some(end) = out.rfind("</network>") {
+        out.insert_str(end, &format!("  {element}\n"));
+    }
+    if !out.contains(SY_NS)
+        && let Some(at) = out.find("<network").map(|i| i + "<network".len())
+    {
+        out.insert_str(at, &format!(" xmlns:sy='{SY_NS}'"));
+    }
+    out
+}
+
 /// `xml` without the `<sy:port>` whose target (or MAC) is `target`; `None` if it has none.
 pub fn remove_port_xml(xml: &str, target: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let port = doc.root_element().children().find(|c| {
         c.has_tag_name((SY_NS, "port"))
             && (c.attribute("target") == Some(target)
+                || c.attribute("socket") == Some(target)
                 || c.attribute("mac")
                     .is_some_and(|m| m.eq_ignore_ascii_case(target)))
     })?;
@@ -512,6 +537,8 @@ pub struct NetworkDef {
     /// `<sy:port type='tap' target netns mac model/>`: taps attached at every start
     /// (`attach-interface --config`).
     pub sy_ports: Vec<datapath::io::TapSpec>,
+    /// `<sy:port type='stream' socket/>`: QEMU stream sockets made at every start.
+    pub sy_streams: Vec<PathBuf>,
 }
 
 fn attr_parse<T: std::str::FromStr>(
@@ -749,9 +776,18 @@ impl NetworkDef {
                 }),
                 None => None,
             },
+            sy_streams: root
+                .children()
+                .filter(|c| {
+                    c.has_tag_name((SY_NS, "port")) && c.attribute("type") == Some("stream")
+                })
+                .map(|p| required(p, "socket", p.attribute("socket").map(PathBuf::from)))
+                .collect::<Result<_, _>>()?,
             sy_ports: root
                 .children()
-                .filter(|c| c.has_tag_name((SY_NS, "port")))
+                .filter(|c| {
+                    c.has_tag_name((SY_NS, "port")) && c.attribute("type") != Some("stream")
+                })
                 .map(|p| {
                     if p.attribute("type").is_some_and(|t| t != "tap") {
                         return Err(XmlError::BadValue {

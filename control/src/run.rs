@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct RunOptions {
     pub xml: Option<PathBuf>,
     pub taps: Vec<TapSpec>,
+    /// QEMU stream sockets to make (VM ports).
+    pub streams: Vec<PathBuf>,
     pub fdb_aging: Duration,
     pub fdb_max: usize,
     pub json: bool,
@@ -108,7 +110,28 @@ pub fn iface_table(rows: &[IfaceRow]) -> String {
 fn iface_rows(dp: &Datapath) -> Vec<IfaceRow> {
     let engine = dp.engine();
     let fdb = engine.fdb_rows(std::time::Instant::now());
-    dp.taps()
+    let lease_of = |mac: Option<&str>| {
+        engine.dhcp().and_then(|d| {
+            let mac = mac?;
+            let lease = d
+                .leases()
+                .find(|l| dhcp_dns::dhcp::format_mac(&l.mac) == mac)?;
+            Some(format!("{}/{}", lease.ip, d.config().prefix))
+        })
+    };
+    let streams = dp.streams().into_iter().map(|(port, path, connected)| {
+        let mac = fdb.iter().find(|r| r.port == port).map(|r| r.mac.clone());
+        IfaceRow {
+            interface: if connected { "vm" } else { "(waiting)" }.into(),
+            kind: "stream".into(),
+            source: path.display().to_string(),
+            model: "virtio".into(),
+            ip: lease_of(mac.as_deref()).unwrap_or_else(|| "-".into()),
+            mac: mac.unwrap_or_else(|| "-".into()),
+        }
+    });
+    let taps: Vec<IfaceRow> = dp
+        .taps()
         .into_iter()
         .map(|(port, name, netns, mac)| {
             let mac = mac
@@ -137,7 +160,8 @@ fn iface_rows(dp: &Datapath) -> Vec<IfaceRow> {
                 ip: ip.unwrap_or_else(|| "-".into()),
             }
         })
-        .collect()
+        .collect();
+    taps.into_iter().chain(streams).collect()
 }
 
 /// `attach tap SPEC`: opens the tap (created inside its namespace) and adds it as a port.
@@ -159,6 +183,14 @@ fn attach(dp: &mut Datapath, spec: &str) -> String {
     }
 }
 
+/// `attach stream PATH`: a VM port on a new unix socket at PATH.
+fn attach_stream(dp: &mut Datapath, path: &Path) -> String {
+    match dp.add_stream(format!("{}(stream)", path.display()), path) {
+        Ok(id) => format!("port {id}\n"),
+        Err(e) => format!("error: stream {}: {e}\n", path.display()),
+    }
+}
+
 /// `detach TARGET`: removes the tap named TARGET (`NAME`, or `NAME@NETNS`) or with MAC
 /// TARGET.
 fn detach(dp: &mut Datapath, target: &str) -> String {
@@ -172,8 +204,14 @@ fn detach(dp: &mut Datapath, target: &str) -> String {
                 || format!("{name}@{}", row.source) == target
                 || row.mac.eq_ignore_ascii_case(target)
         });
+    let found = found.map(|((port, ..), _)| port).or_else(|| {
+        dp.streams()
+            .into_iter()
+            .find(|(_, path, _)| path.as_path() == Path::new(target))
+            .map(|(port, ..)| port)
+    });
     match found {
-        Some(((port, ..), _)) => {
+        Some(port) => {
             dp.remove_port(port);
             "ok\n".into()
         }
@@ -191,6 +229,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     };
     if let Some(spec) = request.strip_prefix("attach tap ") {
         return attach(dp, spec.trim());
+    }
+    if let Some(path) = request.strip_prefix("attach stream ") {
+        return attach_stream(dp, Path::new(path.trim()));
     }
     if let Some(target) = request.strip_prefix("detach ") {
         return detach(dp, target.trim());
@@ -415,6 +456,17 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
             nat.ports.0,
             nat.ports.1,
             nat.filtering
+        );
+    }
+    for path in &opts.streams {
+        let id = dp
+            .add_stream(format!("{}(stream)", path.display()), path)
+            .map_err(|e| format!("stream {}: {e}", path.display()))?;
+        eprintln!(
+            "switchyard: port {id}: stream socket {} (qemu -netdev stream,id=n0,server=off,\
+             addr.type=unix,addr.path={})",
+            path.display(),
+            path.display()
         );
     }
     for spec in &opts.taps {

@@ -383,4 +383,26 @@ fn attach_and_detach_interfaces_live_and_in_the_configuration() {
         &["attach-interface", "--network", "nope", "--target", "x"],
         "not active",
     );
+
+    // A VM port: the socket QEMU connects to exists while the port does.
+    let socket = daemon.dir.file("vm1.sock");
+    daemon.ok(&[
+        "attach-interface",
+        "--network",
+        "lab",
+        "--type",
+        "stream",
+        "--socket",
+        &socket,
+    ]);
+    assert!(std::path::Path::new(&socket).exists());
+    let ifaces = daemon.ok(&["iface-list", "lab"]);
+    assert!(
+        ifaces
+            .lines()
+            .any(|l| l.contains("stream") && l.contains(&socket)),
+        "{ifaces}"
+    );
+    daemon.ok(&["detach-interface", "--network", "lab", "--target", &socket]);
+    assert!(!std::path::Path::new(&socket).exists());
 }

@@ -8,6 +8,7 @@
 
 pub mod netlink;
 pub mod netns;
+pub mod stream;
 pub mod sys;
 pub mod tap;
 
@@ -37,6 +38,8 @@ pub const RX_BUDGET: usize = 64;
 pub const MAX_PORTS: usize = 1024;
 const BUF_LEN: usize = vnet::LEN + MAX_FRAME_LEN;
 
+/// Tokens from here on are the listening sockets of stream ports (port index added).
+const LISTENER_BASE: usize = MAX_PORTS;
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const CONTROL: Token = Token(usize::MAX - 3);
@@ -58,12 +61,26 @@ pub struct PortCaps {
 
 #[derive(Debug)]
 struct IoPort {
-    file: File,
+    /// The fd frames are read from and written to, one frame per call; `None` for a stream
+    /// port, whose frames go through `stream`.
+    file: Option<File>,
+    stream: Option<stream::StreamPort>,
     caps: PortCaps,
     /// Frames arrive in this mapped ring instead of by `read` (the uplink).
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     _tap: Option<Tap>,
+}
+
+impl IoPort {
+    /// Writes one whole frame (with the port's framing).
+    fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+        match (&self.file, &mut self.stream) {
+            (Some(file), _) => write_frame(file, buf),
+            (None, Some(stream)) => stream.send(buf),
+            (None, None) => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
 }
 
 /// Ports with frames still to read, in the order they get their next turn. Sized for
@@ -367,7 +384,8 @@ impl Datapath {
             self.ports.resize_with(index + 1, || None);
         }
         self.ports[index] = Some(IoPort {
-            file,
+            file: Some(file),
+            stream: None,
             caps,
             ring,
             _tap: tap,
@@ -377,13 +395,90 @@ impl Datapath {
         Ok(id)
     }
 
+    /// Adds a VM port: a unix stream socket at `path` that QEMU connects to (see
+    /// [`stream`]). The port exists from now on; VMs connect, leave and come back.
+    pub fn add_stream(&mut self, name: String, path: &Path) -> io::Result<PortId> {
+        if self.engine.ports().count() >= MAX_PORTS {
+            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
+        }
+        let mut stream = stream::StreamPort::bind(path)?;
+        let id = self.engine.add_port(name);
+        let index = id.0 as usize;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream.listener,
+            Token(LISTENER_BASE + index),
+            Interest::READABLE,
+        ) {
+            self.engine.remove_port(id);
+            return Err(e);
+        }
+        if self.ports.len() <= index {
+            self.ports.resize_with(index + 1, || None);
+        }
+        self.ports[index] = Some(IoPort {
+            file: None,
+            stream: Some(stream),
+            caps: PortCaps { vnet_hdr: false },
+            ring: None,
+            _tap: None,
+        });
+        Ok(id)
+    }
+
+    /// The stream ports: (port, socket path, whether a VM is connected).
+    pub fn streams(&self) -> Vec<(PortId, PathBuf, bool)> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let stream = p.as_ref()?.stream.as_ref()?;
+                Some((
+                    PortId(i as u16),
+                    stream.path().to_path_buf(),
+                    stream.is_connected(),
+                ))
+            })
+            .collect()
+    }
+
+    /// A VM connected to stream port `index` (or more than one: the newest wins).
+    fn accept_stream(&mut self, index: usize) {
+        let Some(stream) = self
+            .ports
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .and_then(|p| p.stream.as_mut())
+        else {
+            return;
+        };
+        if let Some(old) = &mut stream.conn {
+            let _ = self.poll.registry().deregister(old);
+        }
+        if let Ok(true) = stream.accept()
+            && let Some(conn) = &mut stream.conn
+        {
+            let _ = self.poll.registry().register(
+                conn,
+                Token(index),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            self.ready.mark(PortId(index as u16));
+        }
+    }
+
     /// Removes a port (its tap goes away if switchyard created it).
     pub fn remove_port(&mut self, id: PortId) {
-        if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&port.file.as_raw_fd()));
+        if let Some(mut port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
+            let registry = self.poll.registry();
+            if let Some(file) = &port.file {
+                let _ = registry.deregister(&mut SourceFd(&file.as_raw_fd()));
+            }
+            if let Some(stream) = &mut port.stream {
+                let _ = registry.deregister(&mut stream.listener);
+                if let Some(conn) = &mut stream.conn {
+                    let _ = registry.deregister(conn);
+                }
+            }
         }
         self.engine.remove_port(id);
     }
@@ -658,18 +753,34 @@ impl Datapath {
             Err(e) => return Err(e),
         }
         let mut drain_signals = false;
+        let mut accepts = Vec::new();
         for event in self.events.iter() {
             match event.token() {
                 WAKER => {}
                 SIGNALS => drain_signals = true,
                 CONTROL => self.control_ready = true,
                 UPSTREAM_V4 | UPSTREAM_V6 => self.upstream_ready = true,
+                Token(index) if (LISTENER_BASE..2 * MAX_PORTS).contains(&index) => {
+                    accepts.push(index - LISTENER_BASE);
+                }
                 Token(index) => {
+                    if event.is_writable()
+                        && let Some(stream) = self
+                            .ports
+                            .get_mut(index)
+                            .and_then(Option::as_mut)
+                            .and_then(|p| p.stream.as_mut())
+                    {
+                        stream.flush();
+                    }
                     if self.ports.get(index).is_some_and(Option::is_some) {
                         self.ready.mark(PortId(index as u16));
                     }
                 }
             }
+        }
+        for index in accepts {
+            self.accept_stream(index);
         }
         if drain_signals && let Some(rx) = &mut self.signals {
             let mut sink = [0u8; 64];
@@ -700,7 +811,11 @@ impl Datapath {
 
     /// Writes a frame the engine originated (ICMP error, ARP) or released (held for ARP).
     fn transmit_outgoing(&mut self, out: &Outgoing) {
-        let Some(port) = self.ports.get(out.port.0 as usize).and_then(Option::as_ref) else {
+        let Some(port) = self
+            .ports
+            .get_mut(out.port.0 as usize)
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         let len = out.frame.len();
@@ -708,12 +823,12 @@ impl Datapath {
             let buf = &mut self.scratch[..vnet::LEN + len];
             out.vnet.emit(buf);
             buf[vnet::LEN..].copy_from_slice(&out.frame);
-            write_frame(&port.file, buf).map(|()| (1, len))
+            port.send(buf).map(|()| (1, len))
         } else if out.vnet.is_gso() || out.vnet.needs_csum() {
-            write_without_offloads(&port.file, &out.vnet, &out.frame, &mut self.scratch)
+            write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
                 .map_err(|_| io::Error::other("offload"))
         } else {
-            write_frame(&port.file, &out.frame).map(|()| (1, len))
+            port.send(&out.frame).map(|()| (1, len))
         };
         match result {
             Ok((packets, bytes)) => self.engine.record_tx(out.port, packets as u64, bytes),
@@ -729,10 +844,15 @@ impl Datapath {
         if let Some(ring) = port.ring.take() {
             return self.serve_ring(now, id, ring);
         }
+        let is_stream = port.stream.is_some();
         // The buffer leaves `self` while a frame is handled, so the frame and the ports can be
         // borrowed at once; taking an empty box does not allocate.
         let mut rx_buf = std::mem::take(&mut self.rx_buf);
-        let drained = self.serve_reads(now, id, &mut rx_buf);
+        let drained = if is_stream {
+            self.serve_stream(now, id, &mut rx_buf)
+        } else {
+            self.serve_reads(now, id, &mut rx_buf)
+        };
         self.rx_buf = rx_buf;
         drained
     }
@@ -743,7 +863,10 @@ impl Datapath {
                 return true;
             };
             let caps = port.caps;
-            let n = match (&port.file).read(rx_buf) {
+            let Some(file) = &port.file else {
+                return true;
+            };
+            let n = match (&*file).read(rx_buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -754,6 +877,28 @@ impl Datapath {
                 }
             };
             self.forward(now, id, caps, &mut rx_buf[..n]);
+        }
+        false
+    }
+
+    /// Forwards up to [`RX_BUDGET`] frames a VM sent on stream port `id`, in place.
+    /// The frame is copied out of the stream's buffer, so the stream stays in its port
+    /// (a reply may go straight back to it).
+    fn serve_stream(&mut self, now: Instant, id: PortId, rx_buf: &mut [u8]) -> bool {
+        let caps = PortCaps { vnet_hdr: false };
+        for _ in 0..RX_BUDGET {
+            let Some(stream) = self
+                .ports
+                .get_mut(id.0 as usize)
+                .and_then(Option::as_mut)
+                .and_then(|p| p.stream.as_mut())
+            else {
+                return true;
+            };
+            match stream.read_frame(rx_buf) {
+                Ok(n) => self.forward(now, id, caps, &mut rx_buf[..n]),
+                Err(_) => return true,
+            }
         }
         false
     }
@@ -817,23 +962,27 @@ impl Datapath {
     /// Writes the frame at `buf[frame_start..]` to `egress`, adapting its offload state to
     /// what the port can take.
     fn transmit(&mut self, egress: PortId, hdr: &VnetHdr, buf: &[u8], frame_start: usize) {
-        let Some(port) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
+        let Some(port) = self
+            .ports
+            .get_mut(egress.0 as usize)
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         let frame = &buf[frame_start..];
         let offloaded = hdr.is_gso() || hdr.needs_csum();
         let result = if port.caps.vnet_hdr && frame_start == vnet::LEN {
-            write_frame(&port.file, buf).map(|()| (1, frame.len()))
+            port.send(buf).map(|()| (1, frame.len()))
         } else if port.caps.vnet_hdr {
             // A plain frame to a vnet port: prepend an empty header.
             let out = &mut self.scratch[..vnet::LEN + frame.len()];
             out[..vnet::LEN].fill(0);
             out[vnet::LEN..].copy_from_slice(frame);
-            write_frame(&port.file, out).map(|()| (1, frame.len()))
+            port.send(out).map(|()| (1, frame.len()))
         } else if !offloaded {
-            write_frame(&port.file, frame).map(|()| (1, frame.len()))
+            port.send(frame).map(|()| (1, frame.len()))
         } else {
-            match write_without_offloads(&port.file, hdr, frame, &mut self.scratch) {
+            match write_without_offloads(port, hdr, frame, &mut self.scratch) {
                 Ok(sent) => Ok(sent),
                 Err(reason) => {
                     self.engine.record_drop(egress, reason);
@@ -869,7 +1018,7 @@ fn write_frame(file: &File, buf: &[u8]) -> io::Result<()> {
 /// Completes the checksum of, or segments, an offloaded frame into `scratch` and writes the
 /// result as plain frames. Returns (frames written, bytes written).
 fn write_without_offloads(
-    file: &File,
+    port: &mut IoPort,
     hdr: &VnetHdr,
     frame: &[u8],
     scratch: &mut [u8],
@@ -882,7 +1031,8 @@ fn write_without_offloads(
         }
         let (mut count, mut bytes) = (0, 0);
         while let Some(len) = segmenter.next_into(scratch) {
-            write_frame(file, &scratch[..len]).map_err(|_| DropReason::TxError)?;
+            port.send(&scratch[..len])
+                .map_err(|_| DropReason::TxError)?;
             count += 1;
             bytes += len;
         }
@@ -893,6 +1043,6 @@ fn write_without_offloads(
     if hdr.needs_csum() {
         offload::complete_checksum(hdr, out).map_err(|_| DropReason::BadVnetHeader)?;
     }
-    write_frame(file, out).map_err(|_| DropReason::TxError)?;
+    port.send(out).map_err(|_| DropReason::TxError)?;
     Ok((1, frame.len()))
 }
