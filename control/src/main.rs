@@ -134,16 +134,12 @@ enum Command {
     NetList {
         #[arg(long)]
         all: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         daemon: DaemonArg,
     },
     /// Name, UUID, state, autostart and bridge of a network.
     NetInfo {
         name: String,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         daemon: DaemonArg,
     },
@@ -254,6 +250,9 @@ struct DaemonArg {
     /// The daemon's socket (default /run/switchyard/daemon.sock).
     #[arg(long = "connect", env = "SWITCHYARD_SOCKET", value_name = "SOCKET")]
     connect: Option<PathBuf>,
+    /// The daemon's answer as JSON instead of virsh's text.
+    #[arg(long)]
+    json: bool,
 }
 
 impl DaemonArg {
@@ -263,14 +262,32 @@ impl DaemonArg {
     }
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+impl DaemonArg {
+    /// Asks, then prints `human` or, with --json, the answer's data (`null` for plain
+    /// success).
+    fn act(
+        &self,
+        request: &daemon::Request,
+        human: impl FnOnce(&serde_json::Value) -> Result<String, String>,
+    ) -> Result<(), String> {
+        let data = self.ask(request)?;
+        if self.json {
+            println!("{}", serde_json::json!({ "ok": true, "data": data }));
+        } else {
+            print!("{}", human(&data)?);
+        }
+        Ok(())
+    }
 }
 
 /// Which running network to ask.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// The network's name (its control socket is /run/switchyard/NAME.sock).
+    /// The network's name (as `--network`).
+    #[arg(value_name = "NETWORK")]
+    name: Option<String>,
+    /// The network's name (its control socket is net-NAME.sock in /run/switchyard, or beside
+    /// $SWITCHYARD_SOCKET).
     #[arg(long, default_value = "default")]
     network: String,
     /// The control socket itself.
@@ -280,10 +297,11 @@ struct Target {
 
 impl Target {
     fn ask(&self, request: &str) -> Result<(), String> {
+        let network = self.name.as_deref().unwrap_or(&self.network);
         let socket = self
             .socket
             .clone()
-            .unwrap_or_else(|| run::default_control_socket(&self.network));
+            .unwrap_or_else(|| run::default_control_socket(network));
         print!("{}", run::ask(&socket, request)?);
         Ok(())
     }
@@ -314,7 +332,8 @@ fn main() -> ExitCode {
             resolv_conf,
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
-            network: name.unwrap_or_else(|| "default".into()),
+            name,
+            network: "default".into(),
             socket,
         }
         .ask(if json { "leases json" } else { "leases" }),
@@ -335,62 +354,56 @@ fn main() -> ExitCode {
         }),
         Command::NetDefine { file, daemon } => std::fs::read_to_string(&file)
             .map_err(|e| format!("{}: {e}", file.display()))
-            .and_then(|xml| daemon.ask(&daemon::Request::NetDefine { xml }))
-            .map(|name| {
-                println!(
-                    "Network {} defined from {}",
-                    name.as_str().unwrap_or_default(),
-                    file.display()
-                )
+            .and_then(|xml| {
+                daemon.act(&daemon::Request::NetDefine { xml }, |name| {
+                    Ok(format!(
+                        "Network {} defined from {}\n",
+                        name.as_str().unwrap_or_default(),
+                        file.display()
+                    ))
+                })
             }),
         Command::NetUndefine { name, daemon } => daemon
-            .ask(&daemon::Request::NetUndefine { name: name.clone() })
-            .map(|_| println!("Network {name} has been undefined")),
+            .act(&daemon::Request::NetUndefine { name: name.clone() }, |_| {
+                Ok(format!("Network {name} has been undefined\n"))
+            }),
         Command::NetStart { name, daemon } => daemon
-            .ask(&daemon::Request::NetStart { name: name.clone() })
-            .map(|_| println!("Network {name} started")),
+            .act(&daemon::Request::NetStart { name: name.clone() }, |_| {
+                Ok(format!("Network {name} started\n"))
+            }),
         Command::NetDestroy { name, daemon } => daemon
-            .ask(&daemon::Request::NetDestroy { name: name.clone() })
-            .map(|_| println!("Network {name} destroyed")),
+            .act(&daemon::Request::NetDestroy { name: name.clone() }, |_| {
+                Ok(format!("Network {name} destroyed\n"))
+            }),
         Command::NetAutostart {
             name,
             disable,
             daemon,
-        } => daemon
-            .ask(&daemon::Request::NetAutostart {
+        } => daemon.act(
+            &daemon::Request::NetAutostart {
                 name: name.clone(),
                 disable,
-            })
-            .map(|_| {
-                if disable {
-                    println!("Network {name} unmarked as autostarted");
+            },
+            |_| {
+                Ok(if disable {
+                    format!("Network {name} unmarked as autostarted\n")
                 } else {
-                    println!("Network {name} marked as autostarted");
-                }
-            }),
-        Command::NetList { all, json, daemon } => daemon
-            .ask(&daemon::Request::NetList { all })
-            .and_then(|rows| {
-                if json {
-                    print_json(&rows);
-                    return Ok(());
-                }
-                let rows: Vec<daemon::ListRow> =
-                    serde_json::from_value(rows).map_err(|e| e.to_string())?;
-                print!("{}", daemon::list_table(&rows));
-                Ok(())
-            }),
-        Command::NetInfo { name, json, daemon } => daemon
-            .ask(&daemon::Request::NetInfo { name })
-            .and_then(|info| {
-                if json {
-                    print_json(&info);
-                    return Ok(());
-                }
-                let info: daemon::Info = serde_json::from_value(info).map_err(|e| e.to_string())?;
-                print!("{}", daemon::info_text(&info));
-                Ok(())
-            }),
+                    format!("Network {name} marked as autostarted\n")
+                })
+            },
+        ),
+        Command::NetList { all, daemon } => daemon.act(&daemon::Request::NetList { all }, |rows| {
+            let rows: Vec<daemon::ListRow> =
+                serde_json::from_value(rows.clone()).map_err(|e| e.to_string())?;
+            Ok(daemon::list_table(&rows))
+        }),
+        Command::NetInfo { name, daemon } => {
+            daemon.act(&daemon::Request::NetInfo { name }, |info| {
+                let info: daemon::Info =
+                    serde_json::from_value(info.clone()).map_err(|e| e.to_string())?;
+                Ok(daemon::info_text(&info))
+            })
+        }
         Command::AttachInterface {
             network,
             kind,
@@ -437,20 +450,26 @@ fn main() -> ExitCode {
             daemon,
         } => {
             let (live, config) = when.targets();
-            daemon
-                .ask(&daemon::Request::DetachInterface {
+            daemon.act(
+                &daemon::Request::DetachInterface {
                     network,
                     target: target.or(mac).unwrap_or_default(),
                     live,
                     config,
-                })
-                .map(|_| println!("Interface detached successfully"))
+                },
+                |_| Ok("Interface detached successfully\n".into()),
+            )
         }
         Command::IfaceList {
             network,
             json,
             socket,
-        } => Target { network, socket }.ask(if json {
+        } => Target {
+            name: None,
+            network,
+            socket,
+        }
+        .ask(if json {
             "iface-list json"
         } else {
             "iface-list"
@@ -459,14 +478,19 @@ fn main() -> ExitCode {
             network,
             json,
             socket,
-        } => Target { network, socket }.ask(if json { "fdb json" } else { "fdb" }),
+        } => Target {
+            name: None,
+            network,
+            socket,
+        }
+        .ask(if json { "fdb json" } else { "fdb" }),
         Command::NetDumpxml {
             name,
             inactive,
             daemon,
-        } => daemon
-            .ask(&daemon::Request::NetDumpxml { name, inactive })
-            .map(|xml| print!("{}", xml.as_str().unwrap_or_default())),
+        } => daemon.act(&daemon::Request::NetDumpxml { name, inactive }, |xml| {
+            Ok(xml.as_str().unwrap_or_default().to_string())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

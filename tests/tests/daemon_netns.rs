@@ -159,10 +159,13 @@ fn define_start_list_dumpxml_and_autostart_across_a_restart() {
     assert!(info.contains("Active:         yes") && info.contains("Bridge:         br-lab"));
     let json: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["net-info", "lab", "--json"])).unwrap();
-    assert_eq!(json["active"], true);
+    assert_eq!(json["data"]["active"], true);
+    let started: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["net-autostart", "lab", "--disable", "--json"])).unwrap();
+    assert_eq!(started["ok"], true);
 
     // The running network answers on its own socket, found through SWITCHYARD_SOCKET.
-    let stats = daemon.ok(&["stats", "--network", "lab"]);
+    let stats = daemon.ok(&["stats", "lab"]);
     assert!(stats.contains("\"ports\""), "{stats}");
 
     daemon.ok(&["net-autostart", "lab"]);
