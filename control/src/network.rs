@@ -862,6 +862,16 @@ impl NetworkDef {
         Ok(Some((nat, uplink)))
     }
 
+    /// The host NIC of bridge mode: `<forward mode='bridge' dev='IF'>`, or libvirt's
+    /// `<forward mode='bridge'/>` with `<bridge name='IF'/>` (an existing host bridge).
+    pub fn bridge_dev(&self) -> Option<String> {
+        let forward = self
+            .forward
+            .as_ref()
+            .filter(|f| f.mode == ForwardMode::Bridge)?;
+        forward.dev.clone().or_else(|| self.bridge.clone())
+    }
+
     /// The gateway the engine serves: the first `<ip>`, with `<mac>` or a MAC derived from
     /// the network's name.
     pub fn gateway(&self) -> Option<datapath::gateway::GatewayConfig> {
@@ -975,6 +985,8 @@ impl NetworkDef {
         if let Some(f) = &self.forward {
             if f.mode == ForwardMode::Nat && f.dev.is_some() && f.nat_address.is_some() {
                 // Packet NAT is implemented.
+            } else if f.mode == ForwardMode::Bridge && self.bridge_dev().is_some() {
+                // Bridge mode through a host NIC is implemented.
             } else if f.mode == ForwardMode::Nat {
                 missing.push(
                     "<forward mode='nat'> without dev= and <nat><address>: NAT through host \

@@ -417,16 +417,28 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         }
         None => None,
     };
+    let bridge_dev = def.bridge_dev();
     let config = Config {
         mtu: def.mtu.unwrap_or(1500),
         fdb_capacity: opts.fdb_max,
         fdb_aging: opts.fdb_aging,
-        gateway: def.gateway(),
+        // Bridge mode: guests are on the LAN; the LAN's router, DHCP and DNS serve them.
+        gateway: if bridge_dev.is_some() {
+            None
+        } else {
+            def.gateway()
+        },
         nat: nat.clone(),
     };
     let mut engine = Engine::new(&config);
-    let leases = enable_dhcp(def, opts, &mut engine)?;
-    let resolv_conf = enable_dns(def, opts, &mut engine);
+    let leases = match bridge_dev {
+        Some(_) => None,
+        None => enable_dhcp(def, opts, &mut engine)?,
+    };
+    let resolv_conf = match bridge_dev {
+        Some(_) => None,
+        None => enable_dns(def, opts, &mut engine),
+    };
     let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
     if let Some(path) = leases {
         dp.persist_leases(&path)
@@ -456,6 +468,15 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
             nat.ports.0,
             nat.ports.1,
             nat.filtering
+        );
+    }
+    if let Some(dev) = &bridge_dev {
+        let id = dp
+            .add_nic_port(dev, uplink_ring(def))
+            .map_err(|e| format!("<forward mode='bridge'> dev {dev}: {e}"))?;
+        eprintln!(
+            "switchyard: port {id}: host NIC {dev} (AF_PACKET, promiscuous): bridge mode, guests \
+             are on its LAN; no gateway, DHCP or DNS of switchyard's"
         );
     }
     for path in &opts.streams {

@@ -349,6 +349,32 @@ impl Datapath {
         self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
     }
 
+    /// Adds host NIC `dev` as a switch port (bridge mode): an AF_PACKET socket, promiscuous,
+    /// with virtio-net headers, receiving through a `TPACKET_V3` ring when `ring` says so.
+    /// Guests appear on the NIC's LAN with their own MACs. The host's own traffic on `dev` is
+    /// not seen (`PACKET_IGNORE_OUTGOING` skips every outgoing frame), as with macvtap.
+    pub fn add_nic_port(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
+        let index = sys::if_nametoindex(dev).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
+        })?;
+        let socket = sys::open_packet_socket(index, vnet::LEN)?;
+        let ring = match ring {
+            Some(layout) => Some(sys::RxRing::attach(socket.as_fd(), layout, vnet::LEN)?),
+            None => None,
+        };
+        if self.engine.ports().count() >= MAX_PORTS {
+            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
+        }
+        let id = self.engine.add_port(format!("{dev}(nic)"));
+        self.attach(
+            id,
+            File::from(socket),
+            PortCaps { vnet_hdr: true },
+            ring,
+            None,
+        )
+    }
+
     fn add_port(
         &mut self,
         name: String,
