@@ -163,6 +163,41 @@ impl Netns {
         }
     }
 
+    /// A veth pair: `dev` here, `peer_dev` in namespace `peer`.
+    pub fn veth_to(&self, dev: &str, peer: &Netns, peer_dev: &str) {
+        self.must(&[
+            "ip", "link", "add", dev, "type", "veth", "peer", "name", peer_dev, "netns", &peer.name,
+        ]);
+    }
+
+    /// Runs busybox `udhcpc` once on `dev` with the event script `script` (bounded: 5
+    /// discovers a second apart, 30 s in all); it must get a lease. `extra` are more
+    /// arguments (`-x hostname:NAME`, ...).
+    pub fn udhcpc(&self, dev: &str, script: &str, extra: &[&str]) -> String {
+        let mut argv = vec![
+            "timeout", "30", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i",
+            dev, "-s", script,
+        ];
+        argv.extend_from_slice(extra);
+        self.must(&argv)
+    }
+
+    /// Starts busybox `udhcpc` in the background on `dev`, kept running (SIGUSR1 renews,
+    /// SIGUSR2 releases), its pid in `pidfile`, asking for host name `hostname`.
+    pub fn spawn_udhcpc(
+        &self,
+        dev: &str,
+        script: &str,
+        pidfile: &str,
+        hostname: &str,
+    ) -> Background {
+        let hostname = format!("hostname:{hostname}");
+        self.spawn(&[
+            "busybox", "udhcpc", "-f", "-t", "5", "-T", "1", "-i", dev, "-s", script, "-p",
+            pidfile, "-x", &hostname,
+        ])
+    }
+
     /// Whether a link named `dev` exists in this namespace.
     pub fn has_link(&self, dev: &str) -> bool {
         self.run(&["ip", "link", "show", "dev", dev])

@@ -451,39 +451,32 @@ fn parse_dns(dns: roxmltree::Node<'_, '_>) -> Result<DnsDef, XmlError> {
 /// `xml` with one more `<sy:port>` (a tap attached at every start), declaring switchyard's
 /// namespace on `<network>` if it is not yet.
 pub fn add_port_xml(xml: &str, target: &str, netns: Option<&str>, mac: Option<&str>) -> String {
-    let escape = |v: &str| {
-        v.replace('&', "&amp;")
-            .replace('\'', "&apos;")
-            .replace('<', "&lt;")
-    };
-    let mut element = format!("<sy:port type='tap' target='{}'", escape(target));
+    let mut element = format!("<sy:port type='tap' target='{}'", xml_escape(target));
     if let Some(ns) = netns {
-        element.push_str(&format!(" netns='{}'", escape(ns)));
+        element.push_str(&format!(" netns='{}'", xml_escape(ns)));
     }
     if let Some(mac) = mac {
-        element.push_str(&format!(" mac='{}'", escape(mac)));
+        element.push_str(&format!(" mac='{}'", xml_escape(mac)));
     }
     element.push_str(" model='virtio'/>");
-    let mut out = xml.to_string();
-    if let Some(end) = out.rfind("</network>") {
-        out.insert_str(end, &format!("  {element}\n"));
-    }
-    if !out.contains(SY_NS)
-        && let Some(at) = out.find("<network").map(|i| i + "<network".len())
-    {
-        out.insert_str(at, &format!(" xmlns:sy='{SY_NS}'"));
-    }
-    out
+    add_sy_element(xml, &element)
 }
 
 /// `xml` with one more `<sy:port type='stream'>` (a QEMU socket made at every start).
 pub fn add_stream_xml(xml: &str, socket: &str) -> String {
-    let escape = |v: &str| {
-        v.replace('&', "&amp;")
-            .replace('\'', "&apos;")
-            .replace('<', "&lt;")
-    };
-    let element = format!("<sy:port type='stream' socket='{}'/>", escape(socket));
+    let element = format!("<sy:port type='stream' socket='{}'/>", xml_escape(socket));
+    add_sy_element(xml, &element)
+}
+
+fn xml_escape(value: &str) -> String {
+    value
+        .replace('&', "&amp;")
+        .replace('\'', "&apos;")
+        .replace('<', "&lt;")
+}
+
+/// `element` appended inside `<network>`, with `xmlns:sy` declared if it is not yet.
+fn add_sy_element(xml: &str, element: &str) -> String {
     let mut out = xml.to_string();
     if let Some(end) = out.rfind("</network>") {
         out.insert_str(end, &format!("  {element}\n"));

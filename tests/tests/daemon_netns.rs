@@ -282,23 +282,7 @@ fn attach_and_detach_interfaces_live_and_in_the_configuration() {
     .unwrap();
     must(&["chmod", "+x", &script.display().to_string()]);
     g1.must(&["ip", "link", "set", "eth0", "up"]);
-    g1.must(&[
-        "timeout",
-        "30",
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-i",
-        "eth0",
-        "-s",
-        &script.display().to_string(),
-    ]);
+    g1.udhcpc("eth0", &script.display().to_string(), &[]);
     g1.must(&["ping", "-c", "1", "-W", "2", "10.77.0.1"]);
     let ifaces = daemon.ok(&["iface-list", "lab"]);
     let row: Vec<&str> = ifaces

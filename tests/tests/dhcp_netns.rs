@@ -187,23 +187,7 @@ fn udhcpc_dhclient_and_dhcpcd_lease_renew_release_and_reboot() {
     // busybox udhcpc, kept running: SIGUSR1 renews (unicast REQUEST), SIGUSR2 releases.
     let script = net.dir.file("udhcpc.sh");
     let pidfile = net.dir.file("udhcpc.pid");
-    let _udhcpc = g1.spawn(&[
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-i",
-        "eth0",
-        "-s",
-        &script,
-        "-p",
-        &pidfile,
-        "-x",
-        "hostname:alpha",
-    ]);
+    let _udhcpc = g1.spawn_udhcpc("eth0", &script, &pidfile, "alpha");
     let bound = wait_event(&net, "udhcpc", "bound");
     assert!(
         bound.contains("router=192.168.122.1 dns=192.168.122.1 domain=lab"),

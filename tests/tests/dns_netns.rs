@@ -65,19 +65,7 @@ fn dns_net_with(guests: usize, forwarders: &str, resolv_conf: Option<&str>) -> D
     let dir = TempDir::new("sydns");
     let outside = Netns::new("o");
     let sw = Netns::new("s");
-    sw.must(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &outside.name,
-    ]);
+    sw.veth_to("up0", &outside, "eth0");
     sw.must(&["ip", "addr", "add", "203.0.113.3/24", "dev", "up0"]);
     sw.must(&["ip", "link", "set", "up0", "up"]);
     outside.must(&["ip", "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
@@ -130,25 +118,7 @@ fn dns_net_with(guests: usize, forwarders: &str, resolv_conf: Option<&str>) -> D
     for (i, g) in guests.iter().enumerate() {
         g.must(&["ip", "link", "set", "eth0", "up"]);
         let hostname = format!("hostname:guest{}", i + 1);
-        g.must(&[
-            "timeout",
-            "30",
-            "busybox",
-            "udhcpc",
-            "-f",
-            "-q",
-            "-n",
-            "-t",
-            "5",
-            "-T",
-            "1",
-            "-i",
-            "eth0",
-            "-s",
-            &script.display().to_string(),
-            "-x",
-            &hostname,
-        ]);
+        g.udhcpc("eth0", &script.display().to_string(), &["-x", &hostname]);
     }
     DnsNet {
         sy,
@@ -244,23 +214,7 @@ fn local_names_from_leases_hosts_and_records() {
         stats["engine"]["dhcp"]["acks"].as_u64().unwrap()
     };
     let before = acks();
-    let _udhcpc = g2.spawn(&[
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-i",
-        "eth0",
-        "-s",
-        &script,
-        "-p",
-        &pidfile,
-        "-x",
-        "hostname:guest2",
-    ]);
+    let _udhcpc = g2.spawn_udhcpc("eth0", &script, &pidfile, "guest2");
     // Bound (acknowledged) before it is asked to release.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&pidfile).is_err() || acks() == before {

@@ -69,10 +69,7 @@ fn bridge_mode_puts_guests_on_the_lan_of_the_host_nic() {
     ]);
     std::thread::sleep(Duration::from_millis(500));
     let script = udhcpc_script(&dir);
-    g.must(&[
-        "timeout", "30", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "eth0",
-        "-s", &script,
-    ]);
+    g.udhcpc("eth0", &script, &[]);
     let lease = std::fs::read_to_string(format!("{script}.lease")).unwrap();
     assert!(lease.starts_with("10.99.0.1"), "a LAN address: {lease}");
     assert!(
@@ -128,19 +125,7 @@ fn isolated_networks_keep_everything_inside() {
     let (g1, g2) = (Netns::new("g"), Netns::new("g"));
     // A veth with the host's address: the engine must not send anything out of it.
     let outside = Netns::new("o");
-    sw.must(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &outside.name,
-    ]);
+    sw.veth_to("up0", &outside, "eth0");
     // Quiet links: no IPv6 chatter of the kernels' own, so any frame would be the engine's.
     sw.must(&["sysctl", "-qw", "net.ipv6.conf.up0.disable_ipv6=1"]);
     outside.must(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
@@ -168,10 +153,7 @@ fn isolated_networks_keep_everything_inside() {
     let mut addrs = Vec::new();
     for g in [&g1, &g2] {
         g.must(&["ip", "link", "set", "eth0", "up"]);
-        g.must(&[
-            "timeout", "30", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i",
-            "eth0", "-s", &script,
-        ]);
+        g.udhcpc("eth0", &script, &[]);
         let lease = std::fs::read_to_string(format!("{script}.lease")).unwrap();
         addrs.push(lease.split_whitespace().next().unwrap().to_string());
         g.must(&["ip", "route", "add", "default", "via", "192.168.150.1"]);

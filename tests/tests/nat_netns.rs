@@ -37,19 +37,7 @@ fn nat_net_with(guests: usize, extra_xml: &str, uplink_mtu: u32, uplink_rx: &str
     let dir = TempDir::new("synat");
     let outside = Netns::new("o");
     let sw = Netns::new("s");
-    sw.must(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &outside.name,
-    ]);
+    sw.veth_to("up0", &outside, "eth0");
     let mtu = uplink_mtu.to_string();
     sw.must(&["ip", "link", "set", "up0", "mtu", &mtu, "up"]);
     outside.must(&["ip", "link", "set", "eth0", "mtu", &mtu]);

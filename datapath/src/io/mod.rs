@@ -330,18 +330,7 @@ impl Datapath {
     /// thread's namespace), promiscuous, with virtio-net headers, receiving through a
     /// `TPACKET_V3` ring shaped by `ring` (or by `read`, one frame per call, when `None`).
     pub fn add_uplink(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
-        let index = sys::if_nametoindex(dev).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
-        })?;
-        let socket = sys::open_packet_socket(index, vnet::LEN)?;
-        let ring = match ring {
-            Some(layout) => Some(sys::RxRing::attach(socket.as_fd(), layout, vnet::LEN)?),
-            None => None,
-        };
-        let file = File::from(socket);
-        if self.engine.ports().count() >= MAX_PORTS {
-            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
-        }
+        let (file, ring) = self.open_nic(dev, ring)?;
         let id = self
             .engine
             .add_uplink(format!("{dev}(uplink)"))
@@ -354,6 +343,20 @@ impl Datapath {
     /// Guests appear on the NIC's LAN with their own MACs. The host's own traffic on `dev` is
     /// not seen (`PACKET_IGNORE_OUTGOING` skips every outgoing frame), as with macvtap.
     pub fn add_nic_port(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
+        let (file, ring) = self.open_nic(dev, ring)?;
+        let id = self.engine.add_port(format!("{dev}(nic)"));
+        self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
+    }
+
+    /// The AF_PACKET socket (and ring) of host NIC `dev`, if a port may still be added.
+    fn open_nic(
+        &self,
+        dev: &str,
+        ring: Option<sys::RingLayout>,
+    ) -> io::Result<(File, Option<sys::RxRing>)> {
+        if self.engine.ports().count() >= MAX_PORTS {
+            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
+        }
         let index = sys::if_nametoindex(dev).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
         })?;
@@ -362,17 +365,7 @@ impl Datapath {
             Some(layout) => Some(sys::RxRing::attach(socket.as_fd(), layout, vnet::LEN)?),
             None => None,
         };
-        if self.engine.ports().count() >= MAX_PORTS {
-            return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
-        }
-        let id = self.engine.add_port(format!("{dev}(nic)"));
-        self.attach(
-            id,
-            File::from(socket),
-            PortCaps { vnet_hdr: true },
-            ring,
-            None,
-        )
+        Ok((File::from(socket), ring))
     }
 
     fn add_port(
