@@ -398,7 +398,8 @@ pub fn port_counters(stats: &serde_json::Value, index: usize) -> &serde_json::Va
 }
 
 /// A minimal VM speaking QEMU's stream netdev framing, at 52:54:00:5e:00:01 and argv[4]
-/// (default 192.168.122.20), on the unix socket argv[1]: resolves argv[2] by ARP, pings it
+/// (default 192.168.122.20), on the unix socket argv[1] (or `tcp:ADDR:PORT`, QEMU's older
+/// `-netdev socket`): resolves argv[2] by ARP, pings it
 /// (ICMP echo, checks the reply), answers ARP and echo for itself meanwhile (and for argv[3]
 /// more seconds), and prints the peer's MAC. Exits 1 on a timeout (bounded: 5 s).
 pub const QEMU_LIKE_CLIENT: &str = r#"
@@ -406,8 +407,12 @@ import socket, struct, sys, time
 path, target = sys.argv[1], socket.inet_aton(sys.argv[2])
 me_mac = bytes.fromhex("5254005e0001")
 me_ip = socket.inet_aton(sys.argv[4] if len(sys.argv) > 4 else "192.168.122.20")
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(path)
+if path.startswith("tcp:"):
+    host, port = path[4:].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+else:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
 s.settimeout(0.2)
 buf = b""
 def send(frame):

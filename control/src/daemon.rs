@@ -379,17 +379,15 @@ impl Daemon {
         socket: &str,
         (live, config): (bool, bool),
     ) -> Result<serde_json::Value, String> {
-        if !socket.starts_with('/') {
-            return Err(format!("--socket {socket}: give an absolute path"));
+        if !socket.starts_with('/') && !socket.starts_with("tcp:") {
+            return Err(format!(
+                "--socket {socket}: give an absolute path (or tcp:127.0.0.1:PORT)"
+            ));
         }
         let new_xml = if config {
             let xml = self.state.xml(network)?;
             let def = NetworkDef::parse(&xml).map_err(|e| e.to_string())?;
-            if def
-                .sy_streams
-                .iter()
-                .any(|p| p.as_path() == Path::new(socket))
-            {
+            if def.sy_streams.iter().any(|p| p == socket) {
                 return Err(format!(
                     "stream {socket} is already in the configuration of '{network}'"
                 ));

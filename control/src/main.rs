@@ -32,9 +32,10 @@ enum Command {
         #[arg(long = "tap", value_name = "NAME[@NETNS][=MAC]")]
         taps: Vec<TapSpec>,
         /// A VM port: a unix socket for `qemu -netdev stream,...,addr.type=unix,addr.path=PATH`
-        /// (4-byte big-endian length before each frame). Repeat for more VMs.
-        #[arg(long = "stream", value_name = "PATH")]
-        streams: Vec<PathBuf>,
+        /// (4-byte big-endian length before each frame), or `tcp:127.0.0.1:PORT` for
+        /// `-netdev socket,connect=127.0.0.1:PORT`. Repeat for more VMs.
+        #[arg(long = "stream", value_name = "PATH|tcp:ADDR:PORT")]
+        streams: Vec<String>,
         /// Seconds before an idle MAC is forgotten (the Linux bridge's ageing_time).
         #[arg(long, default_value_t = 300)]
         fdb_aging: u64,
@@ -163,9 +164,10 @@ enum Command {
         /// The tap's name (created inside --netns if it does not exist).
         #[arg(long, required_unless_present = "socket")]
         target: Option<String>,
-        /// With --type stream: the unix socket QEMU connects to (created now).
+        /// With --type stream: the unix socket QEMU connects to (created now), or
+        /// `tcp:127.0.0.1:PORT` for QEMU's older `-netdev socket,connect=`.
         #[arg(long)]
-        socket: Option<PathBuf>,
+        socket: Option<String>,
         /// The namespace the tap lives in: an `ip netns` name or a path.
         #[arg(long)]
         netns: Option<String>,
@@ -428,7 +430,7 @@ fn main() -> ExitCode {
                 }),
                 ("stream", None, Some(socket)) => Ok(daemon::Request::AttachStream {
                     network,
-                    socket: socket.display().to_string(),
+                    socket,
                     live,
                     config,
                 }),

@@ -7,7 +7,6 @@
 //! user debugging the wrong thing.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 /// The XML namespace of switchyard's own extensions (prefix `sy:` by convention).
 pub const SY_NS: &str = "urn:switchyard:network:1";
@@ -531,7 +530,7 @@ pub struct NetworkDef {
     /// (`attach-interface --config`).
     pub sy_ports: Vec<datapath::io::TapSpec>,
     /// `<sy:port type='stream' socket/>`: QEMU stream sockets made at every start.
-    pub sy_streams: Vec<PathBuf>,
+    pub sy_streams: Vec<String>,
 }
 
 fn attr_parse<T: std::str::FromStr>(
@@ -774,7 +773,7 @@ impl NetworkDef {
                 .filter(|c| {
                     c.has_tag_name((SY_NS, "port")) && c.attribute("type") == Some("stream")
                 })
-                .map(|p| required(p, "socket", p.attribute("socket").map(PathBuf::from)))
+                .map(|p| required(p, "socket", p.attribute("socket").map(str::to_string)))
                 .collect::<Result<_, _>>()?,
             sy_ports: root
                 .children()

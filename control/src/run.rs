@@ -12,8 +12,8 @@ use std::time::Duration;
 pub struct RunOptions {
     pub xml: Option<PathBuf>,
     pub taps: Vec<TapSpec>,
-    /// QEMU stream sockets to make (VM ports).
-    pub streams: Vec<PathBuf>,
+    /// QEMU stream sockets to make (VM ports): paths, or `tcp:127.0.0.1:PORT`.
+    pub streams: Vec<String>,
     pub fdb_aging: Duration,
     pub fdb_max: usize,
     pub json: bool,
@@ -119,12 +119,12 @@ fn iface_rows(dp: &Datapath) -> Vec<IfaceRow> {
             Some(format!("{}/{}", lease.ip, d.config().prefix))
         })
     };
-    let streams = dp.streams().into_iter().map(|(port, path, connected)| {
+    let streams = dp.streams().into_iter().map(|(port, addr, connected)| {
         let mac = fdb.iter().find(|r| r.port == port).map(|r| r.mac.clone());
         IfaceRow {
             interface: if connected { "vm" } else { "(waiting)" }.into(),
             kind: "stream".into(),
-            source: path.display().to_string(),
+            source: addr.to_string(),
             model: "virtio".into(),
             ip: lease_of(mac.as_deref()).unwrap_or_else(|| "-".into()),
             mac: mac.unwrap_or_else(|| "-".into()),
@@ -183,12 +183,18 @@ fn attach(dp: &mut Datapath, spec: &str) -> String {
     }
 }
 
-/// `attach stream PATH`: a VM port on a new unix socket at PATH.
-fn attach_stream(dp: &mut Datapath, path: &Path) -> String {
-    match dp.add_stream(format!("{}(stream)", path.display()), path) {
+/// `attach stream SPEC`: a VM port on a new unix socket (or loopback TCP `tcp:ADDR:PORT`).
+fn attach_stream(dp: &mut Datapath, spec: &str) -> String {
+    match add_stream(dp, spec) {
         Ok(id) => format!("port {id}\n"),
-        Err(e) => format!("error: stream {}: {e}\n", path.display()),
+        Err(e) => format!("error: {e}\n"),
     }
+}
+
+fn add_stream(dp: &mut Datapath, spec: &str) -> Result<datapath::PortId, String> {
+    let addr = datapath::io::stream::StreamAddr::parse(spec).map_err(|e| e.to_string())?;
+    dp.add_stream(format!("{addr}(stream)"), &addr)
+        .map_err(|e| format!("stream {addr}: {e}"))
 }
 
 /// `detach TARGET`: removes the tap named TARGET (`NAME`, or `NAME@NETNS`) or with MAC
@@ -207,7 +213,7 @@ fn detach(dp: &mut Datapath, target: &str) -> String {
     let found = found.map(|((port, ..), _)| port).or_else(|| {
         dp.streams()
             .into_iter()
-            .find(|(_, path, _)| path.as_path() == Path::new(target))
+            .find(|(_, addr, _)| addr.to_string() == target)
             .map(|(port, ..)| port)
     });
     match found {
@@ -230,8 +236,8 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     if let Some(spec) = request.strip_prefix("attach tap ") {
         return attach(dp, spec.trim());
     }
-    if let Some(path) = request.strip_prefix("attach stream ") {
-        return attach_stream(dp, Path::new(path.trim()));
+    if let Some(spec) = request.strip_prefix("attach stream ") {
+        return attach_stream(dp, spec.trim());
     }
     if let Some(target) = request.strip_prefix("detach ") {
         return detach(dp, target.trim());
@@ -479,16 +485,13 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
              are on its LAN; no gateway, DHCP or DNS of switchyard's"
         );
     }
-    for path in &opts.streams {
-        let id = dp
-            .add_stream(format!("{}(stream)", path.display()), path)
-            .map_err(|e| format!("stream {}: {e}", path.display()))?;
-        eprintln!(
-            "switchyard: port {id}: stream socket {} (qemu -netdev stream,id=n0,server=off,\
-             addr.type=unix,addr.path={})",
-            path.display(),
-            path.display()
-        );
+    for spec in &opts.streams {
+        let id = add_stream(&mut dp, spec)?;
+        let qemu = match spec.strip_prefix("tcp:") {
+            Some(addr) => format!("-netdev socket,id=n0,connect={addr}"),
+            None => format!("-netdev stream,id=n0,server=off,addr.type=unix,addr.path={spec}"),
+        };
+        eprintln!("switchyard: port {id}: VM socket {spec} (qemu {qemu})");
     }
     for spec in &opts.taps {
         let tap = Tap::open(spec).map_err(|e| format!("tap {spec}: {e}"))?;

@@ -23,7 +23,17 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
     let xml = xml.display().to_string();
     let mut sy = Switchyard::start_in(
         Some(&sw),
-        &["run", &xml, "--json", "--tap", &tap, "--stream", &socket],
+        &[
+            "run",
+            &xml,
+            "--json",
+            "--tap",
+            &tap,
+            "--stream",
+            &socket,
+            "--stream",
+            "tcp:127.0.0.1:5555",
+        ],
     );
     g.set_static_address("eth0", "192.168.122.10/24", None);
 
@@ -60,6 +70,19 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
         ]);
         assert!(gw.trim().starts_with("52:54:00:"), "{gw}");
     }
+    // QEMU's older -netdev socket: the same framing over loopback TCP.
+    let vm = sw.must(&[
+        "timeout",
+        "20",
+        "python3",
+        "-c",
+        QEMU_LIKE_CLIENT,
+        "tcp:127.0.0.1:5555",
+        "192.168.122.10",
+        "0",
+        "192.168.122.21",
+    ]);
+    assert_eq!(vm.trim(), "52:54:00:5e:00:0a");
     let stats = sy.stop_json();
     let rx: u64 = (0..2)
         .map(|i| port_counters(&stats, i)["rx_packets"].as_u64().unwrap())

@@ -416,18 +416,17 @@ impl Datapath {
 
     /// Adds a VM port: a unix stream socket at `path` that QEMU connects to (see
     /// [`stream`]). The port exists from now on; VMs connect, leave and come back.
-    pub fn add_stream(&mut self, name: String, path: &Path) -> io::Result<PortId> {
+    pub fn add_stream(&mut self, name: String, addr: &stream::StreamAddr) -> io::Result<PortId> {
         if self.engine.ports().count() >= MAX_PORTS {
             return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
         }
-        let mut stream = stream::StreamPort::bind(path)?;
+        let mut stream = stream::StreamPort::bind(addr)?;
         let id = self.engine.add_port(name);
         let index = id.0 as usize;
-        if let Err(e) = self.poll.registry().register(
-            &mut stream.listener,
-            Token(LISTENER_BASE + index),
-            Interest::READABLE,
-        ) {
+        if let Err(e) = stream
+            .listener
+            .register(self.poll.registry(), Token(LISTENER_BASE + index))
+        {
             self.engine.remove_port(id);
             return Err(e);
         }
@@ -444,8 +443,8 @@ impl Datapath {
         Ok(id)
     }
 
-    /// The stream ports: (port, socket path, whether a VM is connected).
-    pub fn streams(&self) -> Vec<(PortId, PathBuf, bool)> {
+    /// The stream ports: (port, where it listens, whether a VM is connected).
+    pub fn streams(&self) -> Vec<(PortId, stream::StreamAddr, bool)> {
         self.ports
             .iter()
             .enumerate()
@@ -453,7 +452,7 @@ impl Datapath {
                 let stream = p.as_ref()?.stream.as_ref()?;
                 Some((
                     PortId(i as u16),
-                    stream.path().to_path_buf(),
+                    stream.addr().clone(),
                     stream.is_connected(),
                 ))
             })
@@ -470,17 +469,11 @@ impl Datapath {
         else {
             return;
         };
-        if let Some(old) = &mut stream.conn {
-            let _ = self.poll.registry().deregister(old);
-        }
+        // The connection it replaces is closed, which takes it out of the poll set.
         if let Ok(true) = stream.accept()
             && let Some(conn) = &mut stream.conn
         {
-            let _ = self.poll.registry().register(
-                conn,
-                Token(index),
-                Interest::READABLE | Interest::WRITABLE,
-            );
+            let _ = conn.register(self.poll.registry(), Token(index));
             self.ready.mark(PortId(index as u16));
         }
     }
@@ -493,9 +486,9 @@ impl Datapath {
                 let _ = registry.deregister(&mut SourceFd(&file.as_raw_fd()));
             }
             if let Some(stream) = &mut port.stream {
-                let _ = registry.deregister(&mut stream.listener);
+                let _ = stream.listener.deregister(registry);
                 if let Some(conn) = &mut stream.conn {
-                    let _ = registry.deregister(conn);
+                    let _ = conn.deregister(registry);
                 }
             }
         }

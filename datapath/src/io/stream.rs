@@ -2,14 +2,136 @@
 //! `-netdev stream,server=off,addr.type=unix,addr.path=PATH` (and passt speaks): each frame is
 //! preceded by its length as 4 bytes, big-endian, with no virtio-net header.
 //!
-//! The socket file is the port: it exists as long as the port does, and the VM behind it may
+//! QEMU's older `-netdev socket,connect=127.0.0.1:PORT` speaks the same framing over TCP:
+//! a port may listen on a loopback TCP address instead (`tcp:127.0.0.1:PORT`).
+//!
+//! The socket is the port: it exists as long as the port does, and the VM behind it may
 //! come, go and come back (each new connection replaces the old one). A VM that reads slowly
 //! never blocks the engine: what the socket does not take at once waits in a bounded queue,
 //! and beyond that frames are dropped and counted.
 
-use mio::net::{UnixListener, UnixStream};
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
 use std::io::{self, IoSlice, Read, Write};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where a stream port listens: a unix socket path, or `tcp:ADDR:PORT` on loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl StreamAddr {
+    /// `tcp:127.0.0.1:5555` (loopback only: anyone who can connect is a VM on the switch), or
+    /// a path.
+    pub fn parse(spec: &str) -> io::Result<StreamAddr> {
+        match spec.strip_prefix("tcp:") {
+            Some(addr) => {
+                let addr: SocketAddr = addr.parse().map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("{spec}: {e}"))
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{spec}: only a loopback address (anyone reaching it joins the switch)"
+                        ),
+                    ));
+                }
+                Ok(StreamAddr::Tcp(addr))
+            }
+            None => Ok(StreamAddr::Unix(PathBuf::from(spec))),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamAddr::Unix(path) => write!(f, "{}", path.display()),
+            StreamAddr::Tcp(addr) => write!(f, "tcp:{addr}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+#[derive(Debug)]
+pub(crate) enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        }
+    }
+
+    pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.register(registry, token, Interest::READABLE),
+            Listener::Tcp(l) => l.register(registry, token, Interest::READABLE),
+        }
+    }
+
+    pub(crate) fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.deregister(registry),
+            Listener::Tcp(l) => l.deregister(registry),
+        }
+    }
+}
+
+impl Conn {
+    pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        match self {
+            Conn::Unix(s) => s.register(registry, token, interest),
+            Conn::Tcp(s) => s.register(registry, token, interest),
+        }
+    }
+
+    pub(crate) fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.deregister(registry),
+            Conn::Tcp(s) => s.deregister(registry),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write_vectored(bufs),
+            Conn::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+}
 
 /// Bytes waiting for a slow VM before frames are dropped.
 const TX_QUEUE: usize = 1 << 20;
@@ -20,9 +142,9 @@ const PREFIX: usize = 4;
 
 #[derive(Debug)]
 pub struct StreamPort {
-    pub(crate) listener: UnixListener,
-    path: PathBuf,
-    pub(crate) conn: Option<UnixStream>,
+    pub(crate) listener: Listener,
+    addr: StreamAddr,
+    pub(crate) conn: Option<Conn>,
     rx: Vec<u8>,
     rx_len: usize,
     tx: Vec<u8>,
@@ -42,21 +164,27 @@ pub enum ReadOutcome {
 }
 
 impl StreamPort {
-    /// Listens on `path` (a stale socket file is replaced).
-    pub fn bind(path: &Path) -> io::Result<StreamPort> {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{}: something already listens there", path.display()),
-            ));
-        }
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+    /// Listens on `addr` (a stale unix socket file is replaced).
+    pub fn bind(addr: &StreamAddr) -> io::Result<StreamPort> {
+        let listener = match addr {
+            StreamAddr::Unix(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{}: something already listens there", path.display()),
+                    ));
+                }
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                Listener::Unix(UnixListener::bind(path)?)
+            }
+            StreamAddr::Tcp(sockaddr) => Listener::Tcp(TcpListener::bind(*sockaddr)?),
+        };
         Ok(StreamPort {
-            listener: UnixListener::bind(path)?,
-            path: path.to_path_buf(),
+            listener,
+            addr: addr.clone(),
             conn: None,
             rx: vec![0; PREFIX + MAX_FRAME],
             rx_len: 0,
@@ -68,8 +196,8 @@ impl StreamPort {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn addr(&self) -> &StreamAddr {
+        &self.addr
     }
 
     pub fn is_connected(&self) -> bool {
@@ -82,7 +210,7 @@ impl StreamPort {
         let mut newest = None;
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => newest = Some(stream),
+                Ok(stream) => newest = Some(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -217,6 +345,8 @@ impl StreamPort {
 
 impl Drop for StreamPort {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let StreamAddr::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
