@@ -7,7 +7,7 @@ declare -A package_of=(
   [ip]=iproute2 [ping]=iputils-ping [iperf3]=iperf3 [tcpdump]=tcpdump [busybox]=busybox
   [dig]=dnsutils [dhclient]=isc-dhcp-client [nc]=netcat-openbsd [curl]=curl [pgrep]=procps
   [iptables]=iptables [traceroute]=traceroute [python3]=python3 [sha256sum]=coreutils
-  [dhcpcd]=dhcpcd-base [dnsmasq]=dnsmasq-base
+  [dhcpcd]=dhcpcd-base [dnsmasq]=dnsmasq-base [cpio]=cpio [qemu-system-x86_64]=qemu-system-x86
 )
 missing=()
 for tool in "${!package_of[@]}"; do
