@@ -93,3 +93,58 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
         "the socket goes with the port"
     );
 }
+
+/// Connects to the stream socket argv[1] and never reads: a stuck VM. Holds for argv[2] s.
+const STUCK_VM: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect(sys.argv[1])
+print("connected", flush=True)
+time.sleep(float(sys.argv[2]))
+"#;
+
+// A VM that stops reading never blocks the engine: frames for it queue (bounded), then are
+// dropped and counted, while the other ports carry on.
+#[test]
+fn a_stuck_vm_costs_drops_not_the_switch() {
+    require(&["ip", "ping", "python3"]);
+    let dir = TempDir::new("systk");
+    let (sw, g) = (Netns::new("s"), Netns::new("g"));
+    let socket = dir.file("stuck.sock");
+    let xml = dir.0.join("net.xml");
+    std::fs::write(
+        &xml,
+        "<network><name>vms</name><ip address='192.168.122.1' prefix='24'/></network>",
+    )
+    .unwrap();
+    let xml = xml.display().to_string();
+    let tap = g.tap_arg("eth0", "52:54:00:5e:00:0b");
+    let mut sy = Switchyard::start_in(
+        Some(&sw),
+        &["run", &xml, "--json", "--tap", &tap, "--stream", &socket],
+    );
+    g.set_static_address("eth0", "192.168.122.10/24", None);
+    let _stuck = g.spawn(&["python3", "-c", STUCK_VM, &socket, "30"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // 3000 broadcast datagrams of 1.4 KB (4 MB) are flooded to the stuck VM too.
+    g.must(&[
+        "python3",
+        "-c",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n\
+         for _ in range(3000): s.sendto(b'x' * 1400, ('192.168.122.255', 9))",
+    ]);
+    // The switch still answers at once.
+    g.must(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "192.168.122.1"]);
+    let stats = sy.stop_json();
+    let ports = stats["ports"].as_array().unwrap();
+    let stuck = ports
+        .iter()
+        .find(|p| p[1]["name"].as_str().unwrap().ends_with("(stream)"))
+        .unwrap();
+    assert!(
+        stuck[1]["counters"]["drop_tx_error"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+}
