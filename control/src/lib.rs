@@ -1,6 +1,7 @@
 //! The `switchyard` command: configuration, commands, and wiring the engine to its ports.
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod daemon;
 pub mod demo;
 pub mod network;

@@ -212,6 +212,27 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Capture a port's frames, both ways, into a pcap file (tcpdump -r reads it): as they
+    /// enter the switch and as they leave it, so on the uplink the NATed packets.
+    Capture {
+        /// The network's name.
+        network: String,
+        /// The port: its number or name (see `switchyard stats`), or a tap name.
+        #[arg(long)]
+        port: String,
+        /// The pcap file; `-` for standard output.
+        #[arg(short = 'w', default_value = "-")]
+        write: String,
+        /// Stop after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// The network's control socket itself.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Build guests in fresh network namespaces, switch them, and show what happens.
     Demo {
         /// Leave the namespaces and the switch up until Ctrl-C.
@@ -486,6 +507,20 @@ fn main() -> ExitCode {
             socket,
         }
         .ask(if json { "fdb json" } else { "fdb" }),
+        Command::Capture {
+            network,
+            port,
+            write,
+            count,
+            duration,
+            socket,
+        } => control::capture::capture(&control::capture::CaptureOptions {
+            socket: socket.unwrap_or_else(|| run::default_control_socket(&network)),
+            port,
+            write,
+            count,
+            duration: duration.map(Duration::from_secs_f64),
+        }),
         Command::NetDumpxml {
             name,
             inactive,

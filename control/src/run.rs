@@ -197,6 +197,45 @@ fn add_stream(dp: &mut Datapath, spec: &str) -> Result<datapath::PortId, String>
         .map_err(|e| format!("stream {addr}: {e}"))
 }
 
+/// The port a user names: its number, or its name (`eth0@vm1`, `eth1(uplink)`, ...), or the
+/// tap name alone.
+fn find_port(dp: &Datapath, name: &str) -> Option<datapath::PortId> {
+    let engine = dp.engine();
+    if let Ok(n) = name.parse::<u16>() {
+        let id = datapath::PortId(n);
+        return engine.port(id).map(|_| id);
+    }
+    engine
+        .ports()
+        .find(|(_, p)| p.name == name || p.name.split('@').next() == Some(name))
+        .map(|(id, _)| id)
+}
+
+/// `capture start|read|stop PORT`.
+fn capture(dp: &mut Datapath, request: &str) -> String {
+    let mut words = request.split_whitespace();
+    let (Some(verb), Some(name)) = (words.next(), words.next()) else {
+        return "error: capture start|read|stop PORT\n".into();
+    };
+    let Some(port) = find_port(dp, name) else {
+        return format!("error: no port {name} on this network\n");
+    };
+    match verb {
+        "start" => match dp.start_capture(port) {
+            Ok(()) => format!("capturing port {port}\n"),
+            Err(e) => format!("error: {e}\n"),
+        },
+        "read" => dp
+            .read_capture(port)
+            .unwrap_or_else(|| format!("error: port {port} is not being captured\n")),
+        "stop" => match dp.stop_capture(port) {
+            Some((captured, dropped)) => format!("{captured} captured, {dropped} dropped\n"),
+            None => format!("error: port {port} is not being captured\n"),
+        },
+        other => format!("error: capture {other}: start, read or stop\n"),
+    }
+}
+
 /// `detach TARGET`: removes the tap named TARGET (`NAME`, or `NAME@NETNS`) or with MAC
 /// TARGET.
 fn detach(dp: &mut Datapath, target: &str) -> String {
@@ -241,6 +280,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     }
     if let Some(target) = request.strip_prefix("detach ") {
         return detach(dp, target.trim());
+    }
+    if let Some(rest) = request.strip_prefix("capture ") {
+        return capture(dp, rest);
     }
     let engine = dp.engine();
     match request {

@@ -440,3 +440,46 @@ fn hairpinning_between_guests() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// `switchyard capture` writes pcap that tcpdump reads: on the guest's port the packets carry
+// the guest's address, on the uplink the same pings carry the external one (after NAT).
+#[test]
+fn captures_show_packets_before_and_after_nat() {
+    require(&["tcpdump"]);
+    let net = nat_net(1, "");
+    let g = &net.guests[0];
+    g.must(&["ping", "-c", "1", "-W", "2", OUTSIDE]);
+    let bin = switchyard_bin().display().to_string();
+    let socket = control(&net);
+    let mut captures = Vec::new();
+    for (port, file) in [("eth0", "guest.pcap"), ("up0(uplink)", "uplink.pcap")] {
+        let path = net.dir.file(file);
+        let child = std::process::Command::new(&bin)
+            .args([
+                "capture", "nat", "--socket", &socket, "--port", port, "-w", &path,
+            ])
+            .args(["--count", "4", "--duration", "10"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        captures.push((child, path));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    g.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", OUTSIDE]);
+    let mut seen = Vec::new();
+    for (mut child, path) in captures {
+        assert!(child.wait().unwrap().success());
+        seen.push(must(&["tcpdump", "-n", "-r", &path]));
+    }
+    assert!(
+        seen[0].contains("192.168.122.10 > 203.0.113.1: ICMP echo request"),
+        "{}",
+        seen[0]
+    );
+    assert!(
+        seen[1].contains("203.0.113.2 > 203.0.113.1: ICMP echo request")
+            && seen[1].contains("203.0.113.1 > 203.0.113.2: ICMP echo reply"),
+        "{}",
+        seen[1]
+    );
+}

@@ -6,6 +6,7 @@
 //! therefore cannot starve the others, nor the timers. Frames are read into one preallocated
 //! buffer and written from it to their egress ports; nothing on this path allocates.
 
+pub mod capture;
 pub mod netlink;
 pub mod netns;
 pub mod stream;
@@ -163,6 +164,7 @@ pub struct Datapath {
     leases: Option<LeaseWriter>,
     upstream: Vec<mio::net::UdpSocket>,
     upstream_ready: bool,
+    captures: Vec<capture::Capture>,
     resolv: Option<ResolvWatch>,
 }
 
@@ -291,6 +293,7 @@ impl Datapath {
             leases: None,
             upstream: Vec::new(),
             upstream_ready: false,
+            captures: Vec::new(),
             resolv: None,
         })
     }
@@ -480,6 +483,7 @@ impl Datapath {
 
     /// Removes a port (its tap goes away if switchyard created it).
     pub fn remove_port(&mut self, id: PortId) {
+        self.captures.retain(|c| c.port != id);
         if let Some(mut port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
             let registry = self.poll.registry();
             if let Some(file) = &port.file {
@@ -718,6 +722,37 @@ impl Datapath {
         }
     }
 
+    /// Starts capturing the frames of `port`, both ways (see [`capture`]).
+    pub fn start_capture(&mut self, port: PortId) -> Result<(), String> {
+        if self.ports.get(port.0 as usize).is_none_or(Option::is_none) {
+            return Err(format!("no port {port}"));
+        }
+        if self.captures.iter().any(|c| c.port == port) {
+            return Err(format!("port {port} is already being captured"));
+        }
+        self.captures.push(capture::Capture::new(port));
+        Ok(())
+    }
+
+    /// What the capture of `port` holds, taken (see [`capture::Capture::drain_text`]).
+    pub fn read_capture(&mut self, port: PortId) -> Option<String> {
+        let c = self.captures.iter_mut().find(|c| c.port == port)?;
+        Some(c.drain_text())
+    }
+
+    /// Ends the capture of `port`: (frames captured, frames dropped).
+    pub fn stop_capture(&mut self, port: PortId) -> Option<(u64, u64)> {
+        let at = self.captures.iter().position(|c| c.port == port)?;
+        let c = self.captures.swap_remove(at);
+        Some((c.captured, c.dropped))
+    }
+
+    fn record_capture(&mut self, port: PortId, frame: &[u8]) {
+        if let Some(c) = self.captures.iter_mut().find(|c| c.port == port) {
+            c.record(frame);
+        }
+    }
+
     /// The tap ports: (port, tap name, its namespace, the MAC asked for its kernel side).
     pub fn taps(
         &self,
@@ -843,7 +878,12 @@ impl Datapath {
             port.send(&out.frame).map(|()| (1, len))
         };
         match result {
-            Ok((packets, bytes)) => self.engine.record_tx(out.port, packets as u64, bytes),
+            Ok((packets, bytes)) => {
+                self.engine.record_tx(out.port, packets as u64, bytes);
+                if !self.captures.is_empty() {
+                    self.record_capture(out.port, &out.frame);
+                }
+            }
             Err(_) => self.engine.record_drop(out.port, DropReason::TxError),
         }
     }
@@ -950,6 +990,9 @@ impl Datapath {
         } else {
             (VnetHdr::default(), 0)
         };
+        if !self.captures.is_empty() {
+            self.record_capture(ingress, &buf[frame_start..]);
+        }
         let verdict = self
             .engine
             .handle_frame(now, ingress, &hdr, &mut buf[frame_start..]);
@@ -1003,7 +1046,12 @@ impl Datapath {
             }
         };
         match result {
-            Ok((packets, bytes)) => self.engine.record_tx(egress, packets as u64, bytes),
+            Ok((packets, bytes)) => {
+                self.engine.record_tx(egress, packets as u64, bytes);
+                if !self.captures.is_empty() {
+                    self.record_capture(egress, &buf[frame_start..]);
+                }
+            }
             Err(_) => self.engine.record_drop(egress, DropReason::TxError),
         }
     }

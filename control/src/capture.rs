@@ -1,0 +1,70 @@
+//! `switchyard capture`: drains a running network's capture of one port into a pcap file,
+//! a tenth of a second at a time, until a count, a duration or Ctrl-C.
+
+use crate::run;
+use datapath::io::capture::pcap_from_text;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// The network's control socket.
+    pub socket: PathBuf,
+    pub port: String,
+    /// A file, or `-` for standard output.
+    pub write: String,
+    pub count: Option<u64>,
+    pub duration: Option<Duration>,
+}
+
+pub fn capture(opts: &CaptureOptions) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;
+    }
+    let mut out: Box<dyn Write> = if opts.write == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::File::create(&opts.write).map_err(|e| format!("{}: {e}", opts.write))?)
+    };
+    run::ask(&opts.socket, &format!("capture start {}", opts.port))?;
+    eprintln!("switchyard: capturing port {} (Ctrl-C stops)", opts.port);
+    let started = Instant::now();
+    let mut frames = 0u64;
+    let mut header = true;
+    let result = loop {
+        let done = stop.load(Ordering::SeqCst)
+            || opts.count.is_some_and(|n| frames >= n)
+            || opts.duration.is_some_and(|d| started.elapsed() >= d);
+        let text = match run::ask(&opts.socket, &format!("capture read {}", opts.port)) {
+            Ok(text) => text,
+            Err(e) => break Err(e),
+        };
+        let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("dropped")).collect();
+        if let Some(n) = opts.count {
+            lines.truncate(n.saturating_sub(frames) as usize);
+        }
+        frames += lines.len() as u64;
+        let pcap = pcap_from_text(&lines.join("\n"), header);
+        header = false;
+        if let Err(e) = out.write_all(&pcap).and_then(|()| out.flush()) {
+            break Err(format!("{}: {e}", opts.write));
+        }
+        if done {
+            break Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let summary = run::ask(&opts.socket, &format!("capture stop {}", opts.port));
+    eprintln!(
+        "switchyard: {frames} frames written; {}",
+        summary
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or("capture already ended")
+    );
+    result
+}
