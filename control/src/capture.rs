@@ -1,5 +1,5 @@
-//! `switchyard capture`: drains a running network's capture of one port into a pcap file,
-//! a tenth of a second at a time, until a count, a duration or Ctrl-C.
+//! `switchyard capture` and `switchyard trace`: drain what a running network captured or
+//! traced, a tenth of a second at a time, until a count, a duration or Ctrl-C.
 
 use crate::run;
 use datapath::io::capture::pcap_from_text;
@@ -66,5 +66,53 @@ pub fn capture(opts: &CaptureOptions) -> Result<(), String> {
             .map(str::trim)
             .unwrap_or("capture already ended")
     );
+    result
+}
+
+/// `switchyard trace`: prints the traces of the next `count` frames entering `port` (any
+/// port when `None`).
+pub fn trace(
+    socket: &std::path::Path,
+    port: Option<&str>,
+    count: u64,
+    duration: Option<Duration>,
+) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;
+    }
+    run::ask(
+        socket,
+        &format!("trace start {} {count}", port.unwrap_or("any")),
+    )?;
+    let started = Instant::now();
+    let result = loop {
+        let text = match run::ask(socket, "trace read") {
+            Ok(text) => text,
+            Err(e) => break Err(e),
+        };
+        let mut remaining = 1;
+        for line in text.lines() {
+            match line.strip_prefix("remaining ") {
+                Some(rest) => {
+                    remaining = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+                None => println!("{line}"),
+            }
+        }
+        let _ = std::io::stdout().flush();
+        if remaining == 0
+            || stop.load(Ordering::SeqCst)
+            || duration.is_some_and(|d| started.elapsed() >= d)
+        {
+            break Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = run::ask(socket, "trace stop");
     result
 }

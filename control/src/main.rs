@@ -212,6 +212,25 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Follow live frames through the pipeline: for each, the frame as it came in, every
+    /// decision (counters moved: MAC learned, NAT flow created or found, ARP/echo/DHCP/DNS
+    /// answered, ICMP error sent, drop reason), the frame as rewritten, and the verdict.
+    Trace {
+        /// The network's name.
+        network: String,
+        /// Only frames entering this port (a number, a name, or a tap name); default any.
+        #[arg(long)]
+        port: Option<String>,
+        /// Stop after this many frames.
+        #[arg(long, default_value_t = 20)]
+        count: u64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// The network's control socket itself.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Capture a port's frames, both ways, into a pcap file (tcpdump -r reads it): as they
     /// enter the switch and as they leave it, so on the uplink the NATed packets.
     Capture {
@@ -507,6 +526,18 @@ fn main() -> ExitCode {
             socket,
         }
         .ask(if json { "fdb json" } else { "fdb" }),
+        Command::Trace {
+            network,
+            port,
+            count,
+            duration,
+            socket,
+        } => control::capture::trace(
+            &socket.unwrap_or_else(|| run::default_control_socket(&network)),
+            port.as_deref(),
+            count,
+            duration.map(Duration::from_secs_f64),
+        ),
         Command::Capture {
             network,
             port,

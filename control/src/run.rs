@@ -211,6 +211,35 @@ fn find_port(dp: &Datapath, name: &str) -> Option<datapath::PortId> {
         .map(|(id, _)| id)
 }
 
+/// `trace start PORT|any COUNT`, `trace read`, `trace stop`.
+fn trace(dp: &mut Datapath, request: &str) -> String {
+    let words: Vec<&str> = request.split_whitespace().collect();
+    match words.as_slice() {
+        ["start", port, count] => {
+            let Ok(count) = count.parse::<u64>() else {
+                return format!("error: trace count {count}: a number\n");
+            };
+            let port = match *port {
+                "any" => None,
+                name => match find_port(dp, name) {
+                    Some(id) => Some(id),
+                    None => return format!("error: no port {name} on this network\n"),
+                },
+            };
+            dp.start_trace(port, count);
+            "tracing\n".into()
+        }
+        ["read"] => dp
+            .read_trace()
+            .unwrap_or_else(|| "error: no trace is running\n".into()),
+        ["stop"] => {
+            dp.stop_trace();
+            "stopped\n".into()
+        }
+        _ => "error: trace start PORT|any COUNT, trace read, trace stop\n".into(),
+    }
+}
+
 /// `capture start|read|stop PORT`.
 fn capture(dp: &mut Datapath, request: &str) -> String {
     let mut words = request.split_whitespace();
@@ -283,6 +312,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     }
     if let Some(rest) = request.strip_prefix("capture ") {
         return capture(dp, rest);
+    }
+    if let Some(rest) = request.strip_prefix("trace ") {
+        return trace(dp, rest);
     }
     let engine = dp.engine();
     match request {

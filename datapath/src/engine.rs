@@ -12,6 +12,7 @@ use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
+use crate::trace::{self, FrameTrace};
 use crate::uplink::{ArpAnswer, NeighborRow, Uplink, UplinkConfig, UplinkCounters};
 use crate::wire::arp::ArpPacket;
 use crate::wire::ethernet::{self, EthernetFrame};
@@ -140,6 +141,8 @@ pub struct Engine {
     router: Option<Router>,
     dhcp: Option<DhcpService>,
     dns: Option<DnsService>,
+    tracing: bool,
+    trace: Option<FrameTrace>,
     ports: Vec<Option<PortState>>,
     outgoing: VecDeque<Outgoing>,
     icmp_tokens: u32,
@@ -164,6 +167,8 @@ impl Engine {
             }),
             dhcp: None,
             dns: None,
+            tracing: false,
+            trace: None,
             ports: Vec::new(),
             outgoing: VecDeque::with_capacity(MAX_OUTGOING),
             icmp_tokens: ICMP_BURST,
@@ -240,6 +245,59 @@ impl Engine {
 
     /// Decides the fate of `frame`, received on `ingress` at `now` with offload state `vnet`.
     pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &mut [u8],
+    ) -> Verdict {
+        if self.tracing {
+            return self.handle_frame_traced(now, ingress, vnet, frame);
+        }
+        self.handle_frame_untraced(now, ingress, vnet, frame)
+    }
+
+    /// Traces the next frames handled (see [`crate::trace`]); each trace is taken with
+    /// [`Engine::take_trace`].
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
+        if !on {
+            self.trace = None;
+        }
+    }
+
+    /// The trace of the last frame handled while tracing.
+    pub fn take_trace(&mut self) -> Option<FrameTrace> {
+        self.trace.take()
+    }
+
+    /// The same handling, with what it decided recorded.
+    fn handle_frame_traced(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &mut [u8],
+    ) -> Verdict {
+        let before = trace::counters(&self.stats(), ingress);
+        let described = trace::describe(frame, vnet);
+        let original = frame.to_vec();
+        let queued = self.outgoing.len();
+        let verdict = self.handle_frame_untraced(now, ingress, vnet, frame);
+        let after = trace::counters(&self.stats(), ingress);
+        let name = |p: PortId| self.port(p).map(|s| s.name.clone()).unwrap_or_default();
+        self.trace = Some(FrameTrace {
+            ingress,
+            before: described,
+            decisions: trace::moved(&before, &after),
+            after: (*frame != original[..]).then(|| trace::describe(frame, vnet)),
+            verdict: trace::verdict_text(verdict, name),
+            originated: self.outgoing.len().saturating_sub(queued),
+        });
+        verdict
+    }
+
+    fn handle_frame_untraced(
         &mut self,
         now: Instant,
         ingress: PortId,

@@ -15,6 +15,7 @@ pub mod io;
 pub mod nat;
 pub mod port;
 pub mod switch;
+pub mod trace;
 pub mod uplink;
 pub mod wire;
 

@@ -483,3 +483,63 @@ fn captures_show_packets_before_and_after_nat() {
         seen[1]
     );
 }
+
+/// Sends one malformed frame out of argv[1]: its source MAC is a multicast address.
+const SEND_MALFORMED: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+s.send(b"\xff" * 6 + b"\x01\x00\x5e\x00\x00\x01" + b"\x08\x00" + bytes(46))
+"#;
+
+// `switchyard trace` tells each decision: ARP answered by the gateway, a TCP SYN NATed out
+// (flow created, tuple rewritten) and its SYN-ACK translated back, a TTL running out with its
+// ICMP error, a malformed frame dropped with its reason.
+#[test]
+fn traces_tell_each_decision() {
+    require(&["traceroute"]);
+    let net = nat_net(1, "");
+    let (g, outside) = (&net.guests[0], &net.outside);
+    let _server = outside.spawn(&[
+        "python3", "-c",
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('203.0.113.1', 7070))\ns.listen(8)\nwhile True:\n    c, _ = s.accept()\n    c.close()",
+    ]);
+    wait_listening(outside, 7070);
+    g.must(&["ip", "neigh", "flush", "all"]);
+    let bin = switchyard_bin().display().to_string();
+    let tracer = std::process::Command::new(&bin)
+        .args(["trace", "nat", "--socket", &control(&net), "--count", "40"])
+        .args(["--duration", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    g.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
+    g.must(&[
+        "python3",
+        "-c",
+        "import socket\nsocket.create_connection(('203.0.113.1', 7070), timeout=3).close()",
+    ]);
+    g.run(&["traceroute", "-n", "-q", "1", "-w", "1", "-m", "1", OUTSIDE]);
+    g.must(&["python3", "-c", SEND_MALFORMED, "eth0"]);
+    let out = tracer.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "ARP who-has 192.168.122.1 tell 192.168.122.10",
+        "gateway.arp_replies +1",
+        "IPv4 TCP 192.168.122.10:",
+        "nat.flows_created +1",
+        "rewritten: ",
+        "> 203.0.113.2:",
+        "nat.translated_in +1",
+        "icmp_errors_sent +1",
+        "verdict: drop (ttl_exceeded)",
+        "01:00:5e:00:00:01 > ff:ff:ff:ff:ff:ff",
+        "verdict: drop (invalid_source_mac)",
+        "verdict: forward to port",
+    ] {
+        assert!(text.contains(needle), "{needle}:\n{text}");
+    }
+}

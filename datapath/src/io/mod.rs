@@ -165,6 +165,7 @@ pub struct Datapath {
     upstream: Vec<mio::net::UdpSocket>,
     upstream_ready: bool,
     captures: Vec<capture::Capture>,
+    tracing: Option<TraceSession>,
     resolv: Option<ResolvWatch>,
 }
 
@@ -176,6 +177,19 @@ struct ResolvWatch {
     stamp: Option<(std::time::SystemTime, u64)>,
     next_check: Instant,
 }
+
+/// A running `switchyard trace`: which frames to trace and their rendered traces, bounded.
+#[derive(Debug)]
+struct TraceSession {
+    port: Option<PortId>,
+    remaining: u64,
+    records: VecDeque<String>,
+    seq: u64,
+    dropped: u64,
+}
+
+/// Traces waiting for the reader before new ones are dropped.
+const MAX_TRACES: usize = 1000;
 
 /// The `nameserver` addresses of a resolv.conf, port 53, in order.
 pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
@@ -294,6 +308,7 @@ impl Datapath {
             upstream: Vec::new(),
             upstream_ready: false,
             captures: Vec::new(),
+            tracing: None,
             resolv: None,
         })
     }
@@ -722,6 +737,67 @@ impl Datapath {
         }
     }
 
+    /// Traces the next `count` frames that enter `port` (any port when `None`); see
+    /// [`crate::trace`].
+    pub fn start_trace(&mut self, port: Option<PortId>, count: u64) {
+        self.tracing = Some(TraceSession {
+            port,
+            remaining: count,
+            records: VecDeque::new(),
+            seq: 0,
+            dropped: 0,
+        });
+    }
+
+    /// The traces recorded since the last read, then a line `remaining N dropped M`; `None`
+    /// when no trace runs.
+    pub fn read_trace(&mut self) -> Option<String> {
+        let session = self.tracing.as_mut()?;
+        let mut out: String = session.records.drain(..).collect();
+        out.push_str(&format!(
+            "remaining {} dropped {}\n",
+            session.remaining, session.dropped
+        ));
+        Some(out)
+    }
+
+    pub fn stop_trace(&mut self) {
+        self.tracing = None;
+        self.engine.set_tracing(false);
+    }
+
+    /// Renders the engine's trace of the frame just handled.
+    fn finish_trace(&mut self, verdict: Verdict) {
+        let trace = self.engine.take_trace();
+        self.engine.set_tracing(false);
+        let (Some(trace), Some(session)) = (trace, self.tracing.as_mut()) else {
+            return;
+        };
+        session.remaining = session.remaining.saturating_sub(1);
+        session.seq += 1;
+        let engine = &self.engine;
+        let name = |p: PortId| engine.port(p).map(|s| s.name.clone()).unwrap_or_default();
+        let mut text = format!("frame {}:\n", session.seq);
+        text.push_str(&trace.render(name));
+        if verdict == Verdict::Flood {
+            let to: Vec<String> = engine
+                .ports()
+                .filter(|(id, _)| *id != trace.ingress && engine.is_switch_port(*id))
+                .map(|(id, p)| format!("{id} ({})", p.name))
+                .collect();
+            if to.is_empty() {
+                text.push_str("    flooded to: no other switch port\n");
+            } else {
+                text.push_str(&format!("    flooded to: {}\n", to.join(", ")));
+            }
+        }
+        if session.records.len() >= MAX_TRACES {
+            session.dropped += 1;
+        } else {
+            session.records.push_back(text);
+        }
+    }
+
     /// Starts capturing the frames of `port`, both ways (see [`capture`]).
     pub fn start_capture(&mut self, port: PortId) -> Result<(), String> {
         if self.ports.get(port.0 as usize).is_none_or(Option::is_none) {
@@ -993,9 +1069,19 @@ impl Datapath {
         if !self.captures.is_empty() {
             self.record_capture(ingress, &buf[frame_start..]);
         }
+        let traced = self
+            .tracing
+            .as_ref()
+            .is_some_and(|t| t.remaining > 0 && t.port.is_none_or(|p| p == ingress));
+        if traced {
+            self.engine.set_tracing(true);
+        }
         let verdict = self
             .engine
             .handle_frame(now, ingress, &hdr, &mut buf[frame_start..]);
+        if traced {
+            self.finish_trace(verdict);
+        }
         match verdict {
             Verdict::Forward(egress) => self.transmit(egress, &hdr, buf, frame_start),
             Verdict::Reply => self.transmit(ingress, &hdr, buf, frame_start),
