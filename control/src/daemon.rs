@@ -473,6 +473,7 @@ impl Daemon {
             control: Some(socket.clone()),
             state_dir: Some(self.opts.state_dir.clone()),
             resolv_conf: self.opts.resolv_conf.clone(),
+            metrics: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_def = def.clone();

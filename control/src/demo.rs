@@ -149,6 +149,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         control: None,
         // The demo's leases are thrown away with it.
         resolv_conf: "/etc/resolv.conf".into(),
+        metrics: None,
         state_dir: Some(
             std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id())),
         ),

@@ -56,6 +56,9 @@ enum Command {
         /// has no <forwarder> (re-read when it changes).
         #[arg(long, default_value = "/etc/resolv.conf")]
         resolv_conf: PathBuf,
+        /// Serve Prometheus metrics over HTTP on this loopback address (`GET /metrics`).
+        #[arg(long, value_name = "127.0.0.1:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// List the DHCP leases of a running network, like `virsh net-dhcp-leases NAME`.
     NetDhcpLeases {
@@ -78,6 +81,11 @@ enum Command {
     },
     /// Show the uplink's ARP cache (next hops) of a running network.
     Neighbors {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The counters of a running network in Prometheus' text format.
+    Metrics {
         #[command(flatten)]
         target: Target,
     },
@@ -362,6 +370,7 @@ fn main() -> ExitCode {
             control,
             state_dir,
             resolv_conf,
+            metrics,
         } => run::run(&RunOptions {
             xml,
             taps,
@@ -372,6 +381,7 @@ fn main() -> ExitCode {
             control,
             state_dir,
             resolv_conf,
+            metrics,
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             name,
@@ -384,6 +394,13 @@ fn main() -> ExitCode {
         }
         Command::Neighbors { target } => target.ask("neighbors"),
         Command::Stats { target } => target.ask("stats"),
+        Command::Metrics { target } => {
+            let name = target
+                .name
+                .clone()
+                .unwrap_or_else(|| target.network.clone());
+            target.ask(&format!("metrics {name}"))
+        }
         Command::Demo { keep } => control::demo::demo(keep),
         Command::Daemon {
             socket,

@@ -91,3 +91,50 @@ pub fn fdb_table(rows: &[FdbRow], port_name: impl Fn(u16) -> String) -> String {
     }
     out
 }
+
+/// The counters in Prometheus' text format (version 0.0.4): engine-wide counters as
+/// `switchyard_<path>`, per-port ones with a `port` label, and the table sizes as gauges.
+pub fn prometheus(network: &str, stats: &Stats) -> String {
+    let mut out = String::new();
+    let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let net = label(network);
+    let mut engine = Vec::new();
+    if let Ok(value) = serde_json::to_value(&stats.engine) {
+        datapath::trace::flatten("", &value, &mut engine);
+    }
+    for (name, value) in engine {
+        let metric = format!("switchyard_{}_total", name.replace('.', "_"));
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        let _ = writeln!(out, "{metric}{{network=\"{net}\"}} {value}");
+    }
+    let mut per_port: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
+    for (_, port) in &stats.ports {
+        let mut values = Vec::new();
+        if let Ok(value) = serde_json::to_value(&port.counters) {
+            datapath::trace::flatten("", &value, &mut values);
+        }
+        for (name, value) in values {
+            per_port
+                .entry(name)
+                .or_default()
+                .push((label(&port.name), value));
+        }
+    }
+    for (name, ports) in per_port {
+        let metric = format!("switchyard_port_{name}_total");
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        for (port, value) in ports {
+            let _ = writeln!(out, "{metric}{{network=\"{net}\",port=\"{port}\"}} {value}");
+        }
+    }
+    for (name, value) in [
+        ("fdb_entries", stats.fdb_entries),
+        ("nat_flows", stats.nat_flows),
+        ("dhcp_leases", stats.dhcp_leases),
+        ("ports", stats.ports.len()),
+    ] {
+        let _ = writeln!(out, "# TYPE switchyard_{name} gauge");
+        let _ = writeln!(out, "switchyard_{name}{{network=\"{net}\"}} {value}");
+    }
+    out
+}

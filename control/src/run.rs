@@ -24,6 +24,8 @@ pub struct RunOptions {
     /// The resolver configuration whose nameservers are the DNS upstreams when the network
     /// names no `<forwarder>` (`/etc/resolv.conf`).
     pub resolv_conf: PathBuf,
+    /// A loopback address to serve Prometheus metrics on (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -316,6 +318,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     if let Some(rest) = request.strip_prefix("trace ") {
         return trace(dp, rest);
     }
+    if let Some(network) = request.strip_prefix("metrics ") {
+        return report::prometheus(network.trim(), &dp.engine().stats());
+    }
     let engine = dp.engine();
     match request {
         "conntrack" => {
@@ -357,6 +362,7 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
                 .unwrap_or_default()
         }),
         "fdb json" => json(serde_json::to_string(&engine.fdb_rows(now))),
+        "metrics" => report::prometheus("", &engine.stats()),
         "iface-list" => iface_table(&iface_rows(dp)),
         "iface-list json" => json(serde_json::to_string(&iface_rows(dp))),
         other => format!(
@@ -616,6 +622,11 @@ pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         "switchyard: control socket {} (switchyard conntrack --socket ...)",
         control.display()
     );
+    if let Some(addr) = opts.metrics {
+        dp.listen_metrics(addr)
+            .map_err(|e| format!("metrics on {addr}: {e}"))?;
+        eprintln!("switchyard: Prometheus metrics on http://{addr}/metrics");
+    }
     Ok(dp)
 }
 
@@ -643,7 +654,10 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
                 eprint!("{}", report::stats_table(&stats));
             }
         },
-        answer,
+        |dp: &mut Datapath, request: &str| match request {
+            "metrics" => answer(dp, &format!("metrics {}", def.name)),
+            other => answer(dp, other),
+        },
     )
     .map_err(|e| format!("poll loop: {e}"))?;
     eprintln!("switchyard: stopping; removing the taps it created");

@@ -82,7 +82,8 @@ pub fn counters(stats: &Stats, port: PortId) -> Vec<(String, u64)> {
     out
 }
 
-fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, u64)>) {
+/// Every number in `value` (a JSON object tree), as `path.to.it = n`, prefixed by `prefix`.
+pub fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, u64)>) {
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {

@@ -9,7 +9,7 @@ use switchyard_tests::*;
 // disconnect a new connection (the VM restarted) works the same.
 #[test]
 fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
-    require(&["ip", "ping", "python3"]);
+    require(&["ip", "ping", "python3", "curl"]);
     let dir = TempDir::new("systrm");
     let (sw, g) = (Netns::new("s"), Netns::new("g"));
     let socket = dir.file("vm1.sock");
@@ -33,6 +33,8 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
             &socket,
             "--stream",
             "tcp:127.0.0.1:5555",
+            "--metrics",
+            "127.0.0.1:9108",
         ],
     );
     g.set_static_address("eth0", "192.168.122.10/24", None);
@@ -83,6 +85,21 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
         "192.168.122.21",
     ]);
     assert_eq!(vm.trim(), "52:54:00:5e:00:0a");
+    // Prometheus metrics over HTTP on loopback, per port and engine-wide.
+    let metrics = sw.must(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9108/metrics",
+    ]);
+    assert!(
+        metrics.contains("# TYPE switchyard_port_rx_packets_total counter")
+            && metrics.contains("switchyard_port_rx_packets_total{network=\"vms\",port=\"eth0@")
+            && metrics.contains("switchyard_gateway_arp_replies_total{network=\"vms\"}")
+            && metrics.contains("switchyard_ports{network=\"vms\"} 3"),
+        "{metrics}"
+    );
     let stats = sy.stop_json();
     let rx: u64 = (0..2)
         .map(|i| port_counters(&stats, i)["rx_packets"].as_u64().unwrap())

@@ -46,6 +46,7 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const CONTROL: Token = Token(usize::MAX - 3);
 const UPSTREAM_V4: Token = Token(usize::MAX - 4);
 const UPSTREAM_V6: Token = Token(usize::MAX - 5);
+const METRICS: Token = Token(usize::MAX - 6);
 /// Upstream DNS answers read per socket per turn.
 const UPSTREAM_BUDGET: usize = 256;
 /// How often the resolver configuration is checked for changes.
@@ -161,6 +162,8 @@ pub struct Datapath {
     signals: Option<UnixStream>,
     control: Option<(mio::net::UnixListener, PathBuf)>,
     control_ready: bool,
+    metrics: Option<mio::net::TcpListener>,
+    metrics_ready: bool,
     leases: Option<LeaseWriter>,
     upstream: Vec<mio::net::UdpSocket>,
     upstream_ready: bool,
@@ -304,6 +307,8 @@ impl Datapath {
             signals: None,
             control: None,
             control_ready: false,
+            metrics: None,
+            metrics_ready: false,
             leases: None,
             upstream: Vec::new(),
             upstream_ready: false,
@@ -685,6 +690,50 @@ impl Datapath {
         }
     }
 
+    /// Serves `GET /metrics` (Prometheus text, from `run`'s answer to `metrics`) over HTTP on
+    /// `addr`, which must be a loopback address.
+    pub fn listen_metrics(&mut self, addr: std::net::SocketAddr) -> io::Result<()> {
+        if !addr.ip().is_loopback() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metrics listen on loopback only",
+            ));
+        }
+        let mut listener = mio::net::TcpListener::bind(addr)?;
+        self.poll
+            .registry()
+            .register(&mut listener, METRICS, Interest::READABLE)?;
+        self.metrics = Some(listener);
+        Ok(())
+    }
+
+    /// Answers waiting metrics scrapes, each with one HTTP response (the request is read
+    /// within [`CONTROL_READ_TIMEOUT`] and otherwise ignored).
+    fn serve_metrics(&mut self, answer: &mut impl FnMut(&mut Datapath, &str) -> String) {
+        let mut streams = Vec::new();
+        if let Some(listener) = &self.metrics {
+            while let Ok((stream, _)) = listener.accept() {
+                streams.push(std::net::TcpStream::from(std::os::fd::OwnedFd::from(
+                    stream,
+                )));
+            }
+        }
+        for mut stream in streams {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let body = answer(self, "metrics");
+            let response = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+        }
+    }
+
     /// Runs until [`Handle::shutdown`] or a termination signal; `report` is called with the
     /// engine on SIGUSR1, `answer` with each control request line.
     pub fn run(
@@ -699,6 +748,9 @@ impl Datapath {
             }
             if std::mem::take(&mut self.control_ready) {
                 self.serve_control(&mut answer);
+            }
+            if std::mem::take(&mut self.metrics_ready) {
+                self.serve_metrics(&mut answer);
             }
         }
         Ok(())
@@ -882,6 +934,7 @@ impl Datapath {
                 WAKER => {}
                 SIGNALS => drain_signals = true,
                 CONTROL => self.control_ready = true,
+                METRICS => self.metrics_ready = true,
                 UPSTREAM_V4 | UPSTREAM_V6 => self.upstream_ready = true,
                 Token(index) if (LISTENER_BASE..2 * MAX_PORTS).contains(&index) => {
                     accepts.push(index - LISTENER_BASE);
