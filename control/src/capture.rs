@@ -116,3 +116,41 @@ pub fn trace(
     let _ = run::ask(socket, "trace stop");
     result
 }
+
+/// `switchyard trace --inject FILE --port P`: the trace of one frame run through the pipeline
+/// without being sent. FILE is hexadecimal bytes (spaces and newlines allowed) or a pcap file,
+/// whose first frame is taken.
+pub fn inject(
+    socket: &std::path::Path,
+    port: Option<&str>,
+    file: &std::path::Path,
+) -> Result<(), String> {
+    let port = port.ok_or("--inject needs --port: the port the frame enters")?;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let frame = match bytes.get(..4) {
+        Some([0xd4, 0xc3, 0xb2, 0xa1]) => {
+            let len = bytes
+                .get(24 + 8..24 + 12)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or("the pcap has no frame")?;
+            bytes
+                .get(24 + 16..24 + 16 + len)
+                .ok_or("the pcap's first frame is cut short")?
+                .to_vec()
+        }
+        _ => {
+            let text = String::from_utf8_lossy(&bytes);
+            let hex: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+            (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| format!("{}: {e}", file.display()))?
+        }
+    };
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    print!(
+        "{}",
+        run::ask(socket, &format!("trace inject {port} {hex}"))?
+    );
+    Ok(())
+}

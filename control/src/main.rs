@@ -235,6 +235,10 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(long)]
         duration: Option<f64>,
+        /// Instead of live frames, run this frame through the pipeline as if it entered
+        /// --port, sending nothing: a file of hexadecimal bytes, or a pcap (its first frame).
+        #[arg(long, value_name = "FILE")]
+        inject: Option<PathBuf>,
         /// The network's control socket itself.
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -548,13 +552,20 @@ fn main() -> ExitCode {
             port,
             count,
             duration,
+            inject,
             socket,
-        } => control::capture::trace(
-            &socket.unwrap_or_else(|| run::default_control_socket(&network)),
-            port.as_deref(),
-            count,
-            duration.map(Duration::from_secs_f64),
-        ),
+        } => {
+            let socket = socket.unwrap_or_else(|| run::default_control_socket(&network));
+            match inject {
+                Some(file) => control::capture::inject(&socket, port.as_deref(), &file),
+                None => control::capture::trace(
+                    &socket,
+                    port.as_deref(),
+                    count,
+                    duration.map(Duration::from_secs_f64),
+                ),
+            }
+        }
         Command::Capture {
             network,
             port,

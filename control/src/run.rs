@@ -234,11 +234,30 @@ fn trace(dp: &mut Datapath, request: &str) -> String {
         ["read"] => dp
             .read_trace()
             .unwrap_or_else(|| "error: no trace is running\n".into()),
+        ["inject", port, hex] => {
+            let Some(port) = find_port(dp, port) else {
+                return format!("error: no port {port} on this network\n");
+            };
+            let bytes: Option<Vec<u8>> = (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|b| u8::from_str_radix(b, 16).ok())
+                })
+                .collect();
+            match bytes {
+                Some(frame) if !frame.is_empty() => {
+                    dp.inject_trace(std::time::Instant::now(), port, &frame)
+                }
+                _ => "error: the frame must be hexadecimal bytes\n".into(),
+            }
+        }
         ["stop"] => {
             dp.stop_trace();
             "stopped\n".into()
         }
-        _ => "error: trace start PORT|any COUNT, trace read, trace stop\n".into(),
+        _ => "error: trace start PORT|any COUNT, trace read, trace stop, trace inject PORT HEX\n"
+            .into(),
     }
 }
 

@@ -271,7 +271,9 @@ impl Engine {
         self.trace.take()
     }
 
-    /// The same handling, with what it decided recorded.
+    /// The same handling, with what it decided recorded. Cold: kept out of the fast path.
+    #[cold]
+    #[inline(never)]
     fn handle_frame_traced(
         &mut self,
         now: Instant,
@@ -297,6 +299,7 @@ impl Engine {
         verdict
     }
 
+    #[inline]
     fn handle_frame_untraced(
         &mut self,
         now: Instant,

@@ -542,4 +542,32 @@ fn traces_tell_each_decision() {
     ] {
         assert!(text.contains(needle), "{needle}:\n{text}");
     }
+
+    // --inject: an ARP request from a MAC no guest has, run through without being sent.
+    let frame = net.dir.file("arp.hex");
+    std::fs::write(
+        &frame,
+        "ffffffffffff 5254000000ee 0806 0001 0800 06 04 0001 5254000000ee c0a87a63 \
+         000000000000 c0a87a01",
+    )
+    .unwrap();
+    let injected = must(&[
+        &bin,
+        "trace",
+        "nat",
+        "--socket",
+        &control(&net),
+        "--port",
+        "eth0",
+        "--inject",
+        &frame,
+    ]);
+    for needle in [
+        "ARP who-has 192.168.122.1 tell 192.168.122.99",
+        "fdb.learned +1",
+        "gateway.arp_replies +1",
+        "(injected: nothing was sent)",
+    ] {
+        assert!(injected.contains(needle), "{needle}:\n{injected}");
+    }
 }

@@ -813,6 +813,27 @@ impl Datapath {
         Some(out)
     }
 
+    /// Runs `frame` through the pipeline as if it had entered `ingress`, traced, and sends
+    /// nothing (like `ovs-appctl ofproto/trace`). The pipeline's state moves as it would: a
+    /// MAC is learned, a flow created. Returns the rendered trace.
+    pub fn inject_trace(&mut self, now: Instant, ingress: PortId, frame: &[u8]) -> String {
+        let mut buf = frame.to_vec();
+        self.engine.set_tracing(true);
+        let verdict = self
+            .engine
+            .handle_frame(now, ingress, &VnetHdr::default(), &mut buf);
+        let trace = self.engine.take_trace();
+        self.engine.set_tracing(false);
+        // Frames the engine queued of its own because of it are not sent either.
+        while self.engine.poll_transmit().is_some() {}
+        let engine = &self.engine;
+        let name = |p: PortId| engine.port(p).map(|s| s.name.clone()).unwrap_or_default();
+        match trace {
+            Some(trace) => format!("{}    (injected: nothing was sent)\n", trace.render(name)),
+            None => format!("verdict {verdict:?}\n"),
+        }
+    }
+
     pub fn stop_trace(&mut self) {
         self.tracing = None;
         self.engine.set_tracing(false);
