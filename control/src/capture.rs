@@ -70,10 +70,11 @@ pub fn capture(opts: &CaptureOptions) -> Result<(), String> {
 }
 
 /// `switchyard trace`: prints the traces of the next `count` frames entering `port` (any
-/// port when `None`).
+/// port when `None`) that match `filter` (see [`datapath::trace::Filter`]).
 pub fn trace(
     socket: &std::path::Path,
     port: Option<&str>,
+    filter: &str,
     count: u64,
     duration: Option<Duration>,
 ) -> Result<(), String> {
@@ -83,7 +84,7 @@ pub fn trace(
     }
     run::ask(
         socket,
-        &format!("trace start {} {count}", port.unwrap_or("any")),
+        &format!("trace start {} {count} {filter}", port.unwrap_or("any")),
     )?;
     let started = Instant::now();
     let result = loop {

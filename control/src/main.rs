@@ -229,6 +229,10 @@ enum Command {
         /// Only frames entering this port (a number, a name, or a tap name); default any.
         #[arg(long)]
         port: Option<String>,
+        /// Only frames matching all these words: arp, ip, ipv6, icmp, tcp, udp, host A.B.C.D,
+        /// port N, ether MAC (joined by `and`), e.g. "tcp and port 80".
+        #[arg(long, value_name = "EXPR")]
+        filter: Option<String>,
         /// Stop after this many frames.
         #[arg(long, default_value_t = 20)]
         count: u64,
@@ -550,6 +554,7 @@ fn main() -> ExitCode {
         Command::Trace {
             network,
             port,
+            filter,
             count,
             duration,
             inject,
@@ -561,6 +566,7 @@ fn main() -> ExitCode {
                 None => control::capture::trace(
                     &socket,
                     port.as_deref(),
+                    filter.as_deref().unwrap_or(""),
                     count,
                     duration.map(Duration::from_secs_f64),
                 ),

@@ -213,11 +213,16 @@ fn find_port(dp: &Datapath, name: &str) -> Option<datapath::PortId> {
         .map(|(id, _)| id)
 }
 
-/// `trace start PORT|any COUNT`, `trace read`, `trace stop`.
+/// `trace start PORT|any COUNT [FILTER...]`, `trace read`, `trace stop`,
+/// `trace inject PORT HEX`.
 fn trace(dp: &mut Datapath, request: &str) -> String {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
-        ["start", port, count] => {
+        ["start", port, count, filter @ ..] => {
+            let filter = match datapath::trace::Filter::parse(&filter.join(" ")) {
+                Ok(f) => f,
+                Err(e) => return format!("error: --filter: {e}\n"),
+            };
             let Ok(count) = count.parse::<u64>() else {
                 return format!("error: trace count {count}: a number\n");
             };
@@ -228,7 +233,7 @@ fn trace(dp: &mut Datapath, request: &str) -> String {
                     None => return format!("error: no port {name} on this network\n"),
                 },
             };
-            dp.start_trace(port, count);
+            dp.start_trace(port, count, filter);
             "tracing\n".into()
         }
         ["read"] => dp

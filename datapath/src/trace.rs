@@ -316,3 +316,139 @@ mod tests {
         let _ = describe(&ip, &VnetHdr::default());
     }
 }
+
+/// Which frames `switchyard trace --filter` follows: words that must all hold, tcpdump-like:
+/// `arp`, `ip`, `icmp`, `tcp`, `udp`, `ipv6`, `host A.B.C.D` (either address), `port N`
+/// (either TCP/UDP port), `ether HOST` (either MAC); `and` may join them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    terms: Vec<Term>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Term {
+    EtherType(u16),
+    Protocol(u8),
+    Host([u8; 4]),
+    Port(u16),
+    Ether([u8; 6]),
+}
+
+impl Filter {
+    pub fn parse(expr: &str) -> Result<Filter, String> {
+        let mut terms = Vec::new();
+        let mut words = expr.split_whitespace();
+        while let Some(word) = words.next() {
+            let mut value = |what: &str| {
+                words
+                    .next()
+                    .ok_or_else(|| format!("{what} needs a value"))
+                    .map(str::to_string)
+            };
+            terms.push(match word {
+                "and" | "&&" => continue,
+                "arp" => Term::EtherType(0x0806),
+                "ip" => Term::EtherType(0x0800),
+                "ipv6" | "ip6" => Term::EtherType(0x86dd),
+                "icmp" => Term::Protocol(1),
+                "tcp" => Term::Protocol(6),
+                "udp" => Term::Protocol(17),
+                "host" => {
+                    let v = value("host")?;
+                    let ip: std::net::Ipv4Addr = v
+                        .parse()
+                        .map_err(|_| format!("host {v}: an IPv4 address"))?;
+                    Term::Host(ip.octets())
+                }
+                "port" => {
+                    let v = value("port")?;
+                    Term::Port(v.parse().map_err(|_| format!("port {v}: a number"))?)
+                }
+                "ether" => {
+                    let v = value("ether")?;
+                    let mac: crate::wire::MacAddr =
+                        v.parse().map_err(|_| format!("ether {v}: a MAC address"))?;
+                    Term::Ether(mac.0)
+                }
+                other => return Err(format!("unknown filter word {other:?}")),
+            });
+        }
+        Ok(Filter { terms })
+    }
+
+    /// Whether `frame` (Ethernet, untagged or one 802.1Q tag) satisfies every term.
+    pub fn matches(&self, frame: &[u8]) -> bool {
+        if self.terms.is_empty() {
+            return true;
+        }
+        let Some(header) = frame.get(..14) else {
+            return false;
+        };
+        let (mut ethertype, mut l3) = (u16::from_be_bytes([header[12], header[13]]), 14);
+        if ethertype == 0x8100 && frame.len() >= 18 {
+            ethertype = u16::from_be_bytes([frame[16], frame[17]]);
+            l3 = 18;
+        }
+        let ip = (ethertype == 0x0800)
+            .then(|| frame.get(l3..))
+            .flatten()
+            .filter(|p| p.len() >= 20);
+        let ports = ip.and_then(|p| {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            matches!(p[9], 6 | 17)
+                .then(|| p.get(ihl..ihl + 4))
+                .flatten()
+                .map(|l4| {
+                    (
+                        u16::from_be_bytes([l4[0], l4[1]]),
+                        u16::from_be_bytes([l4[2], l4[3]]),
+                    )
+                })
+        });
+        self.terms.iter().all(|term| match term {
+            Term::EtherType(t) => ethertype == *t,
+            Term::Protocol(proto) => ip.is_some_and(|p| p[9] == *proto),
+            Term::Host(a) => ip.is_some_and(|p| p[12..16] == a[..] || p[16..20] == a[..]),
+            Term::Port(n) => ports.is_some_and(|(s, d)| s == *n || d == *n),
+            Term::Ether(m) => header[0..6] == m[..] || header[6..12] == m[..],
+        })
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_like_tcpdump_words() {
+        let gw = crate::wire::MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let arp = crate::wire::arp::request_frame(
+            gw,
+            std::net::Ipv4Addr::new(192, 168, 122, 10),
+            std::net::Ipv4Addr::new(192, 168, 122, 1),
+        );
+        assert!(Filter::parse("arp").unwrap().matches(&arp));
+        assert!(!Filter::parse("ip").unwrap().matches(&arp));
+        assert!(
+            Filter::parse("ether 52:54:00:00:00:01")
+                .unwrap()
+                .matches(&arp)
+        );
+        assert!(!Filter::parse("tcp and port 80").unwrap().matches(&arp));
+        let mut syn = vec![0u8; 14 + 20 + 20];
+        syn[12..14].copy_from_slice(&[8, 0]);
+        syn[14] = 0x45;
+        syn[23] = 6;
+        syn[26..30].copy_from_slice(&[192, 168, 122, 10]);
+        syn[30..34].copy_from_slice(&[203, 0, 113, 1]);
+        syn[36..38].copy_from_slice(&80u16.to_be_bytes());
+        let f = Filter::parse("tcp and host 203.0.113.1 and port 80").unwrap();
+        assert!(f.matches(&syn));
+        assert!(!Filter::parse("udp").unwrap().matches(&syn));
+        assert!(!Filter::parse("host 10.0.0.1").unwrap().matches(&syn));
+        assert!(Filter::parse("port").is_err() && Filter::parse("tcp or udp").is_err());
+        for n in 0..syn.len() {
+            let _ = f.matches(&syn[..n]);
+        }
+    }
+}

@@ -543,6 +543,29 @@ fn traces_tell_each_decision() {
         assert!(text.contains(needle), "{needle}:\n{text}");
     }
 
+    // --filter: only what matches (here the SYN and the rest of that connection).
+    let filtered = std::process::Command::new(&bin)
+        .args(["trace", "nat", "--socket", &control(&net), "--count", "2"])
+        .args(["--filter", "tcp and port 7070", "--duration", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    g.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
+    g.must(&[
+        "python3",
+        "-c",
+        "import socket\nsocket.create_connection(('203.0.113.1', 7070), timeout=3).close()",
+    ]);
+    let out = filtered.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("frame 2:") && !text.contains("frame 3:"),
+        "{text}"
+    );
+    assert!(!text.contains("ICMP") && text.contains(":7070"), "{text}");
+
     // --inject: an ARP request from a MAC no guest has, run through without being sent.
     let frame = net.dir.file("arp.hex");
     std::fs::write(

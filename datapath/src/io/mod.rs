@@ -185,6 +185,7 @@ struct ResolvWatch {
 #[derive(Debug)]
 struct TraceSession {
     port: Option<PortId>,
+    filter: crate::trace::Filter,
     remaining: u64,
     records: VecDeque<String>,
     seq: u64,
@@ -789,11 +790,12 @@ impl Datapath {
         }
     }
 
-    /// Traces the next `count` frames that enter `port` (any port when `None`); see
-    /// [`crate::trace`].
-    pub fn start_trace(&mut self, port: Option<PortId>, count: u64) {
+    /// Traces the next `count` frames that enter `port` (any port when `None`) and pass
+    /// `filter`; see [`crate::trace`].
+    pub fn start_trace(&mut self, port: Option<PortId>, count: u64, filter: crate::trace::Filter) {
         self.tracing = Some(TraceSession {
             port,
+            filter,
             remaining: count,
             records: VecDeque::new(),
             seq: 0,
@@ -1143,10 +1145,11 @@ impl Datapath {
         if !self.captures.is_empty() {
             self.record_capture(ingress, &buf[frame_start..]);
         }
-        let traced = self
-            .tracing
-            .as_ref()
-            .is_some_and(|t| t.remaining > 0 && t.port.is_none_or(|p| p == ingress));
+        let traced = self.tracing.as_ref().is_some_and(|t| {
+            t.remaining > 0
+                && t.port.is_none_or(|p| p == ingress)
+                && t.filter.matches(&buf[frame_start..])
+        });
         if traced {
             self.engine.set_tracing(true);
         }
