@@ -13,6 +13,8 @@ use datapath::MacAddr;
 use datapath::io::TapSpec;
 use datapath::switch::{DEFAULT_AGING, DEFAULT_CAPACITY};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Namespaces made by the demo, deleted when dropped (also on error or Ctrl-C).
@@ -78,67 +80,77 @@ case \"$1\" in
 esac
 ";
 
-fn wait_for_ipv6_link_local(ns: &str) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = sh(&["ip", "-n", ns, "-6", "addr", "show", "dev", "eth0"])?;
-        if out.contains("fe80") && !out.contains("tentative") {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!(
-        "{ns}: IPv6 link-local address never left duplicate address detection"
-    ))
-}
-
-/// The EUI-64 link-local address (RFC 4291 2.5.1, appendix A) the kernel derives from `mac`.
-fn link_local(mac: MacAddr) -> String {
-    let m = mac.0;
-    format!(
-        "fe80::{:x}:{:x}:{:x}:{:x}",
-        u16::from_be_bytes([m[0] ^ 0x02, m[1]]),
-        u16::from_be_bytes([m[2], 0xff]),
-        u16::from_be_bytes([0xfe, m[3]]),
-        u16::from_be_bytes([m[4], m[5]])
-    )
+/// The embedded default network, with its NAT given an uplink: `up0` in the engine's
+/// namespace, a veth to the demo's `outside` host, and the external address 203.0.113.2
+/// there (libvirt's `<forward mode='nat'>` with `dev=` and `<nat><address>`).
+fn demo_network() -> String {
+    crate::network::DEFAULT_XML
+        .replacen(
+            "<network>",
+            "<network xmlns:sy='urn:switchyard:network:1'>",
+            1,
+        )
+        .replacen(
+            "<forward/>",
+            "<forward mode='nat' dev='up0'>\n    <nat><address start='203.0.113.2' \
+             end='203.0.113.2'/><port start='1024' end='65535'/></nat>\n  </forward>\n  \
+             <sy:uplink prefix='24' gateway='203.0.113.1'/>",
+            1,
+        )
 }
 
 pub fn demo(keep: bool) -> Result<(), String> {
     if !nix_is_root() {
         return Err("the demo creates network namespaces: run it as root (sudo)".into());
     }
-    let def = NetworkDef::parse(crate::network::DEFAULT_XML).map_err(|e| e.to_string())?;
+    let xml = demo_network();
+    let def = NetworkDef::parse(&xml).map_err(|e| e.to_string())?;
     let tag = std::process::id();
-    let guests = ["vm1", "vm2", "vm3"];
-    let namespaces = Namespaces(
-        guests
-            .iter()
-            .map(|g| format!("sy-demo-{tag}-{g}"))
-            .collect(),
-    );
-    println!("== switchyard demo: libvirt's default network, three guests, no kernel bridge ==");
+    let guests = ["vm1", "vm2"];
+    let ns = |n: &str| format!("sy-demo-{tag}-{n}");
+    let namespaces = Namespaces(vec![ns("vm1"), ns("vm2"), ns("sw"), ns("outside")]);
+    let (sw, outside) = (&namespaces.0[2], &namespaces.0[3]);
+    println!("== switchyard demo: libvirt's default network, two guests and an outside host ==");
     println!(
-        "Guests are network namespaces; each gets a tap 'eth0' created inside it by switchyard."
+        "Guests are network namespaces with a tap 'eth0' created inside each by switchyard;\n\
+         switchyard runs in '{sw}', NATing 192.168.122.0/24 to 203.0.113.2 on its uplink up0,\n\
+         a veth to '{outside}' (203.0.113.1), which serves HTTP. No kernel bridge, no\n\
+         iptables, no dnsmasq."
     );
-    for ns in &namespaces.0 {
-        sh(&["ip", "netns", "add", ns])?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+    for n in &namespaces.0 {
+        sh(&["ip", "netns", "add", n])?;
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
     }
-    let macs: Vec<MacAddr> = (1..=3u8)
+    sh(&[
+        "ip", "-n", sw, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
+        outside,
+    ])?;
+    sh(&["ip", "-n", sw, "link", "set", "up0", "up"])?;
+    sh(&[
+        "ip",
+        "-n",
+        outside,
+        "addr",
+        "add",
+        "203.0.113.1/24",
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", outside, "link", "set", "eth0", "up"])?;
+    let macs: Vec<MacAddr> = (1..=2u8)
         .map(|i| MacAddr([0x52, 0x54, 0, 0xde, 0, i]))
         .collect();
-    let taps: Vec<TapSpec> = namespaces
-        .0
+    let taps: Vec<TapSpec> = guests
         .iter()
         .zip(&macs)
-        .map(|(ns, mac)| TapSpec {
+        .map(|(g, mac)| TapSpec {
             name: "eth0".into(),
-            netns: Some(datapath::io::netns::netns_path(ns)),
+            netns: Some(datapath::io::netns::netns_path(&ns(g))),
             mac: Some(*mac),
             mtu: None,
         })
         .collect();
+    let state_dir = std::env::temp_dir().join(format!("switchyard-demo-{tag}"));
     let opts = RunOptions {
         xml: None,
         taps,
@@ -146,148 +158,250 @@ pub fn demo(keep: bool) -> Result<(), String> {
         fdb_aging: DEFAULT_AGING,
         fdb_max: DEFAULT_CAPACITY,
         json: false,
-        control: None,
-        // The demo's leases are thrown away with it.
-        resolv_conf: "/etc/resolv.conf".into(),
+        control: Some(state_dir.join("ctl.sock")),
+        // No upstream DNS: the demo only asks for its own guests' names.
+        resolv_conf: "/dev/null".into(),
         metrics: None,
-        state_dir: Some(
-            std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id())),
-        ),
+        // The demo's leases are thrown away with it.
+        state_dir: Some(state_dir.clone()),
     };
     println!(
-        "\n$ switchyard run --tap eth0@{}=... --tap ... --tap ...",
-        namespaces.0[0]
+        "\n$ switchyard run default+uplink.xml --tap eth0@{}=52:54:00:de:00:01 --tap eth0@{}=...",
+        ns("vm1"),
+        ns("vm2")
     );
-    for line in def.not_yet_implemented() {
-        println!("  (note: {line})");
-    }
-    let mut dp = run::build(&def, &opts)?;
-    dp.install_signal_handlers().map_err(|e| e.to_string())?;
-    let handle = dp.handle();
+    // The engine's thread lives in the switch's namespace (its uplink socket and DNS
+    // sockets are made there); the taps are made inside the guests' namespaces.
+    let sw_path = datapath::io::netns::netns_path(sw);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_def = def.clone();
     let engine_thread = std::thread::spawn(move || {
-        let result = dp.run(|_| {}, run::answer);
-        (dp, result)
+        let built = std::fs::File::open(&sw_path)
+            .map_err(|e| format!("{}: {e}", sw_path.display()))
+            .and_then(|f| {
+                datapath::io::sys::setns_net(std::os::fd::AsFd::as_fd(&f))
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|()| run::start(&thread_def, &opts));
+        match built {
+            Ok(mut dp) => {
+                let _ = tx.send(Ok(dp.handle()));
+                let result = dp.run(|_| {}, run::answer);
+                Some((dp, result))
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                None
+            }
+        }
     });
+    let handle = rx
+        .recv()
+        .map_err(|_| "the engine thread ended".to_string())??;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(signal, stop.clone());
+    }
 
-    let state_dir = opts.state_dir.clone().unwrap_or_default();
     let script = state_dir.join("udhcpc.sh");
     std::fs::write(&script, UDHCPC_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
     sh(&["chmod", "+x", &script.display().to_string()])?;
     let script = script.display().to_string();
-    let steps = || -> Result<(), String> {
+    let www = state_dir.join("www");
+    std::fs::create_dir_all(&www).map_err(|e| e.to_string())?;
+    std::fs::write(www.join("hello.txt"), "hello from the outside\n").map_err(|e| e.to_string())?;
+    let bin = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = bin.display().to_string();
+    let control = state_dir.join("ctl.sock").display().to_string();
+    let mut background: Vec<std::process::Child> = Vec::new();
+    let steps = |background: &mut Vec<std::process::Child>| -> Result<(), String> {
+        println!("\n-- 1. Each guest asks for an address: DHCP from the gateway 192.168.122.1 --");
         let mut addrs = Vec::new();
-        for (i, ns) in namespaces.0.iter().enumerate() {
-            let hostname = format!("hostname:{}", guests[i]);
+        for g in &guests {
+            let hostname = format!("hostname:{g}");
             show(
-                guests[i],
-                ns,
+                g,
+                &ns(g),
                 &[
                     "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "eth0",
                     "-s", &script, "-x", &hostname,
                 ],
             )?;
-            let out = sh(&["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
+            let out = sh(&[
+                "ip",
+                "-n",
+                &ns(g),
+                "-4",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ])?;
             let addr = out
                 .split_whitespace()
                 .skip_while(|w| *w != "inet")
                 .nth(1)
                 .and_then(|cidr| cidr.split('/').next())
-                .ok_or_else(|| format!("{}: udhcpc configured no address", guests[i]))?
+                .ok_or_else(|| format!("{g}: udhcpc configured no address"))?
                 .to_string();
             addrs.push(addr);
         }
+        println!("\n-- 2. vm1 finds vm2 by name: the gateway's DNS knows every lease --");
         show(
-            guests[0],
-            &namespaces.0[0],
-            &["ip", "-br", "addr", "show", "dev", "eth0"],
+            "vm1",
+            &ns("vm1"),
+            &["busybox", "nslookup", "vm2", "192.168.122.1"],
         )?;
         show(
-            guests[0],
-            &namespaces.0[0],
-            &["ping", "-c", "2", "-i", "0.2", "192.168.122.1"],
+            "vm1",
+            &ns("vm1"),
+            &["ping", "-c", "2", "-i", "0.2", &addrs[1]],
         )?;
-        show(
-            guests[0],
-            &namespaces.0[0],
-            &["ip", "neigh", "show", "192.168.122.1"],
-        )?;
-        for (from, to) in [(0usize, 1usize), (0, 2), (1, 2)] {
-            let dst = &addrs[to];
-            show(
-                guests[from],
-                &namespaces.0[from],
-                &["ping", "-c", "2", "-i", "0.2", dst],
-            )?;
-            if handle.is_shutdown() {
-                return Err("interrupted".into());
-            }
+        if stop.load(Ordering::SeqCst) {
+            return Err("interrupted".into());
         }
-        wait_for_ipv6_link_local(&namespaces.0[0])?;
-        wait_for_ipv6_link_local(&namespaces.0[1])?;
-        let ll = format!("{}%eth0", link_local(macs[1]));
-        show(
-            guests[0],
-            &namespaces.0[0],
-            &["ping", "-6", "-c", "2", "-i", "0.2", &ll],
-        )?;
-        if sh(&["iperf3", "--version"]).is_ok() {
-            let server = Command::new("ip")
-                .args(["netns", "exec", &namespaces.0[1], "iperf3", "-s", "-1"])
+        println!("\n-- 3. vm1 fetches a page from the outside, through NAT --");
+        background.push(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    outside,
+                    "python3",
+                    "-m",
+                    "http.server",
+                    "8080",
+                ])
+                .args(["--bind", "203.0.113.1", "--directory"])
+                .arg(&www)
                 .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .spawn()
-                .map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(300));
-            let result = show(
-                guests[0],
-                &namespaces.0[0],
-                &["iperf3", "-c", &addrs[1], "-t", "3", "-f", "g"],
+                .map_err(|e| format!("python3: {e}"))?,
+        );
+        let seen = state_dir.join("outside.txt");
+        background.push(
+            Command::new("ip")
+                .args([
+                    "netns", "exec", outside, "tcpdump", "-i", "eth0", "-n", "-l",
+                ])
+                .args(["-c", "4", "tcp port 8080"])
+                .stdout(std::fs::File::create(&seen).map_err(|e| e.to_string())?)
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("tcpdump: {e}"))?,
+        );
+        wait_listening(outside, 8080)?;
+        std::thread::sleep(Duration::from_millis(300));
+        show(
+            "vm1",
+            &ns("vm1"),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://203.0.113.1:8080/hello.txt",
+            ],
+        )?;
+        println!("\n$ switchyard conntrack   # the NAT entry the fetch created");
+        print!("{}", sh(&[&bin, "conntrack", "--socket", &control])?);
+        std::thread::sleep(Duration::from_millis(300));
+        println!("\n[outside]$ tcpdump -n -i eth0 tcp port 8080   # what the outside saw");
+        let seen = std::fs::read_to_string(&seen).unwrap_or_default();
+        for line in seen.lines().take(4) {
+            println!("{line}");
+        }
+        println!("(the guest's 192.168.122.x never leaves: the outside sees 203.0.113.2)");
+        if sh(&["iperf3", "--version"]).is_ok() {
+            println!("\n-- 4. Throughput between the guests, through the userspace switch --");
+            background.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns("vm2"), "iperf3", "-s", "-1"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
             );
-            let mut server = server;
-            let _ = server.kill();
-            let _ = server.wait();
-            result?;
+            std::thread::sleep(Duration::from_millis(300));
+            show(
+                "vm1",
+                &ns("vm1"),
+                &["iperf3", "-c", &addrs[1], "-t", "2", "-f", "g"],
+            )?;
         }
         Ok(())
     };
-    let outcome = steps();
+    let outcome = steps(&mut background);
     if keep && outcome.is_ok() {
         println!("\nLeft running. Try, for example:");
-        println!("  ip netns exec {} ping 192.168.122.1", namespaces.0[0]);
+        println!(
+            "  ip netns exec {} curl http://203.0.113.1:8080/hello.txt",
+            ns("vm1")
+        );
+        println!("  switchyard trace default --socket {control}");
         println!("Ctrl-C stops the switch and removes the namespaces.");
-    } else {
-        handle.shutdown();
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    let (dp, result) = engine_thread
+    for mut child in background {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    handle.shutdown();
+    let ended = engine_thread
         .join()
         .map_err(|_| "engine thread panicked".to_string())?;
-    result.map_err(|e| e.to_string())?;
-    let engine = dp.engine();
-    if let Some(dhcp) = engine.dhcp() {
-        println!("\n== DHCP leases (switchyard net-dhcp-leases default) ==");
+    if let Some((dp, result)) = ended {
+        result.map_err(|e| e.to_string())?;
+        let engine = dp.engine();
+        if let Some(dhcp) = engine.dhcp() {
+            println!("\n== DHCP leases (switchyard net-dhcp-leases default) ==");
+            print!(
+                "{}",
+                dhcp_dns::dhcp::format_lease_table(dhcp.leases(), dhcp.config().prefix)
+            );
+        }
+        println!("\n== What the switch learned (switchyard fdb) ==");
         print!(
             "{}",
-            dhcp_dns::dhcp::format_lease_table(dhcp.leases(), dhcp.config().prefix)
+            report::fdb_table(&engine.fdb_rows(Instant::now()), |id| {
+                engine
+                    .port(datapath::PortId(id))
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default()
+            })
         );
+        println!("\n== Counters (switchyard stats) ==");
+        print!("{}", report::stats_table(&engine.stats()));
+        drop(dp);
     }
-    println!("\n== What the switch learned (switchyard fdb) ==");
-    print!(
-        "{}",
-        report::fdb_table(&engine.fdb_rows(Instant::now()), |id| {
-            engine
-                .port(datapath::PortId(id))
-                .map(|p| p.name.clone())
-                .unwrap_or_default()
-        })
-    );
-    println!("\n== Counters (switchyard stats) ==");
-    print!("{}", report::stats_table(&engine.stats()));
-    drop(dp);
     drop(namespaces);
-    if let Some(dir) = &opts.state_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    let _ = std::fs::remove_dir_all(&state_dir);
     println!("\nRemoved the namespaces and taps; nothing is left behind.");
     outcome
+}
+
+/// Waits (bounded) until something listens on TCP `port` in namespace `ns`.
+fn wait_listening(ns: &str, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ss",
+            "-Hltn",
+            &format!("sport = :{port}"),
+        ])?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("nothing listens on port {port} in {ns}"))
 }
 
 fn nix_is_root() -> bool {
@@ -299,18 +413,4 @@ fn nix_is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
         })
         .unwrap_or(false)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // RFC 4291 appendix A: invert the U/L bit and insert ff:fe in the middle.
-    #[test]
-    fn eui64_link_local() {
-        assert_eq!(
-            link_local(MacAddr([0x52, 0x54, 0, 0xde, 0, 2])),
-            "fe80::5054:ff:fede:2"
-        );
-    }
 }

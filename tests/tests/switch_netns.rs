@@ -200,20 +200,25 @@ fn a_missing_namespace_is_a_clear_error() {
     assert!(err.contains(&ns), "{err}");
 }
 
-/// The README's main job: `switchyard demo` builds guests, gives them addresses by DHCP,
-/// pings and measures between them, and leaves nothing behind.
+/// The README's main job: `switchyard demo` builds two guests and an outside host, gives the
+/// guests addresses by DHCP, resolves one by name from the other, fetches a page from the
+/// outside through NAT (with its conntrack entry and what the outside saw), measures between
+/// the guests, and leaves nothing behind.
 #[test]
 fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
-    require(&["ip", "busybox", "ping", "iperf3"]);
+    require(&["ip", "busybox", "ping", "iperf3", "curl", "tcpdump", "python3"]);
     let out = run(&[switchyard_bin().to_str().unwrap(), "demo"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for needle in [
         "lease of 192.168.122.",
+        "Name:\tvm2",
         "0% packet loss",
+        "hello from the outside",
+        "src=192.168.122.2 dst=203.0.113.1",
+        "IP 203.0.113.2.",
         "== DHCP leases",
-        "vm3",
         "Removed the namespaces",
     ] {
         assert!(stdout.contains(needle), "{needle}: {stdout}");
