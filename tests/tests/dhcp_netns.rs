@@ -302,6 +302,23 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
         &[mac(1), mac(2), mac(3), mac(9)],
     );
     let g = &net.guests;
+    // The first exchange, traced: DISCOVER and REQUEST each answered by the gateway.
+    let bin = switchyard_bin().display().to_string();
+    let tracer = std::process::Command::new(&bin)
+        .args([
+            "trace",
+            "dhcp",
+            "--socket",
+            &net.dir.file("ctl.sock"),
+            "--count",
+            "2",
+        ])
+        .args(["--filter", "udp and port 67", "--duration", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     for guest in &g[..2] {
         let out = udhcpc_once(&net, guest, &[]);
         assert!(
@@ -309,6 +326,19 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    let traced = tracer.wait_with_output().unwrap();
+    let traced = String::from_utf8_lossy(&traced.stdout);
+    for needle in [
+        "IPv4 UDP 0.0.0.0:68 > 255.255.255.255:67 DHCP DISCOVER",
+        "dhcp.discovers +1",
+        "dhcp.offers +1",
+        "DHCP REQUEST",
+        "dhcp.acks +1",
+        "engine queued 1 frame(s) of its own",
+        "verdict: flood",
+    ] {
+        assert!(traced.contains(needle), "{needle}:\n{traced}");
     }
     let mut got = [address_of(&g[0]).unwrap(), address_of(&g[1]).unwrap()];
     got.sort();

@@ -418,6 +418,16 @@ fn hairpinning_between_guests() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let (_, port) = mapping.split_once(':').unwrap();
+    // The hairpinned datagram, traced: out through NAT and straight back in to guest 0.
+    let bin = switchyard_bin().display().to_string();
+    let tracer = std::process::Command::new(&bin)
+        .args(["trace", "nat", "--socket", &control(&net), "--count", "1"])
+        .args(["--filter", "udp and port 6001", "--duration", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     python(
         &net.guests[1],
         "import socket, sys\n\
@@ -438,6 +448,16 @@ fn hairpinning_between_guests() {
             "hairpinned datagram never arrived"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    let traced = tracer.wait_with_output().unwrap();
+    let traced = String::from_utf8_lossy(&traced.stdout);
+    for needle in [
+        "IPv4 UDP 192.168.122.11:6001 > 203.0.113.2:",
+        "nat.hairpinned +1",
+        "> 52:54:00:c0:00:01, IPv4 UDP 203.0.113.2:6001 > 192.168.122.10:",
+        "verdict: forward to port",
+    ] {
+        assert!(traced.contains(needle), "{needle}:\n{traced}");
     }
 }
 

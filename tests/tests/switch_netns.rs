@@ -206,7 +206,9 @@ fn a_missing_namespace_is_a_clear_error() {
 /// the guests, and leaves nothing behind.
 #[test]
 fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
-    require(&["ip", "busybox", "ping", "iperf3", "curl", "tcpdump", "python3"]);
+    require(&[
+        "ip", "busybox", "ping", "iperf3", "curl", "tcpdump", "python3",
+    ]);
     let out = run(&[switchyard_bin().to_str().unwrap(), "demo"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
