@@ -203,6 +203,9 @@ fn add_stream(dp: &mut Datapath, spec: &str) -> Result<datapath::PortId, String>
 /// tap name alone.
 fn find_port(dp: &Datapath, name: &str) -> Option<datapath::PortId> {
     let engine = dp.engine();
+    if name == "gateway" {
+        return Some(datapath::io::capture::GATEWAY);
+    }
     if let Ok(n) = name.parse::<u16>() {
         let id = datapath::PortId(n);
         return engine.port(id).map(|_| id);

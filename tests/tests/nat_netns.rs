@@ -472,7 +472,11 @@ fn captures_show_packets_before_and_after_nat() {
     let bin = switchyard_bin().display().to_string();
     let socket = control(&net);
     let mut captures = Vec::new();
-    for (port, file) in [("eth0", "guest.pcap"), ("up0(uplink)", "uplink.pcap")] {
+    for (port, file) in [
+        ("eth0", "guest.pcap"),
+        ("up0(uplink)", "uplink.pcap"),
+        ("gateway", "gateway.pcap"),
+    ] {
         let path = net.dir.file(file);
         let child = std::process::Command::new(&bin)
             .args([
@@ -486,6 +490,7 @@ fn captures_show_packets_before_and_after_nat() {
     }
     std::thread::sleep(Duration::from_millis(500));
     g.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", OUTSIDE]);
+    g.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.1"]);
     let mut seen = Vec::new();
     for (mut child, path) in captures {
         assert!(child.wait().unwrap().success());
@@ -501,6 +506,13 @@ fn captures_show_packets_before_and_after_nat() {
             && seen[1].contains("203.0.113.1 > 203.0.113.2: ICMP echo reply"),
         "{}",
         seen[1]
+    );
+    // The gateway's own capture: the pings it answered, both ways.
+    assert!(
+        seen[2].contains("192.168.122.10 > 192.168.122.1: ICMP echo request")
+            && seen[2].contains("192.168.122.1 > 192.168.122.10: ICMP echo reply"),
+        "{}",
+        seen[2]
     );
 }
 

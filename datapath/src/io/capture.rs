@@ -10,6 +10,10 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
+/// The gateway's own "port": a capture of it holds the frames the engine answers or keeps
+/// (ARP, ping, DHCP, DNS, as they came in), its answers, and every frame it originates.
+pub const GATEWAY: PortId = PortId(u16::MAX);
+
 /// Bytes a capture may hold before frames are dropped.
 pub const BUFFER: usize = 4 << 20;
 /// Frames are cut to this many bytes (the whole of a 64 KiB GSO frame fits).

@@ -875,7 +875,7 @@ impl Datapath {
 
     /// Starts capturing the frames of `port`, both ways (see [`capture`]).
     pub fn start_capture(&mut self, port: PortId) -> Result<(), String> {
-        if self.ports.get(port.0 as usize).is_none_or(Option::is_none) {
+        if port != capture::GATEWAY && self.ports.get(port.0 as usize).is_none_or(Option::is_none) {
             return Err(format!("no port {port}"));
         }
         if self.captures.iter().any(|c| c.port == port) {
@@ -1034,6 +1034,7 @@ impl Datapath {
                 self.engine.record_tx(out.port, packets as u64, bytes);
                 if !self.captures.is_empty() {
                     self.record_capture(out.port, &out.frame);
+                    self.record_capture(capture::GATEWAY, &out.frame);
                 }
             }
             Err(_) => self.engine.record_drop(out.port, DropReason::TxError),
@@ -1142,8 +1143,13 @@ impl Datapath {
         } else {
             (VnetHdr::default(), 0)
         };
+        // The gateway's capture: frames it answers or keeps, as they came in.
+        let mut to_gateway = None;
         if !self.captures.is_empty() {
             self.record_capture(ingress, &buf[frame_start..]);
+            if self.captures.iter().any(|c| c.port == capture::GATEWAY) {
+                to_gateway = Some(buf[frame_start..].to_vec());
+            }
         }
         let traced = self.tracing.as_ref().is_some_and(|t| {
             t.remaining > 0
@@ -1158,6 +1164,14 @@ impl Datapath {
             .handle_frame(now, ingress, &hdr, &mut buf[frame_start..]);
         if traced {
             self.finish_trace(verdict);
+        }
+        if let Some(frame) = to_gateway
+            && matches!(verdict, Verdict::Reply | Verdict::Consumed)
+        {
+            self.record_capture(capture::GATEWAY, &frame);
+            if verdict == Verdict::Reply {
+                self.record_capture(capture::GATEWAY, &buf[frame_start..]);
+            }
         }
         match verdict {
             Verdict::Forward(egress) => self.transmit(egress, &hdr, buf, frame_start),
