@@ -26,6 +26,23 @@ status=0
 # another package's tests, so build it first (and so never test a stale one).
 cargo build --workspace --bins --quiet
 cargo test --workspace 2>&1 | tee "$log" || status=$?
+# A short smoke run of each fuzz target from its seeds (the long runs are in
+# benches/RESULTS.md); a crash fails the run. The corpus it grows is thrown away.
+echo "== fuzz smoke" >&2
+fuzz_corpus=$(mktemp -d)
+for target in dhcp dns engine; do
+  mkdir -p "$fuzz_corpus/$target"
+  if ! (cd fuzz && cargo fuzz run "$target" -s none -O "$fuzz_corpus/$target" "seeds/$target" \
+        -- -max_total_time=15 >"$fuzz_corpus/$target.log" 2>&1); then
+    echo "fuzz target $target failed:" >&2
+    tail -30 "$fuzz_corpus/$target.log" >&2
+    status=1
+    echo "test result: FAILED. 0 passed; 1 failed; 0 ignored" >>"$log"
+  else
+    echo "test result: ok. 1 passed; 0 failed; 0 ignored (fuzz $target)" >>"$log"
+  fi
+done
+rm -rf "$fuzz_corpus"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

@@ -27,3 +27,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz (the fuzz targets' smoke run)" >&2
+  cargo install --quiet --locked cargo-fuzz
+fi
