@@ -89,10 +89,13 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Print the counters of a running network as JSON.
+    /// Print the counters of a running network as JSON (`--json` is accepted, and is what
+    /// it always prints; `run` prints the tables).
     Stats {
         #[command(flatten)]
         target: Target,
+        #[arg(long)]
+        json: bool,
     },
     /// Host every started network and answer the net-* commands (as libvirtd does).
     Daemon {
@@ -401,7 +404,7 @@ fn main() -> ExitCode {
             target.ask(if json { "conntrack json" } else { "conntrack" })
         }
         Command::Neighbors { target } => target.ask("neighbors"),
-        Command::Stats { target } => target.ask("stats"),
+        Command::Stats { target, json: _ } => target.ask("stats"),
         Command::Metrics { target } => {
             let name = target
                 .name
