@@ -2,7 +2,7 @@
 //! traced, a tenth of a second at a time, until a count, a duration or Ctrl-C.
 
 use crate::run;
-use datapath::io::capture::pcap_from_text;
+use datapath::io::capture::{hex, pcap_from_text, unhex};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -141,14 +141,16 @@ pub fn inject(
         }
         _ => {
             let text = String::from_utf8_lossy(&bytes);
-            let hex: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-            (0..hex.len() / 2)
-                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|e| format!("{}: {e}", file.display()))?
+            let digits: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+            unhex(&digits).ok_or_else(|| {
+                format!(
+                    "{}: not hexadecimal bytes (nor a pcap file)",
+                    file.display()
+                )
+            })?
         }
     };
-    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex(&frame);
     print!(
         "{}",
         run::ask(socket, &format!("trace inject {port} {hex}"))?

@@ -15,7 +15,6 @@ use datapath::io::Handle;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,27 +201,15 @@ pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
 }
 
 fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
-    let shown = path.display();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(format!(
-            "{shown}: a switchyard daemon already answers there"
-        ));
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{shown}: {e}")),
-        _ => {}
-    }
-    let listener =
-        std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("{shown}: {e}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{shown}: {e}"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("{shown}: {e}"))?;
-    Ok(listener)
+    datapath::io::bind_unix(path, Some(0o600)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!(
+                "{}: a switchyard daemon already answers there",
+                path.display()
+            )
+        }
+        _ => format!("{}: {e}", path.display()),
+    })
 }
 
 impl Daemon {

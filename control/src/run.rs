@@ -246,14 +246,7 @@ fn trace(dp: &mut Datapath, request: &str) -> String {
             let Some(port) = find_port(dp, port) else {
                 return format!("error: no port {port} on this network\n");
             };
-            let bytes: Option<Vec<u8>> = (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|b| u8::from_str_radix(b, 16).ok())
-                })
-                .collect();
-            match bytes {
+            match datapath::io::capture::unhex(hex) {
                 Some(frame) if !frame.is_empty() => {
                     dp.inject_trace(std::time::Instant::now(), port, &frame)
                 }

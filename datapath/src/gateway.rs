@@ -251,6 +251,11 @@ pub fn ipv4_frame(
 /// The source port and payload of `packet` (an IPv4 packet) when it is an unfragmented UDP
 /// datagram to port `port` whose lengths are consistent.
 pub fn udp_datagram_to(packet: &[u8], port: u16) -> Option<(u16, &[u8])> {
+    // Most frames to the gateway are routed TCP: decided on one byte, before the header is
+    // checked in full.
+    if packet.get(9) != Some(&ipv4::PROTO_UDP) {
+        return None;
+    }
     let ip = Ipv4Packet::new_checked(packet).ok()?;
     if ip.protocol() != ipv4::PROTO_UDP || ip.is_fragment() {
         return None;

@@ -79,9 +79,7 @@ impl Capture {
                 f.at_us % 1_000_000,
                 f.original_len
             );
-            for b in &f.data {
-                let _ = write!(out, "{b:02x}");
-            }
+            out.push_str(&hex(&f.data));
             out.push('\n');
         }
         self.bytes = 0;
@@ -115,14 +113,7 @@ pub fn pcap_from_text(text: &str, header: bool) -> Vec<u8> {
         else {
             continue;
         };
-        let data: Option<Vec<u8>> = (0..hex.len())
-            .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|b| u8::from_str_radix(b, 16).ok())
-            })
-            .collect();
-        let Some(data) = data else {
+        let Some(data) = unhex(hex) else {
             continue;
         };
         out.extend_from_slice(&sec.to_le_bytes());
@@ -132,6 +123,29 @@ pub fn pcap_from_text(text: &str, header: bool) -> Vec<u8> {
         out.extend_from_slice(&data);
     }
     out
+}
+
+/// `bytes` as lowercase hexadecimal, two digits a byte: how frames cross the control socket.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The bytes of [`hex`]'s text; `None` for an odd length or a non-hexadecimal digit.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -152,6 +166,15 @@ mod tests {
         assert_eq!(&pcap[24 + 8..24 + 12], &3u32.to_le_bytes());
         assert_eq!(&pcap[40..43], &[1, 2, 3]);
         assert!(c.drain_text() == "dropped 0\n");
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_junk() {
+        assert_eq!(hex(&[0, 0xab, 0xff]), "00abff");
+        assert_eq!(unhex("00abff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("é0"), None);
     }
 
     #[test]

@@ -71,7 +71,7 @@ struct IoPort {
     /// Frames arrive in this mapped ring instead of by `read` (the uplink).
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
-    _tap: Option<Tap>,
+    tap: Option<Tap>,
 }
 
 impl IoPort {
@@ -179,6 +179,31 @@ struct ResolvWatch {
     path: PathBuf,
     stamp: Option<(std::time::SystemTime, u64)>,
     next_check: Instant,
+}
+
+/// Listens on the unix socket `path`, non-blocking: its directory is made if need be, a stale
+/// socket file (nobody answers on it) is replaced, a live one is refused (`AddrInUse`), and
+/// the file gets `mode` when given.
+pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{}: something already listens there", path.display()),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// A running `switchyard trace`: which frames to trace and their rendered traces, bounded.
@@ -431,7 +456,7 @@ impl Datapath {
             stream: None,
             caps,
             ring,
-            _tap: tap,
+            tap,
         });
         // Frames may already be waiting: edge-triggered polling reports only new arrivals.
         self.ready.mark(id);
@@ -462,7 +487,7 @@ impl Datapath {
             stream: Some(stream),
             caps: PortCaps { vnet_hdr: false },
             ring: None,
-            _tap: None,
+            tap: None,
         });
         Ok(id)
     }
@@ -543,21 +568,14 @@ impl Datapath {
     /// replaced). Each connection sends one request line and gets one answer from `run`'s
     /// `answer`. The socket file is removed when the datapath is dropped.
     pub fn listen_control(&mut self, path: &Path) -> io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
+        let listener = bind_unix(path, Some(0o600)).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => io::Error::new(
+                e.kind(),
                 "another switchyard answers there: is this network already running?",
-            ));
-        }
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut listener = mio::net::UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            ),
+            _ => e,
+        })?;
+        let mut listener = mio::net::UnixListener::from_std(listener);
         self.poll
             .registry()
             .register(&mut listener, CONTROL, Interest::READABLE)?;
@@ -917,7 +935,7 @@ impl Datapath {
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {
-                let tap = p.as_ref()?._tap.as_ref()?;
+                let tap = p.as_ref()?.tap.as_ref()?;
                 Some((
                     PortId(i as u16),
                     tap.name.clone(),

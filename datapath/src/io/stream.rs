@@ -168,17 +168,7 @@ impl StreamPort {
     pub fn bind(addr: &StreamAddr) -> io::Result<StreamPort> {
         let listener = match addr {
             StreamAddr::Unix(path) => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("{}: something already listens there", path.display()),
-                    ));
-                }
-                match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-                Listener::Unix(UnixListener::bind(path)?)
+                Listener::Unix(UnixListener::from_std(super::bind_unix(path, None)?))
             }
             StreamAddr::Tcp(sockaddr) => Listener::Tcp(TcpListener::bind(*sockaddr)?),
         };
