@@ -223,6 +223,13 @@ impl TempDir {
         TempDir(dir)
     }
 
+    /// Writes `contents` to `name` inside the directory; its path, for command lines.
+    pub fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write a file in the temporary directory");
+        path.display().to_string()
+    }
+
     /// `name` inside the directory, as a string for command lines.
     pub fn file(&self, name: &str) -> String {
         self.0.join(name).display().to_string()
@@ -481,3 +488,28 @@ if len(sys.argv) > 3 and float(sys.argv[3]) > 0:
             answer(f)
 print(peer.hex(":"))
 "#;
+
+/// `switchyard trace NETWORK --socket SOCKET ARGS...` running in the background, its output
+/// collected; it is given a moment to start before traffic is sent.
+#[derive(Debug)]
+pub struct Tracer(Child);
+
+impl Tracer {
+    pub fn start(network: &str, socket: &str, args: &[&str]) -> Tracer {
+        let child = Command::new(switchyard_bin())
+            .args(["trace", network, "--socket", socket])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start switchyard trace");
+        std::thread::sleep(Duration::from_millis(400));
+        Tracer(child)
+    }
+
+    /// Waits for the trace to end (its count or duration) and returns what it printed.
+    pub fn output(self) -> String {
+        let out = self.0.wait_with_output().expect("switchyard trace");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

@@ -303,22 +303,18 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
     );
     let g = &net.guests;
     // The first exchange, traced: DISCOVER and REQUEST each answered by the gateway.
-    let bin = switchyard_bin().display().to_string();
-    let tracer = std::process::Command::new(&bin)
-        .args([
-            "trace",
-            "dhcp",
-            "--socket",
-            &net.dir.file("ctl.sock"),
+    let tracer = Tracer::start(
+        "dhcp",
+        &net.dir.file("ctl.sock"),
+        &[
             "--count",
             "2",
-        ])
-        .args(["--filter", "udp and port 67", "--duration", "10"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+            "--filter",
+            "udp and port 67",
+            "--duration",
+            "10",
+        ],
+    );
     for guest in &g[..2] {
         let out = udhcpc_once(&net, guest, &[]);
         assert!(
@@ -327,8 +323,7 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let traced = tracer.wait_with_output().unwrap();
-    let traced = String::from_utf8_lossy(&traced.stdout);
+    let traced = tracer.output();
     for needle in [
         "IPv4 UDP 0.0.0.0:68 > 255.255.255.255:67 DHCP DISCOVER",
         "dhcp.discovers +1",

@@ -47,13 +47,10 @@ fn bridge_mode_puts_guests_on_the_lan_of_the_host_nic() {
         &format!("--dhcp-leasefile={}", dir.file("lan.leases")),
         &format!("--pid-file={}", dir.file("dnsmasq.pid")),
     ]);
-    let xml = dir.0.join("br.xml");
-    std::fs::write(
-        &xml,
+    let xml = dir.write(
+        "br.xml",
         "<network><name>lanbr</name><forward mode='bridge' dev='eth1'/></network>",
-    )
-    .unwrap();
-    let xml = xml.display().to_string();
+    );
     let tap = g.tap_arg("eth0", "52:54:00:b0:00:01");
     let socket = dir.file("vm.sock");
     let mut sy = Switchyard::start_in(
@@ -133,14 +130,11 @@ fn isolated_networks_keep_everything_inside() {
     sw.must(&["ip", "link", "set", "up0", "up"]);
     outside.must(&["ip", "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
     outside.must(&["ip", "link", "set", "eth0", "up"]);
-    let xml = dir.0.join("iso.xml");
-    std::fs::write(
-        &xml,
+    let xml = dir.write(
+        "iso.xml",
         "<network><name>iso</name><ip address='192.168.150.1' netmask='255.255.255.0'>\
          <dhcp><range start='192.168.150.10' end='192.168.150.20'/></dhcp></ip></network>",
-    )
-    .unwrap();
-    let xml = xml.display().to_string();
+    );
     let (t1, t2) = (
         g1.tap_arg("eth0", "52:54:00:c1:00:01"),
         g2.tap_arg("eth0", "52:54:00:c1:00:02"),

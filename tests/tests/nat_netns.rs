@@ -419,15 +419,18 @@ fn hairpinning_between_guests() {
     };
     let (_, port) = mapping.split_once(':').unwrap();
     // The hairpinned datagram, traced: out through NAT and straight back in to guest 0.
-    let bin = switchyard_bin().display().to_string();
-    let tracer = std::process::Command::new(&bin)
-        .args(["trace", "nat", "--socket", &control(&net), "--count", "1"])
-        .args(["--filter", "udp and port 6001", "--duration", "10"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let tracer = Tracer::start(
+        "nat",
+        &control(&net),
+        &[
+            "--count",
+            "1",
+            "--filter",
+            "udp and port 6001",
+            "--duration",
+            "10",
+        ],
+    );
     python(
         &net.guests[1],
         "import socket, sys\n\
@@ -449,8 +452,7 @@ fn hairpinning_between_guests() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let traced = tracer.wait_with_output().unwrap();
-    let traced = String::from_utf8_lossy(&traced.stdout);
+    let traced = tracer.output();
     for needle in [
         "IPv4 UDP 192.168.122.11:6001 > 203.0.113.2:",
         "nat.hairpinned +1",
@@ -540,14 +542,7 @@ fn traces_tell_each_decision() {
     wait_listening(outside, 7070);
     g.must(&["ip", "neigh", "flush", "all"]);
     let bin = switchyard_bin().display().to_string();
-    let tracer = std::process::Command::new(&bin)
-        .args(["trace", "nat", "--socket", &control(&net), "--count", "40"])
-        .args(["--duration", "5"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    let tracer = Tracer::start("nat", &control(&net), &["--count", "40", "--duration", "5"]);
     g.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
     g.must(&[
         "python3",
@@ -556,8 +551,7 @@ fn traces_tell_each_decision() {
     ]);
     g.run(&["traceroute", "-n", "-q", "1", "-w", "1", "-m", "1", OUTSIDE]);
     g.must(&["python3", "-c", SEND_MALFORMED, "eth0"]);
-    let out = tracer.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = tracer.output();
     for needle in [
         "ARP who-has 192.168.122.1 tell 192.168.122.10",
         "gateway.arp_replies +1",
@@ -576,22 +570,25 @@ fn traces_tell_each_decision() {
     }
 
     // --filter: only what matches (here the SYN and the rest of that connection).
-    let filtered = std::process::Command::new(&bin)
-        .args(["trace", "nat", "--socket", &control(&net), "--count", "2"])
-        .args(["--filter", "tcp and port 7070", "--duration", "5"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    let filtered = Tracer::start(
+        "nat",
+        &control(&net),
+        &[
+            "--count",
+            "2",
+            "--filter",
+            "tcp and port 7070",
+            "--duration",
+            "5",
+        ],
+    );
     g.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
     g.must(&[
         "python3",
         "-c",
         "import socket\nsocket.create_connection(('203.0.113.1', 7070), timeout=3).close()",
     ]);
-    let out = filtered.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = filtered.output();
     assert!(
         text.contains("frame 2:") && !text.contains("frame 3:"),
         "{text}"

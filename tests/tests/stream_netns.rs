@@ -13,14 +13,11 @@ fn a_qemu_stream_client_switches_with_a_tap_guest_and_reconnects() {
     let dir = TempDir::new("systrm");
     let (sw, g) = (Netns::new("s"), Netns::new("g"));
     let socket = dir.file("vm1.sock");
-    let xml = dir.0.join("net.xml");
-    std::fs::write(
-        &xml,
+    let xml = dir.write(
+        "net.xml",
         "<network><name>vms</name><ip address='192.168.122.1' prefix='24'/></network>",
-    )
-    .unwrap();
+    );
     let tap = g.tap_arg("eth0", "52:54:00:5e:00:0a");
-    let xml = xml.display().to_string();
     let mut sy = Switchyard::start_in(
         Some(&sw),
         &[
@@ -129,13 +126,10 @@ fn a_stuck_vm_costs_drops_not_the_switch() {
     let dir = TempDir::new("systk");
     let (sw, g) = (Netns::new("s"), Netns::new("g"));
     let socket = dir.file("stuck.sock");
-    let xml = dir.0.join("net.xml");
-    std::fs::write(
-        &xml,
+    let xml = dir.write(
+        "net.xml",
         "<network><name>vms</name><ip address='192.168.122.1' prefix='24'/></network>",
-    )
-    .unwrap();
-    let xml = xml.display().to_string();
+    );
     let tap = g.tap_arg("eth0", "52:54:00:5e:00:0b");
     let mut sy = Switchyard::start_in(
         Some(&sw),

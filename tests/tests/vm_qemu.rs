@@ -19,14 +19,11 @@ fn a_qemu_vm_on_a_stream_port_gets_a_lease_and_pings_the_gateway() {
     let dir = TempDir::new("syvm");
     let sw = Netns::new("s");
     let socket = dir.file("vm.sock");
-    let xml = dir.0.join("net.xml");
-    std::fs::write(
-        &xml,
+    let xml = dir.write(
+        "net.xml",
         "<network><name>vmnet</name><ip address='192.168.122.1' netmask='255.255.255.0'>\
          <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>",
-    )
-    .unwrap();
-    let xml = xml.display().to_string();
+    );
     let control = dir.file("ctl.sock");
     let _sy = Switchyard::start_in(
         Some(&sw),
