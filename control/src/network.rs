@@ -356,7 +356,8 @@ pub struct DnsDef {
     pub hosts: Vec<(Ipv4Addr, Vec<String>)>,
     /// `<txt name value>`.
     pub txt: Vec<(String, String)>,
-    pub srv: Vec<SrvDef>,
+    /// `<srv service protocol domain target port priority weight>`.
+    pub srv: Vec<dhcp_dns::dns::SrvRecord>,
 }
 
 impl Default for DnsDef {
@@ -370,18 +371,6 @@ impl Default for DnsDef {
             srv: Vec::new(),
         }
     }
-}
-
-/// `<srv service protocol domain target port priority weight>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SrvDef {
-    pub service: String,
-    pub protocol: String,
-    pub domain: Option<String>,
-    pub target: Option<String>,
-    pub port: u16,
-    pub priority: u16,
-    pub weight: u16,
 }
 
 fn yes_no(node: roxmltree::Node<'_, '_>, attr: &str, default: bool) -> Result<bool, XmlError> {
@@ -424,7 +413,7 @@ fn parse_dns(dns: roxmltree::Node<'_, '_>) -> Result<DnsDef, XmlError> {
                 required(node, "name", node.attribute("name").map(str::to_string))?,
                 node.attribute("value").unwrap_or_default().to_string(),
             )),
-            "srv" => def.srv.push(SrvDef {
+            "srv" => def.srv.push(dhcp_dns::dns::SrvRecord {
                 service: required(
                     node,
                     "service",
@@ -941,20 +930,7 @@ impl NetworkDef {
             }
         }
         config.txt = self.dns.txt.clone();
-        config.srv = self
-            .dns
-            .srv
-            .iter()
-            .map(|s| dhcp_dns::dns::SrvRecord {
-                service: s.service.clone(),
-                protocol: s.protocol.clone(),
-                domain: s.domain.clone(),
-                target: s.target.clone(),
-                port: s.port,
-                priority: s.priority,
-                weight: s.weight,
-            })
-            .collect();
+        config.srv = self.dns.srv.clone();
         config.forward_plain_names = self.dns.forward_plain_names;
         let at53 = |a: &std::net::IpAddr| std::net::SocketAddr::new(*a, 53);
         for (domain, addr) in &self.dns.forwarders {
