@@ -156,8 +156,14 @@ const NETWORK: Schema = Schema {
 /// switchyard's extensions, in [`SY_NS`], allowed directly under `<network>`:
 /// `<sy:uplink prefix gateway mac rx>` (the external address's subnet and next hop, how frames
 /// are received) and
-/// `<sy:nat filtering max-flows max-flows-per-guest>`.
+/// `<sy:nat filtering max-flows max-flows-per-guest>`,
+/// `<sy:egress mode='socket|packet'>` (how NATed flows leave),
+/// `<sy:host-loopback/>` (the gateway address stands for the host's 127.0.0.1) and
+/// `<sy:forward proto host guest>` (a host port forwarded to a guest).
 const SY_EXTENSIONS: &[Schema] = &[
+    leaf("egress", &["mode"]),
+    leaf("host-loopback", &[]),
+    leaf("forward", &["proto", "host", "guest"]),
     leaf("uplink", &["prefix", "gateway", "mac", "rx"]),
     leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
     leaf(
@@ -282,6 +288,44 @@ pub struct SyNat {
     pub filtering: Option<datapath::nat::Filtering>,
     pub max_flows: Option<usize>,
     pub max_flows_per_guest: Option<usize>,
+}
+
+/// How NATed flows leave the host (`<sy:egress mode>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Through host sockets: no address of its own, no privilege.
+    Socket,
+    /// Rewritten packets on the uplink NIC, from the `<nat><address>`.
+    Packet,
+}
+
+impl std::str::FromStr for Egress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "socket" => Ok(Egress::Socket),
+            "packet" => Ok(Egress::Packet),
+            _ => Err("expected 'socket' or 'packet'".into()),
+        }
+    }
+}
+
+/// `<sy:forward proto host guest>`: connections to `host` reach `guest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub proto: &'static str,
+    pub host: std::net::SocketAddr,
+    pub guest: std::net::SocketAddrV4,
+}
+
+impl PortForward {
+    pub fn to_datapath(self) -> datapath::io::egress::Forward {
+        datapath::io::egress::Forward {
+            proto: self.proto,
+            host: self.host,
+            guest: self.guest,
+        }
+    }
 }
 
 /// `<lease expiry='N' unit='seconds|minutes|hours'/>` (libvirt: unit defaults to minutes;
@@ -515,11 +559,35 @@ pub struct NetworkDef {
     pub dns: DnsDef,
     pub sy_uplink: Option<SyUplink>,
     pub sy_nat: SyNat,
+    pub sy_egress: Option<Egress>,
+    pub sy_host_loopback: bool,
+    pub sy_forwards: Vec<PortForward>,
     /// `<sy:port type='tap' target netns mac model/>`: taps attached at every start
     /// (`attach-interface --config`).
     pub sy_ports: Vec<datapath::io::TapSpec>,
     /// `<sy:port type='stream' socket/>`: QEMU stream sockets made at every start.
     pub sy_streams: Vec<String>,
+}
+
+/// `<sy:forward proto='tcp' host='127.0.0.1:8080' guest='192.168.122.10:80'/>`.
+fn parse_port_forward(node: roxmltree::Node<'_, '_>) -> Result<PortForward, XmlError> {
+    let proto = match node.attribute("proto").unwrap_or("tcp") {
+        "tcp" => "tcp",
+        other => {
+            return Err(XmlError::BadValue {
+                element: "forward".into(),
+                attribute: "proto".into(),
+                value: other.into(),
+                line: line_of(node),
+                why: "only tcp ports are forwarded so far".into(),
+            });
+        }
+    };
+    Ok(PortForward {
+        proto,
+        host: required(node, "host", attr_parse(node, "host")?)?,
+        guest: required(node, "guest", attr_parse(node, "guest")?)?,
+    })
 }
 
 fn attr_parse<T: std::str::FromStr>(
@@ -787,6 +855,16 @@ impl NetworkDef {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            sy_egress: match sy_child("egress") {
+                Some(e) => Some(required(e, "mode", attr_parse(e, "mode")?)?),
+                None => None,
+            },
+            sy_host_loopback: sy_child("host-loopback").is_some(),
+            sy_forwards: root
+                .children()
+                .filter(|c| c.has_tag_name((SY_NS, "forward")))
+                .map(parse_port_forward)
+                .collect::<Result<_, _>>()?,
             sy_nat: match sy_child("nat") {
                 Some(n) => SyNat {
                     filtering: attr_parse(n, "filtering")?,
@@ -798,13 +876,55 @@ impl NetworkDef {
         })
     }
 
+    /// Whether NATed flows leave through host sockets: `<sy:egress mode='socket'>`, or a
+    /// `<forward mode='nat'>` without both a `dev` and an `<nat><address>` of its own (the
+    /// default network's case).
+    pub fn uses_socket_nat(&self) -> bool {
+        let Some(f) = self.forward.as_ref().filter(|f| f.mode == ForwardMode::Nat) else {
+            return false;
+        };
+        match self.sy_egress {
+            Some(Egress::Socket) => true,
+            Some(Egress::Packet) => false,
+            None => f.dev.is_none() || f.nat_address.is_none(),
+        }
+    }
+
+    /// Socket NAT's settings, when the network uses it (see [`Self::uses_socket_nat`]).
+    pub fn socket_nat_setup(&self) -> Option<datapath::socket_nat::SocketNatConfig> {
+        if !self.uses_socket_nat() {
+            return None;
+        }
+        let ip = self.ips.first()?;
+        let mut config = datapath::socket_nat::SocketNatConfig::new(ip.address, ip.prefix);
+        config.mtu = self.mtu.unwrap_or(1500);
+        if let Some(ports) = self.forward.as_ref().and_then(|f| f.nat_ports) {
+            config.ports = ports;
+        }
+        if let Some(filtering) = self.sy_nat.filtering {
+            config.filtering = filtering;
+        }
+        if let Some(n) = self.sy_nat.max_flows {
+            config.max_flows = n;
+        }
+        if let Some(n) = self.sy_nat.max_flows_per_guest {
+            config.max_flows_per_guest = n;
+        }
+        config.host_loopback = self.sy_host_loopback;
+        Some(config)
+    }
+
     /// Packet NAT's settings, when the network asks for it: `<forward mode='nat' dev=...>`
     /// with one `<nat><address>`. `uplink_mtu` is the MTU of `dev`.
     pub fn nat_setup(
         &self,
         uplink_mtu: u16,
     ) -> Result<Option<(datapath::nat::NatConfig, datapath::uplink::UplinkConfig)>, String> {
-        let Some(f) = self.forward.as_ref().filter(|f| f.mode == ForwardMode::Nat) else {
+        let Some(f) = self
+            .forward
+            .as_ref()
+            .filter(|f| f.mode == ForwardMode::Nat && !self.uses_socket_nat())
+        else {
             return Ok(None);
         };
         let (Some(_), Some((start, end)), Some(ip)) = (&f.dev, f.nat_address, self.ips.first())
@@ -951,17 +1071,10 @@ impl NetworkDef {
     pub fn not_yet_implemented(&self) -> Vec<String> {
         let mut missing = Vec::new();
         if let Some(f) = &self.forward {
-            if f.mode == ForwardMode::Nat && f.dev.is_some() && f.nat_address.is_some() {
-                // Packet NAT is implemented.
+            if f.mode == ForwardMode::Nat {
+                // Packet NAT and socket NAT are implemented.
             } else if f.mode == ForwardMode::Bridge && self.bridge_dev().is_some() {
                 // Bridge mode through a host NIC is implemented.
-            } else if f.mode == ForwardMode::Nat {
-                missing.push(
-                    "<forward mode='nat'> without dev= and <nat><address>: NAT through host \
-                     sockets (no address of its own) is not implemented yet; guests reach \
-                     each other and the gateway only"
-                        .into(),
-                );
             } else {
                 missing.push(format!(
                     "<forward mode='{}'>: forwarding beyond the switch is not implemented yet; \
@@ -1099,10 +1212,54 @@ mod tests {
     }
 
     #[test]
+    fn parses_egress_host_loopback_and_port_forwards() {
+        let net = NetworkDef::parse(
+            "<network xmlns:sy='urn:switchyard:network:1'><name>x</name>\
+             <forward mode='nat' dev='eth0'><nat><address start='203.0.113.2' end='203.0.113.2'/>\
+             </nat></forward><ip address='10.0.0.1' prefix='24'/>\
+             <sy:egress mode='socket'/><sy:host-loopback/>\
+             <sy:forward proto='tcp' host='127.0.0.1:8080' guest='10.0.0.10:80'/></network>",
+        )
+        .unwrap();
+        assert!(net.uses_socket_nat(), "sy:egress overrides the address");
+        assert!(net.nat_setup(1500).unwrap().is_none());
+        assert!(net.socket_nat_setup().unwrap().host_loopback);
+        assert_eq!(
+            net.sy_forwards,
+            vec![PortForward {
+                proto: "tcp",
+                host: "127.0.0.1:8080".parse().unwrap(),
+                guest: "10.0.0.10:80".parse().unwrap(),
+            }]
+        );
+        for (xml, needle) in [
+            (
+                "<sy:forward proto='sctp' host='127.0.0.1:1' guest='10.0.0.2:1'/>",
+                "sctp",
+            ),
+            ("<sy:forward host='127.0.0.1:1'/>", "guest"),
+            ("<sy:egress mode='magic'/>", "magic"),
+        ] {
+            let doc = format!(
+                "<network xmlns:sy='urn:switchyard:network:1'><name>x</name>\
+                 <forward mode='nat'/><ip address='10.0.0.1' prefix='24'/>{xml}</network>"
+            );
+            let err = NetworkDef::parse(&doc).unwrap_err().to_string();
+            assert!(err.contains(needle), "{xml}: {err}");
+        }
+    }
+
+    #[test]
     fn says_what_is_not_implemented_yet() {
         let net = NetworkDef::parse(DEFAULT_XML).unwrap();
         let missing = net.not_yet_implemented();
-        assert!(missing.iter().any(|m| m.contains("forward mode='nat'")));
+        // The default network's <forward mode='nat'/> is socket NAT: nothing is missing.
+        assert!(missing.is_empty(), "{missing:?}");
+        assert!(net.uses_socket_nat());
+        let sockets = net.socket_nat_setup().unwrap();
+        assert_eq!(sockets.gateway, Ipv4Addr::new(192, 168, 122, 1));
+        assert_eq!(sockets.ports, (1024, 65535));
+        assert!(!sockets.host_loopback);
         // DHCP is served; the default network's <dhcp> is taken as dnsmasq would.
         assert!(!missing.iter().any(|m| m.contains("dhcp")), "{missing:?}");
         let dhcp = net.dhcp_config().unwrap().unwrap();

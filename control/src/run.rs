@@ -513,7 +513,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let uplink_dev = def
         .forward
         .as_ref()
-        .filter(|f| f.mode == ForwardMode::Nat && f.nat_address.is_some())
+        .filter(|f| f.mode == ForwardMode::Nat && !def.uses_socket_nat())
         .and_then(|f| f.dev.clone());
     let nat = match &uplink_dev {
         Some(dev) => {
@@ -535,6 +535,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
             def.gateway()
         },
         nat: nat.clone(),
+        socket_nat: def.socket_nat_setup(),
     };
     let mut engine = Engine::new(&config);
     let leases = match bridge_dev {
@@ -575,6 +576,32 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
             nat.ports.1,
             nat.filtering
         );
+    }
+    if let Some(config) = &config.socket_nat {
+        eprintln!(
+            "switchyard: NAT through host sockets (TCP via a userspace stack, UDP ports {}-{}, \
+             ping sockets where net.ipv4.ping_group_range allows){}",
+            config.ports.0,
+            config.ports.1,
+            if config.host_loopback {
+                format!("; {} stands for the host's 127.0.0.1", config.gateway)
+            } else {
+                String::new()
+            }
+        );
+        for forward in &def.sy_forwards {
+            dp.add_forward(forward.to_datapath())
+                .map_err(|e| format!("<sy:forward host='{}'>: {e}", forward.host))?;
+            eprintln!(
+                "switchyard: forwarding {} {} to guest {}",
+                forward.proto, forward.host, forward.guest
+            );
+        }
+    } else if let Some(forward) = def.sy_forwards.first() {
+        return Err(format!(
+            "<sy:forward host='{}'>: port forwarding needs socket NAT",
+            forward.host
+        ));
     }
     if let Some(dev) = &bridge_dev {
         let id = dp

@@ -9,10 +9,10 @@
 
 use crate::engine::Outgoing;
 use crate::port::PortId;
+use crate::stack::{Clock, Queues};
 use crate::wire::{MacAddr, VnetHdr, ethernet, offload};
 use dhcp_dns::dns::{Client, DnsServer, Transport};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 use std::collections::{HashMap, VecDeque};
@@ -28,59 +28,6 @@ const RX_BUFFER: usize = 4096;
 const TX_BUFFER: usize = 65535 + 2;
 /// Guests whose MAC is remembered for framing answers.
 const MAX_PEERS: usize = 4096;
-
-/// The queues between the engine and smoltcp: IP packets in, IP packets out.
-#[derive(Debug, Default)]
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-    mtu: usize,
-}
-
-#[derive(Debug)]
-struct RxToken(Vec<u8>);
-
-impl smoltcp::phy::RxToken for RxToken {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-#[derive(Debug)]
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl smoltcp::phy::TxToken for TxToken<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0u8; len];
-        let result = f(&mut packet);
-        self.0.push_back(packet);
-        result
-    }
-}
-
-impl Device for Queues {
-    type RxToken<'a> = RxToken;
-    type TxToken<'a> = TxToken<'a>;
-
-    fn receive(
-        &mut self,
-        _: smoltcp::time::Instant,
-    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
-    }
-
-    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        caps
-    }
-}
 
 #[derive(Debug)]
 struct Conn {
@@ -111,7 +58,7 @@ pub struct DnsTcp {
     sockets: SocketSet<'static>,
     queues: Queues,
     conns: Vec<Conn>,
-    epoch: Instant,
+    clock: Clock,
     gateway_mac: MacAddr,
     /// Where each guest talking to us is: its port and MAC.
     peers: HashMap<Ipv4Addr, (PortId, MacAddr)>,
@@ -142,18 +89,11 @@ impl DnsTcp {
         mtu: usize,
         now: Instant,
     ) -> DnsTcp {
-        let mut queues = Queues {
-            mtu,
-            ..Queues::default()
-        };
+        let mut queues = Queues::new(mtu, ethernet::HEADER_LEN, true);
         let mut config = Config::new(HardwareAddress::Ip);
         // Initial sequence numbers: different on each start (RFC 6528 asks for
         // unpredictable ones; these are guests on our own switch).
-        config.random_seed = std::hash::BuildHasher::hash_one(
-            &std::collections::hash_map::RandomState::new(),
-            gateway,
-        )
-        .rotate_left(17);
+        config.random_seed = crate::stack::random_seed(gateway);
         let mut iface = Interface::new(config, &mut queues, smoltcp::time::Instant::ZERO);
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), prefix));
@@ -182,17 +122,12 @@ impl DnsTcp {
             sockets,
             queues,
             conns,
-            epoch: now,
+            clock: Clock { epoch: now },
             gateway_mac,
             peers: HashMap::new(),
             next_poll: None,
             counters: DnsTcpCounters::default(),
         }
-    }
-
-    fn stack_time(&self, now: Instant) -> smoltcp::time::Instant {
-        let micros = now.saturating_duration_since(self.epoch).as_micros();
-        smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
     }
 
     /// Whether `packet` (IPv4, checked header) is a TCP segment to port 53 of `gateway`.
@@ -237,7 +172,7 @@ impl DnsTcp {
     /// Runs the stack: takes in queued segments, hands whole queries to `dns`, re-arms closed
     /// sockets.
     fn poll(&mut self, now: Instant, dns: &mut DnsServer) {
-        let at = self.stack_time(now);
+        let at = self.clock.stack_time(now);
         self.iface.poll(at, &mut self.queues, &mut self.sockets);
         for (index, conn) in self.conns.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
@@ -312,30 +247,27 @@ impl DnsTcp {
         ready: &mut VecDeque<Outgoing>,
     ) {
         self.poll(now, dns);
-        while let Some(packet) = self.queues.tx.pop_front() {
-            let Some(dst) = packet.get(16..20) else {
+        while let Some(mut frame) = self.queues.tx.pop_front() {
+            let Some(dst) = frame.get(ethernet::HEADER_LEN + 16..ethernet::HEADER_LEN + 20) else {
                 continue;
             };
             let dst = Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]);
             let Some(&(port, mac)) = self.peers.get(&dst) else {
                 continue;
             };
-            let mut frame = Vec::with_capacity(ethernet::HEADER_LEN + packet.len());
-            frame.extend_from_slice(&mac.0);
-            frame.extend_from_slice(&self.gateway_mac.0);
-            frame.extend_from_slice(&[0x08, 0x00]);
-            frame.extend_from_slice(&packet);
+            ethernet::write_header(&mut frame, mac, self.gateway_mac);
             ready.push_back(Outgoing {
                 port,
                 vnet: VnetHdr::default(),
                 frame,
             });
         }
-        let at = self.stack_time(now);
-        self.next_poll = self.iface.poll_at(at, &self.sockets).map(|next| {
-            let micros = u64::try_from(next.total_micros()).unwrap_or(0);
-            self.epoch + Duration::from_micros(micros)
-        });
+        let at = self.clock.stack_time(now);
+        let clock = self.clock;
+        self.next_poll = self
+            .iface
+            .poll_at(at, &self.sockets)
+            .map(|next| clock.engine_time(next));
     }
 
     /// When the stack next needs [`Self::poll_egress`] (retransmission, idle timeout).

@@ -11,6 +11,7 @@ use crate::dns::DnsService;
 use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
+use crate::socket_nat::{Peer, SocketNat, SocketNatConfig, SocketNatCounters};
 use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
 use crate::trace::{self, FrameTrace};
 use crate::uplink::{ArpAnswer, NeighborRow, Uplink, UplinkConfig, UplinkCounters};
@@ -47,6 +48,9 @@ pub struct Config {
     pub gateway: Option<GatewayConfig>,
     /// Packet NAT through an uplink (`<forward mode='nat' dev=...>` with an address).
     pub nat: Option<(NatConfig, UplinkConfig)>,
+    /// Socket NAT through the host's own sockets (`<forward mode='nat'>` without an address
+    /// of its own, or rootless).
+    pub socket_nat: Option<SocketNatConfig>,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             fdb_aging: switch::DEFAULT_AGING,
             gateway: None,
             nat: None,
+            socket_nat: None,
         }
     }
 }
@@ -111,6 +116,9 @@ pub struct EngineCounters {
     /// Upstream DNS queries dropped because too many waited for the host socket.
     pub dns_upstream_dropped: u64,
     pub dns_tcp: crate::dns_tcp::DnsTcpCounters,
+    pub socket_nat: SocketNatCounters,
+    /// Packets from socket NAT for a guest whose MAC is not known (an ARP request went out).
+    pub socket_nat_unresolved: u64,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -139,6 +147,7 @@ pub struct Engine {
     fdb: Fdb,
     gateway: Option<Gateway>,
     router: Option<Router>,
+    socket_nat: Option<SocketNat>,
     dhcp: Option<DhcpService>,
     dns: Option<DnsService>,
     tracing: bool,
@@ -151,6 +160,7 @@ pub struct Engine {
     flooded: u64,
     icmp_errors_sent: u64,
     icmp_errors_rate_limited: u64,
+    socket_nat_unresolved: u64,
 }
 
 impl Engine {
@@ -165,6 +175,10 @@ impl Engine {
                 uplink: Uplink::new(*uplink),
                 port: None,
             }),
+            socket_nat: config
+                .socket_nat
+                .clone()
+                .map(|c| SocketNat::new(c, Instant::now())),
             dhcp: None,
             dns: None,
             tracing: false,
@@ -177,6 +191,7 @@ impl Engine {
             flooded: 0,
             icmp_errors_sent: 0,
             icmp_errors_rate_limited: 0,
+            socket_nat_unresolved: 0,
         }
     }
 
@@ -358,6 +373,22 @@ impl Engine {
         {
             return verdict;
         }
+        if let Some(sockets) = &mut self.socket_nat
+            && ethertype == EtherType::ARP
+            && let Ok(arp) = ArpPacket::new_checked(&frame[l3..])
+        {
+            let peer = Peer {
+                port: ingress,
+                mac: src,
+            };
+            sockets.note_peer(arp.sender_ip(), peer);
+        }
+        if to_gateway
+            && ethertype == EtherType::IPV4
+            && let Some(verdict) = self.serve_gateway_socket(now, ingress, src, (vnet, frame), l3)
+        {
+            return verdict;
+        }
         if self.dhcp.is_some() {
             if ethertype == EtherType::ARP {
                 self.note_arp_sender(now, &frame[l3..]);
@@ -456,6 +487,87 @@ impl Engine {
         )
     }
 
+    /// TCP and UDP to the gateway's own address beyond DNS and DHCP: the host's loopback under
+    /// `<sy:host-loopback/>`, and the gateway's end of port-forwarded connections. `None`:
+    /// not such a packet (or no socket NAT).
+    fn serve_gateway_socket(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        src_mac: MacAddr,
+        (vnet, frame): (&VnetHdr, &[u8]),
+        l3: usize,
+    ) -> Option<Verdict> {
+        let sockets = self.socket_nat.as_mut()?;
+        let packet = &frame[l3..];
+        let gateway = sockets.config().gateway;
+        if packet.len() < 20
+            || packet[16..20] != gateway.octets()
+            || !matches!(
+                packet[9],
+                crate::wire::ipv4::PROTO_TCP | crate::wire::ipv4::PROTO_UDP
+            )
+        {
+            return None;
+        }
+        if self.dhcp.is_some() && gateway::udp_datagram_to(packet, dhcp::SERVER_PORT).is_some() {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(packet).ok()?;
+        if !ip.header_checksum_ok() {
+            return Some(Verdict::Drop(DropReason::BadChecksum));
+        }
+        let packet = &packet[..ip.total_len()];
+        let from = Peer {
+            port: ingress,
+            mac: src_mac,
+        };
+        Some(
+            match sockets.handle_packet(now, from, packet, vnet.needs_csum()) {
+                Ok(()) => Verdict::Consumed,
+                Err(DropReason::NoRoute) => Verdict::Drop(DropReason::GatewayUnhandled),
+                Err(reason) => Verdict::Drop(reason),
+            },
+        )
+    }
+
+    /// A guest's packet for beyond the subnet through host sockets: the TTL is checked as a
+    /// router checks it; everything else is up to the host's stack.
+    fn route_to_sockets(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        vnet: &VnetHdr,
+        frame: &mut [u8],
+        l3: usize,
+    ) -> Verdict {
+        let Some(gateway) = &self.gateway else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        if l3 != ethernet::HEADER_LEN {
+            return Verdict::Drop(DropReason::NoRoute);
+        }
+        let back = (MacAddr::from_slice(&frame[6..12]), gateway.config().mac);
+        let gateway_ip = gateway.config().ip;
+        if let Some(reason) =
+            self.check_forwardable(now, ingress, vnet, frame, back, gateway_ip, u16::MAX)
+        {
+            return Verdict::Drop(reason);
+        }
+        let total = ip_total_len(frame);
+        let Some(sockets) = &mut self.socket_nat else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let from = Peer {
+            port: ingress,
+            mac: back.0,
+        };
+        match sockets.handle_packet(now, from, &frame[l3..l3 + total], vnet.needs_csum()) {
+            Ok(()) => Verdict::Consumed,
+            Err(reason) => Verdict::Drop(reason),
+        }
+    }
+
     /// Lease changes become name changes in the DNS (or are discarded without one).
     fn sync_names(&mut self) {
         let Some(dhcp) = &mut self.dhcp else {
@@ -523,6 +635,9 @@ impl Engine {
         frame: &mut [u8],
         l3: usize,
     ) -> Verdict {
+        if self.router.is_none() && self.socket_nat.is_some() {
+            return self.route_to_sockets(now, ingress, vnet, frame, l3);
+        }
         let (Some(gateway), Some(router)) = (&self.gateway, &self.router) else {
             return Verdict::Drop(DropReason::NoRoute);
         };
@@ -754,10 +869,71 @@ impl Engine {
         if let Some(out) = self.outgoing.pop_front() {
             return Some(out);
         }
+        while let Some(sockets) = &mut self.socket_nat
+            && let Some(frame) = sockets.poll_packet()
+        {
+            if let Some(out) = self.frame_for_guest(frame) {
+                return Some(out);
+            }
+            if let Some(out) = self.outgoing.pop_front() {
+                return Some(out);
+            }
+        }
         let router = self.router.as_mut()?;
         let port = router.port?;
         let (vnet, frame) = router.uplink.poll_transmit()?;
         Some(Outgoing { port, vnet, frame })
+    }
+
+    /// Frames an IP packet from socket NAT (after room for the Ethernet header) for the guest
+    /// it is addressed to: where that guest was last heard from, else its DHCP lease's MAC
+    /// where the switch learned it. An unknown guest gets an ARP request from the gateway
+    /// instead, and the packet is dropped (TCP retransmits it).
+    fn frame_for_guest(&mut self, mut frame: Vec<u8>) -> Option<Outgoing> {
+        let gateway = self.gateway.as_ref()?.config();
+        let at = ethernet::HEADER_LEN + 16;
+        let dst = Ipv4Addr::from(<[u8; 4]>::try_from(frame.get(at..at + 4)?).ok()?);
+        let sockets = self.socket_nat.as_ref()?;
+        let peer = sockets.peer(dst).or_else(|| {
+            let mac = self.dhcp.as_ref()?.leases().find(|l| l.ip == dst)?.mac;
+            let mac = MacAddr(mac);
+            let port = self.fdb.lookup(Instant::now(), mac, 0)?;
+            Some(Peer { port, mac })
+        });
+        match peer {
+            Some(peer) => {
+                ethernet::write_header(&mut frame, peer.mac, gateway.mac);
+                Some(Outgoing {
+                    port: peer.port,
+                    vnet: VnetHdr::default(),
+                    frame,
+                })
+            }
+            None => {
+                self.socket_nat_unresolved += 1;
+                let request = crate::wire::arp::request_frame(gateway.mac, gateway.ip, dst);
+                let ports: Vec<PortId> = self
+                    .ports()
+                    .map(|(id, _)| id)
+                    .filter(|&id| self.is_switch_port(id))
+                    .collect();
+                for port in ports {
+                    if self.outgoing.len() < MAX_OUTGOING {
+                        self.outgoing.push_back(Outgoing {
+                            port,
+                            vnet: VnetHdr::default(),
+                            frame: request.clone(),
+                        });
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// The socket NAT, for the I/O edge to carry out its actions.
+    pub fn socket_nat_mut(&mut self) -> Option<&mut SocketNat> {
+        self.socket_nat.as_mut()
     }
 
     /// The I/O edge reports frames it wrote to `port` (more than one when it segmented).
@@ -783,6 +959,7 @@ impl Engine {
             router.and_then(|r| r.uplink.poll_timeout()),
             self.dhcp.as_ref().and_then(DhcpService::poll_timeout),
             self.dns.as_ref().and_then(DnsService::poll_timeout),
+            self.socket_nat.as_ref().and_then(SocketNat::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -802,6 +979,11 @@ impl Engine {
             && dns.poll_timeout().is_some_and(|t| t <= now)
         {
             dns.handle_timeout(now, &mut self.outgoing);
+        }
+        if let Some(sockets) = &mut self.socket_nat
+            && sockets.poll_timeout().is_some_and(|t| t <= now)
+        {
+            sockets.handle_timeout(now);
         }
         let Some(router) = &mut self.router else {
             return;
@@ -885,10 +1067,15 @@ impl Engine {
 
     /// NAT's connections, as `switchyard conntrack` lists them.
     pub fn conntrack(&self, now: Instant) -> Vec<FlowRow> {
-        self.router
+        let mut rows = self
+            .router
             .as_ref()
             .map(|r| r.nat.rows(now))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(sockets) = &self.socket_nat {
+            rows.extend(sockets.rows(now));
+        }
+        rows
     }
 
     /// The uplink's ARP cache.
@@ -941,9 +1128,16 @@ impl Engine {
                     .and_then(DnsService::tcp)
                     .map(|t| t.counters.clone())
                     .unwrap_or_default(),
+                socket_nat: self
+                    .socket_nat
+                    .as_ref()
+                    .map(|s| s.counters.clone())
+                    .unwrap_or_default(),
+                socket_nat_unresolved: self.socket_nat_unresolved,
             },
             fdb_entries: self.fdb.len(),
-            nat_flows: router.map_or(0, |r| r.nat.len()),
+            nat_flows: router.map_or(0, |r| r.nat.len())
+                + self.socket_nat.as_ref().map_or(0, SocketNat::len),
             dhcp_leases: dhcp.map_or(0, |d| d.leases().count()),
         }
     }

@@ -14,6 +14,8 @@ pub mod gateway;
 pub mod io;
 pub mod nat;
 pub mod port;
+pub mod socket_nat;
+pub mod stack;
 pub mod switch;
 pub mod trace;
 pub mod uplink;

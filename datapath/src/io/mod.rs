@@ -7,6 +7,7 @@
 //! buffer and written from it to their egress ports; nothing on this path allocates.
 
 pub mod capture;
+pub mod egress;
 pub mod netlink;
 pub mod netns;
 pub mod stream;
@@ -170,6 +171,7 @@ pub struct Datapath {
     captures: Vec<capture::Capture>,
     tracing: Option<TraceSession>,
     resolv: Option<ResolvWatch>,
+    egress: egress::Egress,
 }
 
 /// The resolver configuration whose `nameserver` lines are the DNS upstreams, re-read when it
@@ -341,6 +343,7 @@ impl Datapath {
             captures: Vec::new(),
             tracing: None,
             resolv: None,
+            egress: egress::Egress::default(),
         })
     }
 
@@ -618,6 +621,27 @@ impl Datapath {
             self.upstream.push(v6);
         }
         Ok(())
+    }
+
+    /// Forwards host connections to `forward.host` to the guest at `forward.guest` (socket
+    /// NAT only).
+    pub fn add_forward(&mut self, forward: egress::Forward) -> io::Result<()> {
+        if self.engine.socket_nat_mut().is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "port forwarding needs socket NAT (<forward mode='nat'> without an address)",
+            ));
+        }
+        self.egress.add_forward(self.poll.registry(), forward)
+    }
+
+    /// Stops forwarding `host`; false when it was not forwarded.
+    pub fn remove_forward(&mut self, host: std::net::SocketAddr) -> bool {
+        self.egress.remove_forward(self.poll.registry(), host)
+    }
+
+    pub fn forwards(&self) -> Vec<egress::Forward> {
+        self.egress.forwards().copied().collect()
     }
 
     /// Takes the DNS upstreams from the `nameserver` lines of `path` (a resolv.conf), now and
@@ -977,6 +1001,7 @@ impl Datapath {
                 CONTROL => self.control_ready = true,
                 METRICS => self.metrics_ready = true,
                 UPSTREAM_V4 | UPSTREAM_V6 => self.upstream_ready = true,
+                _ if self.egress.handle_event(event) => {}
                 Token(index) if (LISTENER_BASE..2 * MAX_PORTS).contains(&index) => {
                     accepts.push(index - LISTENER_BASE);
                 }
@@ -1019,6 +1044,9 @@ impl Datapath {
         }
         self.check_resolv_conf(now);
         self.exchange_upstream(now);
+        if let Some(nat) = self.engine.socket_nat_mut() {
+            self.egress.serve(now, nat, self.poll.registry());
+        }
         self.sync_leases();
         while let Some(out) = self.engine.poll_transmit() {
             self.transmit_outgoing(&out);

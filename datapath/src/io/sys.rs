@@ -451,3 +451,19 @@ impl Drop for RxRing {
         }
     }
 }
+
+/// Opens an unprivileged ICMP echo socket (`SOCK_DGRAM`, `IPPROTO_ICMP`), non-blocking: the
+/// kernel allows it to groups within `net.ipv4.ping_group_range`, picks the echo identifier
+/// and fills the checksum. `PermissionDenied` where the range excludes us.
+pub fn open_ping_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; a non-negative return is a new fd we own.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

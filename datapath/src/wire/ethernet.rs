@@ -107,6 +107,14 @@ pub const HEADER_LEN: usize = 14;
 /// Length of the 802.1Q tag that may follow the source address.
 pub const VLAN_TAG_LEN: usize = 4;
 
+/// Writes an untagged IPv4 Ethernet header into the first [`HEADER_LEN`] bytes of `frame`
+/// (which the caller made at least that long).
+pub fn write_header(frame: &mut [u8], dst: MacAddr, src: MacAddr) {
+    frame[field::DST].copy_from_slice(&dst.0);
+    frame[field::SRC].copy_from_slice(&src.0);
+    frame[field::TYPE].copy_from_slice(&EtherType::IPV4.0.to_be_bytes());
+}
+
 /// A read view of an Ethernet frame (without FCS, as taps and AF_PACKET deliver it).
 #[derive(Debug, Clone, Copy)]
 pub struct EthernetFrame<T: AsRef<[u8]>> {

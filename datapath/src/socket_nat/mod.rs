@@ -1,0 +1,1273 @@
+//! Socket NAT: guests' connections leave through the host's own sockets.
+//!
+//! Packet NAT needs an external address of the engine's own and a NIC to put it on; a user
+//! without root has neither. Here, as in slirp4netns and passt, each guest flow becomes a host
+//! socket, so the host's address, routes and firewall apply and no privilege is needed:
+//!
+//! - **TCP** is terminated in the engine by smoltcp. A guest's SYN is held while the host
+//!   socket connects; only when `connect()` succeeds does a listener for exactly that
+//!   destination take the SYN and answer SYN-ACK, so a guest sees the same outcome a direct
+//!   connection would (refused: a RST; unreachable: ICMP unreachable). Bytes then move between
+//!   the smoltcp socket's buffers and the host socket, with no copy in between.
+//! - **UDP**: one host socket per guest address and port (endpoint-independent mapping, RFC
+//!   4787 REQ-1), bound inside `<nat><port>`; answers are filtered as packet NAT filters them.
+//! - **ICMP echo** goes out through unprivileged ping sockets where
+//!   `net.ipv4.ping_group_range` allows, and is answered host-unreachable where not.
+//!
+//! The module is sans-IO: it asks for sockets and datagrams through [`Action`]s, moves stream
+//! bytes through closures the I/O edge passes in, and is told what the sockets did. That keeps
+//! every decision testable with fixtures and virtual time.
+
+#[cfg(test)]
+mod tests;
+
+use crate::nat::packet::{self, Tuple};
+use crate::nat::{Filtering, FlowRow, Timeouts};
+use crate::port::{DropReason, PortId};
+use crate::stack::{Clock, Queues};
+use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::wire::{MacAddr, checksum, ethernet};
+use serde::Serialize;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+/// Each TCP connection's buffers in each direction: the guest's receive window and what the
+/// engine holds for the host socket.
+pub const TCP_BUFFER: usize = 256 * 1024;
+/// Sockets kept for reuse after their connection ends, so a churn of short connections does
+/// not allocate and zero half a megabyte each.
+const SPARE_SOCKETS: usize = 64;
+/// Addresses a UDP mapping remembers having sent to, for address-dependent filtering.
+const UDP_REMOTES: usize = 16;
+/// How often idle flows are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Ephemeral ports the gateway connects from when it forwards a host connection to a guest.
+const FORWARD_PORTS: (u16, u16) = (32768, 60999);
+/// IP and TCP header bytes of a held SYN worth keeping (options included).
+const MAX_SYN: usize = 120;
+
+/// What the engine needs to know to NAT through host sockets.
+#[derive(Debug, Clone)]
+pub struct SocketNatConfig {
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    /// The guest-side MTU: the largest IP packet the stack sends to a guest.
+    pub mtu: u16,
+    /// `<nat><port>`: the host ports UDP mappings are bound to.
+    pub ports: (u16, u16),
+    pub filtering: Filtering,
+    pub max_flows: usize,
+    pub max_flows_per_guest: usize,
+    pub timeouts: Timeouts,
+    /// `<sy:host-loopback/>`: the gateway address stands for the host's 127.0.0.1.
+    pub host_loopback: bool,
+}
+
+impl SocketNatConfig {
+    pub fn new(gateway: Ipv4Addr, prefix: u8) -> SocketNatConfig {
+        SocketNatConfig {
+            gateway,
+            prefix,
+            mtu: 1500,
+            ports: (1024, 65535),
+            filtering: Filtering::AddressAndPortDependent,
+            max_flows: crate::nat::DEFAULT_MAX_FLOWS,
+            max_flows_per_guest: crate::nat::DEFAULT_MAX_FLOWS_PER_GUEST,
+            timeouts: Timeouts::default(),
+            host_loopback: false,
+        }
+    }
+
+    fn is_internal(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.gateway) & mask
+    }
+}
+
+/// A flow as the I/O edge names it: its slot and the slot's generation, so a late event for
+/// an ended flow never reaches the flow that took its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// A host socket the I/O edge is asked to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostSocket {
+    /// A non-blocking `connect()`; report with [`SocketNat::handle_opened`] when it completes.
+    Tcp(SocketAddrV4),
+    /// A UDP socket bound to `preferred` if free, else to another port of `range`.
+    Udp { preferred: u16, range: (u16, u16) },
+    /// An unprivileged ICMP echo socket (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`).
+    Ping,
+}
+
+/// What the I/O edge must do for the socket NAT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Open(FlowId, HostSocket),
+    /// Send a datagram (UDP payload, or an ICMP echo message) on the flow's socket.
+    SendTo(FlowId, SocketAddrV4, Vec<u8>),
+    /// The guest finished sending: `shutdown(SHUT_WR)` the host socket.
+    ShutdownWrite(FlowId),
+    /// The flow ended: close its host socket.
+    Close(FlowId),
+}
+
+/// What a stream transfer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub bytes: usize,
+    /// The host socket would block: wait for its readiness before trying again.
+    pub blocked: bool,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SocketNatCounters {
+    pub tcp_connects: u64,
+    pub tcp_established: u64,
+    /// Host `connect()` refused: the guest got a RST.
+    pub tcp_refused: u64,
+    /// Host `connect()` failed otherwise: the guest got ICMP unreachable.
+    pub tcp_unreachable: u64,
+    /// A host socket failed mid-stream: the guest got a RST.
+    pub tcp_host_errors: u64,
+    /// Segments for no connection of ours, handed to the stack to answer with a RST.
+    pub tcp_stray_segments: u64,
+    /// SYN retransmissions while the host socket was still connecting.
+    pub tcp_syn_while_connecting: u64,
+    /// Segments whose TCP checksum did not verify.
+    pub tcp_bad_checksum: u64,
+    pub bytes_to_host: u64,
+    pub bytes_from_host: u64,
+    pub udp_mappings: u64,
+    pub udp_datagrams_out: u64,
+    pub udp_datagrams_in: u64,
+    /// Host datagrams the filtering policy refused.
+    pub udp_filtered: u64,
+    /// Host UDP sockets that could not be bound in the port range.
+    pub udp_bind_failed: u64,
+    pub pings_out: u64,
+    pub pings_in: u64,
+    /// Echo requests answered unreachable because ping sockets are not allowed.
+    pub ping_denied: u64,
+    pub flows_expired: u64,
+    pub table_full: u64,
+    pub guest_limit: u64,
+    /// Packets socket NAT cannot carry (fragments, ICMP other than echo, broadcast).
+    pub unsupported: u64,
+    pub port_forward_connections: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    /// Guest end, then the far end as the guest sees it.
+    Tcp(SocketAddrV4, SocketAddrV4),
+    Udp(SocketAddrV4),
+    Ping(Ipv4Addr, u16),
+}
+
+#[derive(Debug)]
+enum Kind {
+    Tcp(TcpFlow),
+    Udp {
+        remotes: VecDeque<SocketAddrV4>,
+    },
+    /// An echo identifier's socket; `quote` is the first request's IP header and 8 bytes, for
+    /// an unreachable answer if the socket cannot be had.
+    Ping {
+        quote: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+struct TcpFlow {
+    /// Set once the stack has a socket for the connection.
+    handle: Option<SocketHandle>,
+    /// The guest's SYN, waiting for the host socket to connect.
+    syn: Option<Vec<u8>>,
+    shut_write: bool,
+    host_eof: bool,
+}
+
+#[derive(Debug)]
+struct Flow {
+    key: Key,
+    kind: Kind,
+    /// The host socket's own address once open.
+    local: Option<SocketAddrV4>,
+    last_seen: Instant,
+    /// Guest to host, host to guest.
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    /// Waiting in `touched` for a look after the next stack poll.
+    touched: bool,
+}
+
+impl Flow {
+    fn guest_ip(&self) -> Ipv4Addr {
+        match self.key {
+            Key::Tcp(guest, _) | Key::Udp(guest) => *guest.ip(),
+            Key::Ping(ip, _) => ip,
+        }
+    }
+}
+
+/// Where an outgoing IP packet goes, learned from what each guest sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub port: PortId,
+    pub mac: MacAddr,
+}
+
+/// The socket NAT of one network.
+pub struct SocketNat {
+    config: SocketNatConfig,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    spare: Vec<tcp::Socket<'static>>,
+    queues: Queues,
+    clock: Clock,
+    flows: Vec<Option<Flow>>,
+    /// Each slot's generation, bumped when its flow ends.
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    by_key: HashMap<Key, u32>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+    peers: HashMap<Ipv4Addr, Peer>,
+    actions: VecDeque<Action>,
+    /// Flows whose state may have changed since the last stack poll.
+    touched: Vec<u32>,
+    /// Open TCP flows the I/O edge should move bytes for.
+    ready: VecDeque<FlowId>,
+    /// ICMP frames to guests (ping replies, unreachables), framed but for the MACs.
+    frames: VecDeque<Vec<u8>>,
+    stack_dirty: bool,
+    next_poll: Option<Instant>,
+    next_sweep: Option<Instant>,
+    ping_denied: bool,
+    next_forward_port: u16,
+    pub counters: SocketNatCounters,
+}
+
+impl std::fmt::Debug for SocketNat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketNat")
+            .field("flows", &self.by_key.len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+fn addr_at(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+impl SocketNat {
+    pub fn new(config: SocketNatConfig, now: Instant) -> SocketNat {
+        // The stack takes whole GSO segments from guests (up to 64 KiB) but sends packets no
+        // larger than the guests' MTU.
+        let mut queues = Queues::new(usize::from(config.mtu), ethernet::HEADER_LEN, false);
+        let mut stack_config = Config::new(HardwareAddress::Ip);
+        stack_config.random_seed = crate::stack::random_seed((config.gateway, "socket-nat"));
+        let mut iface = Interface::new(stack_config, &mut queues, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(config.gateway), config.prefix));
+        });
+        // Any destination is ours: the stack stands in for every host a guest connects to.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+        SocketNat {
+            config,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            spare: Vec::new(),
+            queues,
+            clock: Clock { epoch: now },
+            flows: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            per_guest: HashMap::new(),
+            peers: HashMap::new(),
+            actions: VecDeque::new(),
+            touched: Vec::new(),
+            ready: VecDeque::new(),
+            frames: VecDeque::new(),
+            stack_dirty: false,
+            next_poll: None,
+            next_sweep: None,
+            ping_denied: false,
+            next_forward_port: FORWARD_PORTS.0,
+            counters: SocketNatCounters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SocketNatConfig {
+        &self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Where the guest with address `ip` was last heard from.
+    pub fn peer(&self, ip: Ipv4Addr) -> Option<Peer> {
+        self.peers.get(&ip).copied()
+    }
+
+    /// A guest announced `ip` (ARP sender): packets for it go to `peer`.
+    pub fn note_peer(&mut self, ip: Ipv4Addr, peer: Peer) {
+        if !self.config.is_internal(ip) || ip == self.config.gateway {
+            return;
+        }
+        if self.peers.get(&ip) != Some(&peer)
+            && (self.peers.len() < self.config.max_flows || self.peers.contains_key(&ip))
+        {
+            self.peers.insert(ip, peer);
+        }
+    }
+
+    fn is_current(&self, id: FlowId) -> bool {
+        self.generations.get(id.index as usize) == Some(&id.generation)
+    }
+
+    fn flow(&self, id: FlowId) -> Option<&Flow> {
+        if !self.is_current(id) {
+            return None;
+        }
+        self.flows.get(id.index as usize)?.as_ref()
+    }
+
+    fn flow_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        if !self.is_current(id) {
+            return None;
+        }
+        self.flows.get_mut(id.index as usize)?.as_mut()
+    }
+
+    fn id_of(&self, index: u32) -> Option<FlowId> {
+        self.flows.get(index as usize)?.as_ref()?;
+        Some(FlowId {
+            index,
+            generation: self.generations[index as usize],
+        })
+    }
+
+    fn touch(&mut self, index: u32) {
+        if let Some(Some(flow)) = self.flows.get_mut(index as usize)
+            && !flow.touched
+        {
+            flow.touched = true;
+            self.touched.push(index);
+        }
+    }
+
+    /// Makes a flow for `key`, within the caps.
+    fn insert(&mut self, now: Instant, key: Key, kind: Kind) -> Result<FlowId, DropReason> {
+        let guest = match key {
+            Key::Tcp(g, _) | Key::Udp(g) => *g.ip(),
+            Key::Ping(ip, _) => ip,
+        };
+        if self.by_key.len() >= self.config.max_flows {
+            self.counters.table_full += 1;
+            return Err(DropReason::NatTableFull);
+        }
+        let count = self.per_guest.get(&guest).copied().unwrap_or(0);
+        if count >= self.config.max_flows_per_guest {
+            self.counters.guest_limit += 1;
+            return Err(DropReason::NatGuestLimit);
+        }
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.flows.push(None);
+                self.generations.push(0);
+                (self.flows.len() - 1) as u32
+            }
+        };
+        let generation = self.generations[index as usize];
+        self.flows[index as usize] = Some(Flow {
+            key,
+            kind,
+            local: None,
+            last_seen: now,
+            packets: [0; 2],
+            bytes: [0; 2],
+            touched: false,
+        });
+        self.by_key.insert(key, index);
+        *self.per_guest.entry(guest).or_default() += 1;
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_EVERY);
+        }
+        Ok(FlowId { index, generation })
+    }
+
+    /// Ends a flow: its socket goes back to the spares and the host socket is closed.
+    fn remove(&mut self, index: u32) {
+        let Some(flow) = self.flows.get_mut(index as usize).and_then(Option::take) else {
+            return;
+        };
+        let id = FlowId {
+            index,
+            generation: self.generations[index as usize],
+        };
+        self.generations[index as usize] = id.generation.wrapping_add(1);
+        if let Kind::Tcp(TcpFlow {
+            handle: Some(handle),
+            ..
+        }) = flow.kind
+            && let smoltcp::socket::Socket::Tcp(mut socket) = self.sockets.remove(handle)
+            && self.spare.len() < SPARE_SOCKETS
+        {
+            socket.abort();
+            self.spare.push(socket);
+        }
+        let guest = flow.guest_ip();
+        self.by_key.remove(&flow.key);
+        self.free.push(index);
+        if let Some(count) = self.per_guest.get_mut(&guest) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_guest.remove(&guest);
+            }
+        }
+        self.actions.push_back(Action::Close(id));
+    }
+
+    fn tcp_socket(&mut self) -> tcp::Socket<'static> {
+        let mut socket = self.spare.pop().unwrap_or_else(|| {
+            tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            )
+        });
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket
+    }
+
+    /// Where the host socket for a guest's destination `dst` goes.
+    fn target(&self, dst: SocketAddrV4) -> SocketAddrV4 {
+        if self.config.host_loopback && *dst.ip() == self.config.gateway {
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port())
+        } else {
+            dst
+        }
+    }
+
+    /// How a host address appears to guests: the host's loopback as the gateway.
+    fn guest_view(&self, from: SocketAddrV4) -> SocketAddrV4 {
+        if self.config.host_loopback && from.ip().is_loopback() {
+            SocketAddrV4::new(self.config.gateway, from.port())
+        } else {
+            from
+        }
+    }
+
+    /// Whether a guest may send to `dst` through the host: not to its own subnet (that is
+    /// switched), not to the gateway unless host-loopback stands in for it, never to
+    /// loopback, broadcast or multicast addresses.
+    fn routable(&self, dst: Ipv4Addr) -> bool {
+        if dst == self.config.gateway {
+            return self.config.host_loopback;
+        }
+        !(self.config.is_internal(dst)
+            || dst.is_loopback()
+            || dst.is_broadcast()
+            || dst.is_multicast()
+            || dst.is_unspecified())
+    }
+
+    /// A packet from a guest (`ip`: the IPv4 packet, header and checksum already checked)
+    /// for beyond the subnet, or for the gateway's own TCP/UDP ports. `partial`: its L4
+    /// checksum was left to offload (a GSO segment included).
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: Peer,
+        ip: &[u8],
+        partial: bool,
+    ) -> Result<(), DropReason> {
+        let ihl = packet::ip_header_len(ip).ok_or(DropReason::BadHeader)?;
+        let (offset, more) = packet::fragment_info(ip);
+        if offset != 0 || more {
+            self.counters.unsupported += 1;
+            return Err(DropReason::Fragment);
+        }
+        let Some((tuple, _, _)) = packet::classify(ip, ihl) else {
+            self.counters.unsupported += 1;
+            return Err(DropReason::NatUnsupported);
+        };
+        let known = tuple.proto == PROTO_TCP
+            && self.by_key.contains_key(&Key::Tcp(
+                SocketAddrV4::new(tuple.src, tuple.sport),
+                SocketAddrV4::new(tuple.dst, tuple.dport),
+            ));
+        // The gateway's end of a forwarded connection is known without being routable.
+        if !self.config.is_internal(tuple.src) || !(known || self.routable(tuple.dst)) {
+            return Err(DropReason::NoRoute);
+        }
+        self.note_peer(tuple.src, from);
+        match tuple.proto {
+            PROTO_TCP => self.guest_tcp(now, ip, ihl, tuple, partial),
+            PROTO_UDP => self.guest_udp(now, ip, ihl, tuple),
+            _ => self.guest_icmp(now, ip, ihl, tuple),
+        }
+    }
+
+    fn guest_tcp(
+        &mut self,
+        now: Instant,
+        ip: &[u8],
+        ihl: usize,
+        tuple: Tuple,
+        partial: bool,
+    ) -> Result<(), DropReason> {
+        if !partial && !tcp_checksum_ok(ip, ihl) {
+            self.counters.tcp_bad_checksum += 1;
+            return Err(DropReason::BadChecksum);
+        }
+        let guest = SocketAddrV4::new(tuple.src, tuple.sport);
+        let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
+        let key = Key::Tcp(guest, remote);
+        let flags = ip[ihl + 13];
+        let payload = ip
+            .len()
+            .saturating_sub(ihl + usize::from(ip[ihl + 12] >> 4) * 4);
+        match self.by_key.get(&key).copied() {
+            Some(index) => {
+                let Some(Some(flow)) = self.flows.get_mut(index as usize) else {
+                    return Err(DropReason::NatNoFlow);
+                };
+                flow.last_seen = now;
+                flow.packets[0] += 1;
+                flow.bytes[0] += payload as u64;
+                let Kind::Tcp(tcp) = &flow.kind else {
+                    return Err(DropReason::NatNoFlow);
+                };
+                if tcp.handle.is_none() {
+                    self.counters.tcp_syn_while_connecting += 1;
+                    return Ok(());
+                }
+                self.queues.rx.push_back(ip.to_vec());
+                self.stack_dirty = true;
+                self.touch(index);
+                Ok(())
+            }
+            None if flags & 0x12 == 0x02 => {
+                // RFC 9293 3.5: a new connection; answered only once the host's is made.
+                let target = self.target(remote);
+                let id = self.insert(
+                    now,
+                    key,
+                    Kind::Tcp(TcpFlow {
+                        handle: None,
+                        syn: Some(ip[..ip.len().min(MAX_SYN)].to_vec()),
+                        shut_write: false,
+                        host_eof: false,
+                    }),
+                )?;
+                if let Some(flow) = self.flow_mut(id) {
+                    flow.packets[0] += 1;
+                }
+                self.counters.tcp_connects += 1;
+                self.actions
+                    .push_back(Action::Open(id, HostSocket::Tcp(target)));
+                Ok(())
+            }
+            None => {
+                // No connection: the stack answers as a host with nothing listening would.
+                self.counters.tcp_stray_segments += 1;
+                self.queues.rx.push_back(ip.to_vec());
+                self.stack_dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn guest_udp(
+        &mut self,
+        now: Instant,
+        ip: &[u8],
+        ihl: usize,
+        tuple: Tuple,
+    ) -> Result<(), DropReason> {
+        let udp = &ip[ihl..];
+        let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+        if len < 8 || len > udp.len() {
+            return Err(DropReason::BadHeader);
+        }
+        let guest = SocketAddrV4::new(tuple.src, tuple.sport);
+        let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
+        let key = Key::Udp(guest);
+        let id = match self.by_key.get(&key).copied().and_then(|i| self.id_of(i)) {
+            Some(id) => id,
+            None => {
+                let id = self.insert(
+                    now,
+                    key,
+                    Kind::Udp {
+                        remotes: VecDeque::new(),
+                    },
+                )?;
+                self.counters.udp_mappings += 1;
+                let preferred = tuple.sport;
+                let range = self.config.ports;
+                self.actions
+                    .push_back(Action::Open(id, HostSocket::Udp { preferred, range }));
+                id
+            }
+        };
+        let target = self.target(remote);
+        let Some(flow) = self.flow_mut(id) else {
+            return Err(DropReason::NatNoFlow);
+        };
+        flow.last_seen = now;
+        flow.packets[0] += 1;
+        flow.bytes[0] += (len - 8) as u64;
+        if let Kind::Udp { remotes } = &mut flow.kind
+            && !remotes.contains(&remote)
+        {
+            if remotes.len() == UDP_REMOTES {
+                remotes.pop_front();
+            }
+            remotes.push_back(remote);
+        }
+        self.counters.udp_datagrams_out += 1;
+        self.actions
+            .push_back(Action::SendTo(id, target, udp[8..len].to_vec()));
+        Ok(())
+    }
+
+    fn guest_icmp(
+        &mut self,
+        now: Instant,
+        ip: &[u8],
+        ihl: usize,
+        tuple: Tuple,
+    ) -> Result<(), DropReason> {
+        if ip[ihl] != packet::ICMP_ECHO_REQUEST {
+            self.counters.unsupported += 1;
+            return Err(DropReason::NatUnsupported);
+        }
+        if checksum::checksum(&ip[ihl..]) != 0 {
+            return Err(DropReason::BadChecksum);
+        }
+        if self.ping_denied {
+            self.counters.ping_denied += 1;
+            self.unreachable(ip);
+            return Ok(());
+        }
+        let key = Key::Ping(tuple.src, tuple.sport);
+        let id = match self.by_key.get(&key).copied().and_then(|i| self.id_of(i)) {
+            Some(id) => id,
+            None => {
+                let quote = quote_of(ip);
+                let id = self.insert(now, key, Kind::Ping { quote })?;
+                self.actions.push_back(Action::Open(id, HostSocket::Ping));
+                id
+            }
+        };
+        let target = self.target(SocketAddrV4::new(tuple.dst, 0));
+        let Some(flow) = self.flow_mut(id) else {
+            return Err(DropReason::NatNoFlow);
+        };
+        flow.last_seen = now;
+        flow.packets[0] += 1;
+        flow.bytes[0] += (ip.len() - ihl) as u64;
+        self.counters.pings_out += 1;
+        self.actions
+            .push_back(Action::SendTo(id, target, ip[ihl..].to_vec()));
+        Ok(())
+    }
+
+    /// ICMP host unreachable (RFC 792) from the destination's router (the gateway) about
+    /// `offending`.
+    fn unreachable(&mut self, offending: &[u8]) {
+        let macs = (MacAddr::ZERO, MacAddr::ZERO);
+        if let Some(frame) =
+            crate::gateway::icmp_error(macs, self.config.gateway, 3, 1, [0; 4], offending)
+        {
+            self.frames.push_back(frame);
+        }
+    }
+
+    /// A RST answering the held SYN `syn` (RFC 9293 3.10.7.1: ACK of its sequence + 1), as
+    /// the destination host sends when nothing listens.
+    fn reset_for_syn(&mut self, syn: &[u8]) {
+        let Some(ihl) = packet::ip_header_len(syn) else {
+            return;
+        };
+        if syn.len() < ihl + 20 {
+            return;
+        }
+        let (src, dst) = (addr_at(syn, 12), addr_at(syn, 16));
+        let seq = u32::from_be_bytes([syn[ihl + 4], syn[ihl + 5], syn[ihl + 6], syn[ihl + 7]]);
+        let mut f =
+            crate::gateway::ipv4_frame((MacAddr::ZERO, MacAddr::ZERO), dst, src, PROTO_TCP, 0, 20);
+        let tcp = &mut f[34..];
+        tcp[0..2].copy_from_slice(&syn[ihl + 2..ihl + 4]);
+        tcp[2..4].copy_from_slice(&syn[ihl..ihl + 2]);
+        tcp[8..12].copy_from_slice(&seq.wrapping_add(1).to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x14; // RST, ACK
+        let sum = checksum::pseudo_header_v4(dst.octets(), src.octets(), PROTO_TCP, 20);
+        let c = !checksum::fold(checksum::accumulate(sum, tcp));
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        self.frames.push_back(f);
+    }
+
+    /// A host connection from `from` to a forwarded port, for `guest`: the stack connects to
+    /// the guest from the gateway, and the returned flow carries the bytes both ways once the
+    /// I/O edge keeps the accepted socket under this id.
+    pub fn open_forwarded_tcp(
+        &mut self,
+        now: Instant,
+        guest: SocketAddrV4,
+    ) -> Result<FlowId, DropReason> {
+        let (first, last) = FORWARD_PORTS;
+        let span = u32::from(last - first) + 1;
+        let mut local = None;
+        for _ in 0..span {
+            let port = self.next_forward_port;
+            self.next_forward_port = if port >= last { first } else { port + 1 };
+            let candidate = SocketAddrV4::new(self.config.gateway, port);
+            if !self.by_key.contains_key(&Key::Tcp(guest, candidate)) {
+                local = Some(candidate);
+                break;
+            }
+        }
+        let local = local.ok_or(DropReason::NatPortsExhausted)?;
+        let key = Key::Tcp(guest, local);
+        let id = self.insert(
+            now,
+            key,
+            Kind::Tcp(TcpFlow {
+                handle: None,
+                syn: None,
+                shut_write: false,
+                host_eof: false,
+            }),
+        )?;
+        let mut socket = self.tcp_socket();
+        let remote = IpEndpoint::new(IpAddress::Ipv4(*guest.ip()), guest.port());
+        if socket
+            .connect(
+                self.iface.context(),
+                remote,
+                (IpAddress::Ipv4(*local.ip()), local.port()),
+            )
+            .is_err()
+        {
+            self.remove(id.index);
+            return Err(DropReason::NatUnsupported);
+        }
+        let handle = self.sockets.add(socket);
+        if let Some(flow) = self.flow_mut(id) {
+            flow.local = Some(local);
+            if let Kind::Tcp(tcp) = &mut flow.kind {
+                tcp.handle = Some(handle);
+            }
+        }
+        self.counters.port_forward_connections += 1;
+        self.stack_dirty = true;
+        self.touch(id.index);
+        Ok(id)
+    }
+
+    /// The I/O edge opened (or failed to open) the flow's host socket; `Ok` carries the
+    /// socket's own address.
+    pub fn handle_opened(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        result: Result<SocketAddrV4, io::ErrorKind>,
+    ) {
+        let Some(flow) = self.flow_mut(id) else {
+            return;
+        };
+        match (&mut flow.kind, result) {
+            (Kind::Tcp(tcp), Ok(local)) => {
+                flow.local = Some(local);
+                let Some(syn) = tcp.syn.take() else {
+                    return;
+                };
+                let Key::Tcp(_, remote) = flow.key else {
+                    return;
+                };
+                let mut socket = self.tcp_socket();
+                let endpoint = IpListenEndpoint {
+                    addr: Some(IpAddress::Ipv4(*remote.ip())),
+                    port: remote.port(),
+                };
+                if socket.listen(endpoint).is_err() {
+                    self.remove(id.index);
+                    return;
+                }
+                let handle = self.sockets.add(socket);
+                if let Some(Some(flow)) = self.flows.get_mut(id.index as usize)
+                    && let Kind::Tcp(tcp) = &mut flow.kind
+                {
+                    tcp.handle = Some(handle);
+                }
+                self.counters.tcp_established += 1;
+                self.queues.rx.push_back(syn);
+                self.stack_dirty = true;
+                // The SYN must meet its own listener before any other listener for the same
+                // destination exists.
+                self.poll_stack(now);
+                self.touch(id.index);
+            }
+            (Kind::Tcp(tcp), Err(kind)) => {
+                let syn = tcp.syn.take().unwrap_or_default();
+                if kind == io::ErrorKind::ConnectionRefused {
+                    self.counters.tcp_refused += 1;
+                    self.reset_for_syn(&syn);
+                } else {
+                    self.counters.tcp_unreachable += 1;
+                    self.unreachable(&syn);
+                }
+                self.remove(id.index);
+            }
+            (Kind::Ping { quote }, Err(_)) => {
+                let quote = std::mem::take(quote);
+                self.ping_denied = true;
+                self.counters.ping_denied += 1;
+                self.unreachable(&quote);
+                self.remove(id.index);
+            }
+            (Kind::Udp { .. }, Err(_)) => {
+                self.counters.udp_bind_failed += 1;
+                self.remove(id.index);
+            }
+            (_, Ok(local)) => flow.local = Some(local),
+        }
+    }
+
+    /// A datagram arrived on the flow's host socket from `from`: a UDP payload, or an ICMP
+    /// echo reply whose identifier the kernel chose.
+    pub fn handle_datagram(&mut self, now: Instant, id: FlowId, from: SocketAddrV4, data: &[u8]) {
+        let seen_as = self.guest_view(from);
+        let filtering = self.config.filtering;
+        let Some(flow) = self.flow_mut(id) else {
+            return;
+        };
+        match (&flow.kind, flow.key) {
+            (Kind::Udp { remotes }, Key::Udp(guest)) => {
+                let allowed = match filtering {
+                    Filtering::EndpointIndependent => true,
+                    Filtering::AddressDependent => remotes.iter().any(|r| r.ip() == seen_as.ip()),
+                    Filtering::AddressAndPortDependent => remotes.contains(&seen_as),
+                };
+                if !allowed {
+                    self.counters.udp_filtered += 1;
+                    return;
+                }
+                flow.last_seen = now;
+                flow.packets[1] += 1;
+                flow.bytes[1] += data.len() as u64;
+                self.counters.udp_datagrams_in += 1;
+                let frame = crate::gateway::udp_frame(
+                    (MacAddr::ZERO, MacAddr::ZERO),
+                    (*seen_as.ip(), seen_as.port()),
+                    (*guest.ip(), guest.port()),
+                    data,
+                );
+                self.frames.push_back(frame);
+            }
+            (Kind::Ping { .. }, Key::Ping(guest, ident)) => {
+                // The kernel hands over the ICMP message: only echo replies are ours.
+                if data.len() < 8 || data[0] != packet::ICMP_ECHO_REPLY {
+                    return;
+                }
+                flow.last_seen = now;
+                flow.packets[1] += 1;
+                flow.bytes[1] += data.len() as u64;
+                self.counters.pings_in += 1;
+                let mut f = crate::gateway::ipv4_frame(
+                    (MacAddr::ZERO, MacAddr::ZERO),
+                    *seen_as.ip(),
+                    guest,
+                    PROTO_ICMP,
+                    0,
+                    data.len(),
+                );
+                let icmp = &mut f[34..];
+                icmp.copy_from_slice(data);
+                icmp[4..6].copy_from_slice(&ident.to_be_bytes());
+                icmp[2..4].fill(0);
+                let c = checksum::checksum(icmp);
+                icmp[2..4].copy_from_slice(&c.to_be_bytes());
+                self.frames.push_back(f);
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves what the guest sent on the flow to its host socket through `write` (a
+    /// non-blocking `write(2)`), until the socket would block or nothing is left.
+    pub fn to_host(
+        &mut self,
+        id: FlowId,
+        mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+    ) -> Transfer {
+        let Some(handle) = self.tcp_handle(id) else {
+            return Transfer::default();
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut done = Transfer::default();
+        let mut failed = false;
+        while socket.can_recv() {
+            let result = socket.recv(|data| match write(data) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match result {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => done.bytes += n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    done.blocked = true;
+                    break;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(_)) | Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        self.counters.bytes_to_host += done.bytes as u64;
+        if done.bytes > 0 {
+            // The window opened: the stack tells the guest.
+            self.stack_dirty = true;
+        }
+        if failed {
+            self.host_failed(id, handle);
+        }
+        self.touch(id.index);
+        done
+    }
+
+    /// Fills the flow's send buffer towards the guest through `read` (a non-blocking
+    /// `read(2)` of its host socket), until it would block, the buffer is full or the host
+    /// closed its side.
+    pub fn from_host(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> Transfer {
+        let Some(handle) = self.tcp_handle(id) else {
+            return Transfer::default();
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut done = Transfer::default();
+        let (mut eof, mut failed) = (false, false);
+        while socket.can_send() {
+            let result = socket.send(|room| match read(room) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match result {
+                Ok(Ok(0)) => {
+                    eof = true;
+                    break;
+                }
+                Ok(Ok(n)) => done.bytes += n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    done.blocked = true;
+                    break;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(_)) | Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if eof {
+            // The host closed its side: a FIN follows the data already buffered.
+            socket.close();
+        }
+        self.counters.bytes_from_host += done.bytes as u64;
+        if let Some(flow) = self.flow_mut(id) {
+            flow.bytes[1] += done.bytes as u64;
+            if done.bytes > 0 {
+                flow.last_seen = now;
+            }
+            if let Kind::Tcp(tcp) = &mut flow.kind {
+                tcp.host_eof |= eof;
+            }
+        }
+        if done.bytes > 0 || eof {
+            self.stack_dirty = true;
+        }
+        if failed {
+            self.host_failed(id, handle);
+        }
+        self.touch(id.index);
+        done
+    }
+
+    fn host_failed(&mut self, id: FlowId, handle: SocketHandle) {
+        self.counters.tcp_host_errors += 1;
+        self.sockets.get_mut::<tcp::Socket>(handle).abort();
+        self.stack_dirty = true;
+        self.touch(id.index);
+    }
+
+    fn tcp_handle(&self, id: FlowId) -> Option<SocketHandle> {
+        match &self.flow(id)?.kind {
+            Kind::Tcp(tcp) => tcp.handle,
+            _ => None,
+        }
+    }
+
+    /// The next host socket operation the I/O edge must carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next TCP flow whose bytes the I/O edge should try to move ([`Self::to_host`],
+    /// [`Self::from_host`]).
+    pub fn poll_ready(&mut self) -> Option<FlowId> {
+        self.ready.pop_front()
+    }
+
+    /// The next IPv4 packet for a guest, after [`ethernet::HEADER_LEN`] bytes of room for
+    /// the Ethernet header.
+    pub fn poll_packet(&mut self) -> Option<Vec<u8>> {
+        self.frames
+            .pop_front()
+            .or_else(|| self.queues.tx.pop_front())
+    }
+
+    /// Runs the stack when something changed (segments in, buffers moved), then looks at the
+    /// flows that changed: ended ones are removed, ones with bytes to move become ready.
+    pub fn poll_stack(&mut self, now: Instant) {
+        if self.stack_dirty || self.next_poll.is_some_and(|t| t <= now) {
+            self.stack_dirty = false;
+            let at = self.clock.stack_time(now);
+            self.iface.poll(at, &mut self.queues, &mut self.sockets);
+            let clock = self.clock;
+            self.next_poll = self
+                .iface
+                .poll_at(at, &self.sockets)
+                .map(|next| clock.engine_time(next));
+        }
+        let touched = std::mem::take(&mut self.touched);
+        for &index in &touched {
+            self.review(index);
+        }
+        self.touched = touched;
+        self.touched.clear();
+    }
+
+    /// Decides what a TCP flow's stack state asks for.
+    fn review(&mut self, index: u32) {
+        let Some(id) = self.id_of(index) else {
+            return;
+        };
+        let Some(Some(flow)) = self.flows.get_mut(index as usize) else {
+            return;
+        };
+        flow.touched = false;
+        let Kind::Tcp(tcp) = &mut flow.kind else {
+            return;
+        };
+        let Some(handle) = tcp.handle else {
+            return;
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        match socket.state() {
+            tcp::State::Closed | tcp::State::TimeWait => {
+                self.remove(index);
+                return;
+            }
+            tcp::State::Listen => {
+                // The held SYN did not open it (a malformed SYN the stack ignored).
+                self.remove(index);
+                return;
+            }
+            _ => {}
+        }
+        let guest_finished = matches!(
+            socket.state(),
+            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing
+        );
+        if guest_finished && socket.recv_queue() == 0 && !tcp.shut_write {
+            // The guest sent FIN and everything before it reached the host.
+            tcp.shut_write = true;
+            self.actions.push_back(Action::ShutdownWrite(id));
+        }
+        if socket.can_recv() || (socket.can_send() && !tcp.host_eof) {
+            self.ready.push_back(id);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [self.next_poll, self.next_sweep]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Retransmissions, and idle flows expired (the same timeouts as packet NAT).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.sweep(now);
+            self.next_sweep = (!self.by_key.is_empty()).then(|| now + SWEEP_EVERY);
+        }
+        self.poll_stack(now);
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let timeouts = self.config.timeouts;
+        let mut expired = Vec::new();
+        for (index, slot) in self.flows.iter().enumerate() {
+            let Some(flow) = slot else {
+                continue;
+            };
+            if !self.by_key.contains_key(&flow.key) {
+                continue;
+            }
+            let limit = match &flow.kind {
+                Kind::Udp { .. } => timeouts.udp,
+                Kind::Ping { .. } => timeouts.icmp,
+                Kind::Tcp(tcp) => match tcp.handle {
+                    Some(h)
+                        if self.sockets.get::<tcp::Socket>(h).state()
+                            == tcp::State::Established =>
+                    {
+                        timeouts.tcp_established
+                    }
+                    _ => timeouts.tcp_transitory,
+                },
+            };
+            if now.saturating_duration_since(flow.last_seen) >= limit {
+                expired.push(index as u32);
+            }
+        }
+        for index in expired {
+            self.counters.flows_expired += 1;
+            self.remove(index);
+        }
+    }
+
+    /// The flows as `conntrack -L` lists them: original = guest to destination, reply =
+    /// destination to the host socket.
+    pub fn rows(&self, now: Instant) -> Vec<FlowRow> {
+        let timeouts = self.config.timeouts;
+        let mut rows = Vec::new();
+        for flow in self.flows.iter().flatten() {
+            if !self.by_key.contains_key(&flow.key) {
+                continue;
+            }
+            let local = flow
+                .local
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let idle = now.saturating_duration_since(flow.last_seen);
+            let row = |proto: u8,
+                       name,
+                       state,
+                       limit: Duration,
+                       guest: SocketAddrV4,
+                       remote: SocketAddrV4| {
+                let original = Tuple {
+                    proto,
+                    src: *guest.ip(),
+                    sport: guest.port(),
+                    dst: *remote.ip(),
+                    dport: remote.port(),
+                };
+                let reply = Tuple {
+                    proto,
+                    src: *remote.ip(),
+                    sport: remote.port(),
+                    dst: *local.ip(),
+                    dport: local.port(),
+                };
+                FlowRow {
+                    proto: name,
+                    state,
+                    timeout_secs: limit.saturating_sub(idle).as_secs(),
+                    original,
+                    reply,
+                    packets: flow.packets,
+                    bytes: flow.bytes,
+                    replied: flow.packets[1] > 0 || flow.bytes[1] > 0,
+                }
+            };
+            match (&flow.kind, flow.key) {
+                (Kind::Tcp(tcp), Key::Tcp(guest, remote)) => {
+                    let state = tcp
+                        .handle
+                        .map(|h| self.sockets.get::<tcp::Socket>(h).state());
+                    let (name, limit) = match state {
+                        None => ("SYN_SENT", timeouts.tcp_transitory),
+                        Some(tcp::State::Established) => ("ESTABLISHED", timeouts.tcp_established),
+                        Some(tcp::State::SynReceived | tcp::State::SynSent) => {
+                            ("SYN_RECV", timeouts.tcp_transitory)
+                        }
+                        Some(_) => ("FIN_WAIT", timeouts.tcp_transitory),
+                    };
+                    rows.push(row(PROTO_TCP, "tcp", name, limit, guest, remote));
+                }
+                (Kind::Udp { remotes }, Key::Udp(guest)) => {
+                    for &remote in remotes {
+                        rows.push(row(PROTO_UDP, "udp", "", timeouts.udp, guest, remote));
+                    }
+                }
+                (Kind::Ping { .. }, Key::Ping(guest, ident)) => {
+                    let guest = SocketAddrV4::new(guest, ident);
+                    let remote = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ident);
+                    rows.push(row(PROTO_ICMP, "icmp", "", timeouts.icmp, guest, remote));
+                }
+                _ => {}
+            }
+        }
+        rows
+    }
+}
+
+/// The start of `ip` that an ICMP error quotes (RFC 1812 4.3.2.3: as much as fits in 576
+/// bytes), its total length and header checksum made to match the cut.
+fn quote_of(ip: &[u8]) -> Vec<u8> {
+    let mut quote = ip[..ip.len().min(576 - 28)].to_vec();
+    let len = quote.len() as u16;
+    quote[2..4].copy_from_slice(&len.to_be_bytes());
+    quote[10..12].fill(0);
+    let ihl = usize::from(quote[0] & 0x0f) * 4;
+    let c = checksum::checksum(&quote[..ihl]);
+    quote[10..12].copy_from_slice(&c.to_be_bytes());
+    quote
+}
+
+/// RFC 9293 3.1: the checksum over the pseudo-header and the whole segment.
+fn tcp_checksum_ok(ip: &[u8], ihl: usize) -> bool {
+    let segment = &ip[ihl..];
+    let Ok(len) = u16::try_from(segment.len()) else {
+        return false;
+    };
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    src.copy_from_slice(&ip[12..16]);
+    dst.copy_from_slice(&ip[16..20]);
+    let sum = checksum::pseudo_header_v4(src, dst, PROTO_TCP, len);
+    checksum::fold(checksum::accumulate(sum, segment)) == 0xffff
+}

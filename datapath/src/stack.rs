@@ -1,0 +1,117 @@
+//! The glue between the engine and smoltcp, shared by the gateway's userspace TCP endpoints
+//! (DNS over TCP, socket NAT): smoltcp is fed whole IP packets and hands IP packets back, so
+//! its device is two queues, and its clock is the engine's time counted from an epoch.
+//!
+//! Packets the stack emits are allocated with `headroom` bytes in front, so the engine can
+//! write the Ethernet header in place instead of copying the packet into a new frame.
+
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// A device whose wire is two queues of IPv4 packets.
+#[derive(Debug, Default)]
+pub struct Queues {
+    pub rx: VecDeque<Vec<u8>>,
+    /// Emitted packets, each after `headroom` zero bytes.
+    pub tx: VecDeque<Vec<u8>>,
+    pub mtu: usize,
+    pub headroom: usize,
+    /// Whether TCP checksums are verified on receive. The socket NAT checks them itself, since
+    /// a segment whose checksum the guest's kernel left to offload carries only a partial sum.
+    pub verify_tcp: bool,
+}
+
+impl Queues {
+    pub fn new(mtu: usize, headroom: usize, verify_tcp: bool) -> Queues {
+        Queues {
+            mtu,
+            headroom,
+            verify_tcp,
+            ..Queues::default()
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RxToken(Vec<u8>);
+
+impl smoltcp::phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+#[derive(Debug)]
+pub struct TxToken<'a> {
+    queue: &'a mut VecDeque<Vec<u8>>,
+    headroom: usize,
+}
+
+impl smoltcp::phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0u8; self.headroom + len];
+        let result = f(&mut packet[self.headroom..]);
+        self.queue.push_back(packet);
+        result
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(
+        &mut self,
+        _: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        let tx = TxToken {
+            queue: &mut self.tx,
+            headroom: self.headroom,
+        };
+        Some((RxToken(packet), tx))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(TxToken {
+            queue: &mut self.tx,
+            headroom: self.headroom,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        if !self.verify_tcp {
+            caps.checksum.tcp = Checksum::Tx;
+        }
+        caps
+    }
+}
+
+/// The engine's clock as the stack counts it: time since `epoch`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub epoch: Instant,
+}
+
+impl Clock {
+    pub fn stack_time(&self, now: Instant) -> smoltcp::time::Instant {
+        let micros = now.saturating_duration_since(self.epoch).as_micros();
+        smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+
+    pub fn engine_time(&self, at: smoltcp::time::Instant) -> Instant {
+        let micros = u64::try_from(at.total_micros()).unwrap_or(0);
+        self.epoch + Duration::from_micros(micros)
+    }
+}
+
+/// A random seed for initial sequence numbers: different on each start (RFC 6528 asks for
+/// unpredictable ones).
+pub fn random_seed(salt: impl std::hash::Hash) -> u64 {
+    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), salt)
+        .rotate_left(17)
+}

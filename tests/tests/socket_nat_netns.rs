@@ -1,0 +1,274 @@
+//! Socket NAT end to end: the default network's `<forward mode='nat'/>`, with no address of
+//! its own, carries guests' TCP, UDP and ping through the host's sockets. switchyard runs in a
+//! `host` namespace that has a veth to an `outside` namespace at 203.0.113.1 (and its own
+//! loopback services); the outside has no route to 192.168.122.0/24, so whatever reaches it
+//! came from the host's address 203.0.113.3.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+use switchyard_tests::*;
+
+const OUTSIDE: &str = "203.0.113.1";
+const HOST: &str = "203.0.113.3";
+const GUEST: &str = "192.168.122.10";
+
+struct SocketNet {
+    // Field order is drop order: switchyard stops before its namespaces go.
+    _sy: Switchyard,
+    guest: Netns,
+    host: Netns,
+    outside: Netns,
+    dir: TempDir,
+}
+
+impl SocketNet {
+    fn control(&self) -> String {
+        self.dir.file("ctl.sock")
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let out = must(&[
+            switchyard_bin().to_str().unwrap(),
+            "stats",
+            "--json",
+            "--socket",
+            &self.control(),
+        ]);
+        serde_json::from_str(out.trim()).expect("stats JSON")
+    }
+}
+
+/// A web root with one file, served by `python3 -m http.server` on `addr`:`port` in `ns`.
+fn http_server(ns: &Netns, dir: &TempDir, addr: &str, port: &str) -> Background {
+    std::fs::create_dir_all(dir.0.join("www")).unwrap();
+    dir.write("www/hello.txt", "hello through the host's sockets\n");
+    let root = dir.file("www");
+    // socketserver rather than `python3 -m http.server`, which looks its address up in DNS.
+    let script = format!(
+        "import http.server, os, socketserver\n\
+         os.chdir('{root}')\n\
+         class Server(socketserver.ThreadingTCPServer):\n\
+         \x20   allow_reuse_address = True\n\
+         Server(('{addr}', {port}), http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+    );
+    let server = ns.spawn(&["python3", "-c", &script]);
+    wait_for_port(ns, addr, port);
+    server
+}
+
+fn wait_for_port(ns: &Netns, addr: &str, port: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns
+        .run(&["nc", "-z", "-w", "1", addr, port])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{addr}:{port} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn socket_net(extra_xml: &str) -> SocketNet {
+    require(&["ip", "python3", "curl", "nc"]);
+    let dir = TempDir::new("sysock");
+    let outside = Netns::new("o");
+    let host = Netns::new("h");
+    host.veth_to("eth0", &outside, "eth0");
+    host.set_static_address("eth0", &format!("{HOST}/24"), None);
+    outside.set_static_address("eth0", &format!("{OUTSIDE}/24"), None);
+    let xml = dir.write(
+        "default.xml",
+        &format!(
+            "<network xmlns:sy='urn:switchyard:network:1'>\n\
+             <name>default</name>\n\
+             <forward mode='nat'/>\n\
+             <ip address='192.168.122.1' netmask='255.255.255.0'/>\n\
+             {extra_xml}\n\
+             </network>\n"
+        ),
+    );
+    let guest = Netns::new("g");
+    let tap = guest.tap_arg("eth0", "52:54:00:c0:00:0a");
+    let control = dir.file("ctl.sock");
+    let sy = Switchyard::start_in(
+        Some(&host),
+        &["run", &xml, "--json", "--control", &control, "--tap", &tap],
+    );
+    guest.set_static_address("eth0", &format!("{GUEST}/24"), Some("192.168.122.1"));
+    SocketNet {
+        _sy: sy,
+        guest,
+        host,
+        outside,
+        dir,
+    }
+}
+
+#[test]
+fn guests_reach_outside_over_tcp_with_the_hosts_address_and_get_a_reset_from_closed_ports() {
+    let net = socket_net("");
+    let _server = http_server(&net.outside, &net.dir, OUTSIDE, "8000");
+    let body = net.guest.must(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{OUTSIDE}:8000/hello.txt"),
+    ]);
+    assert_eq!(body, "hello through the host's sockets\n");
+
+    // Nothing listens on port 9: the guest learns at once, from a RST, as from a real host.
+    let started = Instant::now();
+    let refused = net.guest.run(&["nc", "-z", "-w", "5", OUTSIDE, "9"]);
+    assert!(
+        !refused.status.success(),
+        "connect to a closed port succeeded"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a refused connection took {:?}",
+        started.elapsed()
+    );
+
+    let stats = net.stats();
+    let counters = &stats["engine"]["socket_nat"];
+    assert!(
+        counters["tcp_established"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
+    assert_eq!(counters["tcp_refused"].as_u64(), Some(1), "{counters}");
+    assert!(
+        counters["bytes_from_host"].as_u64().unwrap() > 30,
+        "{counters}"
+    );
+}
+
+#[test]
+fn udp_flows_and_ping_go_through_host_sockets_and_conntrack_shows_them() {
+    let net = socket_net("");
+    // A UDP echo server outside.
+    let _echo = net.outside.spawn(&[
+        "python3",
+        "-c",
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', 5353))\n\
+         while True:\n\
+         \x20   data, peer = s.recvfrom(2048)\n\
+         \x20   s.sendto(b'echo:' + data + (' from %s' % peer[0]).encode(), peer)\n",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = net.guest.must(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.settimeout(5)\n\
+             s.bind(('0.0.0.0', 40000))\n\
+             s.sendto(b'hi', ('{OUTSIDE}', 5353))\n\
+             print(s.recvfrom(2048)[0].decode())\n"
+        ),
+    ]);
+    // The outside saw the host's address: the guest's never left the host.
+    assert_eq!(reply.trim(), format!("echo:hi from {HOST}"));
+
+    // Ping sockets are refused where ping_group_range excludes us: the guest is told.
+    let denied = net.guest.run(&["ping", "-c", "1", "-W", "2", OUTSIDE]);
+    assert!(!denied.status.success());
+    let text = String::from_utf8_lossy(&denied.stdout);
+    assert!(text.contains("Unreachable"), "{text}");
+    let stats = net.stats();
+    assert!(
+        stats["engine"]["socket_nat"]["ping_denied"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    let conntrack = must(&[
+        switchyard_bin().to_str().unwrap(),
+        "conntrack",
+        "--socket",
+        &net.control(),
+    ]);
+    assert!(
+        conntrack.contains("udp") && conntrack.contains("dport=5353"),
+        "{conntrack}"
+    );
+}
+
+#[test]
+fn ping_works_where_ping_sockets_are_allowed() {
+    let net = socket_net("");
+    net.host
+        .must(&["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"]);
+    let out = net
+        .guest
+        .must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", OUTSIDE]);
+    assert!(out.contains("2 received"), "{out}");
+    let stats = net.stats();
+    assert_eq!(stats["engine"]["socket_nat"]["pings_in"].as_u64(), Some(2));
+}
+
+#[test]
+fn host_loopback_and_port_forwarding_reach_across_and_hairpin() {
+    let net = socket_net(&format!(
+        "<sy:host-loopback/>\n\
+         <sy:forward proto='tcp' host='127.0.0.1:8080' guest='{GUEST}:80'/>"
+    ));
+    // A service on the host's loopback, reached from the guest at the gateway's address.
+    let _host_web = http_server(&net.host, &net.dir, "127.0.0.1", "8001");
+    let body = net.guest.must(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://192.168.122.1:8001/hello.txt",
+    ]);
+    assert_eq!(body, "hello through the host's sockets\n");
+
+    // A service in the guest, reached from the host through the forwarded port ...
+    let _guest_web = http_server(&net.guest, &net.dir, GUEST, "80");
+    let body = net.host.must(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://127.0.0.1:8080/hello.txt",
+    ]);
+    assert_eq!(body, "hello through the host's sockets\n");
+    // ... and from the guest itself, through the host and back (hairpin).
+    let body = net.guest.must(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://192.168.122.1:8080/hello.txt",
+    ]);
+    assert_eq!(body, "hello through the host's sockets\n");
+}
+
+#[test]
+fn bulk_tcp_both_ways_through_socket_nat() {
+    require(&["iperf3"]);
+    let net = socket_net("");
+    let _server = net
+        .outside
+        .spawn(&["iperf3", "-s", "-B", OUTSIDE, "-p", "5201"]);
+    wait_for_port(&net.outside, OUTSIDE, "5201");
+    for reverse in [false, true] {
+        let mut args = vec!["iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "2", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let mut argv = vec!["timeout", "20"];
+        argv.extend(args);
+        let out = net.guest.must(&argv);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        let bps = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(bps > 50e6, "reverse={reverse}: {bps} bit/s\n{out}");
+    }
+}
