@@ -212,6 +212,115 @@ impl Drop for Netns {
     }
 }
 
+/// A busybox `udhcpc` event script for a directory's tests: on `bound` it sets the address
+/// and default route and writes "IP SERVER" to `SCRIPT.lease`.
+pub fn udhcpc_script(dir: &TempDir) -> String {
+    let script = dir.write(
+        "udhcpc.sh",
+        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\"\n\
+         [ -n \"$router\" ] && ip route add default via \"$router\"\n\
+         echo \"$ip $serverid\" > \"$0.lease\" ;;\nesac\nexit 0\n",
+    );
+    must(&["chmod", "755", &script]);
+    script
+}
+
+/// A stub DNS server on UDP port 53 of argv[1]: answers A for NAME.example.test with
+/// 198.51.100.N (N = argv[2]) and TTL 300, a TXT of 40 strings (over 512 bytes) for
+/// big.example.test, NXDOMAIN for the rest.
+pub const STUB_DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+tag = int(sys.argv[2])
+while True:
+    q, peer = s.recvfrom(4096)
+    if len(q) < 12:
+        continue
+    qid, flags, qd = struct.unpack("!HHH", q[:6])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
+        i += 1 + q[i]
+    qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    name = ".".join(labels)
+    answers = b""
+    rcode = 0
+    if name == "big.example.test" and qtype == 16:
+        txt = b"".join(bytes([20]) + b"x" * 20 for _ in range(40))
+        answers = b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 300, len(txt)) + txt
+    elif name.endswith(".example.test") and qtype == 1:
+        answers = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([198, 51, 100, tag])
+    elif not name.endswith(".example.test"):
+        rcode = 3
+    an = 1 if answers else 0
+    head = struct.pack("!HHHHHH", qid, 0x8180 | rcode, 1, an, 0, 0)
+    s.sendto(head + question + answers, peer)
+"#;
+
+/// An ordinary user made for one test (no capabilities, no home), removed on drop.
+#[derive(Debug)]
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TestUser {
+    pub fn new() -> TestUser {
+        require(&["useradd", "userdel", "setpriv"]);
+        let name = unique_name("syu");
+        must(&[
+            "useradd",
+            "--no-create-home",
+            "--user-group",
+            "--shell",
+            "/bin/sh",
+            &name,
+        ]);
+        let id = |flag: &str| -> u32 {
+            must(&["id", flag, &name])
+                .trim()
+                .parse()
+                .expect("numeric id")
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        TestUser { name, uid, gid }
+    }
+
+    /// `args` run as this user, without supplementary groups or inheritable capabilities, and
+    /// with the system's PATH (root's may name directories the user cannot read).
+    pub fn argv<'a>(&'a self, uid: &'a str, gid: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "setpriv",
+            "--reuid",
+            uid,
+            "--regid",
+            gid,
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+            "env",
+            "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        ];
+        v.extend_from_slice(args);
+        v
+    }
+}
+
+impl Default for TestUser {
+    fn default() -> Self {
+        TestUser::new()
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = run(&["userdel", &self.name]);
+    }
+}
+
 /// A fresh directory under the temporary directory, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
@@ -308,6 +417,12 @@ impl Switchyard {
             let state = std::env::temp_dir().join(unique_name("systate"));
             command.arg("--state-dir").arg(&state);
         }
+        Self::start_command(command)
+    }
+
+    /// Starts `command` (a switchyard, perhaps wrapped in `ip netns exec`, `setpriv` ...)
+    /// as it is, and waits until it runs.
+    pub fn start_command(mut command: Command) -> Switchyard {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

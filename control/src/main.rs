@@ -369,6 +369,12 @@ impl Target {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(datapath::io::netns::TAP_HELPER_ARG) {
+        // A helper opening a tap inside a user namespace's network namespace: it must stay
+        // single-threaded, so it runs before anything else.
+        return ExitCode::from(datapath::io::netns::tap_helper_main(&args[2..]) as u8);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {

@@ -1009,6 +1009,11 @@ impl NetworkDef {
             };
         }
         config.domain = self.domain.clone();
+        if self.forward.is_none() {
+            // An isolated network has no way out: libvirt tells dnsmasq `dhcp-option=3`
+            // (no router), so guests keep their default route elsewhere.
+            config.router = None;
+        }
         config.hosts = ip
             .dhcp_hosts
             .iter()

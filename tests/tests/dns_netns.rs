@@ -19,39 +19,6 @@ struct DnsNet {
     dir: TempDir,
 }
 
-/// A stub DNS server: answers A for NAME.example.test with 198.51.100.N (N = argv[2]) and TTL
-/// 300, a TXT of 40 strings (over 512 bytes) for big.example.test, NXDOMAIN for the rest.
-const STUB_SERVER: &str = r#"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 53))
-tag = int(sys.argv[2])
-while True:
-    q, peer = s.recvfrom(4096)
-    if len(q) < 12:
-        continue
-    qid, flags, qd = struct.unpack("!HHH", q[:6])
-    i, labels = 12, []
-    while q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
-        i += 1 + q[i]
-    qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
-    question = q[12:i + 5]
-    name = ".".join(labels)
-    answers = b""
-    rcode = 0
-    if name == "big.example.test" and qtype == 16:
-        txt = b"".join(bytes([20]) + b"x" * 20 for _ in range(40))
-        answers = b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 300, len(txt)) + txt
-    elif name.endswith(".example.test") and qtype == 1:
-        answers = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([198, 51, 100, tag])
-    elif not name.endswith(".example.test"):
-        rcode = 3
-    an = 1 if answers else 0
-    head = struct.pack("!HHHHHH", qid, 0x8180 | rcode, 1, an, 0, 0)
-    s.sendto(head + question + answers, peer)
-"#;
-
 /// An isolated network with DHCP and DNS; upstreams are the two stubs, in this order.
 fn dns_net(guests: usize) -> DnsNet {
     let forwarders = format!("<forwarder addr='{STUB1}'/>\n<forwarder addr='{STUB2}'/>");
@@ -153,7 +120,7 @@ fn status(g: &Netns, args: &[&str]) -> String {
 fn start_stub(net: &DnsNet, addr: &str, tag: &str) -> Background {
     let stub = net
         .outside
-        .spawn(&["python3", "-c", STUB_SERVER, addr, tag]);
+        .spawn(&["python3", "-c", STUB_DNS_SERVER, addr, tag]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !net
         .outside

@@ -5,18 +5,6 @@
 use std::time::Duration;
 use switchyard_tests::*;
 
-fn udhcpc_script(dir: &TempDir) -> String {
-    let script = dir.0.join("udhcpc.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\"\n\
-         echo \"$ip $serverid\" > \"$0.lease\" ;;\nesac\n",
-    )
-    .unwrap();
-    must(&["chmod", "+x", &script.display().to_string()]);
-    script.display().to_string()
-}
-
 // <forward mode='bridge' dev='IF'/>: the NIC is a switch port; a guest on a tap takes its
 // address from the LAN's dnsmasq and pings a LAN host, and the engine serves no DHCP of its
 // own (the only DHCP answers the guest sees come from the LAN's server). A VM on a stream

@@ -467,3 +467,105 @@ pub fn open_ping_socket() -> io::Result<OwnedFd> {
     // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `NS_GET_USERNS` from `<linux/nsfs.h>`: `_IO(0xb7, 0x1)`.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// The user namespace that owns the namespace `ns` (`ioctl(NS_GET_USERNS)`).
+pub fn namespace_owner(ns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: NS_GET_USERNS takes no argument and returns a new fd (or -1) for a valid `ns`.
+    let fd = cvt(unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS as _) })?;
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Moves the calling process into the user namespace `ns`. The kernel allows it only to a
+/// single-threaded process, which is why a helper process does it (see `netns`).
+pub fn setns_user(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `ns` is a valid open fd for the duration of the call.
+    cvt(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWUSER) })?;
+    Ok(())
+}
+
+/// One `SCM_RIGHTS` control message carrying one fd, laid out as `CMSG_SPACE(sizeof(int))`
+/// bytes: the header, the fd at `CMSG_DATA`, padding to the alignment of the header.
+#[repr(C)]
+struct FdMessage {
+    header: libc::cmsghdr,
+    fd: libc::c_int,
+    padding: libc::c_int,
+}
+
+/// `CMSG_LEN(sizeof(int))`: the header and one fd.
+const FD_MESSAGE_LEN: usize =
+    std::mem::size_of::<libc::cmsghdr>() + std::mem::size_of::<libc::c_int>();
+
+fn empty_msghdr() -> libc::msghdr {
+    // SAFETY: msghdr is plain data (integers and pointers); all zeros is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn empty_fd_message() -> FdMessage {
+    // SAFETY: cmsghdr is plain integers; all zeros is a valid value.
+    let header: libc::cmsghdr = unsafe { std::mem::zeroed() };
+    FdMessage {
+        header,
+        fd: -1,
+        padding: 0,
+    }
+}
+
+/// Sends `data` over the unix socket `sock`, with `fd` attached (`SCM_RIGHTS`) if given.
+pub fn send_with_fd(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control = empty_fd_message();
+    let mut msg = empty_msghdr();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        control.header.cmsg_level = libc::SOL_SOCKET;
+        control.header.cmsg_type = libc::SCM_RIGHTS;
+        control.header.cmsg_len = FD_MESSAGE_LEN as _;
+        control.fd = fd.as_raw_fd();
+        msg.msg_control = (&mut control as *mut FdMessage).cast();
+        msg.msg_controllen = std::mem::size_of::<FdMessage>() as _;
+    }
+    // SAFETY: `msg` points at `iov` (over `data`) and `control`, all alive for the call.
+    cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })?;
+    Ok(())
+}
+
+/// Receives one message into `buf` from the unix socket `sock`, with the fd attached to it, if
+/// any (`SCM_RIGHTS`, received close-on-exec).
+pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = empty_fd_message();
+    let mut msg = empty_msghdr();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&mut control as *mut FdMessage).cast();
+    msg.msg_controllen = std::mem::size_of::<FdMessage>() as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both alive and writable; the
+    // kernel writes at most msg_controllen bytes of control data.
+    let n = cvt_size(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })?;
+    let carries_fd = msg.msg_controllen >= FD_MESSAGE_LEN
+        && control.header.cmsg_level == libc::SOL_SOCKET
+        && control.header.cmsg_type == libc::SCM_RIGHTS
+        && control.fd >= 0;
+    let fd = carries_fd.then(|| {
+        // SAFETY: the kernel installed this fd for us with the SCM_RIGHTS message; nothing
+        // else owns it.
+        unsafe { OwnedFd::from_raw_fd(control.fd) }
+    });
+    Ok((n, fd))
+}

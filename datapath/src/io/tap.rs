@@ -94,22 +94,19 @@ impl Tap {
             mac,
             mtu,
         } = spec.clone();
-        let (fd, name, created) = netns::run_in(netns.as_deref(), move || {
-            let existed = sys::if_nametoindex(&name).is_some();
-            let (fd, name) = sys::open_tap(&name, vnet::LEN)?;
-            let index = sys::if_nametoindex(&name)
-                .ok_or_else(|| io::Error::other(format!("tap {name} vanished")))?;
-            netlink::set_link(
-                index,
-                &LinkChange {
-                    up: Some(true),
-                    mac,
-                    mtu,
-                },
-            )
-            .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
-            Ok((fd, name, !existed))
-        })?;
+        let here = netns::run_in(netns.as_deref(), {
+            let name = name.clone();
+            move || create_here(&name, mac, mtu)
+        });
+        let (fd, name, created) = match (here, &netns) {
+            // Not allowed to join the namespace from here: it belongs to a user namespace of
+            // ours (`unshare --user --net`, a rootless container), which only a
+            // single-threaded process may enter. A helper process does.
+            (Err(e), Some(path)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                netns::open_tap_via_helper(path, &name, mac, mtu)?
+            }
+            (result, _) => result?,
+        };
         Ok(Tap {
             file: File::from(fd),
             name,
@@ -118,6 +115,30 @@ impl Tap {
             created,
         })
     }
+}
+
+/// Opens (creating if needed) the tap `name` in the calling thread's namespace, sets its MAC
+/// and MTU if asked and brings it up: the fd, the name the kernel used, and whether it was
+/// created.
+pub fn create_here(
+    name: &str,
+    mac: Option<MacAddr>,
+    mtu: Option<u32>,
+) -> io::Result<(std::os::fd::OwnedFd, String, bool)> {
+    let existed = sys::if_nametoindex(name).is_some();
+    let (fd, name) = sys::open_tap(name, vnet::LEN)?;
+    let index = sys::if_nametoindex(&name)
+        .ok_or_else(|| io::Error::other(format!("tap {name} vanished")))?;
+    netlink::set_link(
+        index,
+        &LinkChange {
+            up: Some(true),
+            mac,
+            mtu,
+        },
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
+    Ok((fd, name, !existed))
 }
 
 #[cfg(test)]
