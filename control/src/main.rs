@@ -79,6 +79,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forward host ports to guests of a running socket NAT network (as `<sy:forward>` does
+    /// at start), stop forwarding one, or list them.
+    PortForward {
+        #[command(subcommand)]
+        action: PortForwardAction,
+        /// The network's name (its control socket is net-NAME.sock in /run/switchyard, or
+        /// beside $SWITCHYARD_SOCKET).
+        #[arg(long, default_value = "default", global = true)]
+        network: String,
+        /// The control socket itself.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Show the uplink's ARP cache (next hops) of a running network.
     Neighbors {
         #[command(flatten)]
@@ -341,6 +354,29 @@ impl DaemonArg {
     }
 }
 
+#[derive(Subcommand, Debug)]
+enum PortForwardAction {
+    /// Forward HOST (ADDR:PORT, e.g. 127.0.0.1:8080) to GUEST (ADDR:PORT).
+    Add {
+        host: String,
+        guest: String,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+    },
+    /// Stop forwarding HOST.
+    Remove {
+        host: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+    },
+    /// The forwarded ports.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Which running network to ask.
 #[derive(clap::Args, Debug)]
 struct Target {
@@ -408,6 +444,27 @@ fn main() -> ExitCode {
         .ask(if json { "leases json" } else { "leases" }),
         Command::Conntrack { target, json } => {
             target.ask(if json { "conntrack json" } else { "conntrack" })
+        }
+        Command::PortForward {
+            action,
+            network,
+            socket,
+        } => {
+            let target = Target {
+                name: None,
+                network,
+                socket,
+            };
+            target.ask(&match action {
+                PortForwardAction::Add { host, guest, proto } => {
+                    format!("forward add {proto} {host} {guest}")
+                }
+                PortForwardAction::Remove { host, proto } => {
+                    format!("forward remove {proto} {host}")
+                }
+                PortForwardAction::List { json: true } => "forward list json".into(),
+                PortForwardAction::List { json: false } => "forward list".into(),
+            })
         }
         Command::Neighbors { target } => target.ask("neighbors"),
         Command::Stats { target, json: _ } => target.ask("stats"),

@@ -573,13 +573,14 @@ pub struct NetworkDef {
 fn parse_port_forward(node: roxmltree::Node<'_, '_>) -> Result<PortForward, XmlError> {
     let proto = match node.attribute("proto").unwrap_or("tcp") {
         "tcp" => "tcp",
+        "udp" => "udp",
         other => {
             return Err(XmlError::BadValue {
                 element: "forward".into(),
                 attribute: "proto".into(),
                 value: other.into(),
                 line: line_of(node),
-                why: "only tcp ports are forwarded so far".into(),
+                why: "expected tcp or udp".into(),
             });
         }
     };

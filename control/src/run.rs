@@ -315,6 +315,54 @@ fn detach(dp: &mut Datapath, target: &str) -> String {
     }
 }
 
+/// `forward add PROTO HOST GUEST`, `forward remove PROTO HOST`, `forward list [json]`: the
+/// live port forwards of a socket NAT network.
+fn port_forward(dp: &mut Datapath, request: &str) -> String {
+    let proto = |p: &str| match p {
+        "tcp" => Ok("tcp"),
+        "udp" => Ok("udp"),
+        other => Err(format!("error: protocol {other}: tcp or udp\n")),
+    };
+    let words: Vec<&str> = request.split_whitespace().collect();
+    let result = match words.as_slice() {
+        ["add", p, host, guest] => (|| {
+            let forward = datapath::io::egress::Forward {
+                proto: proto(p)?,
+                host: host
+                    .parse()
+                    .map_err(|e| format!("error: host {host}: {e}\n"))?,
+                guest: guest
+                    .parse()
+                    .map_err(|e| format!("error: guest {guest}: {e}\n"))?,
+            };
+            dp.add_forward(forward)
+                .map(|()| "ok\n".to_string())
+                .map_err(|e| format!("error: {p} {host}: {e}\n"))
+        })(),
+        ["remove", p, host] => (|| {
+            let p = proto(p)?;
+            let addr = host
+                .parse()
+                .map_err(|e| format!("error: host {host}: {e}\n"))?;
+            if dp.remove_forward(p, addr) {
+                Ok("ok\n".to_string())
+            } else {
+                Err(format!("error: {p} {host} is not forwarded\n"))
+            }
+        })(),
+        ["list"] => Ok(dp
+            .forwards()
+            .iter()
+            .map(|f| format!("{} {} -> {}\n", f.proto, f.host, f.guest))
+            .collect()),
+        ["list", "json"] => Ok(serde_json::to_string(&dp.forwards())
+            .map(|s| s + "\n")
+            .unwrap_or_else(|e| format!("error: {e}\n"))),
+        _ => Err("error: forward add PROTO HOST GUEST | remove PROTO HOST | list [json]\n".into()),
+    };
+    result.unwrap_or_else(|e| e)
+}
+
 /// Answers one control request: `conntrack [json]`, `neighbors`, `stats`, `leases [json]`,
 /// `dns`, `fdb [json]`, `iface-list [json]`, `attach tap SPEC`, `detach TARGET`.
 pub fn answer(dp: &mut Datapath, request: &str) -> String {
@@ -337,6 +385,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     }
     if let Some(rest) = request.strip_prefix("trace ") {
         return trace(dp, rest);
+    }
+    if let Some(rest) = request.strip_prefix("forward ") {
+        return port_forward(dp, rest);
     }
     if let Some(network) = request.strip_prefix("metrics ") {
         return report::prometheus(network.trim(), &dp.engine().stats());
@@ -621,6 +672,10 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         eprintln!("switchyard: port {id}: VM socket {spec} (qemu {qemu})");
     }
     for spec in &opts.taps {
+        let mut spec = spec.clone();
+        // The guest's side of the tap gets the network's MTU, as libvirt gives its taps.
+        spec.mtu = spec.mtu.or(def.mtu.map(u32::from));
+        let spec = &spec;
         let tap = Tap::open(spec).map_err(|e| format!("tap {spec}: {e}"))?;
         let how = if tap.created { "created" } else { "attached" };
         let name = tap.name.clone();

@@ -247,6 +247,66 @@ fn host_loopback_and_port_forwarding_reach_across_and_hairpin() {
         "http://192.168.122.1:8080/hello.txt",
     ]);
     assert_eq!(body, "hello through the host's sockets\n");
+
+    // Live: a UDP port forwarded with the CLI; the guest's echo answers through it, from the
+    // gateway's address.
+    let sy = switchyard_bin();
+    let sy = sy.to_str().unwrap();
+    let control = net.control();
+    let forward = |args: &[&str]| {
+        let mut argv = vec![sy, "port-forward", "--socket", &control];
+        argv.extend_from_slice(args);
+        run(&argv)
+    };
+    let added = forward(&[
+        "add",
+        "--proto",
+        "udp",
+        "127.0.0.1:5400",
+        &format!("{GUEST}:7000"),
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    let _echo = net.guest.spawn(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{GUEST}', 7000))\n\
+             while True:\n\
+             \x20   data, peer = s.recvfrom(2048)\n\
+             \x20   s.sendto(data + (' via %s' % peer[0]).encode(), peer)\n"
+        ),
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = net.host.must(&[
+        "python3",
+        "-c",
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(5)\n\
+         s.sendto(b'ping', ('127.0.0.1', 5400))\n\
+         print(s.recvfrom(2048)[0].decode())\n",
+    ]);
+    assert_eq!(reply.trim(), "ping via 192.168.122.1");
+    let list = String::from_utf8_lossy(&forward(&["list"]).stdout).into_owned();
+    assert!(
+        list.contains("tcp 127.0.0.1:8080 -> 192.168.122.10:80"),
+        "{list}"
+    );
+    assert!(
+        list.contains("udp 127.0.0.1:5400 -> 192.168.122.10:7000"),
+        "{list}"
+    );
+    assert!(
+        forward(&["remove", "--proto", "udp", "127.0.0.1:5400"])
+            .status
+            .success()
+    );
+    let again = forward(&["remove", "--proto", "udp", "127.0.0.1:5400"]);
+    assert!(!again.status.success(), "removing twice must fail");
+    let list = String::from_utf8_lossy(&forward(&["list"]).stdout).into_owned();
+    assert!(!list.contains("udp"), "{list}");
 }
 
 #[test]

@@ -47,9 +47,15 @@ pub struct Forward {
 }
 
 #[derive(Debug)]
+enum ListenSocket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+#[derive(Debug)]
 struct Listener {
     forward: Forward,
-    listener: TcpListener,
+    socket: ListenSocket,
 }
 
 /// The host side of socket NAT.
@@ -98,21 +104,18 @@ fn v4(addr: io::Result<SocketAddr>) -> SocketAddrV4 {
 }
 
 impl Egress {
-    /// Listens on `forward.host` (TCP) for connections to hand to `forward.guest`.
+    /// Listens on `forward.host` (TCP or UDP) for connections or datagrams to hand to
+    /// `forward.guest`.
     pub fn add_forward(&mut self, registry: &Registry, forward: Forward) -> io::Result<()> {
-        if forward.proto != "tcp" {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "only TCP ports are forwarded",
-            ));
-        }
-        if self.forwards().any(|f| f.host == forward.host) {
+        if self
+            .forwards()
+            .any(|f| f.host == forward.host && f.proto == forward.proto)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} is already forwarded", forward.host),
+                format!("{} {} is already forwarded", forward.proto, forward.host),
             ));
         }
-        let mut listener = TcpListener::bind(forward.host)?;
         let index = self
             .listeners
             .iter()
@@ -121,12 +124,26 @@ impl Egress {
         if index >= EGRESS_BASE - FORWARD_BASE {
             return Err(io::Error::other("too many port forwards"));
         }
-        registry.register(
-            &mut listener,
-            Token(FORWARD_BASE + index),
-            Interest::READABLE,
-        )?;
-        let slot = Some(Listener { forward, listener });
+        let token = Token(FORWARD_BASE + index);
+        let socket = match forward.proto {
+            "tcp" => {
+                let mut listener = TcpListener::bind(forward.host)?;
+                registry.register(&mut listener, token, Interest::READABLE)?;
+                ListenSocket::Tcp(listener)
+            }
+            "udp" => {
+                let mut socket = UdpSocket::bind(forward.host)?;
+                registry.register(&mut socket, token, Interest::READABLE)?;
+                ListenSocket::Udp(socket)
+            }
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("cannot forward {other}: tcp or udp"),
+                ));
+            }
+        };
+        let slot = Some(Listener { forward, socket });
         match self.listeners.get_mut(index) {
             Some(s) => *s = slot,
             None => self.listeners.push(slot),
@@ -134,13 +151,18 @@ impl Egress {
         Ok(())
     }
 
-    /// Stops forwarding `host`; false when it was not forwarded.
-    pub fn remove_forward(&mut self, registry: &Registry, host: SocketAddr) -> bool {
+    /// Stops forwarding `proto` `host`; false when it was not forwarded.
+    pub fn remove_forward(&mut self, registry: &Registry, proto: &str, host: SocketAddr) -> bool {
         for slot in &mut self.listeners {
-            if slot.as_ref().is_some_and(|l| l.forward.host == host)
+            if slot
+                .as_ref()
+                .is_some_and(|l| l.forward.host == host && l.forward.proto == proto)
                 && let Some(mut l) = slot.take()
             {
-                let _ = registry.deregister(&mut l.listener);
+                let _ = match &mut l.socket {
+                    ListenSocket::Tcp(listener) => registry.deregister(listener),
+                    ListenSocket::Udp(socket) => registry.deregister(socket),
+                };
                 return true;
             }
         }
@@ -207,9 +229,29 @@ impl Egress {
                 continue;
             };
             let guest = listener.forward.guest;
+            let listener = match &listener.socket {
+                ListenSocket::Tcp(listener) => listener,
+                ListenSocket::Udp(socket) => {
+                    if self.datagram.is_empty() {
+                        self.datagram = vec![0; 65536];
+                    }
+                    for _ in 0..DATAGRAM_BUDGET {
+                        match socket.recv_from(&mut self.datagram) {
+                            Ok((n, SocketAddr::V4(from))) => {
+                                let data = &self.datagram[..n];
+                                nat.handle_forwarded_datagram(now, index as u32, from, guest, data);
+                            }
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                    continue;
+                }
+            };
             let mut accepted = Vec::new();
             loop {
-                match listener.listener.accept() {
+                match listener.accept() {
                     Ok((stream, _)) => accepted.push(stream),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => break,
@@ -300,6 +342,15 @@ impl Egress {
                 }) = self.slot(id)
                 {
                     // A lost datagram is the guest's protocol's to recover, as on any network.
+                    let _ = socket.send_to(&data, SocketAddr::V4(to));
+                }
+            }
+            Action::SendFromForward(listener, to, data) => {
+                if let Some(Some(Listener {
+                    socket: ListenSocket::Udp(socket),
+                    ..
+                })) = self.listeners.get(listener as usize)
+                {
                     let _ = socket.send_to(&data, SocketAddr::V4(to));
                 }
             }

@@ -635,9 +635,10 @@ impl Datapath {
         self.egress.add_forward(self.poll.registry(), forward)
     }
 
-    /// Stops forwarding `host`; false when it was not forwarded.
-    pub fn remove_forward(&mut self, host: std::net::SocketAddr) -> bool {
-        self.egress.remove_forward(self.poll.registry(), host)
+    /// Stops forwarding `proto` `host`; false when it was not forwarded.
+    pub fn remove_forward(&mut self, proto: &str, host: std::net::SocketAddr) -> bool {
+        self.egress
+            .remove_forward(self.poll.registry(), proto, host)
     }
 
     pub fn forwards(&self) -> Vec<egress::Forward> {

@@ -116,6 +116,9 @@ pub enum Action {
     Open(FlowId, HostSocket),
     /// Send a datagram (UDP payload, or an ICMP echo message) on the flow's socket.
     SendTo(FlowId, SocketAddrV4, Vec<u8>),
+    /// Send a guest's answer to a forwarded UDP port back from that port's listening socket
+    /// (the I/O edge's index for it).
+    SendFromForward(u32, SocketAddrV4, Vec<u8>),
     /// The guest finished sending: `shutdown(SHUT_WR)` the host socket.
     ShutdownWrite(FlowId),
     /// The flow ended: close its host socket.
@@ -173,6 +176,9 @@ enum Key {
     Tcp(SocketAddrV4, SocketAddrV4),
     Udp(SocketAddrV4),
     Ping(Ipv4Addr, u16),
+    /// A forwarded UDP port's datagrams from one host peer: the guest end, and the gateway
+    /// port they come from.
+    UdpForward(SocketAddrV4, u16),
 }
 
 #[derive(Debug)]
@@ -185,6 +191,12 @@ enum Kind {
     /// an unreachable answer if the socket cannot be had.
     Ping {
         quote: Vec<u8>,
+    },
+    /// Datagrams from `remote` to a forwarded port (the I/O edge's `listener`); the guest's
+    /// answers go back through the same listening socket.
+    UdpForward {
+        listener: u32,
+        remote: SocketAddrV4,
     },
 }
 
@@ -215,7 +227,7 @@ struct Flow {
 impl Flow {
     fn guest_ip(&self) -> Ipv4Addr {
         match self.key {
-            Key::Tcp(guest, _) | Key::Udp(guest) => *guest.ip(),
+            Key::Tcp(guest, _) | Key::Udp(guest) | Key::UdpForward(guest, _) => *guest.ip(),
             Key::Ping(ip, _) => ip,
         }
     }
@@ -241,6 +253,8 @@ pub struct SocketNat {
     generations: Vec<u32>,
     free: Vec<u32>,
     by_key: HashMap<Key, u32>,
+    /// Forwarded UDP flows by (listener, host peer).
+    udp_forwards: HashMap<(u32, SocketAddrV4), u32>,
     per_guest: HashMap<Ipv4Addr, usize>,
     peers: HashMap<Ipv4Addr, Peer>,
     actions: VecDeque<Action>,
@@ -296,6 +310,7 @@ impl SocketNat {
             generations: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
+            udp_forwards: HashMap::new(),
             per_guest: HashMap::new(),
             peers: HashMap::new(),
             actions: VecDeque::new(),
@@ -378,7 +393,7 @@ impl SocketNat {
     /// Makes a flow for `key`, within the caps.
     fn insert(&mut self, now: Instant, key: Key, kind: Kind) -> Result<FlowId, DropReason> {
         let guest = match key {
-            Key::Tcp(g, _) | Key::Udp(g) => *g.ip(),
+            Key::Tcp(g, _) | Key::Udp(g) | Key::UdpForward(g, _) => *g.ip(),
             Key::Ping(ip, _) => ip,
         };
         if self.by_key.len() >= self.config.max_flows {
@@ -438,6 +453,9 @@ impl SocketNat {
         }
         let guest = flow.guest_ip();
         self.by_key.remove(&flow.key);
+        if let Kind::UdpForward { listener, remote } = flow.kind {
+            self.udp_forwards.remove(&(listener, remote));
+        }
         self.free.push(index);
         if let Some(count) = self.per_guest.get_mut(&guest) {
             *count -= 1;
@@ -512,11 +530,16 @@ impl SocketNat {
             self.counters.unsupported += 1;
             return Err(DropReason::NatUnsupported);
         };
-        let known = tuple.proto == PROTO_TCP
-            && self.by_key.contains_key(&Key::Tcp(
-                SocketAddrV4::new(tuple.src, tuple.sport),
-                SocketAddrV4::new(tuple.dst, tuple.dport),
-            ));
+        let guest = SocketAddrV4::new(tuple.src, tuple.sport);
+        let known = match tuple.proto {
+            PROTO_TCP => self
+                .by_key
+                .contains_key(&Key::Tcp(guest, SocketAddrV4::new(tuple.dst, tuple.dport))),
+            PROTO_UDP if tuple.dst == self.config.gateway => self
+                .by_key
+                .contains_key(&Key::UdpForward(guest, tuple.dport)),
+            _ => false,
+        };
         // The gateway's end of a forwarded connection is known without being routable.
         if !self.config.is_internal(tuple.src) || !(known || self.routable(tuple.dst)) {
             return Err(DropReason::NoRoute);
@@ -613,6 +636,26 @@ impl SocketNat {
         }
         let guest = SocketAddrV4::new(tuple.src, tuple.sport);
         let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
+        if tuple.dst == self.config.gateway
+            && let Some(index) = self
+                .by_key
+                .get(&Key::UdpForward(guest, tuple.dport))
+                .copied()
+            && let Some(Some(flow)) = self.flows.get_mut(index as usize)
+            && let Kind::UdpForward { listener, remote } = flow.kind
+        {
+            // A guest answering a forwarded port's peer.
+            flow.last_seen = now;
+            flow.packets[0] += 1;
+            flow.bytes[0] += (len - 8) as u64;
+            self.counters.udp_datagrams_out += 1;
+            self.actions.push_back(Action::SendFromForward(
+                listener,
+                remote,
+                udp[8..len].to_vec(),
+            ));
+            return Ok(());
+        }
         let key = Key::Udp(guest);
         let id = match self.by_key.get(&key).copied().and_then(|i| self.id_of(i)) {
             Some(id) => id,
@@ -739,19 +782,9 @@ impl SocketNat {
         now: Instant,
         guest: SocketAddrV4,
     ) -> Result<FlowId, DropReason> {
-        let (first, last) = FORWARD_PORTS;
-        let span = u32::from(last - first) + 1;
-        let mut local = None;
-        for _ in 0..span {
-            let port = self.next_forward_port;
-            self.next_forward_port = if port >= last { first } else { port + 1 };
-            let candidate = SocketAddrV4::new(self.config.gateway, port);
-            if !self.by_key.contains_key(&Key::Tcp(guest, candidate)) {
-                local = Some(candidate);
-                break;
-            }
-        }
-        let local = local.ok_or(DropReason::NatPortsExhausted)?;
+        let gateway = self.config.gateway;
+        let port = self.forward_port(|p| Key::Tcp(guest, SocketAddrV4::new(gateway, p)))?;
+        let local = SocketAddrV4::new(gateway, port);
         let key = Key::Tcp(guest, local);
         let id = self.insert(
             now,
@@ -787,6 +820,63 @@ impl SocketNat {
         self.stack_dirty = true;
         self.touch(id.index);
         Ok(id)
+    }
+
+    /// A gateway port no flow uses for `guest` under `key`, from the forwarding range.
+    fn forward_port(&mut self, key: impl Fn(u16) -> Key) -> Result<u16, DropReason> {
+        let (first, last) = FORWARD_PORTS;
+        for _ in 0..=u32::from(last - first) {
+            let port = self.next_forward_port;
+            self.next_forward_port = if port >= last { first } else { port + 1 };
+            if !self.by_key.contains_key(&key(port)) {
+                return Ok(port);
+            }
+        }
+        Err(DropReason::NatPortsExhausted)
+    }
+
+    /// A datagram from `remote` to the forwarded UDP port `listener` (the I/O edge's index),
+    /// for `guest`: it reaches the guest from a gateway port kept for `remote`, so the
+    /// guest's answers find their way back.
+    pub fn handle_forwarded_datagram(
+        &mut self,
+        now: Instant,
+        listener: u32,
+        remote: SocketAddrV4,
+        guest: SocketAddrV4,
+        data: &[u8],
+    ) {
+        let index = match self.udp_forwards.get(&(listener, remote)).copied() {
+            Some(index) => index,
+            None => {
+                let Ok(port) = self.forward_port(|p| Key::UdpForward(guest, p)) else {
+                    return;
+                };
+                let kind = Kind::UdpForward { listener, remote };
+                let Ok(id) = self.insert(now, Key::UdpForward(guest, port), kind) else {
+                    return;
+                };
+                self.udp_forwards.insert((listener, remote), id.index);
+                id.index
+            }
+        };
+        let Some(Some(flow)) = self.flows.get_mut(index as usize) else {
+            return;
+        };
+        let Key::UdpForward(guest, port) = flow.key else {
+            return;
+        };
+        flow.last_seen = now;
+        flow.packets[1] += 1;
+        flow.bytes[1] += data.len() as u64;
+        self.counters.udp_datagrams_in += 1;
+        let frame = crate::gateway::udp_frame(
+            (MacAddr::ZERO, MacAddr::ZERO),
+            (self.config.gateway, port),
+            (*guest.ip(), guest.port()),
+            data,
+        );
+        self.frames.push_back(frame);
     }
 
     /// The I/O edge opened (or failed to open) the flow's host socket; `Ok` carries the
@@ -854,6 +944,7 @@ impl SocketNat {
                 self.counters.udp_bind_failed += 1;
                 self.remove(id.index);
             }
+            (Kind::UdpForward { .. }, Err(_)) => {}
             (_, Ok(local)) => flow.local = Some(local),
         }
     }
@@ -1147,7 +1238,7 @@ impl SocketNat {
                 continue;
             }
             let limit = match &flow.kind {
-                Kind::Udp { .. } => timeouts.udp,
+                Kind::Udp { .. } | Kind::UdpForward { .. } => timeouts.udp,
                 Kind::Ping { .. } => timeouts.icmp,
                 Kind::Tcp(tcp) => match tcp.handle {
                     Some(h)
@@ -1232,6 +1323,9 @@ impl SocketNat {
                     for &remote in remotes {
                         rows.push(row(PROTO_UDP, "udp", "", timeouts.udp, guest, remote));
                     }
+                }
+                (Kind::UdpForward { remote, .. }, Key::UdpForward(guest, _)) => {
+                    rows.push(row(PROTO_UDP, "udp", "", timeouts.udp, guest, *remote));
                 }
                 (Kind::Ping { .. }, Key::Ping(guest, ident)) => {
                     let guest = SocketAddrV4::new(guest, ident);
