@@ -870,9 +870,9 @@ impl Engine {
             return Some(out);
         }
         while let Some(sockets) = &mut self.socket_nat
-            && let Some(frame) = sockets.poll_packet()
+            && let Some((frame, vnet)) = sockets.poll_packet()
         {
-            if let Some(out) = self.frame_for_guest(frame) {
+            if let Some(out) = self.frame_for_guest(frame, vnet) {
                 return Some(out);
             }
             if let Some(out) = self.outgoing.pop_front() {
@@ -889,7 +889,7 @@ impl Engine {
     /// it is addressed to: where that guest was last heard from, else its DHCP lease's MAC
     /// where the switch learned it. An unknown guest gets an ARP request from the gateway
     /// instead, and the packet is dropped (TCP retransmits it).
-    fn frame_for_guest(&mut self, mut frame: Vec<u8>) -> Option<Outgoing> {
+    fn frame_for_guest(&mut self, mut frame: Vec<u8>, vnet: VnetHdr) -> Option<Outgoing> {
         let gateway = self.gateway.as_ref()?.config();
         let at = ethernet::HEADER_LEN + 16;
         let dst = Ipv4Addr::from(<[u8; 4]>::try_from(frame.get(at..at + 4)?).ok()?);
@@ -905,7 +905,7 @@ impl Engine {
                 ethernet::write_header(&mut frame, peer.mac, gateway.mac);
                 Some(Outgoing {
                     port: peer.port,
-                    vnet: VnetHdr::default(),
+                    vnet,
                     frame,
                 })
             }

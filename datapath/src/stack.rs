@@ -17,8 +17,9 @@ pub struct Queues {
     pub tx: VecDeque<Vec<u8>>,
     pub mtu: usize,
     pub headroom: usize,
-    /// Whether TCP checksums are verified on receive. The socket NAT checks them itself, since
-    /// a segment whose checksum the guest's kernel left to offload carries only a partial sum.
+    /// Whether the stack verifies and computes TCP checksums. The socket NAT does both itself:
+    /// a guest's offloaded segment carries only a partial sum, and its own segments leave
+    /// with a partial sum for offload.
     pub verify_tcp: bool,
 }
 
@@ -85,7 +86,9 @@ impl Device for Queues {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
         if !self.verify_tcp {
-            caps.checksum.tcp = Checksum::Tx;
+            // Neither verified nor computed: the socket NAT verifies guests' segments and
+            // leaves its own to checksum offload.
+            caps.checksum.tcp = Checksum::None;
         }
         caps
     }

@@ -26,7 +26,7 @@ use crate::nat::{Filtering, FlowRow, Timeouts};
 use crate::port::{DropReason, PortId};
 use crate::stack::{Clock, Queues};
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
-use crate::wire::{MacAddr, checksum, ethernet};
+use crate::wire::{MacAddr, VnetHdr, checksum, ethernet};
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -48,8 +48,12 @@ const UDP_REMOTES: usize = 16;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Ephemeral ports the gateway connects from when it forwards a host connection to a guest.
 const FORWARD_PORTS: (u16, u16) = (32768, 60999);
-/// IP and TCP header bytes of a held SYN worth keeping (options included).
-const MAX_SYN: usize = 120;
+/// The MSS the stack is told guests take: with it, the stack sends segments of up to 64 KiB,
+/// which go to the guest as one TSO frame (segmented to the guest's real MSS by whoever must,
+/// usually nobody: the guest's own kernel takes the super-frame whole).
+const GSO_MSS: u16 = 65535 - 20 - 20;
+/// The stack's packets may be this large (one IPv4 packet).
+const STACK_MTU: usize = 65535;
 
 /// What the engine needs to know to NAT through host sockets.
 #[derive(Debug, Clone)]
@@ -208,6 +212,8 @@ struct TcpFlow {
     syn: Option<Vec<u8>>,
     shut_write: bool,
     host_eof: bool,
+    /// The MSS the guest announced (RFC 9293 3.7.1), before it was raised for the stack.
+    mss: u16,
 }
 
 #[derive(Debug)]
@@ -287,9 +293,9 @@ fn addr_at(b: &[u8], at: usize) -> Ipv4Addr {
 
 impl SocketNat {
     pub fn new(config: SocketNatConfig, now: Instant) -> SocketNat {
-        // The stack takes whole GSO segments from guests (up to 64 KiB) but sends packets no
-        // larger than the guests' MTU.
-        let mut queues = Queues::new(usize::from(config.mtu), ethernet::HEADER_LEN, false);
+        // The stack takes whole GSO segments from guests and sends them too (up to 64 KiB);
+        // checksums are the offload's (see `poll_packet`).
+        let mut queues = Queues::new(STACK_MTU, ethernet::HEADER_LEN, false);
         let mut stack_config = Config::new(HardwareAddress::Ip);
         stack_config.random_seed = crate::stack::random_seed((config.gateway, "socket-nat"));
         let mut iface = Interface::new(stack_config, &mut queues, smoltcp::time::Instant::ZERO);
@@ -568,6 +574,12 @@ impl SocketNat {
         let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
         let key = Key::Tcp(guest, remote);
         let flags = ip[ihl + 13];
+        let mut segment = ip.to_vec();
+        let mss = if flags & 0x02 != 0 {
+            raise_mss(&mut segment, ihl)
+        } else {
+            None
+        };
         let payload = ip
             .len()
             .saturating_sub(ihl + usize::from(ip[ihl + 12] >> 4) * 4);
@@ -579,14 +591,18 @@ impl SocketNat {
                 flow.last_seen = now;
                 flow.packets[0] += 1;
                 flow.bytes[0] += payload as u64;
-                let Kind::Tcp(tcp) = &flow.kind else {
+                let Kind::Tcp(tcp) = &mut flow.kind else {
                     return Err(DropReason::NatNoFlow);
                 };
                 if tcp.handle.is_none() {
                     self.counters.tcp_syn_while_connecting += 1;
                     return Ok(());
                 }
-                self.queues.rx.push_back(ip.to_vec());
+                if let Some(mss) = mss {
+                    // The guest's SYN-ACK, when the stack connected to it (a port forward).
+                    tcp.mss = mss;
+                }
+                self.queues.rx.push_back(segment);
                 self.stack_dirty = true;
                 self.touch(index);
                 Ok(())
@@ -599,9 +615,10 @@ impl SocketNat {
                     key,
                     Kind::Tcp(TcpFlow {
                         handle: None,
-                        syn: Some(ip[..ip.len().min(MAX_SYN)].to_vec()),
+                        syn: Some(segment),
                         shut_write: false,
                         host_eof: false,
+                        mss: mss.unwrap_or(DEFAULT_MSS),
                     }),
                 )?;
                 if let Some(flow) = self.flow_mut(id) {
@@ -615,7 +632,7 @@ impl SocketNat {
             None => {
                 // No connection: the stack answers as a host with nothing listening would.
                 self.counters.tcp_stray_segments += 1;
-                self.queues.rx.push_back(ip.to_vec());
+                self.queues.rx.push_back(segment);
                 self.stack_dirty = true;
                 Ok(())
             }
@@ -794,6 +811,7 @@ impl SocketNat {
                 syn: None,
                 shut_write: false,
                 host_eof: false,
+                mss: DEFAULT_MSS,
             }),
         )?;
         let mut socket = self.tcp_socket();
@@ -1140,11 +1158,62 @@ impl SocketNat {
     }
 
     /// The next IPv4 packet for a guest, after [`ethernet::HEADER_LEN`] bytes of room for
-    /// the Ethernet header.
-    pub fn poll_packet(&mut self) -> Option<Vec<u8>> {
-        self.frames
-            .pop_front()
-            .or_else(|| self.queues.tx.pop_front())
+    /// the Ethernet header, with its offload state. The stack's TCP segments carry a partial
+    /// checksum (the pseudo-header's sum, completed by whoever delivers the frame), and those
+    /// larger than the guest's MSS are TSO frames cut at that MSS.
+    pub fn poll_packet(&mut self) -> Option<(Vec<u8>, VnetHdr)> {
+        if let Some(frame) = self.frames.pop_front() {
+            return Some((frame, VnetHdr::default()));
+        }
+        let mut frame = self.queues.tx.pop_front()?;
+        let vnet = self.offload(&mut frame);
+        Some((frame, vnet))
+    }
+
+    /// Makes a segment from the stack (`frame`: Ethernet room, then IPv4) an offloaded one.
+    fn offload(&self, frame: &mut [u8]) -> VnetHdr {
+        let l3 = ethernet::HEADER_LEN;
+        let ip = &frame[l3..];
+        let Some(ihl) = packet::ip_header_len(ip) else {
+            return VnetHdr::default();
+        };
+        if ip[9] != PROTO_TCP || ip.len() < ihl + 20 {
+            return VnetHdr::default();
+        }
+        let thl = usize::from(ip[ihl + 12] >> 4) * 4;
+        let tcp_len = ip.len() - ihl;
+        let (src, dst) = (addr_at(ip, 12), addr_at(ip, 16));
+        let (sport, dport) = (
+            u16::from_be_bytes([ip[ihl], ip[ihl + 1]]),
+            u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]),
+        );
+        let sum = checksum::pseudo_header_v4(src.octets(), dst.octets(), PROTO_TCP, tcp_len as u16);
+        let check = l3 + ihl + 16;
+        frame[check..check + 2].copy_from_slice(&checksum::fold(sum).to_be_bytes());
+        let mut vnet = VnetHdr {
+            flags: crate::wire::vnet::F_NEEDS_CSUM,
+            csum_start: (l3 + ihl) as u16,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        };
+        let key = Key::Tcp(SocketAddrV4::new(dst, dport), SocketAddrV4::new(src, sport));
+        let mss = self
+            .by_key
+            .get(&key)
+            .and_then(|&i| self.flows.get(i as usize)?.as_ref())
+            .and_then(|f| match &f.kind {
+                Kind::Tcp(tcp) => Some(tcp.mss),
+                _ => None,
+            })
+            .unwrap_or(DEFAULT_MSS);
+        // Options ride in every segment: the payload per segment is the MSS less them.
+        let per_segment = usize::from(mss).saturating_sub(thl - 20).max(1);
+        if tcp_len - thl > per_segment {
+            vnet.gso_type = crate::wire::vnet::gso::TCPV4;
+            vnet.gso_size = per_segment as u16;
+            vnet.hdr_len = (l3 + ihl + thl) as u16;
+        }
+        vnet
     }
 
     /// Runs the stack when something changed (segments in, buffers moved), then looks at the
@@ -1337,6 +1406,37 @@ impl SocketNat {
         }
         rows
     }
+}
+
+/// RFC 9293 3.7.1: the MSS a host assumes when its peer announces none.
+const DEFAULT_MSS: u16 = 536;
+
+/// Raises the MSS option of the SYN `segment` (IPv4, header `ihl` long) to [`GSO_MSS`] and
+/// returns the one the guest announced. The checksum is left alone: the stack does not verify
+/// it (the engine did, before).
+fn raise_mss(segment: &mut [u8], ihl: usize) -> Option<u16> {
+    let thl = usize::from(*segment.get(ihl + 12)? >> 4) * 4;
+    let options = segment.get_mut(ihl + 20..ihl + thl)?;
+    let mut at = 0;
+    while at < options.len() {
+        match options[at] {
+            0 => break,
+            1 => at += 1,
+            kind => {
+                let len = usize::from(*options.get(at + 1)?);
+                if len < 2 || at + len > options.len() {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([options[at + 2], options[at + 3]]);
+                    options[at + 2..at + 4].copy_from_slice(&GSO_MSS.max(mss).to_be_bytes());
+                    return Some(mss);
+                }
+                at += len;
+            }
+        }
+    }
+    None
 }
 
 /// The start of `ip` that an ICMP error quotes (RFC 1812 4.3.2.3: as much as fits in 576

@@ -81,7 +81,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     assert_eq!(what, HostSocket::Tcp(SocketAddrV4::new(REMOTE, 80)));
     nat.poll_stack(now);
     assert!(
-        nat.poll_packet().is_none(),
+        nat.poll_packet().map(|(frame, _)| frame).is_none(),
         "no SYN-ACK before the host connects"
     );
 
@@ -91,7 +91,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
 
     let local = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 3), 51000);
     nat.handle_opened(now, id, Ok(local));
-    let synack = nat.poll_packet().expect("SYN-ACK");
+    let synack = nat.poll_packet().map(|(frame, _)| frame).expect("SYN-ACK");
     let (server_seq, ack, flags) = tcp_fields(&synack);
     assert_eq!((ack, flags & 0x12), (1001, 0x12));
     assert_eq!(
@@ -138,7 +138,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     );
     nat.poll_stack(now);
     let mut data = None;
-    while let Some(frame) = nat.poll_packet() {
+    while let Some(frame) = nat.poll_packet().map(|(frame, _)| frame) {
         let ip = &frame[ethernet::HEADER_LEN..];
         let payload = &ip[40..];
         if !payload.is_empty() {
@@ -146,6 +146,27 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
         }
     }
     assert_eq!(data.as_deref(), Some(&b"hello"[..]));
+
+    // Bulk from the host leaves as one TSO frame cut at the guest's MSS (1460, no options),
+    // its checksum partial (the pseudo-header's sum) for the offload to finish.
+    let ack = segment(40000, 80, 1019, server_seq + 6, 0x10, &[]);
+    nat.handle_packet(now, PEER, &ack, false).unwrap();
+    let mut sent = false;
+    nat.from_host(now, id, |room| {
+        if sent {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        sent = true;
+        room[..10_000].fill(7);
+        Ok(10_000)
+    });
+    nat.poll_stack(now);
+    let (frame, vnet) = nat.poll_packet().expect("bulk segment");
+    assert_eq!(frame.len(), ethernet::HEADER_LEN + 40 + 10_000);
+    assert_eq!(vnet.gso_type, crate::wire::vnet::gso::TCPV4);
+    assert_eq!((vnet.gso_size, vnet.hdr_len), (1460, 54));
+    assert!(vnet.needs_csum());
+    assert_eq!((vnet.csum_start, vnet.csum_offset), (34, 16));
     assert_eq!(nat.rows(now).len(), 1);
     assert_eq!(nat.rows(now)[0].state, "ESTABLISHED");
 }
@@ -160,7 +181,7 @@ fn a_refused_connect_resets_the_guest() {
         .unwrap();
     let (id, _) = open_action(&mut nat);
     nat.handle_opened(now, id, Err(io::ErrorKind::ConnectionRefused));
-    let rst = nat.poll_packet().expect("RST");
+    let rst = nat.poll_packet().map(|(frame, _)| frame).expect("RST");
     let (_, ack, flags) = tcp_fields(&rst);
     assert_eq!((ack, flags), (5001, 0x14));
     let ip = &rst[ethernet::HEADER_LEN..];
@@ -185,7 +206,10 @@ fn a_refused_ping_socket_answers_unreachable() {
     let (id, what) = open_action(&mut nat);
     assert_eq!(what, HostSocket::Ping);
     nat.handle_opened(now, id, Err(io::ErrorKind::PermissionDenied));
-    let frame = nat.poll_packet().expect("unreachable");
+    let frame = nat
+        .poll_packet()
+        .map(|(frame, _)| frame)
+        .expect("unreachable");
     let ip = &frame[ethernet::HEADER_LEN..];
     assert_eq!((ip[20], ip[21]), (3, 1));
     assert_eq!(&ip[12..16], &GATEWAY.octets());
@@ -227,9 +251,9 @@ fn udp_maps_per_guest_port_and_filters_answers() {
 
     nat.handle_datagram(now, id, SocketAddrV4::new(REMOTE, 54), b"other port");
     assert_eq!(nat.counters.udp_filtered, 1);
-    assert!(nat.poll_packet().is_none());
+    assert!(nat.poll_packet().map(|(frame, _)| frame).is_none());
     nat.handle_datagram(now, id, to, b"answer");
-    let frame = nat.poll_packet().expect("answer");
+    let frame = nat.poll_packet().map(|(frame, _)| frame).expect("answer");
     let ip = &frame[ethernet::HEADER_LEN..];
     assert_eq!(&ip[12..16], &REMOTE.octets());
     assert_eq!(&ip[28..], b"answer");
