@@ -276,9 +276,22 @@ iperf_gbps() { # engine [extra client args, e.g. -R]; sets gbps (the server is t
     return 1
   fi
   wait "$srv" 2>/dev/null || true
-  gbps=$(awk -F'[:,]' '/"sum_received"/ {r=1} r && /"bits_per_second"/ {printf "%.2f\n", $2/1e9; found=1; exit}
-    END {exit !found}' <<<"$out")
+  local dir="guest->host"
+  [ "${2:-}" = -R ] && dir="host->guest"
+  gbps=$(python3 -c "$iperf_result" "$e, MTU $mtu, $dir" <<<"$out")
 }
+# iperf3 -J on stdin: prints the receiver's Gbps; warns on stderr about 1 s intervals that
+# carried nothing (a stall)
+iperf_result='
+import json, sys
+j = json.load(sys.stdin)
+print("%.2f" % (j["end"]["sum_received"]["bits_per_second"] / 1e9))
+iv = [i["sum"]["bytes"] for i in j.get("intervals", [])]
+zero = sum(1 for b in iv if b == 0)
+if zero:
+    print("warning: %s: %d of %d iperf3 intervals carried nothing (stalled)" % (sys.argv[1], zero, len(iv)),
+          file=sys.stderr)
+'
 conns_per_s() { # engine [count]
   timeout 60 ip netns exec "${guest[$1]}" python3 -c "$conn_client" "${gw[$1]}" "$CPORT" "${2:-$CONNS}" 50
 }

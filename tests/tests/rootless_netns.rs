@@ -291,4 +291,69 @@ fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
     let leases =
         std::fs::read_to_string(format!("{home}/state/switchyard/default.leases")).unwrap();
     assert!(leases.contains(GUEST), "{leases}");
+
+    // The same user's daemon: a network defined with a tap in the user namespace, started,
+    // leased on and used; its definition kept under $XDG_STATE_HOME, its socket under
+    // $XDG_RUNTIME_DIR.
+    let daemon_argv = as_user(&[
+        "env",
+        &state,
+        &runtime,
+        &bin,
+        "daemon",
+        "--resolv-conf",
+        "/dev/null",
+    ]);
+    let mut wrapped = vec![
+        "sh",
+        "-c",
+        "mount -t tmpfs -o mode=755 none /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
+         && exec \"$@\"",
+        "sh",
+    ];
+    wrapped.extend(daemon_argv.iter().map(String::as_str));
+    let _daemon = host.spawn(&wrapped);
+    let cli = |args: &[&str]| -> std::process::Output {
+        let mut argv = vec!["env", runtime.as_str(), bin.as_str()];
+        argv.extend_from_slice(args);
+        let argv = as_user(&argv);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run(&argv)
+    };
+    wait_for("the user's daemon", || cli(&["net-list"]).status.success());
+    let defined = dir.write(
+        "rl.xml",
+        &format!(
+            "<network xmlns:sy='urn:switchyard:network:1'>\n\
+             <name>rl</name>\n\
+             <forward mode='nat'/>\n\
+             <ip address='192.168.122.1' netmask='255.255.255.0'>\n\
+               <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>\n\
+             </ip>\n\
+             <sy:host-loopback/>\n\
+             <sy:port type='tap' target='tap1' netns='{guest_ns}' mac='52:54:00:c0:00:0b'/>\n\
+             </network>\n"
+        ),
+    );
+    for args in [
+        vec!["net-define", defined.as_str()],
+        vec!["net-start", "rl"],
+    ] {
+        let out = cli(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    in_guest(&[
+        "timeout", "30", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "tap1",
+        "-s", &script,
+    ]);
+    let body = in_guest(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://192.168.122.1:8001/hello.txt",
+    ]);
+    assert_eq!(body, "hello, rootless\n");
+    assert!(std::path::Path::new(&format!("{home}/state/switchyard/networks/rl.xml")).exists());
+    assert!(cli(&["net-destroy", "rl"]).status.success());
 }
