@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what switchyard's tests, demo and benchmarks run: the tools people use
-# (ip, ping, iperf3, tcpdump, udhcpc, dhclient, dhcpcd, dig, nc, curl, traceroute, iptables). Debian/Ubuntu, as root.
+# (ip, ping, iperf3, tcpdump, udhcpc, dhclient, dhcpcd, dig, nc, curl, traceroute, iptables),
+# and what the rootless test uses (unshare, nsenter, setpriv, useradd). Debian/Ubuntu, as root.
 set -euo pipefail
 
 declare -A package_of=(
@@ -8,6 +9,7 @@ declare -A package_of=(
   [dig]=dnsutils [dhclient]=isc-dhcp-client [nc]=netcat-openbsd [curl]=curl [pgrep]=procps
   [iptables]=iptables [traceroute]=traceroute [python3]=python3 [sha256sum]=coreutils
   [dhcpcd]=dhcpcd-base [dnsmasq]=dnsmasq-base [cpio]=cpio [qemu-system-x86_64]=qemu-system-x86
+  [unshare]=util-linux [nsenter]=util-linux [setpriv]=util-linux [useradd]=passwd
 )
 missing=()
 for tool in "${!package_of[@]}"; do
