@@ -301,7 +301,7 @@ fail() { # engine mtu what
   echo "rootless_vs_pasta: $1 (MTU $2): $3" >&2
   state[$2,$1]=failed
   failed=1
-  if [ -n "${eng_pid[$1]:-}" ] && ! kill -0 "${eng_pid[$1]}" 2>/dev/null; then
+  if [ "$3" != "did not start" ] && [ -n "${eng_pid[$1]:-}" ] && ! kill -0 "${eng_pid[$1]}" 2>/dev/null; then
     echo "rootless_vs_pasta: $1 has exited; its log ($tmp/$1-$2.log):" >&2
     grep -v 'Failed to send .* to syslog' "$tmp/$1-$2.log" | tail -20 >&2 || true
   fi
@@ -362,7 +362,10 @@ row() { # label metric mtu
 ver() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo "?"; }
 echo
 vers=""
-has_engine switchyard && vers+=" switchyard $(git rev-parse --short HEAD 2>/dev/null || echo '?')$([ -n "${SWITCHYARD:-}" ] && echo " ($SY)"),"
+if has_engine switchyard; then
+  if [ -n "${SWITCHYARD:-}" ]; then vers+=" switchyard $SY,"
+  else vers+=" switchyard $(git rev-parse --short HEAD 2>/dev/null || echo '?'),"; fi
+fi
 has_engine pasta && vers+=" passt $(ver passt),"
 has_engine slirp4netns && vers+=" slirp4netns $(ver slirp4netns),"
 echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r),$vers iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $ROUNDS rounds x ${DURATION}s, $CONNS conns, interleaved"

@@ -1068,7 +1068,9 @@ impl NetworkDef {
                 }
             }
         }
-        let from_resolv_conf = config.upstreams.is_empty();
+        // An isolated network has no way out: libvirt gives its dnsmasq `no-resolv` (its
+        // <forwarder>s still apply).
+        let from_resolv_conf = config.upstreams.is_empty() && self.forward.is_some();
         Some((config, from_resolv_conf))
     }
 
@@ -1253,6 +1255,22 @@ mod tests {
             let err = NetworkDef::parse(&doc).unwrap_err().to_string();
             assert!(err.contains(needle), "{xml}: {err}");
         }
+    }
+
+    /// libvirt's dnsmasq configuration for an isolated network (its test data
+    /// `isolated-network.conf`): `dhcp-option=3` (no router) and `no-resolv`.
+    #[test]
+    fn isolated_networks_give_no_router_and_do_not_forward_to_resolv_conf() {
+        let isolated = NetworkDef::parse(
+            "<network><name>x</name><ip address='10.0.0.1' prefix='24'>\
+             <dhcp><range start='10.0.0.2' end='10.0.0.9'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        assert_eq!(isolated.dhcp_config().unwrap().unwrap().router, None);
+        assert!(!isolated.dns_config().unwrap().1);
+        let nat = NetworkDef::parse(DEFAULT_XML).unwrap();
+        assert!(nat.dhcp_config().unwrap().unwrap().router.is_some());
+        assert!(nat.dns_config().unwrap().1);
     }
 
     #[test]

@@ -26,7 +26,9 @@ fn dns_net(guests: usize) -> DnsNet {
 }
 
 /// `forwarders` is the <forwarder> elements; without them, upstreams come from the
-/// resolv.conf `resolv_conf` (a file of the test's).
+/// resolv.conf `resolv_conf` (a file of the test's). The network is isolated, but for a
+/// resolv.conf: libvirt gives isolated networks' dnsmasq `no-resolv`, so only a NAT network
+/// forwards to the host's resolvers.
 fn dns_net_with(guests: usize, forwarders: &str, resolv_conf: Option<&str>) -> DnsNet {
     require(&["ip", "busybox", "dig", "python3"]);
     let dir = TempDir::new("sydns");
@@ -39,10 +41,15 @@ fn dns_net_with(guests: usize, forwarders: &str, resolv_conf: Option<&str>) -> D
     outside.must(&["ip", "addr", "add", "203.0.113.4/24", "dev", "eth0"]);
     outside.must(&["ip", "link", "set", "eth0", "up"]);
     let xml = dir.0.join("net.xml");
+    let forward = if resolv_conf.is_some() {
+        "<forward mode='nat'/>"
+    } else {
+        ""
+    };
     std::fs::write(
         &xml,
         format!(
-            "<network>\n<name>dns</name>\n<domain name='lab' localOnly='yes'/>\n\
+            "<network>\n<name>dns</name>\n{forward}\n<domain name='lab' localOnly='yes'/>\n\
              <dns>\n\
                {forwarders}\n\
                <host ip='192.168.122.7'><hostname>printer</hostname><hostname>lpr</hostname></host>\n\
