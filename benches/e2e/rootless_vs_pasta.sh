@@ -25,8 +25,8 @@
 # An engine that fails to start or to complete a measurement is reported (with its log) and
 # dropped for that MTU; the others go on, and the script exits 1 at the end.
 # All traffic stays on the loopback of a namespace this script creates and on the taps of the
-# guest namespaces it creates; no engine gets a DNS upstream (no resolv.conf is read); it
-# removes everything on exit.
+# guest namespaces it creates; no engine is given a DNS upstream (switchyard --resolv-conf
+# /dev/null, pasta -D none, slirp4netns --disable-dns); it removes everything on exit.
 # Usage: sudo [ROUNDS=3] [DURATION=5] [CONNS=2000] [MTUS="1500 65520"]
 #             [ENGINES="switchyard pasta slirp4netns"] [SWITCHYARD=path] benches/e2e/rootless_vs_pasta.sh
 # SWITCHYARD: the binary to measure; unset, the script builds target/release/switchyard

@@ -21,7 +21,10 @@ fn a_qemu_vm_on_a_stream_port_gets_a_lease_and_pings_the_gateway() {
     let socket = dir.file("vm.sock");
     let xml = dir.write(
         "net.xml",
-        "<network><name>vmnet</name><ip address='192.168.122.1' netmask='255.255.255.0'>\
+        // A NAT network, as VMs usually get: its DHCP names the gateway as router, which the
+        // VM pings (an isolated network names none).
+        "<network><name>vmnet</name><forward mode='nat'/>\
+         <ip address='192.168.122.1' netmask='255.255.255.0'>\
          <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>",
     );
     let control = dir.file("ctl.sock");
