@@ -931,6 +931,14 @@ impl Engine {
         }
     }
 
+    /// Takes back the buffer of a frame from [`Engine::poll_transmit`] once it was sent, for
+    /// the frames to come.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        if let Some(sockets) = &mut self.socket_nat {
+            sockets.recycle(buffer);
+        }
+    }
+
     /// The socket NAT, for the I/O edge to carry out its actions.
     pub fn socket_nat_mut(&mut self) -> Option<&mut SocketNat> {
         self.socket_nat.as_mut()

@@ -1051,6 +1051,7 @@ impl Datapath {
         self.sync_leases();
         while let Some(out) = self.engine.poll_transmit() {
             self.transmit_outgoing(&out);
+            self.engine.recycle(out.frame);
         }
         Ok(())
     }
