@@ -159,9 +159,20 @@ const NETWORK: Schema = Schema {
 /// `<sy:nat filtering max-flows max-flows-per-guest>`,
 /// `<sy:egress mode='socket|packet'>` (how NATed flows leave),
 /// `<sy:host-loopback/>` (the gateway address stands for the host's 127.0.0.1) and
-/// `<sy:forward proto host guest>` (a host port forwarded to a guest).
+/// `<sy:forward proto host guest>` (a host port forwarded to a guest) and
+/// `<sy:guard clean-traffic dhcp-per-second dns-per-second broadcast-per-second>` (hostile
+/// guests: spoofing protection and per-port rate caps).
 const SY_EXTENSIONS: &[Schema] = &[
     leaf("egress", &["mode"]),
+    leaf(
+        "guard",
+        &[
+            "clean-traffic",
+            "dhcp-per-second",
+            "dns-per-second",
+            "broadcast-per-second",
+        ],
+    ),
     leaf("host-loopback", &[]),
     leaf("forward", &["proto", "host", "guest"]),
     leaf("uplink", &["prefix", "gateway", "mac", "rx"]),
@@ -562,6 +573,7 @@ pub struct NetworkDef {
     pub sy_egress: Option<Egress>,
     pub sy_host_loopback: bool,
     pub sy_forwards: Vec<PortForward>,
+    pub sy_guard: datapath::guard::GuardConfig,
     /// `<sy:port type='tap' target netns mac model/>`: taps attached at every start
     /// (`attach-interface --config`).
     pub sy_ports: Vec<datapath::io::TapSpec>,
@@ -861,6 +873,15 @@ impl NetworkDef {
                 None => None,
             },
             sy_host_loopback: sy_child("host-loopback").is_some(),
+            sy_guard: match sy_child("guard") {
+                Some(g) => datapath::guard::GuardConfig {
+                    clean_traffic: yes_no(g, "clean-traffic", false)?,
+                    dhcp_per_second: attr_parse(g, "dhcp-per-second")?.unwrap_or(0),
+                    dns_per_second: attr_parse(g, "dns-per-second")?.unwrap_or(0),
+                    broadcast_per_second: attr_parse(g, "broadcast-per-second")?.unwrap_or(0),
+                },
+                None => datapath::guard::GuardConfig::default(),
+            },
             sy_forwards: root
                 .children()
                 .filter(|c| c.has_tag_name((SY_NS, "forward")))

@@ -587,6 +587,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         },
         nat: nat.clone(),
         socket_nat: def.socket_nat_setup(),
+        guard: def.sy_guard,
     };
     let mut engine = Engine::new(&config);
     let leases = match bridge_dev {
@@ -626,6 +627,23 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
             nat.ports.0,
             nat.ports.1,
             nat.filtering
+        );
+    }
+    if config.guard.is_active() {
+        let g = config.guard;
+        let rate = |n: u32| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{n}/s")
+            }
+        };
+        eprintln!(
+            "switchyard: guard: clean-traffic {}, per port DHCP {}, DNS {}, broadcast {}",
+            if g.clean_traffic { "on" } else { "off" },
+            rate(g.dhcp_per_second),
+            rate(g.dns_per_second),
+            rate(g.broadcast_per_second)
         );
     }
     if let Some(config) = &config.socket_nat {

@@ -9,6 +9,7 @@
 use crate::dhcp::{self, DhcpService};
 use crate::dns::DnsService;
 use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
+use crate::guard::{Cap, GuardConfig, PortGuard};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::socket_nat::{Peer, SocketNat, SocketNatConfig, SocketNatCounters};
@@ -51,6 +52,8 @@ pub struct Config {
     /// Socket NAT through the host's own sockets (`<forward mode='nat'>` without an address
     /// of its own, or rootless).
     pub socket_nat: Option<SocketNatConfig>,
+    /// clean-traffic and the per-port rate caps.
+    pub guard: GuardConfig,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             gateway: None,
             nat: None,
             socket_nat: None,
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct Outgoing {
 pub struct PortState {
     pub name: String,
     pub counters: PortCounters,
+    #[serde(skip)]
+    pub guard: PortGuard,
 }
 
 /// Switch-wide counters.
@@ -161,6 +167,30 @@ pub struct Engine {
     icmp_errors_sent: u64,
     icmp_errors_rate_limited: u64,
     socket_nat_unresolved: u64,
+    guard: GuardConfig,
+    /// Lines for the log: a cap or filter that started dropping (once per interval each).
+    notices: VecDeque<String>,
+}
+
+/// The DHCP server's view of who holds which address, for clean-traffic.
+struct LeaseView<'a>(Option<&'a DhcpService>);
+
+impl crate::guard::Addresses for LeaseView<'_> {
+    fn holds(&self, mac: MacAddr, ip: Ipv4Addr) -> bool {
+        let Some(dhcp) = self.0 else {
+            return false;
+        };
+        dhcp.leases().any(|l| l.mac == mac.0 && l.ip == ip)
+            || dhcp
+                .config()
+                .hosts
+                .iter()
+                .any(|h| h.mac == mac.0 && h.ip == Some(ip))
+    }
+
+    fn assigns(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl Engine {
@@ -192,6 +222,8 @@ impl Engine {
             icmp_errors_sent: 0,
             icmp_errors_rate_limited: 0,
             socket_nat_unresolved: 0,
+            guard: config.guard,
+            notices: VecDeque::new(),
         }
     }
 
@@ -216,6 +248,7 @@ impl Engine {
         let state = PortState {
             name: name.into(),
             counters: PortCounters::default(),
+            guard: PortGuard::default(),
         };
         let slot = match self.ports.iter().position(Option::is_none) {
             Some(free) => free,
@@ -237,6 +270,94 @@ impl Engine {
             router.port = None;
         }
         self.ports.get_mut(port.0 as usize)?.take()
+    }
+
+    /// Marks `port` as no guest's (a host NIC in bridge mode): clean-traffic and the rate caps
+    /// leave it alone.
+    pub fn set_trusted(&mut self, port: PortId) {
+        if let Some(Some(state)) = self.ports.get_mut(port.0 as usize) {
+            state.guard.trusted = true;
+        }
+    }
+
+    /// The MAC the guest on `port` was given: clean-traffic lets the port send only from it.
+    pub fn bind_mac(&mut self, port: PortId, mac: MacAddr) {
+        if let Some(Some(state)) = self.ports.get_mut(port.0 as usize) {
+            state.guard.bind_mac(mac);
+        }
+    }
+
+    /// The next line for the log (a filter or cap that started dropping).
+    pub fn poll_notice(&mut self) -> Option<String> {
+        self.notices.pop_front()
+    }
+
+    /// clean-traffic and storm control for a frame from guest port `ingress`.
+    fn guard_frame(
+        &mut self,
+        now: Instant,
+        ingress: PortId,
+        (src, dst, ethertype): (MacAddr, MacAddr, EtherType),
+        l3: &[u8],
+    ) -> Option<DropReason> {
+        let config = self.guard;
+        let addresses = LeaseView(self.dhcp.as_ref());
+        let state = self.ports.get_mut(ingress.0 as usize)?.as_mut()?;
+        let guard = &mut state.guard;
+        let (reason, cap) = if let Some(reason) = config
+            .clean_traffic
+            .then(|| guard.check_clean(src, ethertype, l3, &addresses))
+            .flatten()
+        {
+            (reason, Cap::CleanTraffic)
+        } else if dst.is_multicast() && !guard.allow_broadcast(now, &config) {
+            (DropReason::StormControl, Cap::Broadcast)
+        } else {
+            return None;
+        };
+        if guard.should_notice(now, cap) {
+            let what = match cap {
+                Cap::CleanTraffic => "clean-traffic is dropping frames",
+                _ => "storm control is dropping broadcast/multicast frames",
+            };
+            let line = format!(
+                "port {ingress} ({}): {what} ({reason}, from {src}); counted in `switchyard stats`",
+                state.name
+            );
+            self.notices.push_back(line);
+        }
+        Some(reason)
+    }
+
+    /// Whether a DHCP message (`dns` false) or DNS query (`dns` true) from `ingress` is
+    /// within the port's rate; a refusal is noted in the log once per interval.
+    fn within_rate(&mut self, now: Instant, ingress: PortId, dns: bool) -> bool {
+        let config = self.guard;
+        let Some(Some(state)) = self.ports.get_mut(ingress.0 as usize) else {
+            return true;
+        };
+        let (allowed, cap, what) = if dns {
+            (state.guard.allow_dns(now, &config), Cap::Dns, "DNS queries")
+        } else {
+            (
+                state.guard.allow_dhcp(now, &config),
+                Cap::Dhcp,
+                "DHCP messages",
+            )
+        };
+        if !allowed && state.guard.should_notice(now, cap) {
+            let rate = if dns {
+                config.dns_per_second
+            } else {
+                config.dhcp_per_second
+            };
+            let line = format!(
+                "port {ingress} ({}): dropping {what} beyond {rate}/s",
+                state.name
+            );
+            self.notices.push_back(line);
+        }
+        allowed
     }
 
     pub fn port(&self, port: PortId) -> Option<&PortState> {
@@ -362,6 +483,12 @@ impl Engine {
         if Some(src) == gateway_mac {
             return Verdict::Drop(DropReason::SpoofedGatewayMac);
         }
+        if self.guard.is_active()
+            && let Some(reason) =
+                self.guard_frame(now, ingress, (src, dst, ethertype), &frame[l3..])
+        {
+            return Verdict::Drop(reason);
+        }
         // A full table does not stop forwarding: the frame is still delivered (flooded if its
         // destination is unknown); `fdb.full` counts it.
         let _: Learned = self.fdb.learn(now, src, vlan, ingress);
@@ -427,13 +554,17 @@ impl Engine {
         packet: &[u8],
         to_gateway: bool,
     ) -> Option<Verdict> {
-        let dhcp = self.dhcp.as_mut()?;
+        self.dhcp.as_ref()?;
         // Cheap tests first: most frames to the gateway are routed traffic, not DHCP.
         let (_, payload) = gateway::udp_datagram_to(packet, dhcp::SERVER_PORT)?;
         let ip = Ipv4Packet::new_checked(packet).ok()?;
         if !ip.header_checksum_ok() {
             return None;
         }
+        if self.guard.dhcp_per_second > 0 && !self.within_rate(now, ingress, false) {
+            return Some(Verdict::Drop(DropReason::DhcpRateLimited));
+        }
+        let dhcp = self.dhcp.as_mut()?;
         let served = dhcp.handle_request(
             now,
             ingress,
@@ -477,6 +608,10 @@ impl Engine {
         if !ip.header_checksum_ok() {
             return None;
         }
+        if self.guard.dns_per_second > 0 && !self.within_rate(now, ingress, true) {
+            return Some(Verdict::Drop(DropReason::DnsRateLimited));
+        }
+        let dns = self.dns.as_mut()?;
         let src = std::net::SocketAddrV4::new(ip.src(), sport);
         Some(
             if dns.handle_query(now, ingress, src_mac, src, query, &mut self.outgoing) {
@@ -574,6 +709,12 @@ impl Engine {
             return;
         };
         while let Some(event) = dhcp.poll_event() {
+            if let dhcp_dns::dhcp::LeaseEvent::Removed(lease) = &event {
+                // clean-traffic: a released address is no longer its port's.
+                for state in self.ports.iter_mut().flatten() {
+                    state.guard.forget_ip(lease.ip);
+                }
+            }
             let Some(dns) = &mut self.dns else {
                 continue;
             };

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod dns_tcp;
 pub mod engine;
 pub mod gateway;
+pub mod guard;
 pub mod io;
 pub mod nat;
 pub mod port;

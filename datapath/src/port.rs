@@ -66,6 +66,12 @@ drop_reasons! {
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
     TxError => "tx_error", "The egress write failed (queue full, interface down).";
+    SpoofedMac => "spoofed_mac", "clean-traffic: a source MAC (or ARP sender MAC) other than the port's own.";
+    SpoofedIp => "spoofed_ip", "clean-traffic: an IPv4 source (or ARP sender address) the port's MAC does not hold.";
+    RogueServer => "rogue_server", "clean-traffic: a guest answering as a DHCP or DHCPv6 server, or sending router advertisements.";
+    StormControl => "storm_control", "A broadcast or multicast frame beyond the port's broadcast-per-second.";
+    DhcpRateLimited => "dhcp_rate_limited", "A DHCP message beyond the port's dhcp-per-second.";
+    DnsRateLimited => "dns_rate_limited", "A DNS query beyond the port's dns-per-second.";
 }
 
 impl fmt::Display for DropReason {

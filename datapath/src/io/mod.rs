@@ -370,7 +370,12 @@ impl Datapath {
             Some(ns) => format!("{}@{}", tap.name, ns.display()),
             None => tap.name.clone(),
         };
-        self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))
+        let mac = tap.mac;
+        let id = self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))?;
+        if let Some(mac) = mac {
+            self.engine.bind_mac(id, mac);
+        }
+        Ok(id)
     }
 
     /// Adds a port that exchanges one frame per read/write on `file`.
@@ -397,6 +402,8 @@ impl Datapath {
     pub fn add_nic_port(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
         let (file, ring) = self.open_nic(dev, ring)?;
         let id = self.engine.add_port(format!("{dev}(nic)"));
+        // The LAN's hosts are not guests: no clean-traffic or rate caps on their port.
+        self.engine.set_trusted(id);
         self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
     }
 
@@ -1052,6 +1059,9 @@ impl Datapath {
         while let Some(out) = self.engine.poll_transmit() {
             self.transmit_outgoing(&out);
             self.engine.recycle(out.frame);
+        }
+        while let Some(line) = self.engine.poll_notice() {
+            eprintln!("switchyard: {line}");
         }
         Ok(())
     }
