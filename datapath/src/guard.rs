@@ -183,7 +183,8 @@ impl PortGuard {
         let source = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         if source.is_unspecified() {
             // RFC 2131 4.1: a client without an address yet asks from 0.0.0.0.
-            return (!udp_ports.is_some_and(|(_, dport)| dport == DHCP_CLIENT_TARGET_PORT))
+            return udp_ports
+                .is_none_or(|(_, dport)| dport != DHCP_CLIENT_TARGET_PORT)
                 .then_some(DropReason::SpoofedIp);
         }
         (!self.owns(src, source, addresses)).then_some(DropReason::SpoofedIp)
