@@ -15,6 +15,7 @@ use datapath::io::Handle;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,6 +155,7 @@ struct Daemon {
 /// Runs the daemon until SIGTERM or SIGINT: starts the autostart networks, then answers
 /// requests; on the way out it stops every network cleanly.
 pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
+    run::drop_privileges()?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;
@@ -179,6 +181,13 @@ pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
     }
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
+            Ok((stream, _)) if !datapath::io::sys::peer_may_control(stream.as_fd()) => {
+                // Read the request first, so the refusal is not lost to a reset.
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).take(4096).read_line(&mut line);
+                let _ = (&stream).write_all(b"{\"error\":\"permission denied: another user\"}\n");
+            }
             Ok((stream, _)) => daemon.serve(stream),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));

@@ -750,8 +750,18 @@ pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     Ok(dp)
 }
 
+/// Least privilege before anything starts (threads inherit it): no-new-privs, and every
+/// capability dropped but those a running network may still use
+/// ([`datapath::io::sys::KEPT_CAPABILITIES`]). An ordinary user has none to drop.
+pub fn drop_privileges() -> Result<(), String> {
+    datapath::io::sys::set_no_new_privs().map_err(|e| format!("no-new-privs: {e}"))?;
+    datapath::io::sys::drop_capabilities(&datapath::io::sys::KEPT_CAPABILITIES)
+        .map_err(|e| format!("dropping capabilities: {e}"))
+}
+
 /// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
 pub fn run(opts: &RunOptions) -> Result<(), String> {
+    drop_privileges()?;
     let def = load_network(opts.xml.as_ref())?;
     let mut dp = start(&def, opts)?;
     dp.install_signal_handlers()

@@ -830,12 +830,20 @@ impl Datapath {
                     .read_line(&mut line)
                     .is_ok()
                 {
+                    if !sys::peer_may_control(stream.as_fd()) {
+                        // Read first, so the refusal is not lost to a reset.
+                        line = "refuse".into();
+                    }
                     requests.push((stream, line));
                 }
             }
         }
         for (stream, line) in requests {
-            let reply = answer(self, line.trim());
+            let reply = if line == "refuse" {
+                "error: permission denied: another user\n".to_string()
+            } else {
+                answer(self, line.trim())
+            };
             let _ = (&stream).write_all(reply.as_bytes());
         }
     }

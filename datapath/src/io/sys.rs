@@ -569,3 +569,129 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     });
     Ok((n, fd))
 }
+
+/// The user id of the process at the other end of the unix socket `sock` (`SO_PEERCRED`).
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given for the call.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.uid)
+}
+
+/// The calling process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether the peer of control socket `sock` may control this process: the same user, or
+/// root. The socket's mode already keeps others out; this holds where a directory's or
+/// socket's permissions were loosened.
+pub fn peer_may_control(sock: BorrowedFd<'_>) -> bool {
+    peer_uid(sock).is_ok_and(|uid| uid == 0 || uid == effective_uid())
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS)`: nothing this process executes can gain privileges (no
+/// setuid, no file capabilities).
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Capabilities a running network may still need: CAP_NET_ADMIN (creating and configuring
+/// taps on live attach), CAP_NET_RAW (a NIC's packet socket), CAP_SYS_ADMIN (joining a guest's
+/// network namespace to make its tap there) and CAP_NET_BIND_SERVICE (a port forward from a
+/// port below 1024).
+pub const KEPT_CAPABILITIES: [u32; 4] = [
+    CAP_NET_BIND_SERVICE,
+    CAP_NET_ADMIN,
+    CAP_NET_RAW,
+    CAP_SYS_ADMIN,
+];
+/// Capability numbers from `<linux/capability.h>`.
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_NET_RAW: u32 = 13;
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// The `_LINUX_CAPABILITY_VERSION_3` header of capget/capset.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability but `keep` from the calling process for good: from the bounding
+/// set (so no exec regains them) and from the effective, permitted and inheritable sets.
+/// Threads started afterwards inherit the result; call it before starting any.
+pub fn drop_capabilities(keep: &[u32]) -> io::Result<()> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    for cap in (0..=last).filter(|c| !keep.contains(c)) {
+        // SAFETY: PR_CAPBSET_DROP takes integer arguments only. EINVAL (a capability the
+        // kernel does not know) is ignored.
+        let _ = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+    }
+    let mut data = [CapData::default(); 2];
+    for &cap in keep {
+        let word = (cap / 32) as usize;
+        if word < 2 {
+            let bit = 1u32 << (cap % 32);
+            data[word].effective |= bit;
+            data[word].permitted |= bit;
+        }
+    }
+    let mut current = [CapData::default(); 2];
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: capget(2) writes two CapData words for a version-3 header; both are valid.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            current.as_mut_ptr(),
+        ) as libc::c_int
+    })?;
+    // Keep only what the process holds: capset fails when asked to add to the permitted set.
+    for (wanted, held) in data.iter_mut().zip(current) {
+        wanted.permitted &= held.permitted;
+        wanted.effective &= held.permitted;
+    }
+    // SAFETY: capset(2) reads the header and two CapData words, all valid for the call.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        ) as libc::c_int
+    })?;
+    Ok(())
+}
