@@ -54,6 +54,8 @@ const UPSTREAM_BUDGET: usize = 256;
 const RESOLV_CHECK: Duration = Duration::from_secs(2);
 /// How long a control client may take to send its one-line request.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a lease file that could not be written is tried again.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// What the fd of a port speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +174,8 @@ pub struct Datapath {
     tracing: Option<TraceSession>,
     resolv: Option<ResolvWatch>,
     egress: egress::Egress,
+    /// Ports found dead this turn, removed at its end.
+    dead_ports: Vec<PortId>,
 }
 
 /// The resolver configuration whose `nameserver` lines are the DNS upstreams, re-read when it
@@ -260,21 +264,49 @@ impl LeaseWriter {
         let thread = std::thread::Builder::new()
             .name("lease-writer".into())
             .spawn(move || {
-                while let Ok(mut next) = rx.recv() {
+                // A generation that could not be written (disk full, read-only) is retried
+                // every LEASE_RETRY until it is, or a newer one replaces it.
+                let mut failed: Option<(u64, String)> = None;
+                let mut complained = false;
+                loop {
+                    let next = match failed.take() {
+                        None => match rx.recv() {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                        Some(pending) => match rx.recv_timeout(LEASE_RETRY) {
+                            Ok(next) => next,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => pending,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        },
+                    };
+                    let mut next = next;
                     while let Ok(newer) = rx.try_recv() {
                         next = newer;
                     }
-                    let (generation, contents) = next;
-                    match write_durably(&path, contents.as_bytes()) {
+                    match write_durably(&path, next.1.as_bytes()) {
                         Ok(()) => {
-                            done.store(generation, Ordering::SeqCst);
+                            if complained {
+                                eprintln!(
+                                    "switchyard: the lease file {} is written again",
+                                    path.display()
+                                );
+                                complained = false;
+                            }
+                            done.store(next.0, Ordering::SeqCst);
                             let _ = waker.wake();
                         }
-                        Err(e) => eprintln!(
-                            "switchyard: cannot write the lease file {}: {e}; \
-                             DHCP acknowledgements wait for it",
-                            path.display()
-                        ),
+                        Err(e) => {
+                            if !complained {
+                                eprintln!(
+                                    "switchyard: cannot write the lease file {}: {e}; DHCP \
+                                     acknowledgements wait for it (retried every second)",
+                                    path.display()
+                                );
+                                complained = true;
+                            }
+                            failed = Some(next);
+                        }
                     }
                 }
             })?;
@@ -304,10 +336,15 @@ pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".new");
     let tmp = PathBuf::from(tmp);
-    let mut file = File::create(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        // A partial temporary file would only hold on to the space that ran out.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path)?;
     File::open(if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -344,6 +381,7 @@ impl Datapath {
             tracing: None,
             resolv: None,
             egress: egress::Egress::default(),
+            dead_ports: Vec::new(),
         })
     }
 
@@ -1071,6 +1109,14 @@ impl Datapath {
         while let Some(line) = self.engine.poll_notice() {
             eprintln!("switchyard: {line}");
         }
+        for port in std::mem::take(&mut self.dead_ports) {
+            let name = self.engine.port(port).map(|p| p.name.clone());
+            eprintln!(
+                "switchyard: port {port} ({}): its device is gone; removed",
+                name.unwrap_or_default()
+            );
+            self.remove_port(port);
+        }
         Ok(())
     }
 
@@ -1103,7 +1149,10 @@ impl Datapath {
                     self.record_capture(capture::GATEWAY, &out.frame);
                 }
             }
-            Err(_) => self.engine.record_drop(out.port, DropReason::TxError),
+            Err(e) => {
+                self.engine.record_drop(out.port, DropReason::TxError);
+                self.note_tx_error(out.port, &e);
+            }
         }
     }
 
@@ -1295,7 +1344,19 @@ impl Datapath {
                     self.record_capture(egress, &buf[frame_start..]);
                 }
             }
-            Err(_) => self.engine.record_drop(egress, DropReason::TxError),
+            Err(e) => {
+                self.engine.record_drop(egress, DropReason::TxError);
+                self.note_tx_error(egress, &e);
+            }
+        }
+    }
+
+    /// A tap whose device is gone (its namespace was deleted) answers EBADFD, and the kernel
+    /// does not wake its poller: the first failed write marks the port dead, and it is
+    /// removed at the end of the turn.
+    fn note_tx_error(&mut self, port: PortId, error: &io::Error) {
+        if error.raw_os_error() == Some(libc::EBADFD) && !self.dead_ports.contains(&port) {
+            self.dead_ports.push(port);
         }
     }
 }
