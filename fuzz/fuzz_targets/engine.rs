@@ -1,13 +1,17 @@
 //! The whole engine (switch, gateway, NAT, uplink, DHCP) against any sequence of frames on
 //! any of its ports, with virtual time: it never panics, every FDB entry points to a live
 //! switch port, NAT's table stays within its caps and lists what it holds, and the DHCP
-//! server's leases stay in its range.
+//! server's leases stay in its range. The first byte picks packet NAT, or socket NAT (its
+//! host sockets simulated: connects succeed or are refused, hosts send bytes back) with the
+//! guard's clean-traffic and rate caps on.
 #![no_main]
 
 use datapath::dhcp::DhcpService;
 use datapath::engine::{Config, Engine};
 use datapath::gateway::GatewayConfig;
+use datapath::guard::GuardConfig;
 use datapath::nat::NatConfig;
+use datapath::socket_nat::{Action, SocketNatConfig};
 use datapath::uplink::UplinkConfig;
 use datapath::wire::{MacAddr, VnetHdr};
 use dhcp_dns::dhcp::{DhcpConfig, DhcpServer};
@@ -16,6 +20,10 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    let sockets = mode & 1 == 1;
     let gw = Ipv4Addr::new(192, 168, 122, 1);
     let mut nat = NatConfig::new(gw, 24, Ipv4Addr::new(203, 0, 113, 2));
     nat.max_flows = 64;
@@ -39,6 +47,31 @@ fuzz_target!(|data: &[u8]| {
         fdb_capacity: 32,
         ..Config::default()
     });
+    let mut engine = if sockets {
+        let mut socket_nat = SocketNatConfig::new(gw, 24);
+        socket_nat.max_flows = 64;
+        socket_nat.max_flows_per_guest = 16;
+        socket_nat.host_loopback = mode & 2 == 2;
+        Engine::new(&Config {
+            gateway: Some(GatewayConfig {
+                mac: MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]),
+                ip: gw,
+                prefix: 24,
+            }),
+            socket_nat: Some(socket_nat),
+            guard: GuardConfig {
+                clean_traffic: mode & 4 == 4,
+                dhcp_per_second: 20,
+                dns_per_second: 20,
+                broadcast_per_second: 50,
+            },
+            fdb_capacity: 32,
+            ..Config::default()
+        })
+    } else {
+        engine
+    };
+    let mut opened = 0u32;
     let start = Instant::now();
     let dhcp = DhcpConfig::new(
         gw,
@@ -85,7 +118,40 @@ fuzz_target!(|data: &[u8]| {
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
         }
+        if let Some(nat) = engine.socket_nat_mut() {
+            // The host side, simulated: every third connect is refused, hosts answer a
+            // little, then would block.
+            while let Some(action) = nat.poll_action() {
+                if let Action::Open(id, _) = action {
+                    opened += 1;
+                    let result = if opened % 3 == 0 {
+                        Err(std::io::ErrorKind::ConnectionRefused)
+                    } else {
+                        Ok(std::net::SocketAddrV4::new(
+                            Ipv4Addr::new(203, 0, 113, 3),
+                            40000,
+                        ))
+                    };
+                    nat.handle_opened(now, id, result);
+                }
+            }
+            nat.poll_stack(now);
+            while let Some(id) = nat.poll_ready() {
+                nat.to_host(id, |data| Ok(data.len()));
+                let mut answered = false;
+                nat.from_host(now, id, |room| {
+                    if answered || room.is_empty() {
+                        return Err(std::io::ErrorKind::WouldBlock.into());
+                    }
+                    answered = true;
+                    room[0] = b'x';
+                    Ok(1)
+                });
+            }
+            nat.poll_stack(now);
+        }
         while engine.poll_transmit().is_some() {}
+        while engine.poll_notice().is_some() {}
         for row in engine.fdb_rows(now) {
             assert!(
                 engine.port(row.port).is_some(),
@@ -102,7 +168,9 @@ fuzz_target!(|data: &[u8]| {
             "NAT above its cap: {}",
             stats.nat_flows
         );
-        assert_eq!(engine.conntrack(now).len() <= stats.nat_flows, true);
+        if !sockets {
+            assert_eq!(engine.conntrack(now).len() <= stats.nat_flows, true);
+        }
         if let Some(dhcp) = engine.dhcp() {
             for lease in dhcp.leases() {
                 let n = lease.ip.octets()[3];

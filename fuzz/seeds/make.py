@@ -98,6 +98,12 @@ quoted = tcp_syn(EXT_IP, REMOTE_IP, 40000, 80)[:28]
 icmp_err = eth(UPLINK, NEXT_HOP, 0x0800, ipv4(REMOTE_IP, EXT_IP, 1, struct.pack("!BBHI", 3, 3, 0, 0) + quoted))
 frag1 = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, struct.pack("!HHHH", 5000, 53, 1000, 0) + bytes(64), ident=9, frag=0x2000))
 frag2 = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, bytes(64), ident=9, frag=9))
-write("engine", "arp-dhcp-ping", framed((0, 0, who_has_gw), (0, 0, discover), (0, 0, echo)))
-write("engine", "nat-handshake", framed((0, 0, syn), (3, 4, next_hop), (3, 4, synack), (3, 4, icmp_err)))
-write("engine", "fragments", framed((0, 0, frag1), (0, 4, frag2), (3, 4, next_hop)))
+# The engine target's first byte picks its mode: 0 packet NAT; odd: socket NAT (bit 1
+# host-loopback, bit 2 clean-traffic).
+PACKET, SOCKETS, GUARDED = b"\x00", b"\x07", b"\x05"
+write("engine", "arp-dhcp-ping", PACKET + framed((0, 0, who_has_gw), (0, 0, discover), (0, 0, echo)))
+write("engine", "nat-handshake", PACKET + framed((0, 0, syn), (3, 4, next_hop), (3, 4, synack), (3, 4, icmp_err)))
+write("engine", "fragments", PACKET + framed((0, 0, frag1), (0, 4, frag2), (3, 4, next_hop)))
+udp_out = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, struct.pack("!HHHH", 5000, 53, 12, 0) + b"abcd"))
+write("engine", "socket-nat", SOCKETS + framed((0, 0, who_has_gw), (0, 0, syn), (0, 4, echo), (0, 4, udp_out), (0, 4, syn)))
+write("engine", "guarded", GUARDED + framed((0, 0, discover), (0, 0, who_has_gw), (1, 0, syn), (0, 4, udp_out)))
