@@ -623,3 +623,29 @@ fn traces_tell_each_decision() {
         assert!(injected.contains(needle), "{needle}:\n{injected}");
     }
 }
+
+// A fault on the host side: the uplink goes down (the guests' packets for the outside are
+// dropped and counted, the gateway still answers them) and comes back up; NAT carries again
+// without a restart.
+#[test]
+fn an_uplink_that_goes_down_and_up_carries_again() {
+    let net = nat_net(1, "");
+    let g = &net.guests[0];
+    g.must(&["ping", "-c", "1", "-W", "2", OUTSIDE]);
+    net.sw.must(&["ip", "link", "set", "up0", "down"]);
+    let down = g.run(&["ping", "-c", "2", "-i", "0.2", "-W", "1", OUTSIDE]);
+    assert!(
+        !down.status.success(),
+        "the outside answered over a downed link"
+    );
+    g.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
+    net.sw.must(&["ip", "link", "set", "up0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !g
+        .run(&["ping", "-c", "1", "-W", "1", OUTSIDE])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "NAT never carried again");
+    }
+}

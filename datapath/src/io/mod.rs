@@ -1190,9 +1190,14 @@ impl Datapath {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_gone(&e) => {
+                    // The device went away (tap deleted): the port is dead.
+                    self.dead_ports.push(id);
+                    return true;
+                }
                 Err(_) => {
-                    // The device went away (its namespace was deleted): the port is dead.
-                    self.remove_port(id);
+                    // A NIC's link went down (ENETDOWN on its packet socket), or another
+                    // passing error: the port stays, and reads on when frames come again.
                     return true;
                 }
             };
@@ -1355,7 +1360,7 @@ impl Datapath {
     /// does not wake its poller: the first failed write marks the port dead, and it is
     /// removed at the end of the turn.
     fn note_tx_error(&mut self, port: PortId, error: &io::Error) {
-        if error.raw_os_error() == Some(libc::EBADFD) && !self.dead_ports.contains(&port) {
+        if is_gone(error) && !self.dead_ports.contains(&port) {
             self.dead_ports.push(port);
         }
     }
@@ -1367,6 +1372,16 @@ impl Drop for Datapath {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Whether `error` from a port's fd means its device is gone for good: a tap whose device was
+/// deleted answers EBADFD; a NIC that was removed, ENODEV or ENXIO. (ENETDOWN is a link
+/// that may come back.)
+fn is_gone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EBADFD | libc::ENODEV | libc::ENXIO)
+    )
 }
 
 fn write_frame(file: &File, buf: &[u8]) -> io::Result<()> {
