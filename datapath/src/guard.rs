@@ -180,6 +180,14 @@ impl PortGuard {
         if udp_ports.is_some_and(|(sport, _)| sport == DHCP_SERVER_PORT) {
             return Some(DropReason::RogueServer);
         }
+        // RFC 2131 2: chaddr is the client's hardware address. A guest asking for leases for
+        // other hardware addresses would drain the pool for everyone else.
+        if udp_ports.is_some_and(|(_, dport)| dport == DHCP_CLIENT_TARGET_PORT)
+            && let Some(chaddr) = ip.get(ihl + 8 + 28..ihl + 8 + 34)
+            && chaddr != src.0
+        {
+            return Some(DropReason::SpoofedMac);
+        }
         let source = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         if source.is_unspecified() {
             // RFC 2131 4.1: a client without an address yet asks from 0.0.0.0.
@@ -307,11 +315,28 @@ mod tests {
         );
     }
 
+    /// A DHCP request from `chaddr` (RFC 2131 2: at offset 28 of the message).
+    fn dhcp_request(chaddr: MacAddr) -> Vec<u8> {
+        let mut p = ipv4(Ipv4Addr::UNSPECIFIED, PROTO_UDP, (68, 67));
+        p.resize(20 + 8 + 240, 0);
+        p[20 + 8 + 28..20 + 8 + 34].copy_from_slice(&chaddr.0);
+        p
+    }
+
+    #[test]
+    fn dhcp_requests_for_another_hardware_address_are_spoofs() {
+        let mut g = PortGuard::default();
+        assert_eq!(
+            g.check_clean(MAC, EtherType::IPV4, &dhcp_request(OTHER), &Leases),
+            Some(DropReason::SpoofedMac)
+        );
+    }
+
     // RFC 2131 4.1: 0.0.0.0 is a source only for a client's DHCP to port 67.
     #[test]
     fn the_unspecified_source_is_for_dhcp_requests_only() {
         let mut g = PortGuard::default();
-        let discover = ipv4(Ipv4Addr::UNSPECIFIED, PROTO_UDP, (68, 67));
+        let discover = dhcp_request(MAC);
         assert_eq!(
             g.check_clean(MAC, EtherType::IPV4, &discover, &Leases),
             None
