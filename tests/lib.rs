@@ -514,6 +514,29 @@ impl Drop for Switchyard {
     }
 }
 
+/// The throughput the receiver counted in an `iperf3 -J` report, bit/s (0 when absent).
+pub fn iperf3_received_bps(report: &str) -> f64 {
+    let json: serde_json::Value = serde_json::from_str(report).expect("iperf3 JSON");
+    let end = &json["end"];
+    end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .or_else(|| end["sum"]["bits_per_second"].as_f64())
+        .unwrap_or(0.0)
+}
+
+/// `switchyard stats --json` of the network whose control socket is `control`.
+pub fn stats_of(control: &str) -> serde_json::Value {
+    let bin = switchyard_bin();
+    let out = must(&[
+        bin.to_str().unwrap_or("switchyard"),
+        "stats",
+        "--json",
+        "--socket",
+        control,
+    ]);
+    serde_json::from_str(out.trim()).expect("stats JSON")
+}
+
 /// The counters of port `index` from `switchyard --json` stats.
 pub fn port_counters(stats: &serde_json::Value, index: usize) -> &serde_json::Value {
     &stats["ports"][index][1]["counters"]

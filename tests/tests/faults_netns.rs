@@ -6,17 +6,6 @@
 use std::time::{Duration, Instant};
 use switchyard_tests::*;
 
-fn stats(control: &str) -> serde_json::Value {
-    let out = must(&[
-        switchyard_bin().to_str().unwrap(),
-        "stats",
-        "--json",
-        "--socket",
-        control,
-    ]);
-    serde_json::from_str(out.trim()).expect("stats JSON")
-}
-
 /// CPU time (user + system, in clock ticks) the process has used.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -51,7 +40,7 @@ fn a_deleted_guest_tap_leaves_the_other_ports_served() {
     // Traffic towards the gone guest makes the engine notice, if the kernel did not say.
     let _ = g2.run(&["ping", "-c", "1", "-W", "1", "192.168.122.10"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stats(&control)["ports"].as_array().unwrap().len() != 2 {
+    while stats_of(&control)["ports"].as_array().unwrap().len() != 2 {
         assert!(Instant::now() < deadline, "the dead port was never removed");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -15,14 +15,7 @@ struct GuardNet {
 
 impl GuardNet {
     fn stats(&self) -> serde_json::Value {
-        let out = must(&[
-            switchyard_bin().to_str().unwrap(),
-            "stats",
-            "--json",
-            "--socket",
-            &self.dir.file("ctl.sock"),
-        ]);
-        serde_json::from_str(out.trim()).expect("stats JSON")
+        stats_of(&self.dir.file("ctl.sock"))
     }
 
     fn drops(&self, port: usize, reason: &str) -> u64 {

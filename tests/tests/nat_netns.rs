@@ -343,11 +343,7 @@ fn the_tpacket_v3_ring_uplink_carries_fragments_and_bulk_tcp() {
         wait_listening(outside, 5201);
         let mut argv = vec!["timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-J"];
         argv.extend_from_slice(extra);
-        let report = g.must(&argv);
-        let json: serde_json::Value = serde_json::from_str(&report).unwrap();
-        let bps = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
+        let bps = iperf3_received_bps(&g.must(&argv));
         assert!(bps > 1e8, "iperf3 {extra:?} over the ring: {bps} bit/s");
     }
     let mut sy = net.sy;

@@ -44,6 +44,22 @@ fn http_server(ns: &Netns, argv: &[&str], dir: &TempDir, addr: &str, port: &str)
     server
 }
 
+/// `argv` run (by root, then as whoever `argv` makes it) with a /dev/net/tun of mode 0666 in
+/// a private mount namespace: Debian's udev makes it so, which a rootless user needs; where
+/// this machine has it 0600, nothing outside changes.
+fn with_open_tun(argv: Vec<String>) -> Vec<String> {
+    let mut wrapped = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        "mount -t tmpfs -o mode=755 none /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
+         && exec \"$@\""
+            .to_string(),
+        "sh".to_string(),
+    ];
+    wrapped.extend(argv);
+    wrapped
+}
+
 #[test]
 fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
     require(&[
@@ -140,17 +156,7 @@ fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
     let mut argv = vec!["env", state.as_str(), runtime.as_str(), bin.as_str()];
     argv.extend_from_slice(&args);
     let argv = as_user(&argv);
-    // Debian's udev makes /dev/net/tun 0666, which a rootless user needs; where the machine
-    // has it 0600, a private mount namespace gets a node that is (nothing outside changes).
-    let mut wrapped = vec![
-        "sh".to_string(),
-        "-c".to_string(),
-        "mount -t tmpfs -o mode=755 none /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
-         && exec \"$@\""
-            .to_string(),
-        "sh".to_string(),
-    ];
-    wrapped.extend(argv);
+    let wrapped = with_open_tun(argv);
     let mut command = Command::new("ip");
     command.args(["netns", "exec", &host.name]).args(&wrapped);
     let mut sy = Switchyard::start_command(command);
@@ -236,11 +242,7 @@ fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
         if reverse {
             args.push("-R");
         }
-        let out = in_guest(&args);
-        let json: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-        let bps = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
+        let bps = iperf3_received_bps(&in_guest(&args));
         assert!(bps > 50e6, "reverse={reverse}: {bps} bit/s");
     }
 
@@ -304,14 +306,8 @@ fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
         "--resolv-conf",
         "/dev/null",
     ]);
-    let mut wrapped = vec![
-        "sh",
-        "-c",
-        "mount -t tmpfs -o mode=755 none /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
-         && exec \"$@\"",
-        "sh",
-    ];
-    wrapped.extend(daemon_argv.iter().map(String::as_str));
+    let wrapped = with_open_tun(daemon_argv);
+    let wrapped: Vec<&str> = wrapped.iter().map(String::as_str).collect();
     let _daemon = host.spawn(&wrapped);
     let cli = |args: &[&str]| -> std::process::Output {
         let mut argv = vec!["env", runtime.as_str(), bin.as_str()];

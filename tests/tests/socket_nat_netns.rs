@@ -27,14 +27,7 @@ impl SocketNet {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let out = must(&[
-            switchyard_bin().to_str().unwrap(),
-            "stats",
-            "--json",
-            "--socket",
-            &self.control(),
-        ]);
-        serde_json::from_str(out.trim()).expect("stats JSON")
+        stats_of(&self.control())
     }
 }
 
@@ -325,10 +318,7 @@ fn bulk_tcp_both_ways_through_socket_nat() {
         let mut argv = vec!["timeout", "20"];
         argv.extend(args);
         let out = net.guest.must(&argv);
-        let json: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-        let bps = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
+        let bps = iperf3_received_bps(&out);
         assert!(bps > 50e6, "reverse={reverse}: {bps} bit/s\n{out}");
     }
 }

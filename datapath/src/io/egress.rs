@@ -311,30 +311,14 @@ impl Egress {
                 Err(e) => nat.handle_opened(now, id, Err(e.kind())),
             },
             Action::Open(id, HostSocket::Udp { preferred, range }) => {
-                match bind_udp(preferred, range) {
-                    Ok(socket) => {
-                        let local = v4(socket.local_addr());
-                        if self.insert(registry, id, HostConn::Datagram(socket)) {
-                            nat.handle_opened(now, id, Ok(local));
-                        } else {
-                            nat.handle_opened(now, id, Err(io::ErrorKind::Other));
-                        }
-                    }
-                    Err(e) => nat.handle_opened(now, id, Err(e.kind())),
-                }
+                let socket = bind_udp(preferred, range);
+                self.open_datagram(now, nat, registry, id, socket);
             }
-            Action::Open(id, HostSocket::Ping) => match super::sys::open_ping_socket() {
-                Ok(fd) => {
-                    let socket = UdpSocket::from_std(std::net::UdpSocket::from(fd));
-                    let local = v4(socket.local_addr());
-                    if self.insert(registry, id, HostConn::Datagram(socket)) {
-                        nat.handle_opened(now, id, Ok(local));
-                    } else {
-                        nat.handle_opened(now, id, Err(io::ErrorKind::Other));
-                    }
-                }
-                Err(e) => nat.handle_opened(now, id, Err(e.kind())),
-            },
+            Action::Open(id, HostSocket::Ping) => {
+                let socket = super::sys::open_ping_socket()
+                    .map(|fd| UdpSocket::from_std(std::net::UdpSocket::from(fd)));
+                self.open_datagram(now, nat, registry, id, socket);
+            }
             Action::SendTo(id, to, data) => {
                 if let Some(Slot {
                     conn: HostConn::Datagram(socket),
@@ -371,6 +355,29 @@ impl Egress {
                 }
             }
         }
+    }
+
+    /// Keeps a UDP or ping socket for flow `id` and tells socket NAT how opening it went.
+    fn open_datagram(
+        &mut self,
+        now: Instant,
+        nat: &mut SocketNat,
+        registry: &Registry,
+        id: FlowId,
+        socket: io::Result<UdpSocket>,
+    ) {
+        let result = match socket {
+            Ok(socket) => {
+                let local = v4(socket.local_addr());
+                if self.insert(registry, id, HostConn::Datagram(socket)) {
+                    Ok(local)
+                } else {
+                    Err(io::ErrorKind::Other)
+                }
+            }
+            Err(e) => Err(e.kind()),
+        };
+        nat.handle_opened(now, id, result);
     }
 
     fn slot(&mut self, id: FlowId) -> Option<&mut Slot> {
