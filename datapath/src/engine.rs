@@ -170,6 +170,15 @@ pub struct Engine {
     guard: GuardConfig,
     /// Lines for the log: a cap or filter that started dropping (once per interval each).
     notices: VecDeque<String>,
+    /// When each table cap last put a notice in the log.
+    cap_noticed: [Option<Instant>; 2],
+}
+
+/// The engine-wide caps whose refusals are logged.
+#[derive(Debug, Clone, Copy)]
+enum CapNotice {
+    Fdb,
+    Nat,
 }
 
 /// The DHCP server's view of who holds which address, for clean-traffic.
@@ -224,6 +233,7 @@ impl Engine {
             socket_nat_unresolved: 0,
             guard: config.guard,
             notices: VecDeque::new(),
+            cap_noticed: [None; 2],
         }
     }
 
@@ -285,6 +295,17 @@ impl Engine {
         if let Some(Some(state)) = self.ports.get_mut(port.0 as usize) {
             state.guard.bind_mac(mac);
         }
+    }
+
+    /// Logs `line` for a table cap, at most once per [`crate::guard::NOTICE_INTERVAL`].
+    fn notice_cap(&mut self, now: Instant, cap: CapNotice, line: impl FnOnce() -> String) {
+        let slot = &mut self.cap_noticed[cap as usize];
+        if slot.is_some_and(|at| now.saturating_duration_since(at) < crate::guard::NOTICE_INTERVAL)
+        {
+            return;
+        }
+        *slot = Some(now);
+        self.notices.push_back(line());
     }
 
     /// The next line for the log (a filter or cap that started dropping).
@@ -448,6 +469,19 @@ impl Engine {
             c.record_rx(frame.len());
             if let Verdict::Drop(reason) = verdict {
                 c.record_drop(reason);
+                if matches!(
+                    reason,
+                    DropReason::NatTableFull
+                        | DropReason::NatGuestLimit
+                        | DropReason::NatPortsExhausted
+                ) {
+                    self.notice_cap(now, CapNotice::Nat, || {
+                        format!(
+                            "port {ingress}: NAT refuses new connections ({reason}); \
+                             counted in `switchyard stats`"
+                        )
+                    });
+                }
             }
         }
         verdict
@@ -491,7 +525,15 @@ impl Engine {
         }
         // A full table does not stop forwarding: the frame is still delivered (flooded if its
         // destination is unknown); `fdb.full` counts it.
-        let _: Learned = self.fdb.learn(now, src, vlan, ingress);
+        if matches!(self.fdb.learn(now, src, vlan, ingress), Learned::TableFull) {
+            let capacity = self.fdb.capacity();
+            self.notice_cap(now, CapNotice::Fdb, || {
+                format!(
+                    "the MAC table is full ({capacity} entries): frames from new MACs are \
+                     flooded, not learned (fdb.full)"
+                )
+            });
+        }
 
         let to_gateway = gateway_mac.is_some() && Some(dst) == gateway_mac;
         if to_gateway
@@ -1440,6 +1482,19 @@ mod tests {
         let s = e.stats();
         assert_eq!(s.fdb_entries, 2);
         assert_eq!(s.engine.fdb.full, 1);
+        // The log hears of it once per interval, not per frame.
+        send(
+            &mut e,
+            t,
+            pb,
+            frame(A, MacAddr([0x52, 0x54, 0, 0, 0, 0x77]), 60),
+        );
+        let notices: Vec<String> = std::iter::from_fn(|| e.poll_notice()).collect();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].contains("MAC table is full (2 entries)"),
+            "{notices:?}"
+        );
     }
 
     #[test]

@@ -83,6 +83,11 @@ impl Fdb {
         }
     }
 
+    /// The most entries the table holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
