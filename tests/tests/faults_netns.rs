@@ -132,3 +132,106 @@ fn a_full_disk_withholds_acks_and_the_lease_file_stays_whole() {
     assert!(log.contains("cannot write the lease file"), "{log}");
     assert!(log.contains("is written again"), "{log}");
 }
+
+/// The dnsmasq-format lease file, line by line: (MAC, IP). Panics on a line that is not whole,
+/// which is what "never corrupt" means.
+fn parse_leases(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.len(), 5, "a broken lease line: {line:?}");
+            assert!(fields[0].parse::<u64>().is_ok(), "{line:?}");
+            assert_eq!(fields[1].len(), 17, "{line:?}");
+            assert!(fields[2].parse::<std::net::Ipv4Addr>().is_ok(), "{line:?}");
+            (fields[1].to_string(), fields[2].to_string())
+        })
+        .collect()
+}
+
+// kill -9 at moments spread over DHCP exchanges, five times over: the lease file is always
+// whole, and every lease a client was acknowledged is in it (an ACK leaves only once its
+// lease is on disk).
+#[test]
+fn kill_9_in_the_middle_of_dhcp_never_loses_an_acknowledged_lease() {
+    require(&["ip", "busybox"]);
+    let dir = TempDir::new("sykill");
+    let state = dir.file("state");
+    let sw = Netns::new("s");
+    let guests: Vec<Netns> = (0..3).map(|_| Netns::new("g")).collect();
+    let macs: Vec<String> = (1..=3).map(|i| format!("52:54:00:6b:00:{i:02x}")).collect();
+    for g in &guests {
+        // Persistent taps: they outlive each killed engine, and the clients with them.
+        g.must(&["ip", "tuntap", "add", "dev", "eth0", "mode", "tap"]);
+    }
+    let xml = dir.write(
+        "net.xml",
+        "<network><name>kill</name><ip address='192.168.122.1' netmask='255.255.255.0'>\
+         <dhcp><range start='192.168.122.100' end='192.168.122.150'/></dhcp></ip></network>",
+    );
+    let scripts: Vec<String> = (0..3)
+        .map(|i| {
+            let events = dir.file(&format!("events-{i}"));
+            let script = dir.write(
+                &format!("udhcpc-{i}.sh"),
+                &format!(
+                    "#!/bin/sh\ncase \"$1\" in\n  bound|renew) ip -4 addr flush dev \"$interface\"\n\
+                     ip addr add \"$ip/$mask\" dev \"$interface\"\n\
+                     echo \"$ip\" >> {events} ;;\nesac\nexit 0\n"
+                ),
+            );
+            must(&["chmod", "755", &script]);
+            script
+        })
+        .collect();
+    let mut acknowledged: Vec<Option<String>> = vec![None; 3];
+    for round in 0..5u64 {
+        let mut args = vec![
+            "run".to_string(),
+            xml.clone(),
+            "--control".into(),
+            dir.file("ctl.sock"),
+            "--state-dir".into(),
+            state.clone(),
+        ];
+        for (g, mac) in guests.iter().zip(&macs) {
+            args.push("--tap".into());
+            args.push(g.tap_arg("eth0", mac));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut sy = Switchyard::start_in(Some(&sw), &args);
+        let clients: Vec<Background> = guests
+            .iter()
+            .zip(&scripts)
+            .map(|(g, script)| {
+                g.spawn(&[
+                    "timeout", "10", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "3", "-T", "1",
+                    "-i", "eth0", "-s", script,
+                ])
+            })
+            .collect();
+        // A different moment each round, from before the first DISCOVER to after the ACKs.
+        std::thread::sleep(Duration::from_millis(round * 90 + 20));
+        let (ok, _, _) = sy.stop_with("KILL");
+        assert!(!ok, "killed");
+        drop(clients);
+        let file = std::fs::read_to_string(format!("{state}/kill.leases")).unwrap_or_default();
+        let leases = parse_leases(&file);
+        for (i, mac) in macs.iter().enumerate() {
+            let events =
+                std::fs::read_to_string(dir.file(&format!("events-{i}"))).unwrap_or_default();
+            if let Some(ip) = events.lines().last() {
+                acknowledged[i] = Some(ip.to_string());
+            }
+            if let Some(ip) = &acknowledged[i] {
+                assert!(
+                    leases.contains(&(mac.clone(), ip.clone())),
+                    "round {round}: {mac} was acknowledged {ip}, the file has:\n{file}"
+                );
+            }
+        }
+    }
+    assert!(
+        acknowledged.iter().all(Option::is_some),
+        "some client never got a lease in five rounds: {acknowledged:?}"
+    );
+}
