@@ -268,9 +268,13 @@ fn udhcpc_dhclient_and_dhcpcd_lease_renew_release_and_reboot() {
         );
     }
 
-    // Releases: udhcpc on SIGUSR2, dhclient -r. Their leases leave the table.
+    // Releases: udhcpc on SIGUSR2, dhclient -r. Their leases leave the table. (The gateway's
+    // ARP entry is refreshed first: each client unicasts its RELEASE and flushes its address
+    // at once, and a RELEASE still waiting for ARP then never leaves; under load it did.)
+    g1.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
     must(&["kill", "-USR2", pid.trim()]);
     wait_event(&net, "udhcpc", "deconfig");
+    g2.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
     dhclient("-r");
     let deadline = Instant::now() + Duration::from_secs(5);
     while leases(&net).contains(&format!("{ip1}/24")) || leases(&net).contains(&format!("{ip2}/24"))
