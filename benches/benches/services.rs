@@ -19,7 +19,7 @@ use std::time::Instant;
 const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 1);
 const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x0a]);
 
-fn engine() -> (Engine, PortId, MacAddr) {
+fn network() -> (Engine, PortId, MacAddr) {
     let gw_mac = GatewayConfig::mac_for_network("default");
     let mut engine = Engine::new(&Config {
         gateway: Some(GatewayConfig {
@@ -33,11 +33,19 @@ fn engine() -> (Engine, PortId, MacAddr) {
     let dhcp = DhcpConfig::new(
         GW,
         24,
-        (Ipv4Addr::new(192, 168, 122, 2), Ipv4Addr::new(192, 168, 122, 254)),
+        (
+            Ipv4Addr::new(192, 168, 122, 2),
+            Ipv4Addr::new(192, 168, 122, 254),
+        ),
     );
     let server = DhcpServer::new(dhcp, Vec::new(), 1_800_000_000);
     // Not durable: the lease file's fsync is the I/O edge's cost, measured end to end.
-    engine.enable_dhcp(DhcpService::new(server, gw_mac, false, (now, 1_800_000_000)));
+    engine.enable_dhcp(DhcpService::new(
+        server,
+        gw_mac,
+        false,
+        (now, 1_800_000_000),
+    ));
     let mut dns = DnsConfig::new();
     dns.domain = Some("lab".into());
     dns.hosts = vec![(Ipv4Addr::new(192, 168, 122, 7), vec!["printer".into()])];
@@ -101,7 +109,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("services");
     group.throughput(Throughput::Elements(1));
 
-    let (mut engine, port, gw_mac) = engine();
+    let (mut engine, port, gw_mac) = network();
     let broadcast = (MacAddr::BROADCAST, GUEST_MAC);
     let discover = udp_frame(
         broadcast,
@@ -137,7 +145,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let (mut engine, port, gw_mac) = engine();
+    let (mut engine, port, gw_mac) = network();
     let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     query.extend_from_slice(b"\x07printer\x03lab\x00\x00\x01\x00\x01");
     let frame = udp_frame(
