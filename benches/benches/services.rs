@@ -121,7 +121,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let now = Instant::now();
             let offer = send(&mut engine, port, now, &discover).expect("OFFER");
-            let yiaddr: [u8; 4] = offer[14 + 28 + 16..14 + 28 + 20].try_into().unwrap();
+            let yiaddr: [u8; 4] = offer[14 + 28 + 16..14 + 28 + 20]
+                .try_into()
+                .expect("yiaddr is four bytes");
             let mut options = vec![50, 4];
             options.extend_from_slice(&yiaddr);
             options.extend_from_slice(&[54, 4]);
