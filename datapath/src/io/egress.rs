@@ -173,6 +173,11 @@ impl Egress {
         self.listeners.iter().flatten().map(|l| &l.forward)
     }
 
+    /// Whether sockets are waiting for another turn (a budget ran out before they drained).
+    pub fn has_pending(&self) -> bool {
+        !self.events.is_empty() || !self.accepts.is_empty()
+    }
+
     /// A readiness event for `token` (true when it was one of ours).
     pub fn handle_event(&mut self, event: &mio::event::Event) -> bool {
         let Token(t) = event.token();

@@ -1027,7 +1027,8 @@ impl Datapath {
     /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next
     /// timer), serve ready ports within their budget, run due timers.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() && !self.upstream_ready {
+        let timeout = if self.ready.is_empty() && !self.upstream_ready && !self.egress.has_pending()
+        {
             let resolv = self.resolv.as_ref().map(|w| w.next_check);
             let timer = [self.engine.poll_timeout(), resolv]
                 .into_iter()
