@@ -138,6 +138,69 @@ impl Device for Queues {
     }
 }
 
+/// The device for one received packet handed to the stack where it lies (in the frame the
+/// engine was given), so it is not copied into a queue first; what the stack sends in answer
+/// joins the queues' transmit side.
+#[derive(Debug)]
+pub struct Borrowed<'p, 'q> {
+    packet: Option<&'p [u8]>,
+    queues: &'q mut Queues,
+}
+
+impl<'p, 'q> Borrowed<'p, 'q> {
+    pub fn new(packet: &'p [u8], queues: &'q mut Queues) -> Self {
+        Borrowed {
+            packet: Some(packet),
+            queues,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct BorrowedRx<'p>(&'p [u8]);
+
+impl smoltcp::phy::RxToken for BorrowedRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl<'p> Device for Borrowed<'p, '_> {
+    type RxToken<'a>
+        = BorrowedRx<'p>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(
+        &mut self,
+        _: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let packet = self.packet.take()?;
+        let tx = TxToken {
+            queue: &mut self.queues.tx,
+            spare: &mut self.queues.spare,
+            headroom: self.queues.headroom,
+        };
+        Some((BorrowedRx(packet), tx))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(TxToken {
+            queue: &mut self.queues.tx,
+            spare: &mut self.queues.spare,
+            headroom: self.queues.headroom,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.queues.capabilities()
+    }
+}
+
 /// The engine's clock as the stack counts it: time since `epoch`.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {

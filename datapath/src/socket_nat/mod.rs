@@ -579,11 +579,13 @@ impl SocketNat {
         let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
         let key = Key::Tcp(guest, remote);
         let flags = ip[ihl + 13];
-        let mut segment = self.queues.copy_in(ip);
-        let mss = if flags & 0x02 != 0 {
-            raise_mss(&mut segment, ihl)
-        } else {
-            None
+        let syn = flags & 0x02 != 0;
+        // A SYN is copied (its MSS is raised, or it waits for the host); anything else goes
+        // to the stack straight from the frame, unless packets queued before it must go first.
+        let mut segment = (syn || !self.queues.rx.is_empty()).then(|| self.queues.copy_in(ip));
+        let mss = match &mut segment {
+            Some(segment) if syn => raise_mss(segment, ihl),
+            _ => None,
         };
         let payload = ip
             .len()
@@ -607,7 +609,15 @@ impl SocketNat {
                     // The guest's SYN-ACK, when the stack connected to it (a port forward).
                     tcp.mss = mss;
                 }
-                self.queues.rx.push_back(segment);
+                match segment {
+                    Some(segment) => self.queues.rx.push_back(segment),
+                    None => {
+                        let at = self.clock.stack_time(now);
+                        let mut device = crate::stack::Borrowed::new(ip, &mut self.queues);
+                        self.iface
+                            .poll_ingress_single(at, &mut device, &mut self.sockets);
+                    }
+                }
                 self.stack_dirty = true;
                 self.touch(index);
                 Ok(())
@@ -620,7 +630,7 @@ impl SocketNat {
                     key,
                     Kind::Tcp(TcpFlow {
                         handle: None,
-                        syn: Some(segment),
+                        syn: segment,
                         shut_write: false,
                         host_eof: false,
                         mss: mss.unwrap_or(DEFAULT_MSS),
@@ -637,6 +647,7 @@ impl SocketNat {
             None => {
                 // No connection: the stack answers as a host with nothing listening would.
                 self.counters.tcp_stray_segments += 1;
+                let segment = segment.unwrap_or_else(|| self.queues.copy_in(ip));
                 self.queues.rx.push_back(segment);
                 self.stack_dirty = true;
                 Ok(())
