@@ -1080,7 +1080,7 @@ impl Engine {
         let peer = sockets.peer(dst).or_else(|| {
             let mac = self.dhcp.as_ref()?.leases().find(|l| l.ip == dst)?.mac;
             let mac = MacAddr(mac);
-            let port = self.fdb.lookup(Instant::now(), mac, 0)?;
+            let port = self.fdb.lookup(sockets.now(), mac, 0)?;
             Some(Peer { port, mac })
         });
         match peer {

@@ -280,6 +280,8 @@ pub struct SocketNat {
     next_sweep: Option<Instant>,
     ping_denied: bool,
     next_forward_port: u16,
+    /// The time of the last call that was given one.
+    now: Instant,
     pub counters: SocketNatCounters,
 }
 
@@ -333,6 +335,7 @@ impl SocketNat {
             next_sweep: None,
             ping_denied: false,
             next_forward_port: FORWARD_PORTS.0,
+            now,
             counters: SocketNatCounters::default(),
         }
     }
@@ -347,6 +350,11 @@ impl SocketNat {
 
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+
+    /// The time this socket NAT was last given (its stack was last run).
+    pub fn now(&self) -> Instant {
+        self.now
     }
 
     /// Where the guest with address `ip` was last heard from.
@@ -1240,6 +1248,7 @@ impl SocketNat {
     /// Runs the stack when something changed (segments in, buffers moved), then looks at the
     /// flows that changed: ended ones are removed, ones with bytes to move become ready.
     pub fn poll_stack(&mut self, now: Instant) {
+        self.now = now;
         if self.stack_dirty || self.next_poll.is_some_and(|t| t <= now) {
             self.stack_dirty = false;
             let at = self.clock.stack_time(now);
