@@ -40,13 +40,24 @@ impl Queues {
 }
 
 impl Queues {
+    /// A buffer from the transmit spares holding a copy of `data` (a datagram for a host
+    /// socket); it comes back through [`Queues::recycle`] once sent.
+    pub fn copy_in_spare(&mut self, data: &[u8]) -> Vec<u8> {
+        copied(&mut self.spare, data)
+    }
+
     /// A buffer holding a copy of `packet`, to queue for the stack.
     pub fn copy_in(&mut self, packet: &[u8]) -> Vec<u8> {
-        let mut buffer = self.rx_spare.pop().unwrap_or_default();
-        buffer.clear();
-        buffer.extend_from_slice(packet);
-        buffer
+        copied(&mut self.rx_spare, packet)
     }
+}
+
+/// A buffer from `pool` (or a new one) holding a copy of `data`.
+fn copied(pool: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    let mut buffer = pool.pop().unwrap_or_default();
+    buffer.clear();
+    buffer.extend_from_slice(data);
+    buffer
 }
 
 #[derive(Debug)]

@@ -333,6 +333,7 @@ impl Egress {
                     // A lost datagram is the guest's protocol's to recover, as on any network.
                     let _ = socket.send_to(&data, SocketAddr::V4(to));
                 }
+                nat.recycle(data);
             }
             Action::SendFromForward(listener, to, data) => {
                 if let Some(Some(Listener {
@@ -342,6 +343,7 @@ impl Egress {
                 {
                     let _ = socket.send_to(&data, SocketAddr::V4(to));
                 }
+                nat.recycle(data);
             }
             Action::ShutdownWrite(id) => {
                 if let Some(Slot {

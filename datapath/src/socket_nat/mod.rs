@@ -549,33 +549,38 @@ impl SocketNat {
             self.counters.unsupported += 1;
             return Err(DropReason::NatUnsupported);
         };
+        if !self.config.is_internal(tuple.src)
+            || !(self.routable(tuple.dst) || self.is_forward_end(&tuple))
+        {
+            return Err(DropReason::NoRoute);
+        }
+        match tuple.proto {
+            PROTO_TCP => self.guest_tcp(now, from, (ip, ihl), tuple, partial),
+            PROTO_UDP => self.guest_udp(now, from, (ip, ihl), tuple),
+            _ => self.guest_icmp(now, from, (ip, ihl), tuple),
+        }
+    }
+
+    /// Whether `tuple` goes to the gateway's end of a forwarded connection, which is known
+    /// without being routable. (Looked up only for what is not routable: the gateway.)
+    fn is_forward_end(&self, tuple: &Tuple) -> bool {
         let guest = SocketAddrV4::new(tuple.src, tuple.sport);
-        let known = match tuple.proto {
+        match tuple.proto {
             PROTO_TCP => self
                 .by_key
                 .contains_key(&Key::Tcp(guest, SocketAddrV4::new(tuple.dst, tuple.dport))),
-            PROTO_UDP if tuple.dst == self.config.gateway => self
+            PROTO_UDP => self
                 .by_key
                 .contains_key(&Key::UdpForward(guest, tuple.dport)),
             _ => false,
-        };
-        // The gateway's end of a forwarded connection is known without being routable.
-        if !self.config.is_internal(tuple.src) || !(known || self.routable(tuple.dst)) {
-            return Err(DropReason::NoRoute);
-        }
-        self.note_peer(tuple.src, from);
-        match tuple.proto {
-            PROTO_TCP => self.guest_tcp(now, ip, ihl, tuple, partial),
-            PROTO_UDP => self.guest_udp(now, ip, ihl, tuple),
-            _ => self.guest_icmp(now, ip, ihl, tuple),
         }
     }
 
     fn guest_tcp(
         &mut self,
         now: Instant,
-        ip: &[u8],
-        ihl: usize,
+        from: Peer,
+        (ip, ihl): (&[u8], usize),
         tuple: Tuple,
         partial: bool,
     ) -> Result<(), DropReason> {
@@ -588,6 +593,10 @@ impl SocketNat {
         let key = Key::Tcp(guest, remote);
         let flags = ip[ihl + 13];
         let syn = flags & 0x02 != 0;
+        if syn {
+            // Where answers go is learned as connections open (and from ARP), not per segment.
+            self.note_peer(tuple.src, from);
+        }
         // A SYN is copied (its MSS is raised, or it waits for the host); anything else goes
         // to the stack straight from the frame, unless packets queued before it must go first.
         let mut segment = (syn || !self.queues.rx.is_empty()).then(|| self.queues.copy_in(ip));
@@ -666,8 +675,8 @@ impl SocketNat {
     fn guest_udp(
         &mut self,
         now: Instant,
-        ip: &[u8],
-        ihl: usize,
+        from: Peer,
+        (ip, ihl): (&[u8], usize),
         tuple: Tuple,
     ) -> Result<(), DropReason> {
         let udp = &ip[ihl..];
@@ -690,11 +699,9 @@ impl SocketNat {
             flow.packets[0] += 1;
             flow.bytes[0] += (len - 8) as u64;
             self.counters.udp_datagrams_out += 1;
-            self.actions.push_back(Action::SendFromForward(
-                listener,
-                remote,
-                udp[8..len].to_vec(),
-            ));
+            let data = self.queues.copy_in_spare(&udp[8..len]);
+            self.actions
+                .push_back(Action::SendFromForward(listener, remote, data));
             return Ok(());
         }
         let key = Key::Udp(guest);
@@ -709,6 +716,7 @@ impl SocketNat {
                     },
                 )?;
                 self.counters.udp_mappings += 1;
+                self.note_peer(tuple.src, from);
                 let preferred = tuple.sport;
                 let range = self.config.ports;
                 self.actions
@@ -732,16 +740,19 @@ impl SocketNat {
             remotes.push_back(remote);
         }
         self.counters.udp_datagrams_out += 1;
-        self.actions
-            .push_back(Action::SendTo(id, target, udp[8..len].to_vec()));
+        self.actions.push_back(Action::SendTo(
+            id,
+            target,
+            self.queues.copy_in_spare(&udp[8..len]),
+        ));
         Ok(())
     }
 
     fn guest_icmp(
         &mut self,
         now: Instant,
-        ip: &[u8],
-        ihl: usize,
+        from: Peer,
+        (ip, ihl): (&[u8], usize),
         tuple: Tuple,
     ) -> Result<(), DropReason> {
         if ip[ihl] != packet::ICMP_ECHO_REQUEST {
@@ -762,6 +773,7 @@ impl SocketNat {
             None => {
                 let quote = quote_of(ip);
                 let id = self.insert(now, key, Kind::Ping { quote })?;
+                self.note_peer(tuple.src, from);
                 self.actions.push_back(Action::Open(id, HostSocket::Ping));
                 id
             }
@@ -774,8 +786,11 @@ impl SocketNat {
         flow.packets[0] += 1;
         flow.bytes[0] += (ip.len() - ihl) as u64;
         self.counters.pings_out += 1;
-        self.actions
-            .push_back(Action::SendTo(id, target, ip[ihl..].to_vec()));
+        self.actions.push_back(Action::SendTo(
+            id,
+            target,
+            self.queues.copy_in_spare(&ip[ihl..]),
+        ));
         Ok(())
     }
 
@@ -1065,19 +1080,15 @@ impl SocketNat {
         let mut done = Transfer::default();
         let mut failed = false;
         while socket.can_recv() {
-            let result = socket.recv(|data| match write(data) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            });
-            match result {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => done.bytes += n,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            match Step::of(socket.recv(|data| Step::counted(write(data)))) {
+                Step::Moved(n) => done.bytes += n,
+                Step::Again => {}
+                Step::End => break,
+                Step::Blocked => {
                     done.blocked = true;
                     break;
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(_)) | Err(_) => {
+                Step::Failed => {
                     failed = true;
                     break;
                 }
@@ -1111,22 +1122,18 @@ impl SocketNat {
         let mut done = Transfer::default();
         let (mut eof, mut failed) = (false, false);
         while socket.can_send() {
-            let result = socket.send(|room| match read(room) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            });
-            match result {
-                Ok(Ok(0)) => {
+            match Step::of(socket.send(|room| Step::counted(read(room)))) {
+                Step::Moved(n) => done.bytes += n,
+                Step::Again => {}
+                Step::End => {
                     eof = true;
                     break;
                 }
-                Ok(Ok(n)) => done.bytes += n,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Step::Blocked => {
                     done.blocked = true;
                     break;
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(_)) | Err(_) => {
+                Step::Failed => {
                     failed = true;
                     break;
                 }
@@ -1435,6 +1442,37 @@ impl SocketNat {
             }
         }
         rows
+    }
+}
+
+/// What one `read` or `write` between a host socket and a stack buffer did.
+enum Step {
+    Moved(usize),
+    /// Nothing moved: end of stream (a read) or no room (a write).
+    End,
+    Blocked,
+    /// Interrupted: try again.
+    Again,
+    Failed,
+}
+
+impl Step {
+    /// The stack's buffer closure result: bytes taken, and the call's own result.
+    fn counted(result: io::Result<usize>) -> (usize, io::Result<usize>) {
+        match result {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        }
+    }
+
+    fn of<E>(result: Result<io::Result<usize>, E>) -> Step {
+        match result {
+            Ok(Ok(0)) => Step::End,
+            Ok(Ok(n)) => Step::Moved(n),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Step::Again,
+            Ok(Err(_)) | Err(_) => Step::Failed,
+        }
     }
 }
 
