@@ -552,12 +552,6 @@ impl Engine {
             };
             sockets.note_peer(arp.sender_ip(), peer);
         }
-        if to_gateway
-            && ethertype == EtherType::IPV4
-            && let Some(verdict) = self.serve_gateway_socket(now, ingress, src, (vnet, frame), l3)
-        {
-            return verdict;
-        }
         if self.dhcp.is_some() {
             if ethertype == EtherType::ARP {
                 self.note_arp_sender(now, &frame[l3..]);
@@ -567,6 +561,12 @@ impl Engine {
             {
                 return verdict;
             }
+        }
+        if to_gateway
+            && ethertype == EtherType::IPV4
+            && let Some(verdict) = self.serve_gateway_socket(now, ingress, src, (vnet, frame), l3)
+        {
+            return verdict;
         }
         if let Some(gateway) = &mut self.gateway
             && (to_gateway || dst.is_broadcast())
@@ -599,10 +599,7 @@ impl Engine {
         self.dhcp.as_ref()?;
         // Cheap tests first: most frames to the gateway are routed traffic, not DHCP.
         let (_, payload) = gateway::udp_datagram_to(packet, dhcp::SERVER_PORT)?;
-        let ip = Ipv4Packet::new_checked(packet).ok()?;
-        if !ip.header_checksum_ok() {
-            return None;
-        }
+        let ip = checked_ipv4(packet)?;
         if self.guard.dhcp_per_second > 0 && !self.within_rate(now, ingress, false) {
             return Some(Verdict::Drop(DropReason::DhcpRateLimited));
         }
@@ -638,18 +635,12 @@ impl Engine {
         let dns = self.dns.as_mut()?;
         let packet = &frame[l3..];
         if dns.wants_tcp(packet) {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            if !ip.header_checksum_ok() {
-                return None;
-            }
+            checked_ipv4(packet)?;
             dns.handle_tcp_segment(now, ingress, src_mac, (vnet, frame), &mut self.outgoing);
             return Some(Verdict::Consumed);
         }
         let (sport, query) = dns.query_in(packet)?;
-        let ip = Ipv4Packet::new_checked(packet).ok()?;
-        if !ip.header_checksum_ok() {
-            return None;
-        }
+        let ip = checked_ipv4(packet)?;
         if self.guard.dns_per_second > 0 && !self.within_rate(now, ingress, true) {
             return Some(Verdict::Drop(DropReason::DnsRateLimited));
         }
@@ -664,7 +655,8 @@ impl Engine {
         )
     }
 
-    /// TCP and UDP to the gateway's own address beyond DNS and DHCP: the host's loopback under
+    /// TCP and UDP to the gateway's own address beyond DNS and DHCP (both served before it):
+    /// the host's loopback under
     /// `<sy:host-loopback/>`, and the gateway's end of port-forwarded connections. `None`:
     /// not such a packet (or no socket NAT).
     fn serve_gateway_socket(
@@ -685,9 +677,6 @@ impl Engine {
                 crate::wire::ipv4::PROTO_TCP | crate::wire::ipv4::PROTO_UDP
             )
         {
-            return None;
-        }
-        if self.dhcp.is_some() && gateway::udp_datagram_to(packet, dhcp::SERVER_PORT).is_some() {
             return None;
         }
         let ip = Ipv4Packet::new_checked(packet).ok()?;
@@ -1332,6 +1321,12 @@ impl Engine {
             dhcp_leases: dhcp.map_or(0, |d| d.leases().count()),
         }
     }
+}
+
+/// `packet` as an IPv4 packet whose header is whole and whose header checksum verifies.
+fn checked_ipv4(packet: &[u8]) -> Option<Ipv4Packet<&[u8]>> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    ip.header_checksum_ok().then_some(ip)
 }
 
 fn ip_header_len(ip: &[u8]) -> usize {
