@@ -425,7 +425,7 @@ fn leases_survive_kill_9_and_a_restart() {
 /// truncated, bad option lengths, option overload pointing at garbage, a huge host name,
 /// random bytes. Bounded: argv[1] rounds of each.
 const GARBAGE_SENDER: &str = r#"
-import os, random, socket, struct, sys
+import os, random, socket, struct, sys, time
 rounds = int(sys.argv[1])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth0", 0))
@@ -456,6 +456,8 @@ kinds = [
 for _ in range(rounds):
     for k in kinds:
         s.send(frame(k()))
+    # Paced, so a busy machine's tap queue does not drop what the count below expects.
+    time.sleep(0.001)
 print("sent", rounds * len(kinds))
 "#;
 
