@@ -52,6 +52,8 @@
 # building target/release/switchyard (e.g. while the tree does not build). RELEASE=0: above.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/e2e/common.sh
+. benches/e2e/common.sh
 RUNS=${1:-5}
 TRANSACTIONS=${2:-2000}
 CONCURRENCY=${3:-1,16}
@@ -322,7 +324,6 @@ for r in $(seq "$RUNS"); do
   echo "$line" >&2
 done
 
-stats() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; printf "%s %s %s\n", m, v[1], v[NR]}'; }
 row() { # label level
   local sm="" s="-" dm="" d="-" smin smax dmin dmax
   # shellcheck disable=SC2086 # the values are space-separated numbers

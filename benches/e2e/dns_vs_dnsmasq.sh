@@ -68,6 +68,8 @@
 # be installed) or LOADGEN=python.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/e2e/common.sh
+. benches/e2e/common.sh
 RUNS=${1:-5}
 SECS=${2:-5}
 OUTSTANDING=${3:-1,16}
@@ -448,7 +450,6 @@ done
 declare -A upstream_during=()
 for t in "${sides[@]}"; do upstream_during[$t]=$(($(upstream_count "$t") - ${upstream_before[$t]})); done
 
-stats() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; printf "%s %s %s\n", m, v[1], v[NR]}'; }
 row() { # label metric level
   local sm="" s="-" dm="" d="-" smin smax dmin dmax
   # shellcheck disable=SC2086 # the values are space-separated numbers

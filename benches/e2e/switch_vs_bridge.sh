@@ -10,6 +10,8 @@
 # Usage: sudo benches/e2e/switch_vs_bridge.sh [RUNS] [SECS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/e2e/common.sh
+. benches/e2e/common.sh
 RUNS=${1:-3}
 SECS=${2:-5}
 COUNT=50
@@ -72,7 +74,6 @@ for r in $(seq "$RUNS"); do
   echo "round $r: tcp switchyard ${sy_tcp[-1]} Gbps, kernel ${k_tcp[-1]} Gbps; rtt switchyard ${sy_rtt[-1]} us, kernel ${k_rtt[-1]} us" >&2
 done
 
-stats() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; printf "%s %s %s\n", m, v[1], v[NR]}'; }
 read -r sm smin smax < <(stats "${sy_tcp[@]}")
 read -r km kmin kmax < <(stats "${k_tcp[@]}")
 read -r srm srmin srmax < <(stats "${sy_rtt[@]}")
