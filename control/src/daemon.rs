@@ -81,6 +81,9 @@ pub enum Request {
         netns: Option<String>,
         #[serde(default)]
         mac: Option<String>,
+        /// `clean-traffic` or `none`: the port's own filter, over the network's.
+        #[serde(default)]
+        filter: Option<String>,
         live: bool,
         config: bool,
     },
@@ -293,13 +296,13 @@ impl Daemon {
                 target,
                 netns,
                 mac,
+                filter,
                 live,
                 config,
             } => self.attach_interface(
                 &network,
                 &target,
-                netns.as_deref(),
-                mac.as_deref(),
+                (netns.as_deref(), mac.as_deref(), filter.as_deref()),
                 (live, config),
             ),
             Request::AttachStream {
@@ -330,8 +333,7 @@ impl Daemon {
         &mut self,
         network: &str,
         target: &str,
-        netns: Option<&str>,
-        mac: Option<&str>,
+        (netns, mac, filter): (Option<&str>, Option<&str>, Option<&str>),
         (live, config): (bool, bool),
     ) -> Result<serde_json::Value, String> {
         let mut spec = target.to_string();
@@ -340,6 +342,9 @@ impl Daemon {
         }
         if let Some(mac) = mac {
             spec.push_str(&format!("={mac}"));
+        }
+        if let Some(filter) = filter {
+            spec.push_str(&format!(",filter={filter}"));
         }
         let parsed: datapath::io::TapSpec = spec.parse().map_err(|e| format!("{e}"))?;
         let new_xml = if config {
@@ -354,7 +359,9 @@ impl Daemon {
                     "interface {spec} is already in the configuration of '{network}'"
                 ));
             }
-            Some(crate::network::add_port_xml(&xml, target, netns, mac))
+            Some(crate::network::add_port_xml(
+                &xml, target, netns, mac, filter,
+            ))
         } else {
             None
         };

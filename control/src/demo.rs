@@ -148,6 +148,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
             netns: Some(datapath::io::netns::netns_path(&ns(g))),
             mac: Some(*mac),
             mtu: None,
+            clean_traffic: None,
         })
         .collect();
     let state_dir = std::env::temp_dir().join(format!("switchyard-demo-{tag}"));

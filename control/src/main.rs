@@ -27,9 +27,10 @@ enum Command {
     Run {
         /// libvirt network XML; omitted = the embedded default.xml
         xml: Option<PathBuf>,
-        /// A tap port: NAME[@NETNS][=MAC]. NETNS is an `ip netns` name or a path such as
-        /// /proc/PID/ns/net; MAC is set on the kernel side. Repeat for more ports.
-        #[arg(long = "tap", value_name = "NAME[@NETNS][=MAC]")]
+        /// A tap port: NAME[@NETNS][=MAC][,filter=clean-traffic|none]. NETNS is an `ip netns`
+        /// name or a path such as /proc/PID/ns/net; MAC is set on the kernel side; the filter
+        /// overrides the network's clean-traffic for this port. Repeat for more ports.
+        #[arg(long = "tap", value_name = "NAME[@NETNS][=MAC][,filter=F]")]
         taps: Vec<TapSpec>,
         /// A VM port: a unix socket for `qemu -netdev stream,...,addr.type=unix,addr.path=PATH`
         /// (4-byte big-endian length before each frame), or `tcp:127.0.0.1:PORT` for
@@ -198,6 +199,10 @@ enum Command {
         /// MAC address of the kernel side.
         #[arg(long)]
         mac: Option<String>,
+        /// `clean-traffic` or `none`: this port's spoofing filter, over the network's
+        /// `<sy:guard clean-traffic>` (libvirt's `<filterref>` on one interface).
+        #[arg(long, value_parser = ["clean-traffic", "none"])]
+        filter: Option<String>,
         #[arg(long, default_value = "virtio")]
         model: String,
         #[command(flatten)]
@@ -544,6 +549,7 @@ fn main() -> ExitCode {
             socket,
             netns,
             mac,
+            filter,
             model,
             when,
             daemon,
@@ -556,6 +562,7 @@ fn main() -> ExitCode {
                     target,
                     netns,
                     mac,
+                    filter,
                     live,
                     config,
                 }),

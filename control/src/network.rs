@@ -13,6 +13,10 @@ pub const SY_NS: &str = "urn:switchyard:network:1";
 
 /// libvirt's `/usr/share/libvirt/networks/default.xml`, embedded.
 pub const DEFAULT_XML: &str = include_str!("default.xml");
+/// Leases one MAC may hold under different DHCP client identifiers unless `<sy:guard
+/// leases-per-mac>` says otherwise: room for a guest that reboots into another system (a new
+/// identifier before the old lease ends), not for one that drains the pool.
+pub const DEFAULT_LEASES_PER_MAC: u32 = 8;
 
 /// A network definition that could not be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,8 +164,8 @@ const NETWORK: Schema = Schema {
 /// `<sy:egress mode='socket|packet'>` (how NATed flows leave),
 /// `<sy:host-loopback/>` (the gateway address stands for the host's 127.0.0.1) and
 /// `<sy:forward proto host guest>` (a host port forwarded to a guest) and
-/// `<sy:guard clean-traffic dhcp-per-second dns-per-second broadcast-per-second>` (hostile
-/// guests: spoofing protection and per-port rate caps).
+/// `<sy:guard clean-traffic dhcp-per-second dns-per-second broadcast-per-second
+/// leases-per-mac>` (hostile guests: spoofing protection and per-port caps).
 const SY_EXTENSIONS: &[Schema] = &[
     leaf("egress", &["mode"]),
     leaf(
@@ -171,6 +175,7 @@ const SY_EXTENSIONS: &[Schema] = &[
             "dhcp-per-second",
             "dns-per-second",
             "broadcast-per-second",
+            "leases-per-mac",
         ],
     ),
     leaf("host-loopback", &[]),
@@ -179,7 +184,9 @@ const SY_EXTENSIONS: &[Schema] = &[
     leaf("nat", &["filtering", "max-flows", "max-flows-per-guest"]),
     leaf(
         "port",
-        &["type", "target", "netns", "mac", "model", "socket"],
+        &[
+            "type", "target", "netns", "mac", "model", "socket", "filter",
+        ],
     ),
 ];
 
@@ -493,13 +500,22 @@ fn parse_dns(dns: roxmltree::Node<'_, '_>) -> Result<DnsDef, XmlError> {
 
 /// `xml` with one more `<sy:port>` (a tap attached at every start), declaring switchyard's
 /// namespace on `<network>` if it is not yet.
-pub fn add_port_xml(xml: &str, target: &str, netns: Option<&str>, mac: Option<&str>) -> String {
+pub fn add_port_xml(
+    xml: &str,
+    target: &str,
+    netns: Option<&str>,
+    mac: Option<&str>,
+    filter: Option<&str>,
+) -> String {
     let mut element = format!("<sy:port type='tap' target='{}'", xml_escape(target));
     if let Some(ns) = netns {
         element.push_str(&format!(" netns='{}'", xml_escape(ns)));
     }
     if let Some(mac) = mac {
         element.push_str(&format!(" mac='{}'", xml_escape(mac)));
+    }
+    if let Some(filter) = filter {
+        element.push_str(&format!(" filter='{}'", xml_escape(filter)));
     }
     element.push_str(" model='virtio'/>");
     add_sy_element(xml, &element)
@@ -574,6 +590,9 @@ pub struct NetworkDef {
     pub sy_host_loopback: bool,
     pub sy_forwards: Vec<PortForward>,
     pub sy_guard: datapath::guard::GuardConfig,
+    /// `<sy:guard leases-per-mac>`: DHCP leases and offers one MAC may hold under different
+    /// client identifiers ([`DEFAULT_LEASES_PER_MAC`] when unset, 0 for no cap).
+    pub sy_leases_per_mac: u32,
     /// `<sy:port type='tap' target netns mac model/>`: taps attached at every start
     /// (`attach-interface --config`).
     pub sy_ports: Vec<datapath::io::TapSpec>,
@@ -865,6 +884,20 @@ impl NetworkDef {
                         netns: p.attribute("netns").map(datapath::io::netns::netns_path),
                         mac: attr_parse(p, "mac")?,
                         mtu: None,
+                        clean_traffic: match p.attribute("filter") {
+                            None => None,
+                            Some("clean-traffic") => Some(true),
+                            Some("none") => Some(false),
+                            Some(other) => {
+                                return Err(XmlError::BadValue {
+                                    element: "port".into(),
+                                    attribute: "filter".into(),
+                                    value: other.into(),
+                                    line: line_of(p),
+                                    why: "expected 'clean-traffic' or 'none'".into(),
+                                });
+                            }
+                        },
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -881,6 +914,10 @@ impl NetworkDef {
                     broadcast_per_second: attr_parse(g, "broadcast-per-second")?.unwrap_or(0),
                 },
                 None => datapath::guard::GuardConfig::default(),
+            },
+            sy_leases_per_mac: match sy_child("guard") {
+                Some(g) => attr_parse(g, "leases-per-mac")?.unwrap_or(DEFAULT_LEASES_PER_MAC),
+                None => DEFAULT_LEASES_PER_MAC,
             },
             sy_forwards: root
                 .children()
@@ -1045,6 +1082,10 @@ impl NetworkDef {
                 ip: h.ip,
             })
             .collect();
+        config.leases_per_mac = match self.sy_leases_per_mac {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         // Reservations hold leases too: they must not be refused for lease-max.
         let reserved = config.hosts.iter().filter(|h| h.ip.is_some()).count();
         config.lease_max = if ip.dhcp_ranges.is_empty() {
@@ -1419,5 +1460,36 @@ mod tests {
         );
         let unknown = PACKET_NAT.replace("<sy:nat ", "<sy:nat bogus='1' ");
         assert!(NetworkDef::parse(&unknown).is_err());
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn guard_caps_and_per_port_filters() {
+        let net = NetworkDef::parse(DEFAULT_XML).unwrap();
+        assert_eq!(net.sy_leases_per_mac, DEFAULT_LEASES_PER_MAC);
+        assert_eq!(net.dhcp_config().unwrap().unwrap().leases_per_mac, 8);
+        let xml = add_port_xml(
+            DEFAULT_XML,
+            "vnet0",
+            Some("g1"),
+            None,
+            Some("clean-traffic"),
+        );
+        let xml = add_port_xml(&xml, "vnet1", None, None, Some("none"));
+        let xml = add_port_xml(&xml, "vnet2", None, None, None);
+        let xml = xml.replace("</network>", "<sy:guard leases-per-mac='0'/></network>");
+        let net = NetworkDef::parse(&xml).unwrap();
+        let filters: Vec<_> = net.sy_ports.iter().map(|p| p.clean_traffic).collect();
+        assert_eq!(filters, [Some(true), Some(false), None]);
+        assert_eq!(
+            net.dhcp_config().unwrap().unwrap().leases_per_mac,
+            usize::MAX
+        );
+        let bad = xml.replace("filter='none'", "filter='no-spoofing'");
+        assert!(NetworkDef::parse(&bad).is_err());
     }
 }

@@ -168,6 +168,9 @@ pub struct Engine {
     icmp_errors_rate_limited: u64,
     socket_nat_unresolved: u64,
     guard: GuardConfig,
+    /// Ports whose own setting turns clean-traffic on (the guard runs for them even when the
+    /// network's is off).
+    clean_traffic_ports: usize,
     /// Lines for the log: a cap or filter that started dropping (once per interval each).
     notices: VecDeque<String>,
     /// When each table cap last put a notice in the log.
@@ -232,6 +235,7 @@ impl Engine {
             icmp_errors_rate_limited: 0,
             socket_nat_unresolved: 0,
             guard: config.guard,
+            clean_traffic_ports: 0,
             notices: VecDeque::new(),
             cap_noticed: [None; 2],
         }
@@ -274,6 +278,7 @@ impl Engine {
     /// Removes a port and forgets what was learned on it.
     pub fn remove_port(&mut self, port: PortId) -> Option<PortState> {
         self.fdb.flush_port(port);
+        self.set_clean_traffic(port, false);
         if let Some(router) = &mut self.router
             && router.port == Some(port)
         {
@@ -287,6 +292,21 @@ impl Engine {
     pub fn set_trusted(&mut self, port: PortId) {
         if let Some(Some(state)) = self.ports.get_mut(port.0 as usize) {
             state.guard.trusted = true;
+        }
+    }
+
+    /// clean-traffic on or off for `port` alone, whatever the network says (libvirt's
+    /// `<filterref filter='clean-traffic'/>` on one interface).
+    pub fn set_clean_traffic(&mut self, port: PortId, on: bool) {
+        let Some(Some(state)) = self.ports.get_mut(port.0 as usize) else {
+            return;
+        };
+        let was = state.guard.clean_traffic == Some(true);
+        state.guard.clean_traffic = Some(on);
+        match (was, on) {
+            (false, true) => self.clean_traffic_ports += 1,
+            (true, false) => self.clean_traffic_ports -= 1,
+            _ => {}
         }
     }
 
@@ -325,8 +345,9 @@ impl Engine {
         let addresses = LeaseView(self.dhcp.as_ref());
         let state = self.ports.get_mut(ingress.0 as usize)?.as_mut()?;
         let guard = &mut state.guard;
-        let (reason, cap) = if let Some(reason) = config
+        let (reason, cap) = if let Some(reason) = guard
             .clean_traffic
+            .unwrap_or(config.clean_traffic)
             .then(|| guard.check_clean(src, ethertype, l3, &addresses))
             .flatten()
         {
@@ -517,7 +538,7 @@ impl Engine {
         if Some(src) == gateway_mac {
             return Verdict::Drop(DropReason::SpoofedGatewayMac);
         }
-        if self.guard.is_active()
+        if (self.guard.is_active() || self.clean_traffic_ports > 0)
             && let Some(reason) =
                 self.guard_frame(now, ingress, (src, dst, ethertype), &frame[l3..])
         {

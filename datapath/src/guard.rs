@@ -95,6 +95,8 @@ pub enum Cap {
 pub struct PortGuard {
     /// Not a guest (a host NIC): never filtered or capped.
     pub trusted: bool,
+    /// clean-traffic for this port alone, over the network's setting; `None` follows it.
+    pub clean_traffic: Option<bool>,
     /// The one MAC the port may send from.
     pub mac: Option<MacAddr>,
     /// The address last confirmed as the port's own.

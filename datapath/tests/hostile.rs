@@ -365,3 +365,31 @@ fn the_gateways_or_another_guests_mac_as_source_is_refused() {
     let _ = n.send(n.guest, &discover(OTHER, &[53, 1, 1, 255]));
     assert_eq!(n.drops(n.guest, DropReason::SpoofedMac), 1);
 }
+
+/// clean-traffic per port, as libvirt's `<filterref filter='clean-traffic'/>` on one
+/// interface: a port's own setting wins over the network's, either way.
+#[test]
+fn clean_traffic_per_port_overrides_the_network() {
+    let spoof = |n: &mut Net, port: PortId| {
+        let _ = n.send(port, &discover(GUEST, &[53, 1, 1, 255]));
+        let _ = n.send(port, &discover(OTHER, &[53, 1, 1, 255]));
+        n.drops(port, DropReason::SpoofedMac)
+    };
+    // The network leaves it off; one port turns it on.
+    let mut n = net(false);
+    let (guest, other) = (n.guest, n.other);
+    n.engine.set_clean_traffic(guest, true);
+    assert_eq!(spoof(&mut n, guest), 1);
+    assert_eq!(spoof(&mut n, other), 0);
+    // The port leaves and a new one takes its place without the filter: the engine stops
+    // guarding once no port asks for it.
+    n.engine.remove_port(guest);
+    let fresh = n.engine.add_port("fresh");
+    assert_eq!(spoof(&mut n, fresh), 0);
+    // The network turns it on; one port (a trusted appliance) turns it off.
+    let mut n = net(true);
+    let (guest, other) = (n.guest, n.other);
+    n.engine.set_clean_traffic(other, false);
+    assert_eq!(spoof(&mut n, guest), 1);
+    assert_eq!(spoof(&mut n, other), 0);
+}

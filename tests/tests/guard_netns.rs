@@ -26,6 +26,11 @@ impl GuardNet {
 }
 
 fn guard_net(guard: &str) -> GuardNet {
+    guard_net_with(guard, ["", ""])
+}
+
+/// `port_options` are appended to each guest's `--tap` (`,filter=...`).
+fn guard_net_with(guard: &str, port_options: [&str; 2]) -> GuardNet {
     require(&["ip", "busybox", "python3", "ping"]);
     let dir = TempDir::new("syguard");
     let sw = Netns::new("s");
@@ -53,7 +58,8 @@ fn guard_net(guard: &str) -> GuardNet {
     ];
     for (i, g) in guests.iter().enumerate() {
         args.push("--tap".into());
-        args.push(g.tap_arg("eth0", &format!("52:54:00:9a:00:{:02x}", i + 1)));
+        let mac = format!("52:54:00:9a:00:{:02x}", i + 1);
+        args.push(format!("{}{}", g.tap_arg("eth0", &mac), port_options[i]));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let sy = Switchyard::start_in(Some(&sw), &args);
@@ -84,20 +90,11 @@ fn clean_traffic_stops_spoofed_addresses_and_a_rogue_dhcp_server() {
     g1.must(&["ping", "-c", "1", "-W", "2", "192.168.122.1"]);
 
     // An address DHCP did not lease: nothing from it gets through.
-    g1.must(&["ip", "addr", "add", "192.168.122.99/24", "dev", "eth0"]);
-    let spoofed = g1.run(&[
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "1",
-        "-I",
-        "192.168.122.99",
-        "192.168.122.1",
-    ]);
-    assert!(!spoofed.status.success(), "a spoofed source got an answer");
+    assert!(
+        !spoofed_ping_answered(&net, 0),
+        "a spoofed source got an answer"
+    );
     assert!(net.drops(0, "spoofed_ip") >= 1);
-    g1.must(&["ip", "addr", "del", "192.168.122.99/24", "dev", "eth0"]);
 
     // Another MAC on the same port: dropped.
     g1.must(&["ip", "link", "set", "eth0", "address", "52:54:00:9a:00:66"]);
@@ -134,6 +131,47 @@ fn clean_traffic_stops_spoofed_addresses_and_a_rogue_dhcp_server() {
     }
     let (_, _, log) = net.sy.stop_with("TERM");
     assert!(log.contains("clean-traffic is dropping frames"), "{log}");
+}
+
+/// A spoofed source from `guest`: whether the gateway answered its ping.
+fn spoofed_ping_answered(net: &GuardNet, guest: usize) -> bool {
+    let g = &net.guests[guest];
+    g.must(&["ip", "addr", "add", "192.168.122.99/24", "dev", "eth0"]);
+    let out = g.run(&[
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "-I",
+        "192.168.122.99",
+        "192.168.122.1",
+    ]);
+    g.must(&["ip", "addr", "del", "192.168.122.99/24", "dev", "eth0"]);
+    out.status.success()
+}
+
+// libvirt puts `<filterref filter='clean-traffic'/>` on one interface: so does
+// `--tap NAME,filter=clean-traffic` (and `attach-interface --filter`), and `filter=none` lifts
+// the network's filter from one port.
+#[test]
+fn clean_traffic_per_port() {
+    let net = guard_net_with("", [",filter=clean-traffic", ""]);
+    lease(&net, 0);
+    lease(&net, 1);
+    assert!(!spoofed_ping_answered(&net, 0), "port 0 is filtered");
+    assert!(net.drops(0, "spoofed_ip") >= 1);
+    assert!(spoofed_ping_answered(&net, 1), "port 1 is not filtered");
+    drop(net);
+    let net = guard_net_with("<sy:guard clean-traffic='yes'/>", ["", ",filter=none"]);
+    lease(&net, 0);
+    lease(&net, 1);
+    assert!(
+        !spoofed_ping_answered(&net, 0),
+        "the network filters port 0"
+    );
+    assert!(spoofed_ping_answered(&net, 1), "port 1 is exempt");
+    assert_eq!(net.drops(1, "spoofed_ip"), 0);
 }
 
 #[test]

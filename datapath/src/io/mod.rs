@@ -408,10 +408,13 @@ impl Datapath {
             Some(ns) => format!("{}@{}", tap.name, ns.display()),
             None => tap.name.clone(),
         };
-        let mac = tap.mac;
+        let (mac, clean_traffic) = (tap.mac, tap.clean_traffic);
         let id = self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))?;
         if let Some(mac) = mac {
             self.engine.bind_mac(id, mac);
+        }
+        if let Some(on) = clean_traffic {
+            self.engine.set_clean_traffic(id, on);
         }
         Ok(id)
     }

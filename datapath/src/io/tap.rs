@@ -21,11 +21,17 @@ pub struct TapSpec {
     /// MAC address for the kernel side.
     pub mac: Option<MacAddr>,
     pub mtu: Option<u32>,
+    /// `,filter=clean-traffic` or `,filter=none`: this port's clean-traffic, over the
+    /// network's `<sy:guard clean-traffic>` (as libvirt puts a `<filterref>` on one
+    /// interface); `None` follows the network.
+    pub clean_traffic: Option<bool>,
 }
 
 /// A malformed `--tap` argument.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid tap spec {spec:?}: {why} (expected NAME[@NETNS][=MAC])")]
+#[error(
+    "invalid tap spec {spec:?}: {why} (expected NAME[@NETNS][=MAC][,filter=clean-traffic|none])"
+)]
 pub struct TapSpecError {
     spec: String,
     why: &'static str,
@@ -34,15 +40,25 @@ pub struct TapSpecError {
 impl FromStr for TapSpec {
     type Err = TapSpecError;
 
-    /// `NAME[@NETNS][=MAC]`, as `switchyard run --tap` takes it.
+    /// `NAME[@NETNS][=MAC][,filter=clean-traffic|none]`, as `switchyard run --tap` takes it.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |why| TapSpecError {
             spec: s.to_string(),
             why,
         };
-        let (rest, mac) = match s.split_once('=') {
-            Some((rest, mac)) => (rest, Some(mac.parse().map_err(|_| err("bad MAC"))?)),
+        let (head, clean_traffic) = match s.split_once(',') {
+            Some((head, "filter=clean-traffic")) => (head, Some(true)),
+            Some((head, "filter=none")) => (head, Some(false)),
+            Some(_) => {
+                return Err(err(
+                    "the only option is filter=clean-traffic or filter=none",
+                ));
+            }
             None => (s, None),
+        };
+        let (rest, mac) = match head.split_once('=') {
+            Some((rest, mac)) => (rest, Some(mac.parse().map_err(|_| err("bad MAC"))?)),
+            None => (head, None),
         };
         let (name, netns) = match rest.split_once('@') {
             Some((name, ns)) if !ns.is_empty() => (name, Some(netns::netns_path(ns))),
@@ -57,6 +73,7 @@ impl FromStr for TapSpec {
             netns,
             mac,
             mtu: None,
+            clean_traffic,
         })
     }
 }
@@ -79,6 +96,8 @@ pub struct Tap {
     pub netns: Option<PathBuf>,
     /// The MAC set on the kernel side, if one was asked for.
     pub mac: Option<MacAddr>,
+    /// The port's own clean-traffic setting ([`TapSpec::clean_traffic`]).
+    pub clean_traffic: Option<bool>,
     /// The tap did not exist before: it goes away when this is dropped. An attached
     /// (persistent) tap is left as it was found.
     pub created: bool,
@@ -93,6 +112,7 @@ impl Tap {
             netns,
             mac,
             mtu,
+            clean_traffic: _,
         } = spec.clone();
         let here = netns::run_in(netns.as_deref(), {
             let name = name.clone();
@@ -112,6 +132,7 @@ impl Tap {
             name,
             netns: spec.netns.clone(),
             mac: spec.mac,
+            clean_traffic: spec.clean_traffic,
             created,
         })
     }
@@ -154,7 +175,16 @@ mod tests {
         assert_eq!(t.mac, Some(MacAddr([0x52, 0x54, 0, 0, 0, 1])));
         let t: TapSpec = "vm1@/proc/1/ns/net".parse().unwrap();
         assert_eq!(t.netns, Some(PathBuf::from("/proc/1/ns/net")));
+        assert_eq!(t.clean_traffic, None);
+        let t: TapSpec = "vm1@ns1=52:54:00:00:00:01,filter=clean-traffic"
+            .parse()
+            .unwrap();
+        assert_eq!((t.mac.is_some(), t.clean_traffic), (true, Some(true)));
+        let t: TapSpec = "vm1,filter=none".parse().unwrap();
+        assert_eq!((t.name.as_str(), t.clean_traffic), ("vm1", Some(false)));
         for bad in [
+            "vm1,filter=other",
+            "vm1,",
             "",
             "@ns",
             "vm1@",

@@ -77,6 +77,10 @@ pub struct DhcpConfig {
     pub dns: Option<Ipv4Addr>,
     /// Most leases held at once (dnsmasq's `dhcp-lease-max`).
     pub lease_max: usize,
+    /// Most leases and pending offers one MAC may hold under different client identifiers
+    /// (`<sy:guard leases-per-mac>`), so a guest cannot drain the pool by inventing
+    /// identifiers; with clean-traffic, a port's MAC is fixed, so this is a cap per port.
+    pub leases_per_mac: usize,
 }
 
 impl DhcpConfig {
@@ -99,6 +103,7 @@ impl DhcpConfig {
             router: Some(server),
             dns: Some(server),
             lease_max: size,
+            leases_per_mac: usize::MAX,
         }
     }
 
@@ -209,6 +214,8 @@ pub enum DhcpDrop {
     NotForUs,
     #[error("no address left to offer")]
     PoolExhausted,
+    #[error("the client's MAC holds as many leases as it may")]
+    MacLeaseCap,
     #[error("message names no address")]
     NoAddress,
     #[error("release or decline of a lease the client does not hold")]
@@ -236,6 +243,7 @@ pub struct DhcpCounters {
     pub unknown_type: u64,
     pub not_for_us: u64,
     pub pool_exhausted: u64,
+    pub mac_lease_cap: u64,
     pub no_address: u64,
     pub unknown_lease: u64,
     pub encode_errors: u64,
@@ -246,6 +254,7 @@ pub struct DhcpCounters {
     pub nak_reserved: u64,
     pub nak_static_elsewhere: u64,
     pub nak_lease_max: u64,
+    pub nak_mac_lease_cap: u64,
     // lease life
     pub leases_expired: u64,
     pub leases_revoked: u64,
@@ -262,6 +271,7 @@ enum NakReason {
     Reserved,
     StaticElsewhere,
     LeaseMax,
+    MacLeaseCap,
 }
 
 impl NakReason {
@@ -273,6 +283,7 @@ impl NakReason {
             NakReason::Reserved => "address reserved",
             NakReason::StaticElsewhere => "static lease available",
             NakReason::LeaseMax => "no leases left",
+            NakReason::MacLeaseCap => "too many leases for this hardware address",
         }
     }
 }
@@ -608,6 +619,9 @@ impl DhcpServer {
     ) -> Result<Reply, DhcpDrop> {
         self.counters.discovers += 1;
         let client = client_of(req);
+        if self.lease_of(&client).is_none() && self.mac_at_cap(now, &client) {
+            return Err(DhcpDrop::MacLeaseCap);
+        }
         let ip = self
             .choose_address(now, &client, req.requested_ip)
             .ok_or(DhcpDrop::PoolExhausted)?;
@@ -710,7 +724,11 @@ impl DhcpServer {
         if !self.in_range(ip) && !reserved_here && !own_lease {
             return Err(NakReason::NotInRange);
         }
-        self.check_lease_max(ip, client)
+        self.check_lease_max(ip, client)?;
+        if self.lease_of(client).is_none() && self.mac_at_cap(now, client) {
+            return Err(NakReason::MacLeaseCap);
+        }
+        Ok(())
     }
 
     /// Whether `ip` is a host address of the subnet that nobody else holds, has been offered,
@@ -755,6 +773,30 @@ impl DhcpServer {
             return Err(NakReason::LeaseMax);
         }
         Ok(())
+    }
+
+    /// Whether `client`'s MAC already holds `leases_per_mac` leases and live offers made to
+    /// other client identifiers (the client's own are not counted: it may renew or re-ask).
+    fn mac_at_cap(&self, now: u64, client: &Client<'_>) -> bool {
+        let cap = self.config.leases_per_mac;
+        if cap == usize::MAX {
+            return false;
+        }
+        let leases = self
+            .leases
+            .values()
+            .filter(|l| l.mac == client.mac && !client.owns_lease(l))
+            .count();
+        let offers = self
+            .offers
+            .values()
+            .filter(|o| {
+                o.mac == client.mac
+                    && o.expires > now
+                    && !client.owns(&o.mac, o.client_id.as_deref())
+            })
+            .count();
+        leases + offers >= cap
     }
 
     /// Grants `ip` to `client` and acknowledges it.
@@ -841,6 +883,7 @@ impl DhcpServer {
             NakReason::Reserved => &mut self.counters.nak_reserved,
             NakReason::StaticElsewhere => &mut self.counters.nak_static_elsewhere,
             NakReason::LeaseMax => &mut self.counters.nak_lease_max,
+            NakReason::MacLeaseCap => &mut self.counters.nak_mac_lease_cap,
         };
         *counter += 1;
         let giaddr = req.header.giaddr();
@@ -1208,6 +1251,7 @@ impl DhcpServer {
             DhcpDrop::UnknownType(_) => &mut c.unknown_type,
             DhcpDrop::NotForUs => &mut c.not_for_us,
             DhcpDrop::PoolExhausted => &mut c.pool_exhausted,
+            DhcpDrop::MacLeaseCap => &mut c.mac_lease_cap,
             DhcpDrop::NoAddress => &mut c.no_address,
             DhcpDrop::UnknownLease => &mut c.unknown_lease,
             DhcpDrop::Encode => &mut c.encode_errors,

@@ -1091,3 +1091,43 @@ fn config_validation() {
     assert_eq!(dora(&mut s, T0, A), ip(2));
     assert_eq!(send(&mut s, T0, &discover(B)), Err(DhcpDrop::PoolExhausted));
 }
+
+/// RFC 2131 4.2 lets a client name itself by option 61, so one MAC can ask under many
+/// identifiers: `leases_per_mac` keeps one guest from draining the pool that way.
+#[test]
+fn leases_per_mac_caps_invented_client_ids() {
+    let mut cfg = config();
+    cfg.leases_per_mac = 2;
+    let mut s = server_with(cfg);
+    let id = |n: u8| DhcpOption::ClientIdentifier(vec![0xff, 0, 0, n]);
+    for n in 1..=2 {
+        let (_, offer) = exchange(&mut s, T0, &with(discover(A), id(n)));
+        let (_, ack) = exchange(&mut s, T0, &with(select(A, SERVER, offer.yiaddr()), id(n)));
+        assert_eq!(kind(&ack), MessageType::Ack);
+    }
+    // A third identifier on the same MAC gets no offer, and a NAK for an address it asks for.
+    assert_eq!(
+        send(&mut s, T0, &with(discover(A), id(3))),
+        Err(DhcpDrop::MacLeaseCap)
+    );
+    assert_eq!(s.counters().mac_lease_cap, 1);
+    let (_, nak) = exchange(&mut s, T0, &with(init_reboot(A, ip(50)), id(3)));
+    assert_eq!(kind(&nak), MessageType::Nak);
+    assert_eq!(s.counters().nak_mac_lease_cap, 1);
+    // The identifiers that hold leases still renew, and other MACs are served.
+    let (_, ack) = exchange(&mut s, T0 + 100, &with(renew(A, ip(2)), id(1)));
+    assert_eq!(kind(&ack), MessageType::Ack);
+    assert_eq!(dora(&mut s, T0, B), ip(4));
+    // Offers count too: a pending offer to another identifier holds a place.
+    let mut cfg = config();
+    cfg.leases_per_mac = 1;
+    let mut s = server_with(cfg);
+    exchange(&mut s, T0, &with(discover(C), id(1)));
+    assert_eq!(
+        send(&mut s, T0, &with(discover(C), id(2))),
+        Err(DhcpDrop::MacLeaseCap)
+    );
+    // Once the offer lapses, the place is free.
+    let (_, offer) = exchange(&mut s, T0 + OFFER_HOLD_SECS + 1, &with(discover(C), id(2)));
+    assert_eq!(kind(&offer), MessageType::Offer);
+}
