@@ -12,13 +12,20 @@
 //! removed by a sweep that looks at a bounded slice of the table per timer call, and an entry
 //! found expired by a lookup is treated as gone, so no timer precision is needed for
 //! correctness.
+//!
+//! Memory is what bounds the table (issue 10: a million connections in 200 MB), so a
+//! connection is one compact record in a slab, found through an index of 4-byte references
+//! that keeps no copy of the keys (see `index`), and nothing per connection is allocated on
+//! its own.
 
+mod index;
 pub mod packet;
 
 use crate::port::DropReason;
 use crate::wire::MacAddr;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ahash::RandomState;
+use index::{FlowRef, Index, Probe};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -37,6 +44,9 @@ const MAX_FRAGMENT_TRAINS: usize = 4096;
 /// The sweep looks at this many table slots per call and runs this often.
 const SWEEP_BATCH: usize = 8192;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Connections whose memory is set aside up front (as address space: pages become resident
+/// when used); a larger `max_flows` is honoured by growing the table as connections come.
+const PREALLOCATED_FLOWS: usize = 1 << 22;
 
 /// RFC 4787 5: which inbound packets an existing mapping lets in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,31 +169,92 @@ impl TcpState {
     }
 }
 
+/// One connection, in 72 bytes (issue 10: a million connections in 200 MB; with the index's
+/// 16 to 32 bytes, about 90 bytes per connection in all). Both of its tuples are kept as their
+/// distinct fields only: the reply tuple is the original one turned around, with the external
+/// address (the same for every connection) and the mapped port as its destination. The
+/// counters stay 64-bit because `conntrack` shows them and a long-lived flow passes 4 GB; the
+/// deadline is exact nanoseconds (see [`Stamp`]) so expiry behaves as it did with `Instant`s.
 #[derive(Debug, Clone)]
 struct Flow {
-    /// The guest's packets as sent: guest -> remote.
-    original: Tuple,
-    /// The remote's packets as they arrive: remote -> external.
-    reply: Tuple,
+    proto: u8,
+    /// The guest's end, as the guest sends from it.
+    guest: Ipv4Addr,
+    guest_port: u16,
+    /// The remote end, as the guest sends to it (an ICMP query's identifier for ICMP).
+    remote: Ipv4Addr,
+    remote_port: u16,
+    /// The mapped port (the translated identifier for ICMP queries).
+    external_port: u16,
     guest_mac: MacAddr,
     initiator: Dir,
     tcp: TcpState,
     fin_seen: [bool; 2],
     seen: [bool; 2],
-    expires: Instant,
+    expires: Stamp,
     packets: [u64; 2],
     bytes: [u64; 2],
     /// Tells a reused slot from the entry a fragment train was bound to.
     generation: u32,
 }
 
+// The budget above, kept honest: `Option` costs nothing (the enums leave a niche).
+const _: () = assert!(std::mem::size_of::<Option<Flow>>() <= 72);
+
+/// An instant as nanoseconds since the first connection of its table (negative before it):
+/// half the size of an `Instant` and as exact for 292 years either way.
+type Stamp = i64;
+
+/// The packed form of a tuple the index hashes and compares.
+fn index_key(t: &Tuple) -> u128 {
+    (t.proto as u128) << 96
+        | (u32::from(t.src) as u128) << 64
+        | (t.sport as u128) << 48
+        | (u32::from(t.dst) as u128) << 16
+        | t.dport as u128
+}
+
 impl Flow {
     fn external_port(&self) -> u16 {
-        self.reply.dport
+        self.external_port
+    }
+
+    /// The guest's packets as sent: guest -> remote.
+    fn original(&self) -> Tuple {
+        Tuple {
+            proto: self.proto,
+            src: self.guest,
+            sport: self.guest_port,
+            dst: self.remote,
+            dport: self.remote_port,
+        }
+    }
+
+    /// The remote's packets as they arrive: remote -> external.
+    fn reply(&self, external: Ipv4Addr) -> Tuple {
+        Tuple {
+            proto: self.proto,
+            src: self.remote,
+            // An echo reply carries the (translated) identifier in both "port" places.
+            sport: if self.proto == PROTO_ICMP {
+                self.external_port
+            } else {
+                self.remote_port
+            },
+            dst: external,
+            dport: self.external_port,
+        }
+    }
+
+    fn tuple(&self, dir: Dir, external: Ipv4Addr) -> Tuple {
+        match dir {
+            Dir::Out => self.original(),
+            Dir::In => self.reply(external),
+        }
     }
 
     fn timeout(&self, t: &Timeouts) -> Duration {
-        match self.original.proto {
+        match self.proto {
             PROTO_TCP if self.tcp == TcpState::Established => t.tcp_established,
             PROTO_TCP => t.tcp_transitory,
             PROTO_UDP => t.udp,
@@ -342,11 +413,16 @@ pub struct Nat {
     free: Vec<u32>,
     live: usize,
     generation: u32,
-    by_tuple: HashMap<Tuple, (u32, Dir), RandomState>,
+    /// Both tuples of every flow in `slots`, as references to it.
+    index: Index,
+    /// What [`Stamp`]s count from: the first connection's `now`.
+    epoch: Option<Instant>,
+    /// The last `now` turned into a [`Stamp`]: every frame of a wakeup comes with the same one.
+    last_stamp: Option<(Instant, Stamp)>,
     mappings: HashMap<MapKey, Mapping, RandomState>,
     by_external: HashMap<(u8, u16), (Ipv4Addr, u16), RandomState>,
     /// Connections per (protocol, external port, remote address), for address-dependent
-    /// filtering.
+    /// filtering (and kept only under it: with a million flows it would cost 26 bytes each).
     remotes: HashMap<(u8, u16, Ipv4Addr), u32, RandomState>,
     per_guest: HashMap<Ipv4Addr, u32, RandomState>,
     fragments: HashMap<FragKey, FragTrain, RandomState>,
@@ -358,14 +434,16 @@ pub struct Nat {
 
 impl Nat {
     pub fn new(config: NatConfig) -> Nat {
-        let cap = config.max_flows;
+        let cap = config.max_flows.min(PREALLOCATED_FLOWS);
         let hasher = RandomState::new;
         Nat {
             slots: Vec::with_capacity(cap),
             free: Vec::with_capacity(cap),
             live: 0,
             generation: 0,
-            by_tuple: HashMap::with_capacity_and_hasher(cap * 2, hasher()),
+            index: Index::new(config.max_flows, cap * 2),
+            epoch: None,
+            last_stamp: None,
             mappings: HashMap::with_capacity_and_hasher(cap.min(65536), hasher()),
             by_external: HashMap::with_capacity_and_hasher(cap.min(65536), hasher()),
             remotes: HashMap::with_hasher(hasher()),
@@ -429,7 +507,8 @@ impl Nat {
             }
             Kind::Flow { tcp_flags } => tcp_flags,
         };
-        let slot = match self.lookup(now, &tuple, Dir::Out) {
+        let (probe, stamp) = (self.index.probe(index_key(&tuple)), self.stamp_now(now));
+        let slot = match self.lookup(stamp, &probe, Dir::Out) {
             Some(slot) => slot,
             None => {
                 let opens = match tuple.proto {
@@ -440,13 +519,13 @@ impl Nat {
                 if !opens {
                     return Err(DropReason::NatUnsupported);
                 }
-                self.create_outbound(now, tuple, guest_mac)?
+                self.create_outbound(now, tuple, &probe, guest_mac)?
             }
         };
         let flow = self.flow_mut(slot);
         flow.guest_mac = guest_mac;
         let port = flow.external_port();
-        self.track(now, slot, Dir::Out, tcp_flags, p.len());
+        self.track(stamp, slot, Dir::Out, tcp_flags, p.len());
         let external = self.config.external;
         packet::rewrite_addr(p, End::Src, external, Some(&layout), partial);
         packet::rewrite_port(p, End::Src, port, &layout, partial);
@@ -479,13 +558,14 @@ impl Nat {
             Kind::IcmpError => return self.translate_error(now, p, ihl, Dir::In),
             Kind::Flow { tcp_flags } => tcp_flags,
         };
-        let slot = match self.lookup(now, &tuple, Dir::In) {
+        let (probe, stamp) = (self.index.probe(index_key(&tuple)), self.stamp_now(now));
+        let slot = match self.lookup(stamp, &probe, Dir::In) {
             Some(slot) => slot,
-            None => self.admit_inbound(now, tuple, tcp_flags)?,
+            None => self.admit_inbound(now, tuple, &probe, tcp_flags)?,
         };
-        self.track(now, slot, Dir::In, tcp_flags, p.len());
+        self.track(stamp, slot, Dir::In, tcp_flags, p.len());
         let flow = self.flow_mut(slot);
-        let (guest, guest_port, mac) = (flow.original.src, flow.original.sport, flow.guest_mac);
+        let (guest, guest_port, mac) = (flow.guest, flow.guest_port, flow.guest_mac);
         packet::rewrite_addr(p, End::Dst, guest, Some(&layout), partial);
         packet::rewrite_port(p, End::Dst, guest_port, &layout, partial);
         if more {
@@ -516,13 +596,15 @@ impl Nat {
         let quote_at = ihl + 8;
         let (quoted, quoted_layout) =
             packet::classify_quoted(&p[quote_at..]).ok_or(DropReason::NatUnsupported)?;
+        let probe = self.index.probe(index_key(&quoted.reversed()));
+        let stamp = self.stamp_now(now);
         let slot = self
-            .lookup(now, &quoted.reversed(), dir)
+            .lookup(stamp, &probe, dir)
             .ok_or(DropReason::NatNoFlow)?;
         let flow = self.flow_mut(slot);
         let (guest, guest_port, external_port, mac) = (
-            flow.original.src,
-            flow.original.sport,
+            flow.guest,
+            flow.guest_port,
             flow.external_port(),
             flow.guest_mac,
         );
@@ -553,12 +635,14 @@ impl Nat {
             .expect("slot of a live flow")
     }
 
-    /// The live flow `tuple` belongs to in direction `dir`; an expired one is removed.
-    fn lookup(&mut self, now: Instant, tuple: &Tuple, dir: Dir) -> Option<u32> {
-        let &(slot, found_dir) = self.by_tuple.get(tuple)?;
-        if found_dir != dir {
-            return None;
-        }
+    /// The live flow the tuple of `probe` belongs to in direction `dir`; an expired one is
+    /// removed.
+    fn lookup(&mut self, now: Stamp, probe: &Probe, dir: Dir) -> Option<u32> {
+        let (slots, external) = (&self.slots, self.config.external);
+        let r = self.index.find(probe, |r| {
+            r & 1 == dir as u32 && key_of(slots, external, r) == probe.key
+        })?;
+        let slot = r / 2;
         if self.flow_mut(slot).expires <= now {
             self.remove(slot);
             self.counters.flows_expired += 1;
@@ -573,14 +657,14 @@ impl Nat {
         flow.bytes[dir as usize] += len as u64;
     }
 
-    fn track(&mut self, now: Instant, slot: u32, dir: Dir, tcp_flags: u8, len: usize) {
+    fn track(&mut self, now: Stamp, slot: u32, dir: Dir, tcp_flags: u8, len: usize) {
         let timeouts = self.config.timeouts;
         let flow = self.flow_mut(slot);
         flow.seen[dir as usize] = true;
-        if flow.original.proto == PROTO_TCP {
+        if flow.proto == PROTO_TCP {
             flow.track_tcp(dir, tcp_flags);
         }
-        flow.expires = now + flow.timeout(&timeouts);
+        flow.expires = deadline(now, flow.timeout(&timeouts));
         self.count(slot, dir, len);
     }
 
@@ -588,6 +672,7 @@ impl Nat {
         &mut self,
         now: Instant,
         original: Tuple,
+        original_probe: &Probe,
         guest_mac: MacAddr,
     ) -> Result<u32, DropReason> {
         self.check_caps(original.src)?;
@@ -604,13 +689,19 @@ impl Nat {
             dst: self.config.external,
             dport: external_port,
         };
-        if self.by_tuple.contains_key(&reply) {
+        let reply_probe = self.index.probe(index_key(&reply));
+        let (slots, external) = (&self.slots, self.config.external);
+        let taken = self.index.find(&reply_probe, |r| {
+            key_of(slots, external, r) == reply_probe.key
+        });
+        if taken.is_some() {
             // Another guest's connection already owns this reply tuple (only possible when a
             // mapping's port was reused towards the same remote endpoint).
             self.unmap(original.proto, original.src, original.sport);
             return Err(DropReason::NatPortsExhausted);
         }
-        Ok(self.insert(now, original, reply, guest_mac, Dir::Out))
+        let probes = (original_probe, &reply_probe);
+        Ok(self.insert(now, original, external_port, guest_mac, Dir::Out, probes))
     }
 
     /// RFC 4787 5 / RFC 5382 REQ-3: an unsolicited packet reaches a guest only through an
@@ -619,6 +710,7 @@ impl Nat {
         &mut self,
         now: Instant,
         reply: Tuple,
+        reply_probe: &Probe,
         tcp_flags: u8,
     ) -> Result<u32, DropReason> {
         let opens = match reply.proto {
@@ -656,11 +748,12 @@ impl Nat {
             dst: reply.src,
             dport: reply.sport,
         };
-        Ok(self.insert(now, original, reply, guest_mac, Dir::In))
+        let probes = (&self.index.probe(index_key(&original)), reply_probe);
+        Ok(self.insert(now, original, reply.dport, guest_mac, Dir::In, probes))
     }
 
     fn check_caps(&self, guest: Ipv4Addr) -> Result<(), DropReason> {
-        if self.live >= self.config.max_flows {
+        if self.live >= self.config.max_flows.min(index::MAX_RECORDS) {
             return Err(DropReason::NatTableFull);
         }
         if self.per_guest.get(&guest).copied().unwrap_or(0) as usize
@@ -732,24 +825,31 @@ impl Nat {
         }
     }
 
+    /// Files a new connection. `probes` are those of its original and reply tuples.
     fn insert(
         &mut self,
         now: Instant,
         original: Tuple,
-        reply: Tuple,
+        external_port: u16,
         guest_mac: MacAddr,
         initiator: Dir,
+        probes: (&Probe, &Probe),
     ) -> u32 {
         self.generation = self.generation.wrapping_add(1);
+        self.epoch.get_or_insert(now);
         let flow = Flow {
-            original,
-            reply,
+            proto: original.proto,
+            guest: original.src,
+            guest_port: original.sport,
+            remote: original.dst,
+            remote_port: original.dport,
+            external_port,
             guest_mac,
             initiator,
             tcp: TcpState::SynSent,
             fin_seen: [false; 2],
             seen: [false; 2],
-            expires: now,
+            expires: self.stamp(now),
             packets: [0; 2],
             bytes: [0; 2],
             generation: self.generation,
@@ -764,12 +864,17 @@ impl Nat {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.by_tuple.insert(original, (slot, Dir::Out));
-        self.by_tuple.insert(reply, (slot, Dir::In));
-        *self
-            .remotes
-            .entry((original.proto, reply.dport, original.dst))
-            .or_default() += 1;
+        let (slots, external) = (&self.slots, self.config.external);
+        let key_of = |r| key_of(slots, external, r);
+        let (out, back) = flow_refs(slot);
+        self.index.insert(probes.0, out, key_of);
+        self.index.insert(probes.1, back, key_of);
+        if self.config.filtering == Filtering::AddressDependent {
+            *self
+                .remotes
+                .entry((original.proto, external_port, original.dst))
+                .or_default() += 1;
+        }
         *self.per_guest.entry(original.src).or_default() += 1;
         self.live += 1;
         self.counters.flows_created += 1;
@@ -780,14 +885,24 @@ impl Nat {
     }
 
     fn remove(&mut self, slot: u32) {
-        let Some(flow) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+        let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
             return;
         };
-        self.by_tuple.remove(&flow.original);
-        self.by_tuple.remove(&flow.reply);
-        let o = flow.original;
+        let external = self.config.external;
+        let o = flow.original();
+        let original = self.index.probe(index_key(&o));
+        let reply = self.index.probe(index_key(&flow.reply(external)));
+        let slots = &self.slots;
+        let key_of = |r| key_of(slots, external, r);
+        // Both entries go while the record is still there: moving the entries after them in
+        // their probe runs reads keys, this record's among them.
+        let (out, back) = flow_refs(slot);
+        self.index.remove(&original, out, key_of);
+        self.index.remove(&reply, back, key_of);
+        let external_port = flow.external_port();
+        self.slots[slot as usize] = None;
         self.unmap(o.proto, o.src, o.sport);
-        let remote = (o.proto, flow.external_port(), o.dst);
+        let remote = (o.proto, external_port, o.dst);
         if let Some(n) = self.remotes.get_mut(&remote) {
             *n -= 1;
             if *n == 0 {
@@ -802,6 +917,33 @@ impl Nat {
         }
         self.free.push(slot);
         self.live -= 1;
+    }
+
+    /// [`Nat::stamp`], remembered for the next packet.
+    fn stamp_now(&mut self, now: Instant) -> Stamp {
+        match self.last_stamp {
+            Some((at, stamp)) if at == now => stamp,
+            _ => {
+                let stamp = self.stamp(now);
+                // Before the epoch is set, 0 is only right until it is.
+                if self.epoch.is_some() {
+                    self.last_stamp = Some((now, stamp));
+                }
+                stamp
+            }
+        }
+    }
+
+    /// `now` as a [`Stamp`]. Before the first connection there is no epoch yet and this is
+    /// 0, which is also what `now` becomes when that connection sets the epoch to it.
+    fn stamp(&self, now: Instant) -> Stamp {
+        let Some(epoch) = self.epoch else {
+            return 0;
+        };
+        match now.checked_duration_since(epoch) {
+            Some(since) => nanos(since),
+            None => -nanos(epoch.duration_since(now)),
+        }
     }
 
     /// Remembers which connection the rest of a fragmented datagram belongs to: only its
@@ -855,7 +997,7 @@ impl Nat {
             Some(f)
                 if f.generation == train.generation && train.dir == dir && train.expires > now =>
             {
-                Ok((train.slot, f.original.src))
+                Ok((train.slot, f.guest))
             }
             _ => {
                 self.fragments.remove(&key);
@@ -875,6 +1017,7 @@ impl Nat {
             return;
         }
         let len = self.slots.len();
+        let stamp = self.stamp(now);
         for _ in 0..SWEEP_BATCH.min(len) {
             if self.sweep_cursor >= len {
                 self.sweep_cursor = 0;
@@ -882,7 +1025,10 @@ impl Nat {
             }
             let slot = self.sweep_cursor;
             self.sweep_cursor += 1;
-            if self.slots[slot].as_ref().is_some_and(|f| f.expires <= now) {
+            if self.slots[slot]
+                .as_ref()
+                .is_some_and(|f| f.expires <= stamp)
+            {
                 self.remove(slot as u32);
                 self.counters.flows_expired += 1;
             }
@@ -893,30 +1039,59 @@ impl Nat {
 
     /// Live connections, oldest slot first, as `conntrack -L` lists them.
     pub fn rows(&self, now: Instant) -> Vec<FlowRow> {
+        let now = self.stamp(now);
         self.slots
             .iter()
             .flatten()
             .filter(|f| f.expires > now)
             .map(|f| FlowRow {
-                proto: match f.original.proto {
+                proto: match f.proto {
                     PROTO_TCP => "tcp",
                     PROTO_UDP => "udp",
                     _ => "icmp",
                 },
-                state: if f.original.proto == PROTO_TCP {
+                state: if f.proto == PROTO_TCP {
                     f.tcp.name()
                 } else {
                     ""
                 },
-                timeout_secs: f.expires.saturating_duration_since(now).as_secs(),
-                original: f.original,
-                reply: f.reply,
+                timeout_secs: f.expires.saturating_sub(now) as u64 / 1_000_000_000,
+                original: f.original(),
+                reply: f.reply(self.config.external),
                 packets: f.packets,
                 bytes: f.bytes,
                 replied: f.seen[f.initiator as usize ^ 1],
             })
             .collect()
     }
+}
+
+/// The index's references to the two directions of the flow in `slot`.
+fn flow_refs(slot: u32) -> (FlowRef, FlowRef) {
+    (slot * 2 + Dir::Out as u32, slot * 2 + Dir::In as u32)
+}
+
+/// The key of the tuple `r` refers to (a value no tuple packs to if `r` names no flow, which
+/// the index never asks about).
+fn key_of(slots: &[Option<Flow>], external: Ipv4Addr, r: FlowRef) -> u128 {
+    let dir = if r & 1 == 0 { Dir::Out } else { Dir::In };
+    match slots.get((r / 2) as usize) {
+        Some(Some(flow)) => index_key(&flow.tuple(dir, external)),
+        _ => u128::MAX,
+    }
+}
+
+fn nanos(d: Duration) -> Stamp {
+    Stamp::try_from(d.as_secs())
+        .unwrap_or(Stamp::MAX)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(Stamp::from(d.subsec_nanos()))
+}
+
+/// When a connection last seen at `now` expires (an `Instant` would have overflowed and
+/// panicked where this saturates).
+fn deadline(now: Stamp, timeout: Duration) -> Stamp {
+    now.saturating_add(nanos(timeout))
 }
 
 #[cfg(test)]

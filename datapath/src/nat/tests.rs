@@ -480,3 +480,51 @@ fn garbage_never_panics() {
         let _ = n.handle_inbound(t, &mut p, false);
     }
 }
+
+// The table's index moves entries when connections go (issue 10's compact table): through
+// expiry of every other connection and their return, each live connection is still found in
+// both directions and each gone one in neither.
+#[test]
+fn connections_survive_their_neighbours_churn() {
+    let (mut n, t) = nat_with(|c| c.max_flows = 4096);
+    let ports = 20000..22000u16;
+    for port in ports.clone() {
+        out(&mut n, t, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+    }
+    let later = t + Duration::from_secs(100);
+    for port in ports.clone().step_by(2) {
+        out(&mut n, later, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+    }
+    // UDP's 300 s: the odd ports (last seen at t) are gone, the even ones stay.
+    let sweep = t + Duration::from_secs(350);
+    n.handle_timeout(sweep);
+    assert_eq!(n.len(), 1000);
+    let check = |n: &mut Nat, at: Instant, port: u16, live: bool| {
+        let r = inb(n, at, udp(R1, 53, EXT, port, b"a"));
+        match r {
+            Ok((p, mac)) => {
+                assert!(live, "port {port} answered after expiry");
+                assert_eq!(mac, MAC1);
+                assert_eq!(tuple_of(&p).dport, port);
+            }
+            Err(e) => {
+                assert!(!live, "port {port} lost");
+                assert_eq!(e, DropReason::NatNoFlow);
+            }
+        }
+    };
+    for port in ports.clone() {
+        check(&mut n, sweep, port, port % 2 == 0);
+    }
+    for port in ports.clone().skip(1).step_by(2) {
+        out(&mut n, sweep, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+    }
+    assert_eq!(n.len(), 2000);
+    for port in ports {
+        check(&mut n, sweep, port, true);
+        let p = out(&mut n, sweep, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+        assert_eq!(tuple_of(&p).sport, port);
+    }
+    assert_eq!(n.len(), 2000);
+    assert_eq!(n.rows(sweep).len(), 2000);
+}
