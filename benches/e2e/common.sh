@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Pieces the end-to-end benchmark scripts share; each script sources this file.
 
 # values...: prints "median min max"
@@ -41,3 +42,30 @@ if done < n:
     print(f"warning: only {done}/{n} connections in {budget:.0f} s", file=sys.stderr)
 print(f"{done / dt:.0f}")
 '
+
+# P values...: prints the P-th percentile (nearest rank: the ceil(P/100*N)-th smallest value).
+pctl() {
+  local p=$1
+  shift
+  printf '%s\n' "$@" | sort -g | awk -v p="$p" '{v[NR]=$1} END {
+    if (NR == 0) exit 1
+    i = int(p / 100 * NR); if (i < p / 100 * NR) i++; if (i < 1) i = 1
+    print v[i] }'
+}
+
+# TOOL=PACKAGE...: installs with apt-get, quietly, the packages of the tools not on PATH (as root).
+need_tools() {
+  local pair missing=()
+  for pair in "$@"; do
+    command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing ${missing[*]}; run as root so they can be installed" >&2
+    return 1
+  fi
+  echo "installing ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
