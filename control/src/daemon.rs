@@ -29,6 +29,8 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub resolv_conf: PathBuf,
+    /// Each network thread's seccomp allow-list (the control thread is not confined).
+    pub seccomp: datapath::io::seccomp::SeccompMode,
 }
 
 /// The daemon's socket: `$SWITCHYARD_SOCKET`, else `daemon.sock` in the run directory
@@ -477,6 +479,7 @@ impl Daemon {
             state_dir: Some(self.opts.state_dir.clone()),
             resolv_conf: self.opts.resolv_conf.clone(),
             metrics: None,
+            seccomp: self.opts.seccomp,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_def = def.clone();
@@ -484,6 +487,10 @@ impl Daemon {
             .name(format!("net-{name}"))
             .spawn(move || match run::start(&thread_def, &opts) {
                 Ok(mut dp) => {
+                    if let Err(e) = run::confine(opts.seccomp) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                     let _ = tx.send(Ok(dp.handle()));
                     if let Err(e) = dp.run(|_| {}, run::answer) {
                         eprintln!("switchyard daemon: network '{}': {e}", thread_def.name);

@@ -163,6 +163,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         // No upstream DNS: the demo only asks for its own guests' names.
         resolv_conf: "/dev/null".into(),
         metrics: None,
+        seccomp: datapath::io::seccomp::SeccompMode::Enforce,
         // The demo's leases are thrown away with it.
         state_dir: Some(state_dir.clone()),
     };
@@ -183,7 +184,8 @@ pub fn demo(keep: bool) -> Result<(), String> {
                 datapath::io::sys::setns_net(std::os::fd::AsFd::as_fd(&f))
                     .map_err(|e| e.to_string())
             })
-            .and_then(|()| run::start(&thread_def, &opts));
+            .and_then(|()| run::start(&thread_def, &opts))
+            .and_then(|dp| run::confine(opts.seccomp).map(|()| dp));
         match built {
             Ok(mut dp) => {
                 let _ = tx.send(Ok(dp.handle()));

@@ -60,6 +60,10 @@ enum Command {
         /// Serve Prometheus metrics over HTTP on this loopback address (`GET /metrics`).
         #[arg(long, value_name = "127.0.0.1:PORT")]
         metrics: Option<std::net::SocketAddr>,
+        /// The datapath's seccomp allow-list: `enforce` (a call off the list kills the
+        /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
+        #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
+        seccomp: datapath::io::seccomp::SeccompMode,
     },
     /// List the DHCP leases of a running network, like `virsh net-dhcp-leases NAME`.
     NetDhcpLeases {
@@ -123,6 +127,10 @@ enum Command {
         /// Where DNS upstreams come from when a network has no <forwarder>.
         #[arg(long, default_value = "/etc/resolv.conf")]
         resolv_conf: PathBuf,
+        /// The datapath's seccomp allow-list: `enforce` (a call off the list kills the
+        /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
+        #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
+        seccomp: datapath::io::seccomp::SeccompMode,
     },
     /// Define (or redefine) a network from its libvirt XML file.
     NetDefine {
@@ -429,6 +437,7 @@ fn main() -> ExitCode {
             state_dir,
             resolv_conf,
             metrics,
+            seccomp,
         } => run::run(&RunOptions {
             xml,
             taps,
@@ -440,6 +449,7 @@ fn main() -> ExitCode {
             state_dir,
             resolv_conf,
             metrics,
+            seccomp,
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             name,
@@ -485,10 +495,12 @@ fn main() -> ExitCode {
             socket,
             state_dir,
             resolv_conf,
+            seccomp,
         } => daemon::daemon(&daemon::DaemonOptions {
             socket: socket.unwrap_or_else(daemon::default_socket),
             state_dir: state_dir.unwrap_or_else(run::default_state_dir),
             resolv_conf,
+            seccomp,
         }),
         Command::NetDefine { file, daemon } => std::fs::read_to_string(&file)
             .map_err(|e| format!("{}: {e}", file.display()))

@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub resolv_conf: PathBuf,
     /// A loopback address to serve Prometheus metrics on (`GET /metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The datapath thread's seccomp allow-list, installed once the ports are open.
+    pub seccomp: datapath::io::seccomp::SeccompMode,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -759,6 +761,16 @@ pub fn drop_privileges() -> Result<(), String> {
         .map_err(|e| format!("dropping capabilities: {e}"))
 }
 
+/// Puts the calling (datapath) thread under the seccomp allow-list of
+/// [`datapath::io::seccomp`]; after [`drop_privileges`], which sets no-new-privs.
+pub fn confine(mode: datapath::io::seccomp::SeccompMode) -> Result<(), String> {
+    datapath::io::seccomp::confine_this_thread(mode).map_err(|e| e.to_string())?;
+    if mode != datapath::io::seccomp::SeccompMode::Off {
+        eprintln!("switchyard: datapath under the seccomp allow-list ({mode})");
+    }
+    Ok(())
+}
+
 /// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
 pub fn run(opts: &RunOptions) -> Result<(), String> {
     drop_privileges()?;
@@ -772,6 +784,7 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         def.bridge.as_deref().unwrap_or("-"),
         opts.taps.len()
     );
+    confine(opts.seccomp)?;
     let json = opts.json;
     dp.run(
         |engine: &Engine| {

@@ -33,8 +33,7 @@ fn a_deleted_guest_tap_leaves_the_other_ports_served() {
     }
     guests[1].must(&["ping", "-c", "1", "-W", "2", "192.168.122.10"]);
 
-    // The first guest's tap is deleted from inside its namespace. (Deleting the namespace
-    // alone would not do it: the tap's fd, opened there, keeps the namespace alive.)
+    // The first guest's tap is deleted from inside its namespace.
     guests[0].must(&["ip", "link", "del", "eth0"]);
     let (g2, g3) = (&guests[1], &guests[2]);
     // Traffic towards the gone guest makes the engine notice, if the kernel did not say.
@@ -51,6 +50,78 @@ fn a_deleted_guest_tap_leaves_the_other_ports_served() {
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_ticks(sy.pid()) - before;
     assert!(used < 20, "{used} ticks of CPU in 2 s idle");
+}
+
+/// Waits until the running network has `n` ports.
+fn wait_ports(control: &str, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_of(control)["ports"].as_array().unwrap().len() != n {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// Issue 11's faults: "a port whose kernel side disappears (namespace deleted, tap removed) ...
+// the engine keeps serving every other port and recovers the failed one when it returns".
+#[test]
+fn a_port_whose_namespace_or_tap_comes_back_is_attached_again() {
+    require(&["ip", "ping"]);
+    let dir = TempDir::new("syback");
+    let sw = Netns::new("s");
+    let guests: Vec<Netns> = (0..3).map(|_| Netns::new("g")).collect();
+    // The third guest's tap is persistent, made before switchyard attaches to it.
+    guests[2].must(&["ip", "tuntap", "add", "dev", "vm0", "mode", "tap"]);
+    let control = dir.file("ctl.sock");
+    let args = [
+        "run".to_string(),
+        "--control".into(),
+        control.clone(),
+        "--tap".into(),
+        guests[0].tap_arg("eth0", "52:54:00:fb:00:01"),
+        "--tap".into(),
+        guests[1].tap_arg("eth0", "52:54:00:fb:00:02"),
+        "--tap".into(),
+        guests[2].tap_arg("vm0", "52:54:00:fb:00:03"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _sy = Switchyard::start_in(Some(&sw), &args);
+    guests[0].set_static_address("eth0", "192.168.122.10/24", None);
+    guests[1].set_static_address("eth0", "192.168.122.11/24", None);
+    guests[2].set_static_address("vm0", "192.168.122.12/24", None);
+    guests[1].must(&["ping", "-c", "1", "-W", "2", "192.168.122.10"]);
+
+    // The guest's namespace is deleted: its tap was made outside and moved in, so nothing
+    // of switchyard's holds the namespace, and the port goes with it.
+    must(&["ip", "netns", "del", &guests[0].name]);
+    wait_ports(
+        &control,
+        2,
+        "the port of the deleted namespace was never removed",
+    );
+    guests[1].must(&["ping", "-c", "1", "-W", "2", "192.168.122.12"]);
+    // The guest comes back under the same name: its tap is made there again, same MAC.
+    must(&["ip", "netns", "add", &guests[0].name]);
+    wait_ports(
+        &control,
+        3,
+        "the port was not made again in the new namespace",
+    );
+    let link = guests[0].must(&["ip", "link", "show", "eth0"]);
+    assert!(link.contains("52:54:00:fb:00:01"), "{link}");
+    guests[0].set_static_address("eth0", "192.168.122.10/24", None);
+    guests[0].must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
+
+    // The persistent tap is deleted, then made again by its owner: attached again.
+    guests[2].must(&["ip", "link", "del", "vm0"]);
+    wait_ports(
+        &control,
+        2,
+        "the deleted persistent tap's port was never removed",
+    );
+    guests[2].must(&["ip", "tuntap", "add", "dev", "vm0", "mode", "tap"]);
+    wait_ports(&control, 3, "the persistent tap was not attached again");
+    guests[2].set_static_address("vm0", "192.168.122.12/24", None);
+    guests[2].must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
 }
 
 /// A tmpfs of its own for the lease file, unmounted on drop.

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod egress;
 pub mod netlink;
 pub mod netns;
+pub mod seccomp;
 pub mod stream;
 pub mod sys;
 pub mod tap;
@@ -176,6 +177,74 @@ pub struct Datapath {
     egress: egress::Egress,
     /// Ports found dead this turn, removed at its end.
     dead_ports: Vec<PortId>,
+    /// Taps whose device went away, opened again when it comes back.
+    lost_taps: Vec<LostTap>,
+    /// When taps are next checked for a device and lost taps looked for.
+    next_port_check: Instant,
+}
+
+/// How often live taps are checked for their device and lost taps are looked for.
+const PORT_CHECK: Duration = Duration::from_secs(1);
+
+/// A tap port whose device went away (deleted, or its namespace destroyed), kept so that the
+/// port comes back when its kernel side does: a tap of that name reappears (a persistent tap
+/// made again), or a new namespace is made under the same `ip netns` name (a guest restarted),
+/// where the tap is then created again. Taps in `/proc/PID` namespaces are not kept: a PID
+/// coming back is another process.
+#[derive(Debug)]
+struct LostTap {
+    spec: TapSpec,
+    /// The namespace's identity when the tap was lost; `None` if it was gone too.
+    netns_was: Option<(u64, u64)>,
+    /// The last reopening error, logged once.
+    failed: Option<String>,
+}
+
+impl LostTap {
+    /// For a dead port's tap, if it is one that can come back.
+    fn of(tap: &Tap) -> Option<LostTap> {
+        if tap
+            .netns
+            .as_ref()
+            .is_some_and(|p| !p.starts_with(netns::NETNS_RUN_DIR))
+        {
+            return None;
+        }
+        Some(LostTap {
+            spec: TapSpec {
+                name: tap.name.clone(),
+                netns: tap.netns.clone(),
+                mac: tap.mac,
+                mtu: None,
+                clean_traffic: tap.clean_traffic,
+            },
+            netns_was: tap.netns.as_deref().and_then(netns_identity),
+            failed: None,
+        })
+    }
+
+    /// Whether the tap's kernel side is back: its namespace is a new one, or a device of its
+    /// name exists again.
+    fn is_back(&self) -> bool {
+        let name = self.spec.name.clone();
+        match &self.spec.netns {
+            None => sys::if_nametoindex(&name).is_some(),
+            Some(path) => match netns_identity(path) {
+                None => false,
+                Some(now) if Some(now) != self.netns_was => true,
+                Some(_) => {
+                    netns::run_in(Some(path), move || Ok(sys::if_nametoindex(&name).is_some()))
+                        .unwrap_or(false)
+                }
+            },
+        }
+    }
+}
+
+/// A namespace file's identity (device and inode of its nsfs file), if it exists.
+fn netns_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The resolver configuration whose `nameserver` lines are the DNS upstreams, re-read when it
@@ -382,6 +451,8 @@ impl Datapath {
             resolv: None,
             egress: egress::Egress::default(),
             dead_ports: Vec::new(),
+            lost_taps: Vec::new(),
+            next_port_check: Instant::now() + PORT_CHECK,
         })
     }
 
@@ -408,6 +479,8 @@ impl Datapath {
             Some(ns) => format!("{}@{}", tap.name, ns.display()),
             None => tap.name.clone(),
         };
+        self.lost_taps
+            .retain(|l| !(l.spec.name == tap.name && l.spec.netns == tap.netns));
         let (mac, clean_traffic) = (tap.mac, tap.clean_traffic);
         let id = self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))?;
         if let Some(mac) = mac {
@@ -1033,11 +1106,15 @@ impl Datapath {
         let timeout = if self.ready.is_empty() && !self.upstream_ready && !self.egress.has_pending()
         {
             let resolv = self.resolv.as_ref().map(|w| w.next_check);
-            let timer = [self.engine.poll_timeout(), resolv]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timer = [
+                self.engine.poll_timeout(),
+                resolv,
+                Some(self.next_port_check),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(Instant::now()));
             match (timer, max_wait) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -1101,6 +1178,7 @@ impl Datapath {
             self.engine.handle_timeout(now);
         }
         self.check_resolv_conf(now);
+        self.check_ports(now);
         self.exchange_upstream(now);
         if let Some(nat) = self.engine.socket_nat_mut() {
             self.egress.serve(now, nat, self.poll.registry());
@@ -1115,13 +1193,69 @@ impl Datapath {
         }
         for port in std::mem::take(&mut self.dead_ports) {
             let name = self.engine.port(port).map(|p| p.name.clone());
+            let lost = self
+                .ports
+                .get(port.0 as usize)
+                .and_then(Option::as_ref)
+                .and_then(|p| p.tap.as_ref())
+                .and_then(LostTap::of);
             eprintln!(
-                "switchyard: port {port} ({}): its device is gone; removed",
-                name.unwrap_or_default()
+                "switchyard: port {port} ({}): its device is gone; removed{}",
+                name.unwrap_or_default(),
+                if lost.is_some() {
+                    " (it is attached again when it comes back)"
+                } else {
+                    ""
+                }
             );
             self.remove_port(port);
+            self.lost_taps.extend(lost);
         }
         Ok(())
+    }
+
+    /// Once per [`PORT_CHECK`]: a tap whose device is gone is found even when no frame is sent
+    /// to it (the kernel does not always wake its poller), and lost taps whose kernel side is
+    /// back are opened again.
+    fn check_ports(&mut self, now: Instant) {
+        if now < self.next_port_check {
+            return;
+        }
+        self.next_port_check = now + PORT_CHECK;
+        for (index, port) in self.ports.iter().enumerate() {
+            let Some(IoPort {
+                tap: Some(_),
+                file: Some(file),
+                ..
+            }) = port
+            else {
+                continue;
+            };
+            let id = PortId(index as u16);
+            if !sys::tap_is_attached(file.as_fd()) && !self.dead_ports.contains(&id) {
+                self.dead_ports.push(id);
+            }
+        }
+        for mut lost in std::mem::take(&mut self.lost_taps) {
+            if !lost.is_back() {
+                self.lost_taps.push(lost);
+                continue;
+            }
+            match Tap::open(&lost.spec).and_then(|tap| self.add_tap(tap)) {
+                Ok(id) => eprintln!(
+                    "switchyard: port {id} ({}): its device is back; attached again",
+                    lost.spec
+                ),
+                Err(e) => {
+                    let why = e.to_string();
+                    if lost.failed.as_ref() != Some(&why) {
+                        eprintln!("switchyard: {}: cannot attach again: {why}", lost.spec);
+                        lost.failed = Some(why);
+                    }
+                    self.lost_taps.push(lost);
+                }
+            }
+        }
     }
 
     /// Writes a frame the engine originated (ICMP error, ARP) or released (held for ARP).

@@ -1,6 +1,7 @@
 //! Link configuration over rtnetlink (RFC 3549; `rtnetlink(7)`), instead of running `ip`.
 //!
-//! Only what the engine needs for its own ports: set a link up, its MAC and its MTU. Messages
+//! Only what the engine needs for its own ports: set a link up, its MAC, its MTU and its name,
+//! and move it into another network namespace. Messages
 //! are built here in safe code; `sys` only sends and receives the bytes.
 
 use super::sys;
@@ -15,15 +16,21 @@ const RTM_NEWLINK: u16 = 16;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const IFLA_ADDRESS: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_NET_NS_FD: u16 = 28;
 const IFF_UP: u32 = 0x1;
 
 /// What to change on a link; `None` leaves a field as it is.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LinkChange {
     pub up: Option<bool>,
     pub mac: Option<MacAddr>,
     pub mtu: Option<u32>,
+    /// A new name (the link must be down).
+    pub name: Option<String>,
+    /// Moves the link into the network namespace open on this fd.
+    pub netns_fd: Option<i32>,
 }
 
 fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
@@ -55,6 +62,14 @@ fn build_set_link(index: u32, change: &LinkChange, seq: u32) -> Vec<u8> {
     }
     if let Some(mtu) = change.mtu {
         push_attr(&mut msg, IFLA_MTU, &mtu.to_ne_bytes());
+    }
+    if let Some(name) = &change.name {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        push_attr(&mut msg, IFLA_IFNAME, &bytes);
+    }
+    if let Some(fd) = change.netns_fd {
+        push_attr(&mut msg, IFLA_NET_NS_FD, &fd.to_ne_bytes());
     }
     let len = msg.len() as u32;
     msg[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -112,6 +127,7 @@ mod tests {
             up: Some(true),
             mac: Some(MacAddr([0x52, 0x54, 0, 1, 2, 3])),
             mtu: Some(1500),
+            ..LinkChange::default()
         };
         let msg = build_set_link(7, &change, 42);
         assert_eq!(msg.len(), 16 + 16 + 12 + 8);
@@ -123,6 +139,23 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([msg[32], msg[33]]), 10);
         assert_eq!(&msg[36..42], &[0x52, 0x54, 0, 1, 2, 3]);
         assert_eq!(u16::from_ne_bytes([msg[46], msg[47]]), IFLA_MTU);
+    }
+
+    // rtnetlink(7): IFLA_IFNAME is a NUL-terminated string, IFLA_NET_NS_FD a u32 fd.
+    #[test]
+    fn builds_rename_and_move_requests() {
+        let change = LinkChange {
+            name: Some("eth0".into()),
+            netns_fd: Some(9),
+            ..LinkChange::default()
+        };
+        let msg = build_set_link(3, &change, 1);
+        assert_eq!(msg.len(), 16 + 16 + 12 + 8);
+        assert_eq!(u16::from_ne_bytes([msg[32], msg[33]]), 9);
+        assert_eq!(u16::from_ne_bytes([msg[34], msg[35]]), IFLA_IFNAME);
+        assert_eq!(&msg[36..41], b"eth0\0");
+        assert_eq!(u16::from_ne_bytes([msg[46], msg[47]]), IFLA_NET_NS_FD);
+        assert_eq!(i32::from_ne_bytes(msg[48..52].try_into().unwrap()), 9);
     }
 
     #[test]

@@ -90,6 +90,16 @@ pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// The index of interface `name` in the calling thread's network namespace.
+/// Whether the tap open on `fd` still has its device: a tap whose device was deleted (or
+/// whose namespace was destroyed) answers TUNGETIFF with EBADFD.
+pub fn tap_is_attached(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value for every field.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one `struct ifreq` through the pointer, which is valid for it.
+    let result = cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) });
+    !matches!(result, Err(e) if e.raw_os_error() == Some(libc::EBADFD))
+}
+
 pub fn if_nametoindex(name: &str) -> Option<u32> {
     let name = CString::new(name).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.

@@ -9,7 +9,8 @@ use crate::wire::{MacAddr, vnet};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Which tap, where its kernel side lives, and how to set it up.
@@ -106,6 +107,12 @@ pub struct Tap {
 impl Tap {
     /// Creates the tap in its namespace (or attaches to an existing one there), sets its MAC
     /// and MTU if asked, and brings its link up.
+    ///
+    /// A new tap for another namespace is made here and then moved there, so that its fd
+    /// belongs to the engine's namespace: a tap fd opened inside a namespace holds that
+    /// namespace alive, and `ip netns del` of the guest would then not end the port. Only
+    /// a tap that already exists there (persistent, made by someone else) is attached from
+    /// inside, and a rootless engine, which may not move links, has a helper create it inside.
     pub fn open(spec: &TapSpec) -> io::Result<Tap> {
         let TapSpec {
             name,
@@ -114,18 +121,26 @@ impl Tap {
             mtu,
             clean_traffic: _,
         } = spec.clone();
-        let here = netns::run_in(netns.as_deref(), {
-            let name = name.clone();
-            move || create_here(&name, mac, mtu)
-        });
-        let (fd, name, created) = match (here, &netns) {
+        let exists = match &netns {
+            Some(_) => netns::run_in(netns.as_deref(), {
+                let name = name.clone();
+                move || Ok(sys::if_nametoindex(&name).is_some())
+            }),
+            None => Ok(sys::if_nametoindex(&name).is_some()),
+        };
+        let (fd, name, created) = match (exists, &netns) {
             // Not allowed to join the namespace from here: it belongs to a user namespace of
             // ours (`unshare --user --net`, a rootless container), which only a
             // single-threaded process may enter. A helper process does.
             (Err(e), Some(path)) if e.kind() == io::ErrorKind::PermissionDenied => {
                 netns::open_tap_via_helper(path, &name, mac, mtu)?
             }
-            (result, _) => result?,
+            (Err(e), _) => return Err(e),
+            (Ok(false), Some(path)) => (create_and_move(&name, mac, mtu, path)?, name, true),
+            (Ok(_), _) => netns::run_in(netns.as_deref(), {
+                let name = name.clone();
+                move || create_here(&name, mac, mtu)
+            })?,
         };
         Ok(Tap {
             file: File::from(fd),
@@ -136,6 +151,58 @@ impl Tap {
             created,
         })
     }
+}
+
+/// Creates the tap `name` in the calling thread's namespace under a temporary name, moves it
+/// into the namespace at `netns`, and there renames it and brings it up.
+fn create_and_move(
+    name: &str,
+    mac: Option<MacAddr>,
+    mtu: Option<u32>,
+    netns: &Path,
+) -> io::Result<std::os::fd::OwnedFd> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = format!("sy{:x}t{n}", std::process::id() & 0xff_ffff);
+    let (fd, temporary) = sys::open_tap(&temporary, vnet::LEN)?;
+    let index = sys::if_nametoindex(&temporary)
+        .ok_or_else(|| io::Error::other(format!("tap {temporary} vanished")))?;
+    let ns = File::open(netns).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("network namespace {}: {e}", netns.display()),
+        )
+    })?;
+    netlink::set_link(
+        index,
+        &LinkChange {
+            mac,
+            mtu,
+            netns_fd: Some(ns.as_raw_fd()),
+            ..LinkChange::default()
+        },
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("moving {name} into its namespace: {e}")))?;
+    let name = name.to_string();
+    netns::run_in(Some(netns), move || {
+        let index = sys::if_nametoindex(&temporary)
+            .ok_or_else(|| io::Error::other(format!("tap {temporary} vanished")))?;
+        for change in [
+            LinkChange {
+                name: Some(name.clone()),
+                ..LinkChange::default()
+            },
+            LinkChange {
+                up: Some(true),
+                ..LinkChange::default()
+            },
+        ] {
+            netlink::set_link(index, &change)
+                .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
+        }
+        Ok(())
+    })?;
+    Ok(fd)
 }
 
 /// Opens (creating if needed) the tap `name` in the calling thread's namespace, sets its MAC
@@ -156,6 +223,7 @@ pub fn create_here(
             up: Some(true),
             mac,
             mtu,
+            ..LinkChange::default()
         },
     )
     .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
