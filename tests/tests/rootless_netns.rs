@@ -351,5 +351,14 @@ fn an_unprivileged_user_serves_a_user_namespace_through_host_sockets() {
     ]);
     assert_eq!(body, "hello, rootless\n");
     assert!(std::path::Path::new(&format!("{home}/state/switchyard/networks/rl.xml")).exists());
+
+    // The user ends the namespace's processes. The tap's fd, opened inside by the helper, is
+    // then all that holds the namespace: switchyard sees nobody is left and lets the port go,
+    // so the namespace ends (issue 11: a port whose namespace is deleted).
+    let has_tap1 = || String::from_utf8_lossy(&cli(&["iface-list", "rl"]).stdout).contains("tap1");
+    assert!(has_tap1());
+    drop(_guest_web);
+    drop(ns_holder);
+    wait_for("the abandoned namespace's port to go", || !has_tap1());
     assert!(cli(&["net-destroy", "rl"]).status.success());
 }

@@ -183,6 +183,17 @@ pub struct Datapath {
     next_port_check: Instant,
 }
 
+/// Whether `tap`'s namespace is held alive only by the tap itself: its path is gone or names
+/// another namespace now (`ip netns del`; the `/proc/PID` process exited), and no process is
+/// left in it. A tap opened from inside its namespace (an existing persistent tap, or a
+/// rootless helper's) holds that namespace, so the kernel alone would never end the port.
+fn namespace_abandoned(tap: &Tap) -> bool {
+    let (Some(path), Some(was)) = (&tap.netns, tap.netns_id) else {
+        return false;
+    };
+    netns::identity(path) != Some(was) && !netns::has_processes(was)
+}
+
 /// How often live taps are checked for their device and lost taps are looked for.
 const PORT_CHECK: Duration = Duration::from_secs(1);
 
@@ -218,7 +229,7 @@ impl LostTap {
                 mtu: None,
                 clean_traffic: tap.clean_traffic,
             },
-            netns_was: tap.netns.as_deref().and_then(netns_identity),
+            netns_was: tap.netns.as_deref().and_then(netns::identity),
             failed: None,
         })
     }
@@ -229,7 +240,7 @@ impl LostTap {
         let name = self.spec.name.clone();
         match &self.spec.netns {
             None => sys::if_nametoindex(&name).is_some(),
-            Some(path) => match netns_identity(path) {
+            Some(path) => match netns::identity(path) {
                 None => false,
                 Some(now) if Some(now) != self.netns_was => true,
                 Some(_) => {
@@ -239,12 +250,6 @@ impl LostTap {
             },
         }
     }
-}
-
-/// A namespace file's identity (device and inode of its nsfs file), if it exists.
-fn netns_identity(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The resolver configuration whose `nameserver` lines are the DNS upstreams, re-read when it
@@ -1224,7 +1229,7 @@ impl Datapath {
         self.next_port_check = now + PORT_CHECK;
         for (index, port) in self.ports.iter().enumerate() {
             let Some(IoPort {
-                tap: Some(_),
+                tap: Some(tap),
                 file: Some(file),
                 ..
             }) = port
@@ -1232,7 +1237,9 @@ impl Datapath {
                 continue;
             };
             let id = PortId(index as u16);
-            if !sys::tap_is_attached(file.as_fd()) && !self.dead_ports.contains(&id) {
+            if (!sys::tap_is_attached(file.as_fd()) || namespace_abandoned(tap))
+                && !self.dead_ports.contains(&id)
+            {
                 self.dead_ports.push(id);
             }
         }

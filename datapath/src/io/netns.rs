@@ -58,6 +58,27 @@ pub fn run_in<T: Send>(
     })
 }
 
+/// A namespace file's identity (device and inode of its nsfs file), if it exists.
+pub fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether any process this user may see is still in the network namespace `id`.
+pub fn has_processes(id: (u64, u64)) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .any(|e| identity(&e.path().join("ns/net")) == Some(id))
+}
+
 /// The argument that makes the binary a tap helper (see [`tap_helper_main`]).
 pub const TAP_HELPER_ARG: &str = "__open-tap";
 

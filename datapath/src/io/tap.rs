@@ -102,6 +102,8 @@ pub struct Tap {
     /// The tap did not exist before: it goes away when this is dropped. An attached
     /// (persistent) tap is left as it was found.
     pub created: bool,
+    /// The namespace's identity when the tap was opened ([`netns::identity`]).
+    pub netns_id: Option<(u64, u64)>,
 }
 
 impl Tap {
@@ -149,6 +151,7 @@ impl Tap {
             mac: spec.mac,
             clean_traffic: spec.clean_traffic,
             created,
+            netns_id: spec.netns.as_deref().and_then(netns::identity),
         })
     }
 }
