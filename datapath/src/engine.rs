@@ -174,7 +174,7 @@ pub struct Engine {
     /// Lines for the log: a cap or filter that started dropping (once per interval each).
     notices: VecDeque<String>,
     /// When each table cap last put a notice in the log.
-    cap_noticed: [Option<Instant>; 2],
+    cap_noticed: [Option<Instant>; 3],
 }
 
 /// The engine-wide caps whose refusals are logged.
@@ -182,6 +182,7 @@ pub struct Engine {
 enum CapNotice {
     Fdb,
     Nat,
+    LeasesPerMac,
 }
 
 /// The DHCP server's view of who holds which address, for clean-traffic.
@@ -237,7 +238,7 @@ impl Engine {
             guard: config.guard,
             clean_traffic_ports: 0,
             notices: VecDeque::new(),
-            cap_noticed: [None; 2],
+            cap_noticed: [None; 3],
         }
     }
 
@@ -625,6 +626,8 @@ impl Engine {
             return Some(Verdict::Drop(DropReason::DhcpRateLimited));
         }
         let dhcp = self.dhcp.as_mut()?;
+        let capped = |c: &dhcp_dns::dhcp::DhcpCounters| c.mac_lease_cap + c.nak_mac_lease_cap;
+        let capped_before = capped(dhcp.counters());
         let served = dhcp.handle_request(
             now,
             ingress,
@@ -632,6 +635,15 @@ impl Engine {
             payload,
             &mut self.outgoing,
         );
+        if capped(dhcp.counters()) > capped_before {
+            self.notice_cap(now, CapNotice::LeasesPerMac, || {
+                format!(
+                    "port {ingress}: {src_mac} asks for more DHCP leases than leases-per-mac \
+                     allows (under other client identifiers); refused, counted in \
+                     `switchyard stats` (dhcp.mac_lease_cap)"
+                )
+            });
+        }
         self.sync_names();
         Some(if !to_gateway {
             self.flooded += 1;

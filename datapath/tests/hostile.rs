@@ -33,6 +33,10 @@ struct Net {
 }
 
 fn net(clean_traffic: bool) -> Net {
+    net_with(clean_traffic, usize::MAX)
+}
+
+fn net_with(clean_traffic: bool, leases_per_mac: usize) -> Net {
     let gw = Ipv4Addr::from(GW);
     let mut engine = Engine::new(&Config {
         gateway: Some(GatewayConfig {
@@ -56,6 +60,10 @@ fn net(clean_traffic: bool) -> Net {
             Ipv4Addr::new(192, 168, 122, 20),
         ),
     );
+    let dhcp = DhcpConfig {
+        leases_per_mac,
+        ..dhcp
+    };
     let server = DhcpServer::new(dhcp, Vec::new(), 1_800_000_000);
     engine.enable_dhcp(DhcpService::new(
         server,
@@ -392,4 +400,19 @@ fn clean_traffic_per_port_overrides_the_network() {
     n.engine.set_clean_traffic(other, false);
     assert_eq!(spoof(&mut n, guest), 1);
     assert_eq!(spoof(&mut n, other), 0);
+}
+
+/// One MAC inventing client identifiers (RFC 2131 4.2, option 61) is held to leases-per-mac,
+/// counted, and said in the log once.
+#[test]
+fn a_mac_past_its_lease_cap_is_refused_counted_and_logged_once() {
+    let mut n = net_with(false, 1);
+    for id in 1..=3u8 {
+        let _ = n.send(n.guest, &discover(GUEST, &[53, 1, 1, 61, 2, 0xff, id, 255]));
+    }
+    let counters = n.engine.dhcp().unwrap().counters().clone();
+    assert_eq!((counters.offers, counters.mac_lease_cap), (1, 2));
+    let notices: Vec<String> = std::iter::from_fn(|| n.engine.poll_notice()).collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains("leases-per-mac"), "{notices:?}");
 }
