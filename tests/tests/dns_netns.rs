@@ -240,6 +240,15 @@ fn forwarding_cache_and_strict_order_failover() {
         "failed over to the second stub"
     );
 
+    // Every upstream unreachable (issue 11's faults): a forwarded name fails as SERVFAIL once
+    // the forwarder gives up, and local names are still answered.
+    drop(_stub2);
+    assert_eq!(
+        status(g, &["+time=12", "+tries=1", "gone.example.test"]),
+        "SERVFAIL"
+    );
+    assert_eq!(short(g, &["printer.lab"]), "192.168.122.7");
+
     let mut sy = net.sy;
     let dns = &sy.stop_json()["engine"]["dns"];
     assert!(dns["cache_hits"].as_u64().unwrap() >= 1, "{dns}");
