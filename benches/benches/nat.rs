@@ -18,6 +18,7 @@ use datapath::{Config, Engine, MacAddr, PortId, Verdict};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+use switchyard_benches::bench_frames;
 
 const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
@@ -217,11 +218,9 @@ impl Net {
         assert_eq!(self.send(port, template).0, expect, "{name}");
         let (engine, now, hdr) = (&mut self.engine, self.now, VnetHdr::default());
         let mut buf = template.to_vec();
-        c.bench_function(name, |b| {
-            b.iter(|| {
-                buf.copy_from_slice(template);
-                black_box(engine.handle_frame(now, port, &hdr, black_box(&mut buf)))
-            })
+        bench_frames(c, name, || {
+            buf.copy_from_slice(template);
+            black_box(engine.handle_frame(now, port, &hdr, black_box(&mut buf)))
         });
     }
 }

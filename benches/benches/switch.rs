@@ -7,6 +7,7 @@ use datapath::{Config, Engine, MacAddr, PortId};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+use switchyard_benches::bench_frames;
 
 fn frame(dst: MacAddr, src: MacAddr) -> [u8; 64] {
     let mut f = [0u8; 64];
@@ -48,31 +49,29 @@ fn switch(c: &mut Criterion) {
 
     let (mut e, ports, now) = engine_with(2, 2);
     let mut f = frame(mac(1), mac(0));
-    group.bench_function("learned_unicast", |b| {
-        b.iter(|| black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f))))
+    bench_frames(&mut group, "learned_unicast", || {
+        black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f)))
     });
 
     let (mut e, ports, now) = engine_with(8, 8000);
     let mut f = frame(mac(7001), mac(4000));
-    group.bench_function("learned_unicast_8000_macs", |b| {
-        b.iter(|| black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f))))
+    bench_frames(&mut group, "learned_unicast_8000_macs", || {
+        black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f)))
     });
 
     let (mut e, ports, now) = engine_with(2, 2);
     let mut f = frame(MacAddr::BROADCAST, mac(0));
-    group.bench_function("broadcast_flood", |b| {
-        b.iter(|| black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f))))
+    bench_frames(&mut group, "broadcast_flood", || {
+        black_box(e.handle_frame(now, ports[0], &hdr, black_box(&mut f)))
     });
 
     let (mut e, ports, now) = engine_with(2, 0);
     let mut i = 0u32;
-    group.bench_function("broadcast_from_4096_rotating_macs", |b| {
-        b.iter(|| {
-            i = i.wrapping_add(1);
-            let mut f = frame(MacAddr::BROADCAST, mac(i % 4096));
-            let t = now + Duration::from_nanos(i as u64);
-            black_box(e.handle_frame(t, ports[0], &hdr, &mut f))
-        })
+    bench_frames(&mut group, "broadcast_from_4096_rotating_macs", || {
+        i = i.wrapping_add(1);
+        let mut f = frame(MacAddr::BROADCAST, mac(i % 4096));
+        let t = now + Duration::from_nanos(i as u64);
+        black_box(e.handle_frame(t, ports[0], &hdr, &mut f))
     });
     group.finish();
 }

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
         name: Some("fixed".into()),
         ip: Some(ip(50)),
     });
+    config.leases_per_mac = 2;
     let mut server = DhcpServer::new(config, Vec::new(), 1_800_000_000);
     let mut now = 1_800_000_000u64;
     // Each message: [time step][client (low 2 bits of the MAC)][length][payload...]
@@ -40,6 +41,10 @@ fuzz_target!(|data: &[u8]| {
             );
             assert!(!seen.contains(&lease.ip), "address leased twice: {lease:?}");
             seen.push(lease.ip);
+        }
+        for lease in server.leases() {
+            let same_mac = server.leases().filter(|l| l.mac == lease.mac).count();
+            assert!(same_mac <= 2, "leases-per-mac exceeded: {lease:?}");
         }
     }
 });
