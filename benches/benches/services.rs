@@ -1,10 +1,11 @@
 //! The gateway's services through the whole pipeline, frames in and frames out, as
-//! `Engine::handle_frame` and `poll_transmit` serve them: a full DHCP exchange (DISCOVER,
-//! OFFER, REQUEST, ACK, then RELEASE so the pool never runs dry), and a DNS query for a local
-//! name answered from the gateway.
+//! `Engine::handle_frame` and `poll_transmit` serve them: a full DHCP exchange (DISCOVER, the
+//! ARP probe of the address, OFFER once the probe's wait is over in virtual time, REQUEST,
+//! ACK, then RELEASE so the pool never runs dry), and a DNS query for a local name answered
+//! from the gateway.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use datapath::dhcp::DhcpService;
+use datapath::dhcp::{DhcpService, PROBE_WAIT};
 use datapath::dns::DnsService;
 use datapath::gateway::GatewayConfig;
 use datapath::wire::VnetHdr;
@@ -120,7 +121,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("dhcp_dora_and_release", |b| {
         b.iter(|| {
             let now = Instant::now();
-            let offer = send(&mut engine, port, now, &discover).expect("OFFER");
+            // The address was released: it is probed again before it is offered.
+            let probe = send(&mut engine, port, now, &discover).expect("ARP probe");
+            assert_eq!(&probe[12..14], &[0x08, 0x06]);
+            let now = now + PROBE_WAIT;
+            engine.handle_timeout(now);
+            let offer = engine.poll_transmit().expect("OFFER").frame;
             let yiaddr: [u8; 4] = offer[14 + 28 + 16..14 + 28 + 20]
                 .try_into()
                 .expect("yiaddr is four bytes");

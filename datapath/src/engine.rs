@@ -118,6 +118,8 @@ pub struct EngineCounters {
     pub dhcp: dhcp_dns::dhcp::DhcpCounters,
     /// DHCP replies dropped because too many waited for the lease file.
     pub dhcp_held_dropped: u64,
+    /// The ARP probes before OFFERs of new addresses, and what they found.
+    pub dhcp_probes: crate::dhcp::ProbeCounters,
     pub dns: dhcp_dns::dns::DnsCounters,
     /// Upstream DNS queries dropped because too many waited for the host socket.
     pub dns_upstream_dropped: u64,
@@ -576,7 +578,10 @@ impl Engine {
         }
         if self.dhcp.is_some() {
             if ethertype == EtherType::ARP {
-                self.note_arp_sender(now, &frame[l3..]);
+                // An answer to the gateway's probe is the gateway's (nothing else to do).
+                if self.note_arp_sender(now, &frame[l3..]) && to_gateway {
+                    return Verdict::Consumed;
+                }
             } else if ethertype == EtherType::IPV4
                 && (to_gateway || dst.is_broadcast())
                 && let Some(verdict) = self.serve_dhcp(now, ingress, src, &frame[l3..], to_gateway)
@@ -644,6 +649,7 @@ impl Engine {
                 )
             });
         }
+        self.send_probes();
         self.sync_names();
         Some(if !to_gateway {
             self.flooded += 1;
@@ -798,13 +804,38 @@ impl Engine {
     }
 
     /// A guest announcing or asking with an address (ARP sender) holds it: DHCP must not
-    /// offer it to another client.
-    fn note_arp_sender(&mut self, now: Instant, arp: &[u8]) {
+    /// offer it to another client. Returns whether it answered a DHCP probe.
+    fn note_arp_sender(&mut self, now: Instant, arp: &[u8]) -> bool {
         let (Some(dhcp), Ok(arp)) = (self.dhcp.as_mut(), ArpPacket::new_checked(arp)) else {
+            return false;
+        };
+        let sender = (arp.sender_mac(), arp.sender_ip());
+        let answered = dhcp.handle_arp(now, sender, arp.target_ip(), &mut self.outgoing);
+        if answered {
+            self.send_probes();
+        }
+        answered
+    }
+
+    /// Floods the DHCP server's ARP probes from the gateway to every switch port (the guest
+    /// that has the address may be behind any of them). They are not held to MAX_OUTGOING:
+    /// there are at most `MAX_PROBES` at once, each sent once.
+    fn send_probes(&mut self) {
+        let Some(dhcp) = &mut self.dhcp else {
             return;
         };
-        if !arp.sender_ip().is_unspecified() {
-            dhcp.note_address_in_use(now, arp.sender_ip(), arp.sender_mac());
+        let uplink = self.router.as_ref().and_then(|r| r.port);
+        while let Some(probe) = dhcp.poll_probe() {
+            for (i, state) in self.ports.iter().enumerate() {
+                let port = PortId(i as u16);
+                if state.is_some() && Some(port) != uplink {
+                    self.outgoing.push_back(Outgoing {
+                        port,
+                        vnet: VnetHdr::default(),
+                        frame: probe.clone(),
+                    });
+                }
+            }
         }
     }
 
@@ -1185,7 +1216,7 @@ impl Engine {
             self.fdb.expire(now);
         }
         if let Some(dhcp) = &mut self.dhcp {
-            dhcp.handle_timeout(now);
+            dhcp.handle_timeout(now, &mut self.outgoing);
             self.sync_names();
         }
         if let Some(dns) = &mut self.dns
@@ -1329,6 +1360,7 @@ impl Engine {
                 icmp_errors_rate_limited: self.icmp_errors_rate_limited,
                 dhcp: dhcp.map(|d| d.counters().clone()).unwrap_or_default(),
                 dhcp_held_dropped: dhcp.map_or(0, |d| d.held_dropped),
+                dhcp_probes: dhcp.map(|d| d.probe_counters.clone()).unwrap_or_default(),
                 dns: self
                     .dns
                     .as_ref()

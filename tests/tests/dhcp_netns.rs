@@ -307,7 +307,8 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
         &[mac(1), mac(2), mac(3), mac(9)],
     );
     let g = &net.guests;
-    // The first exchange, traced: DISCOVER and REQUEST each answered by the gateway.
+    // The first exchange, traced: DISCOVER and REQUEST each answered by the gateway; the
+    // DISCOVER's address is probed first (an ARP probe out of each of the four ports).
     let tracer = Tracer::start(
         "dhcp",
         &net.dir.file("ctl.sock"),
@@ -333,9 +334,10 @@ fn a_reservation_wins_and_a_tiny_pool_runs_out() {
         "IPv4 UDP 0.0.0.0:68 > 255.255.255.255:67 DHCP DISCOVER",
         "dhcp.discovers +1",
         "dhcp.offers +1",
+        "dhcp_probes.sent +1",
+        "engine queued 4 frame(s) of its own",
         "DHCP REQUEST",
         "dhcp.acks +1",
-        "engine queued 1 frame(s) of its own",
         "verdict: flood",
     ] {
         assert!(traced.contains(needle), "{needle}:\n{traced}");
@@ -497,4 +499,49 @@ fn malformed_dhcp_is_counted_while_a_real_client_gets_its_lease() {
     .sum::<u64>();
     assert!(rejected >= 300 * 4, "{dhcp}");
     assert!(dhcp["acks"].as_u64().unwrap() >= 1, "{dhcp}");
+}
+
+// RFC 2131 3.1 step 2 / 4.4.1 (the server SHOULD probe before allocating) with RFC 5227 ARP
+// probes: a guest configured by hand with the first address of the pool, silent so far (the
+// switch has not seen it use the address), answers the gateway's probe; the next guest's
+// udhcpc is offered another address, and the counters say why.
+#[test]
+fn an_address_configured_by_hand_is_never_offered() {
+    let net = dhcp_net(
+        "<range start='192.168.122.100' end='192.168.122.110'/>",
+        &[mac(1), mac(2)],
+    );
+    let (squatter, client) = (&net.guests[0], &net.guests[1]);
+    squatter.set_static_address("eth0", "192.168.122.100/24", None);
+    let control = net.dir.file("ctl.sock");
+    let before = stats_of(&control)["engine"].clone();
+    assert_eq!(
+        before["dhcp"]["in_use_noted"].as_u64(),
+        Some(0),
+        "the switch saw the address before the probe: {before}"
+    );
+    let out = udhcpc_once(&net, client, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = address_of(client).expect("a lease");
+    assert_ne!(got, "192.168.122.100", "offered an address in use");
+    assert_eq!(got, "192.168.122.101");
+    // The squatter keeps its address, and it is not leased to anyone.
+    assert_eq!(address_of(squatter).as_deref(), Some("192.168.122.100"));
+    assert!(
+        !leases(&net).contains("192.168.122.100/"),
+        "{}",
+        leases(&net)
+    );
+    let after = stats_of(&control)["engine"].clone();
+    let probes = &after["dhcp_probes"];
+    assert!(probes["conflicts"].as_u64().unwrap() >= 1, "{after}");
+    assert!(probes["clear"].as_u64().unwrap() >= 1, "{after}");
+    assert!(
+        after["dhcp"]["in_use_noted"].as_u64().unwrap() >= 1,
+        "{after}"
+    );
 }

@@ -96,6 +96,14 @@ pub fn request_frame(mac: MacAddr, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f
 }
 
+/// An RFC 5227 2.1.1 ARP probe for `target` from `mac`: a broadcast request whose sender IP
+/// is 0.0.0.0 and target hardware address zero. A host that has `target` answers it (RFC 5227
+/// 2.4, and Linux even when the probe's sender is not routable back), and no host adds or
+/// updates an ARP cache entry from it.
+pub fn probe_frame(mac: MacAddr, target: Ipv4Addr) -> Vec<u8> {
+    request_frame(mac, Ipv4Addr::UNSPECIFIED, target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,6 +174,24 @@ pub struct Reply {
     /// The lease set changed: write the lease file before sending, so an acknowledged lease
     /// survives a crash.
     pub durable: bool,
+    /// An OFFER of an address new to its client: check that nobody answers for it before
+    /// sending (RFC 2131 3.1 step 2 and 4.4.1: the server SHOULD probe before allocating).
+    /// `None` for every other reply, and for an OFFER of the client's own lease or reservation.
+    pub probe: Option<Probe>,
+}
+
+/// What an OFFER that waits for a conflict check (see [`Reply::probe`]) offers, and to whom.
+///
+/// The caller probes `ip` (the datapath sends an RFC 5227 ARP probe) and holds the reply a
+/// short while. If another MAC answers, it reports the answer with
+/// [`DhcpServer::note_address_in_use`] (which withdraws the offer) and asks again with
+/// [`DhcpServer::handle_retry`]; otherwise it sends the reply if
+/// [`DhcpServer::offer_pending`] still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub ip: Ipv4Addr,
+    /// The client's hardware address (chaddr); an answer from it is no conflict.
+    pub mac: [u8; 6],
 }
 
 /// Where a reply goes (RFC 2131 4.1).
@@ -228,6 +246,8 @@ pub enum DhcpDrop {
 #[derive(Default, Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DhcpCounters {
     pub discovers: u64,
+    /// OFFERs made. One that waits for a probe ([`Reply::probe`]) is sent only if nobody
+    /// answers: the datapath counts what its probes found.
     pub offers: u64,
     pub requests: u64,
     pub acks: u64,
@@ -495,16 +515,49 @@ impl DhcpServer {
         payload: &[u8],
     ) -> Result<Option<Reply>, DhcpDrop> {
         self.handle_timeout(now);
-        let result = self.dispatch(now, src_mac, src_ip, payload);
+        let result = self.dispatch(now, src_mac, src_ip, payload, false);
         if let Err(drop) = &result {
             self.count_drop(*drop);
         }
         result
     }
 
+    /// Handles again a DISCOVER whose OFFER a probe found in use (see [`Probe`]), once the
+    /// answer was reported with [`DhcpServer::note_address_in_use`]: the next free address is
+    /// offered. It is not counted as another DISCOVER.
+    pub fn handle_retry(
+        &mut self,
+        now: u64,
+        src_mac: [u8; 6],
+        src_ip: Ipv4Addr,
+        payload: &[u8],
+    ) -> Result<Option<Reply>, DhcpDrop> {
+        self.handle_timeout(now);
+        let result = self.dispatch(now, src_mac, src_ip, payload, true);
+        if let Err(drop) = &result {
+            self.count_drop(*drop);
+        }
+        result
+    }
+
+    /// Whether `ip` is still offered to the client with hardware address `mac` (an offer held
+    /// for a probe may have been withdrawn meanwhile: the client chose another server, asked
+    /// again and got another address, or the address was seen in use).
+    pub fn offer_pending(&self, now: u64, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+        self.offers
+            .get(&u32::from(ip))
+            .is_some_and(|o| o.mac == mac && o.expires > now)
+    }
+
+    /// Withdraws the offer of `ip` (one that could not be probed, and so is not sent).
+    pub fn withdraw_offer(&mut self, ip: Ipv4Addr) {
+        self.remove_offer(u32::from(ip));
+    }
+
     /// An IPv4 address seen in use by `mac` on the LAN (ARP sender, or the source of a guest's
-    /// IPv4 frame). An address of the range that `mac` does not lease is kept out of the pool
-    /// for [`QUARANTINE_SECS`], except for `mac` itself, as dnsmasq's ping check would.
+    /// IPv4 frame, or the answer to a probe). An address of the range that `mac` does not
+    /// lease is kept out of the pool for [`QUARANTINE_SECS`], except for `mac` itself, as
+    /// dnsmasq's ping check would, and a pending offer of it to another client is withdrawn.
     pub fn note_address_in_use(&mut self, now: u64, ip: Ipv4Addr, mac: [u8; 6]) {
         let ip = u32::from(ip);
         if !self.in_range(ip) {
@@ -514,6 +567,10 @@ impl DhcpServer {
             || self.reserved_ips.get(&ip) == Some(&mac)
         {
             return;
+        }
+        // An offer of it to another client is no longer made (its REQUEST would be NAKed).
+        if self.offers.get(&ip).is_some_and(|o| o.mac != mac) {
+            self.remove_offer(ip);
         }
         if let Some(q) = self.quarantine.get(&ip)
             && q.mac == Some(mac)
@@ -593,6 +650,7 @@ impl DhcpServer {
         src_mac: [u8; 6],
         src_ip: Ipv4Addr,
         payload: &[u8],
+        retry: bool,
     ) -> Result<Option<Reply>, DhcpDrop> {
         let req = wire::parse(payload)?;
         let giaddr = req.header.giaddr();
@@ -601,7 +659,7 @@ impl DhcpServer {
             return Err(DhcpDrop::NotForUs);
         }
         match req.msg_type {
-            MessageType::Discover => self.discover(now, src_mac, &req).map(Some),
+            MessageType::Discover => self.discover(now, src_mac, &req, retry).map(Some),
             MessageType::Request => self.request(now, src_mac, &req).map(Some),
             MessageType::Decline => self.decline(now, &req).map(|()| None),
             MessageType::Release => self.release(now, &req).map(|()| None),
@@ -616,8 +674,11 @@ impl DhcpServer {
         now: u64,
         src_mac: [u8; 6],
         req: &wire::Request,
+        retry: bool,
     ) -> Result<Reply, DhcpDrop> {
-        self.counters.discovers += 1;
+        if !retry {
+            self.counters.discovers += 1;
+        }
         let client = client_of(req);
         if self.lease_of(&client).is_none() && self.mac_at_cap(now, &client) {
             return Err(DhcpDrop::MacLeaseCap);
@@ -635,9 +696,19 @@ impl DhcpServer {
         for other in stale {
             self.remove_offer(other);
         }
+        // RFC 2131 3.1 step 2 / 4.4.1: an address new to the client is probed before it is
+        // offered; its current lease and its reservation are its own (dnsmasq pings neither).
+        let own = self.leases.get(&ip).is_some_and(|l| client.owns_lease(l))
+            || self.reserved_ip_for(&client.mac) == Some(ip);
         self.set_offer(ip, &client, now.saturating_add(OFFER_HOLD_SECS));
-        let reply =
+        let mut reply =
             self.address_reply(req, src_mac, MessageType::Offer, ip, Ipv4Addr::UNSPECIFIED)?;
+        if !own {
+            reply.probe = Some(Probe {
+                ip: Ipv4Addr::from(ip),
+                mac: client.mac,
+            });
+        }
         self.counters.offers += 1;
         Ok(reply)
     }
@@ -919,6 +990,7 @@ impl DhcpServer {
             payload,
             to,
             durable: false,
+            probe: None,
         })
     }
 
@@ -998,6 +1070,7 @@ impl DhcpServer {
             payload,
             to,
             durable: false,
+            probe: None,
         })
     }
 
@@ -1024,6 +1097,7 @@ impl DhcpServer {
             payload: wire::encode_reply(&header, &options)?,
             to: destination(req, src_mac, yiaddr),
             durable: false,
+            probe: None,
         })
     }
 

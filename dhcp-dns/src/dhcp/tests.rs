@@ -719,6 +719,84 @@ fn address_seen_in_use_is_skipped() {
     assert_eq!(offer.yiaddr(), ip(4));
 }
 
+// RFC 2131 3.1 step 2 and 4.4.1: the server SHOULD probe an address before allocating it.
+// An OFFER of an address new to its client says so; the client's own lease and its
+// reservation are offered as they are (dnsmasq pings neither).
+#[test]
+fn offers_of_new_addresses_ask_for_a_probe() {
+    let mut cfg = config();
+    cfg.hosts.push(HostReservation {
+        mac: C,
+        name: None,
+        ip: Some(ip(50)),
+    });
+    let mut s = server_with(cfg);
+    let (reply, offer) = exchange(&mut s, T0, &discover(A));
+    assert_eq!(
+        reply.probe,
+        Some(Probe {
+            ip: offer.yiaddr(),
+            mac: A
+        })
+    );
+    let (ack, _) = exchange(&mut s, T0, &select(A, SERVER, ip(2)));
+    assert_eq!(ack.probe, None, "only OFFERs wait");
+    // A client that holds its lease and starts over (RFC 2131 4.3.1: its existing binding).
+    let (reply, offer) = exchange(&mut s, T0 + 1, &discover(A));
+    assert_eq!(offer.yiaddr(), ip(2));
+    assert_eq!(reply.probe, None);
+    let (reply, offer) = exchange(&mut s, T0 + 1, &discover(C));
+    assert_eq!(offer.yiaddr(), ip(50));
+    assert_eq!(reply.probe, None);
+    // An address the client asks for (option 50) but does not hold is probed.
+    let (reply, offer) = exchange(
+        &mut s,
+        T0 + 1,
+        &with(discover(B), DhcpOption::RequestedIpAddress(ip(77))),
+    );
+    assert_eq!(offer.yiaddr(), ip(77));
+    assert_eq!(reply.probe.map(|p| p.ip), Some(ip(77)));
+}
+
+// A probe answered by another host (RFC 5227 2.1.1): noted in use, which withdraws the offer;
+// asked again, the server offers the next free address, and the retry is not counted as a
+// second DISCOVER.
+#[test]
+fn a_probe_conflict_withdraws_the_offer_and_the_retry_offers_another() {
+    let mut s = server();
+    let m = discover(A);
+    let (reply, _) = exchange(&mut s, T0, &m);
+    let probe = reply.probe.expect("a probe");
+    assert_eq!(probe.ip, ip(2));
+    assert!(s.offer_pending(T0, ip(2), A));
+    assert!(!s.offer_pending(T0, ip(2), B));
+    s.note_address_in_use(T0, ip(2), C);
+    assert!(!s.offer_pending(T0, ip(2), A), "withdrawn");
+    let retry = s
+        .handle_retry(T0, A, UNSPEC, &m.to_vec().unwrap())
+        .unwrap()
+        .expect("another offer");
+    assert_eq!(retry.probe.map(|p| p.ip), Some(ip(3)));
+    assert!(s.offer_pending(T0, ip(3), A));
+    assert_eq!(s.counters().discovers, 1);
+    assert_eq!(s.counters().offers, 2);
+    // The squatter's address stays out of the pool for everyone else.
+    let (_, nak) = exchange(&mut s, T0, &select(A, SERVER, ip(2)));
+    assert_eq!(kind(&nak), MessageType::Nak);
+    assert_eq!(dora(&mut s, T0, A), ip(3));
+    // An offer that could not be probed is withdrawn: the address is free again.
+    let (reply, _) = exchange(&mut s, T0, &discover(B));
+    let ip4 = reply.probe.unwrap().ip;
+    s.withdraw_offer(ip4);
+    assert!(!s.offer_pending(T0, ip4, B));
+    let d = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0d];
+    let (_, offer) = exchange(&mut s, T0, &discover(d));
+    assert_eq!(offer.yiaddr(), ip4);
+    // An offer expires: it is pending no more.
+    assert!(s.offer_pending(T0, ip4, d));
+    assert!(!s.offer_pending(T0 + OFFER_HOLD_SECS, ip4, d));
+}
+
 #[test]
 fn parameter_request_list_is_honoured() {
     let mut cfg = config();
