@@ -34,10 +34,10 @@ use crate::port::PortId;
 use crate::wire::{MacAddr, VnetHdr};
 use dhcp_dns::dhcp::Probe;
 use dhcp_dns::dhcp::{
-    Destination, DhcpConfig, DhcpCounters, DhcpServer, Lease, Reply, format_lease_file,
+    Destination, DhcpConfig, DhcpCounters, DhcpServer, Lease, Reply, format_lease_line,
 };
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,48 @@ pub const CLIENT_PORT: u16 = 68;
 const MAX_HELD: usize = 1024;
 /// How long a lease change that no reply waits for may stay unwritten.
 pub const LAZY_WRITE: Duration = Duration::from_secs(1);
+
+/// What changed in the lease file since the last write: the new line of each address whose
+/// lease was set, `None` for each whose lease ended. Whoever writes the file keeps its lines
+/// ([`LeaseLines`]) and applies these in order, so the datapath does work in proportion to the
+/// changes, not to the leases (with tens of thousands of leases, building the whole file for
+/// every write was most of the engine's time under a burst of new clients).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseUpdate {
+    pub generation: u64,
+    pub changes: Vec<(Ipv4Addr, Option<String>)>,
+}
+
+/// The lease file, line by line in address order, for whoever writes it.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseLines {
+    lines: BTreeMap<Ipv4Addr, String>,
+    len: usize,
+}
+
+impl LeaseLines {
+    pub fn apply(&mut self, update: LeaseUpdate) {
+        for (ip, line) in update.changes {
+            let old = match line {
+                Some(line) => {
+                    self.len += line.len();
+                    self.lines.insert(ip, line)
+                }
+                None => self.lines.remove(&ip),
+            };
+            self.len -= old.map_or(0, |l| l.len());
+        }
+    }
+
+    /// The whole file (dnsmasq's format, as [`dhcp_dns::dhcp::format_lease_file`]).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(self.len);
+        for line in self.lines.values() {
+            out.push_str(line);
+        }
+        out
+    }
+}
 /// How long an OFFER of an address new to its client waits for an answer to its ARP probe.
 /// Guests of this host answer in well under a millisecond (a loaded VM in a few); 30 ms keeps
 /// a fresh client's whole first exchange far under 100 ms.
@@ -109,6 +151,9 @@ pub struct DhcpService {
     written: u64,
     /// Since when the lease set has changes not yet handed out for writing.
     dirty_since: Option<Instant>,
+    /// Addresses whose lease changed since the last [`LeaseUpdate`] was handed out (at first,
+    /// every lease: the writer starts with no lines).
+    unwritten: BTreeSet<u32>,
     pub held_dropped: u64,
     /// OFFERs waiting for their probe, by address (the server offers an address to one client
     /// at a time), and their deadlines.
@@ -128,7 +173,13 @@ impl DhcpService {
         durable: bool,
         clock: (Instant, u64),
     ) -> DhcpService {
+        let mut server = server;
         let generation = server.generation();
+        let mut unwritten = BTreeSet::new();
+        if durable {
+            server.track_changes(true);
+            unwritten.extend(server.leases().map(|l| u32::from(l.ip)));
+        }
         DhcpService {
             server,
             gateway_mac,
@@ -138,6 +189,7 @@ impl DhcpService {
             requested: generation,
             written: generation,
             dirty_since: None,
+            unwritten,
             held_dropped: 0,
             probes: HashMap::new(),
             probe_due: BTreeSet::new(),
@@ -377,12 +429,17 @@ impl DhcpService {
         true
     }
 
-    /// The lease file's new contents and their generation, when a lease file is kept and the
-    /// lease set changed since the last call: at once when a reply waits for it, else once the
-    /// change is [`LAZY_WRITE`] old.
-    pub fn poll_lease_write(&mut self, now: Instant) -> Option<(u64, String)> {
+    /// The changes to write to the lease file and their generation, when a lease file is kept
+    /// and the lease set changed since the last call: at once when a reply waits for it, else
+    /// once the change is [`LAZY_WRITE`] old; and not while the last one handed out is still
+    /// being written, so that the next write commits every change made meanwhile.
+    pub fn poll_lease_write(&mut self, now: Instant) -> Option<LeaseUpdate> {
+        if !self.durable {
+            return None;
+        }
+        self.unwritten.extend(self.server.take_changed());
         let generation = self.server.generation();
-        if !self.durable || generation <= self.requested {
+        if generation <= self.requested || self.written < self.requested {
             return None;
         }
         let dirty_since = *self.dirty_since.get_or_insert(now);
@@ -392,7 +449,17 @@ impl DhcpService {
         }
         self.requested = generation;
         self.dirty_since = None;
-        Some((generation, format_lease_file(self.server.leases())))
+        let changes = std::mem::take(&mut self.unwritten)
+            .into_iter()
+            .map(|ip| {
+                let ip = Ipv4Addr::from(ip);
+                (ip, self.server.lease(ip).map(format_lease_line))
+            })
+            .collect();
+        Some(LeaseUpdate {
+            generation,
+            changes,
+        })
     }
 
     /// The lease file of `generation` is on disk: replies it covers may leave.
@@ -776,8 +843,14 @@ mod tests {
             Verdict::Flood
         );
         assert!(e.poll_transmit().is_none(), "held until written");
-        let (generation, contents) = e.poll_lease_write(now).expect("a lease file to write");
+        let mut file = LeaseLines::default();
+        let update = e.poll_lease_write(now).expect("a lease file to write");
+        let generation = update.generation;
+        file.apply(update);
+        let contents = file.render();
         assert!(contents.contains("192.168.122.10"), "{contents}");
+        let whole = dhcp_dns::dhcp::format_lease_file(e.dhcp().unwrap().leases());
+        assert_eq!(contents, whole, "kept line by line, the same file");
         assert!(e.poll_lease_write(now).is_none(), "asked once");
         e.handle_lease_written(generation);
         assert_eq!(reply_of(&e.poll_transmit().expect("the ACK")), (5, ip));
@@ -790,9 +863,13 @@ mod tests {
             e.handle_frame(later, a, &VnetHdr::default(), &mut f),
             Verdict::Consumed
         );
-        let Some((generation, _)) = e.poll_lease_write(later) else {
+        let Some(update) = e.poll_lease_write(later) else {
             panic!("a renewal moves the expiry");
         };
+        let generation = update.generation;
+        file.apply(update);
+        let whole = dhcp_dns::dhcp::format_lease_file(e.dhcp().unwrap().leases());
+        assert_eq!(file.render(), whole, "the renewal's line replaced");
         e.handle_lease_written(generation);
         let out = e.poll_transmit().expect("the renewal's ACK");
         assert_eq!(reply_of(&out), (5, ip));
@@ -813,7 +890,10 @@ mod tests {
             &request,
         );
         e.handle_frame(now, a, &VnetHdr::default(), &mut f);
-        let (generation, _) = e.poll_lease_write(now).expect("the ACK waits for this");
+        let mut file = LeaseLines::default();
+        let update = e.poll_lease_write(now).expect("the ACK waits for this");
+        let generation = update.generation;
+        file.apply(update);
         e.handle_lease_written(generation);
         assert!(e.poll_transmit().is_some());
         let release = bootrequest(7, ip, &[54, 4, 192, 168, 122, 1]);
@@ -823,8 +903,10 @@ mod tests {
         assert!(e.poll_lease_write(now).is_none(), "nothing waits for it");
         let due = e.poll_timeout().expect("a flush is due");
         assert!(due <= now + LAZY_WRITE);
-        let (_, contents) = e.poll_lease_write(due).expect("written by then");
+        file.apply(e.poll_lease_write(due).expect("written by then"));
+        let contents = file.render();
         assert!(!contents.contains("192.168.122.10"), "{contents}");
+        assert_eq!(contents, "", "the released lease's line is gone");
     }
 
     // Garbage to port 67 of the gateway is dropped with a reason, never a panic.

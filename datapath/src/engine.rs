@@ -1296,9 +1296,9 @@ impl Engine {
         }
     }
 
-    /// The lease file's next contents and their generation, when the leases changed since the
+    /// The lease file's next changes and their generation, when the leases changed since the
     /// last call (see [`DhcpService::poll_lease_write`]).
-    pub fn poll_lease_write(&mut self, now: Instant) -> Option<(u64, String)> {
+    pub fn poll_lease_write(&mut self, now: Instant) -> Option<dhcp::LeaseUpdate> {
         self.dhcp.as_mut()?.poll_lease_write(now)
     }
 

@@ -318,11 +318,12 @@ pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
 /// The thread that writes the DHCP lease file, so the datapath never waits for a disk.
 ///
 /// Each write is a whole new file (temp file, fsync, rename, fsync of the directory): the file
-/// is always one complete generation. Generations queued while a write is under way are
-/// skipped to the newest, which commits them together.
+/// is always one complete generation. The engine hands out the next generation only once the
+/// last is written, so each write commits every change made meanwhile (and, should two be
+/// queued, the newest is written).
 #[derive(Debug)]
 struct LeaseWriter {
-    tx: Option<std::sync::mpsc::Sender<(u64, String)>>,
+    tx: Option<std::sync::mpsc::Sender<crate::dhcp::LeaseUpdate>>,
     /// The newest generation on disk, set by the thread.
     written: Arc<std::sync::atomic::AtomicU64>,
     /// The newest generation the engine was told about.
@@ -332,33 +333,45 @@ struct LeaseWriter {
 
 impl LeaseWriter {
     fn spawn(path: PathBuf, waker: Arc<Waker>, first: u64) -> io::Result<LeaseWriter> {
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, String)>();
+        let (tx, rx) = std::sync::mpsc::channel::<crate::dhcp::LeaseUpdate>();
         let written = Arc::new(std::sync::atomic::AtomicU64::new(first));
         let done = written.clone();
         let thread = std::thread::Builder::new()
             .name("lease-writer".into())
             .spawn(move || {
-                // A generation that could not be written (disk full, read-only) is retried
-                // every LEASE_RETRY until it is, or a newer one replaces it.
-                let mut failed: Option<(u64, String)> = None;
+                // The file's lines, kept up to date from the engine's changes (it starts with
+                // every lease as a change). A generation that could not be written (disk
+                // full, read-only) is retried every LEASE_RETRY until it is, or a newer one
+                // replaces it.
+                let mut lines = crate::dhcp::LeaseLines::default();
+                let mut failed: Option<u64> = None;
                 let mut complained = false;
                 loop {
                     let next = match failed.take() {
                         None => match rx.recv() {
-                            Ok(next) => next,
+                            Ok(update) => {
+                                let generation = update.generation;
+                                lines.apply(update);
+                                generation
+                            }
                             Err(_) => break,
                         },
                         Some(pending) => match rx.recv_timeout(LEASE_RETRY) {
-                            Ok(next) => next,
+                            Ok(update) => {
+                                let generation = update.generation;
+                                lines.apply(update);
+                                generation
+                            }
                             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => pending,
                             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                         },
                     };
                     let mut next = next;
                     while let Ok(newer) = rx.try_recv() {
-                        next = newer;
+                        next = newer.generation;
+                        lines.apply(newer);
                     }
-                    match write_durably(&path, next.1.as_bytes()) {
+                    match write_durably(&path, lines.render().as_bytes()) {
                         Ok(()) => {
                             if complained {
                                 eprintln!(
@@ -367,7 +380,7 @@ impl LeaseWriter {
                                 );
                                 complained = false;
                             }
-                            done.store(next.0, Ordering::SeqCst);
+                            done.store(next, Ordering::SeqCst);
                             let _ = waker.wake();
                         }
                         Err(e) => {

@@ -70,21 +70,24 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 pub fn format_lease_file<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> String {
     let mut out = String::new();
     for lease in leases {
-        // Writing to a String cannot fail.
-        let _ = writeln!(
-            out,
-            "{} {} {} {} {}",
-            lease.expiry.unwrap_or(0),
-            format_mac(&lease.mac),
-            lease.ip,
-            lease.hostname.as_deref().unwrap_or("*"),
-            lease
-                .client_id
-                .as_deref()
-                .map_or_else(|| "*".to_owned(), format_hex),
-        );
+        out.push_str(&format_lease_line(lease));
     }
     out
+}
+
+/// One line of [`format_lease_file`], with its newline.
+pub fn format_lease_line(lease: &Lease) -> String {
+    format!(
+        "{} {} {} {} {}\n",
+        lease.expiry.unwrap_or(0),
+        format_mac(&lease.mac),
+        lease.ip,
+        lease.hostname.as_deref().unwrap_or("*"),
+        lease
+            .client_id
+            .as_deref()
+            .map_or_else(|| "*".to_owned(), format_hex),
+    )
 }
 
 /// Reads a dnsmasq lease file. Lines that do not describe an IPv4 lease of an Ethernet client

@@ -797,6 +797,55 @@ fn a_probe_conflict_withdraws_the_offer_and_the_retry_offers_another() {
     assert!(!s.offer_pending(T0 + OFFER_HOLD_SECS, ip4, d));
 }
 
+// The indexes and the free-address cursor (no scans): many clients get the addresses in
+// order, each its own; an address let go below the cursor (release, expired offer, lapsed
+// quarantine) is the next one handed out; a client that asks again keeps its pending offer.
+#[test]
+fn thousands_of_clients_get_distinct_addresses_in_order_and_freed_ones_first() {
+    let base = Ipv4Addr::new(10, 0, 1, 0);
+    let mut s = server_with(DhcpConfig::new(
+        Ipv4Addr::new(10, 0, 0, 1),
+        16,
+        (base, Ipv4Addr::new(10, 0, 255, 250)),
+    ));
+    let nth = |n: u32| Ipv4Addr::from(u32::from(base) + n);
+    let mac = |n: u32| {
+        let b = n.to_be_bytes();
+        [0x02, 0, b[0], b[1], b[2], b[3]]
+    };
+    let server = Ipv4Addr::new(10, 0, 0, 1);
+    for n in 0..3000 {
+        let (_, offer) = exchange(&mut s, T0, &discover(mac(n)));
+        assert_eq!(offer.yiaddr(), nth(n));
+        let (_, ack) = exchange(&mut s, T0, &select(mac(n), server, nth(n)));
+        assert_eq!(kind(&ack), MessageType::Ack);
+    }
+    assert_eq!(s.leases().count(), 3000);
+    // A release below the cursor: that address goes next, to a new client.
+    let mut release = msg(MessageType::Release, mac(1234));
+    release.set_ciaddr(nth(1234));
+    release
+        .opts_mut()
+        .insert(DhcpOption::ServerIdentifier(server));
+    assert_eq!(send(&mut s, T0, &release), Ok(None));
+    let (_, offer) = exchange(&mut s, T0, &discover(mac(5000)));
+    assert_eq!(offer.yiaddr(), nth(1234));
+    // Asked again, the client keeps its pending offer; another client gets the next address.
+    let (_, again) = exchange(&mut s, T0 + 1, &discover(mac(5000)));
+    assert_eq!(again.yiaddr(), nth(1234));
+    let (_, other) = exchange(&mut s, T0 + 1, &discover(mac(5001)));
+    assert_eq!(other.yiaddr(), nth(3000));
+    // The offer lapses unanswered: its address is free again for anyone.
+    let later = T0 + 1 + OFFER_HOLD_SECS;
+    let (_, offer) = exchange(&mut s, later, &discover(mac(5002)));
+    assert_eq!(offer.yiaddr(), nth(1234));
+    // A client's own lease is found among thousands, and renewed.
+    let (_, ack) = exchange(&mut s, later, &renew(mac(2999), nth(2999)));
+    assert_eq!(kind(&ack), MessageType::Ack);
+    let (_, offer) = exchange(&mut s, later, &discover(mac(17)));
+    assert_eq!(offer.yiaddr(), nth(17));
+}
+
 #[test]
 fn parameter_request_list_is_honoured() {
     let mut cfg = config();
