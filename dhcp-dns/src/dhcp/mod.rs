@@ -14,7 +14,7 @@
 //! the client's parameter request list asks for them (or it sent none).
 //!
 //! The work per message does not grow with the number of leases: a client's own leases and
-//! offers are found through indexes by client identifier and by MAC ([`Owners`]), and a new
+//! offers are found through indexes by client identifier and by MAC, and a new
 //! address is the first of the range nobody holds, found from a cursor below which every
 //! address is taken (amortised constant time while the pool fills in order). A burst of new
 //! clients (perfdhcp, a rack of VMs booting) is served at the same cost per message whether
