@@ -9,15 +9,21 @@
 #               (ns kr, up0 203.0.113.2) --veth--> outside 203.0.113.1
 # The outside namespaces have no route back to 192.168.122.0/24: traffic only works through NAT.
 # For each of RUNS rounds it measures on both: iperf3 TCP guest->outside and outside->guest (-R),
-# one stream, SECS seconds; and new TCP connections per second (CONNS sequential connect, send a
-# byte, read until close, close; bounded by count and by a 60 s timeout); and the round-trip time
-# of 50 pings 10 ms apart. Then it prints median and min-max and the ratio switchyard/kernel of
-# the medians.
+# one stream, SECS seconds; new TCP connections per second (CONNS sequential connect, send a
+# byte, read until close, close; bounded by count and by a 60 s timeout); the same with PAR
+# parallel clients sharing PCONNS connections (PAR=8, PCONNS=8*CONNS by default; PAR=1 skips it);
+# and the round-trip time of 50 pings 10 ms apart. Then it prints median and min-max and the
+# ratio switchyard/kernel of the medians. The accept-and-close server runs as one process per
+# core, so it is not what limits the parallel clients.
 # All traffic stays inside namespaces this script creates; it removes them on exit.
-# Usage: sudo benches/e2e/nat_vs_masquerade.sh [RUNS] [SECS] [CONNS]
+# Usage: sudo benches/e2e/nat_vs_masquerade.sh [RUNS] [SECS] [CONNS] [PCONNS]
 # Environment: ONLY=kernel or ONLY=switchyard measures one topology only (empty: both);
-# ONLY=kernel neither builds nor runs switchyard. RX=ring (default) or RX=read picks how
-# switchyard's uplink receives (<sy:uplink rx=...>).
+# ONLY=kernel neither builds nor runs switchyard. RX=read (default, as the daemon) or RX=ring picks how
+# switchyard's uplink receives (<sy:uplink rx=...>). PAR: parallel clients (default 8; 1 skips the
+# parallel metric). switchyard is built into and run from $CARGO_TARGET_DIR (default target).
+# NAT_XML_EXTRA: extra elements for switchyard's network XML (e.g. a <sy:nat .../> to compare).
+# PROFILE=FILE: `perf record -g` of the switchyard process during its connection metrics, into
+# FILE.rN for round N (read with `perf report -i FILE.r1 --no-children`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benches/e2e/common.sh
@@ -25,11 +31,15 @@ cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
 SECS=${2:-5}
 CONNS=${3:-500}
+PCONNS=${4:-$((8 * CONNS))}
+PAR=${PAR:-8}
+NAT_XML_EXTRA=${NAT_XML_EXTRA:-}
+PROFILE=${PROFILE:-}
 ONLY=${ONLY:-}
-RX=${RX:-ring}
+RX=${RX:-read}
 case "$RX" in ring|read) ;; *) echo "RX must be ring or read" >&2; exit 2 ;; esac
-for v in "$RUNS" "$SECS" "$CONNS"; do
-  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [RUNS] [SECS] [CONNS] (positive integers)" >&2; exit 2; }
+for v in "$RUNS" "$SECS" "$CONNS" "$PCONNS" "$PAR"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [RUNS] [SECS] [CONNS] [PCONNS] (positive integers; PAR too)" >&2; exit 2; }
 done
 case "$ONLY" in
   "") do_sy=1; do_k=1 ;;
@@ -38,7 +48,7 @@ case "$ONLY" in
   *) echo "ONLY must be kernel, switchyard or empty" >&2; exit 2 ;;
 esac
 tests/setup.sh
-SY=target/release/switchyard
+SY=${CARGO_TARGET_DIR:-target}/release/switchyard
 [ "$do_sy" = 1 ] && cargo build --release --quiet -p switchyard
 
 tag="n$$"
@@ -51,6 +61,7 @@ pids=()             # background servers, killed on exit
 sy_pid=""
 xml=""
 log=""
+state=""           # switchyard's control socket and lease file, private to this run
 cleanup() {
   local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -58,6 +69,7 @@ cleanup() {
   wait 2>/dev/null || true
   for n in "${ns[@]}"; do ip netns del "$n" 2>/dev/null || true; done
   [ -n "$xml" ] && rm -f "$xml"
+  [ -n "$state" ] && rm -rf "$state"
   if [ -n "$log" ]; then
     if [ "$rc" -eq 0 ]; then rm -f "$log"; else echo "switchyard log kept: $log" >&2; fi
   fi
@@ -76,7 +88,7 @@ wait_listen() {
 }
 
 start_outside_servers() { # outside-ns
-  ip netns exec "$1" python3 -c "$conn_server" "$OUT" "$CPORT" &
+  ip netns exec "$1" python3 -c "$conn_server" "$OUT" "$CPORT" "$(nproc)" &
   pids+=($!)
   wait_listen "$1" "$CPORT"
 }
@@ -90,6 +102,7 @@ if [ "$do_sy" = 1 ]; then
   ip -n "so-$tag" link set eth0 up
   xml=$(mktemp /tmp/switchyard-natbench-XXXXXX.xml)
   log=$(mktemp /tmp/switchyard-natbench-XXXXXX.log)
+  state=$(mktemp -d /tmp/switchyard-natbench-XXXXXX)
   cat >"$xml" <<EOF
 <network xmlns:sy='urn:switchyard:network:1'>
   <name>natbench</name>
@@ -98,9 +111,11 @@ if [ "$do_sy" = 1 ]; then
   </forward>
   <ip address='192.168.122.1' netmask='255.255.255.0'/>
   <sy:uplink prefix='24' gateway='203.0.113.1' rx='$RX'/>
+  $NAT_XML_EXTRA
 </network>
 EOF
-  ip netns exec "sw-$tag" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" 2>"$log" &
+  ip netns exec "sw-$tag" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" \
+    --control "$state/ctl.sock" --state-dir "$state" 2>"$log" &
   sy_pid=$!
   for _ in $(seq 100); do
     grep -q " running with " "$log" && break
@@ -157,8 +172,8 @@ ping_rtt_us() { # guest-ns: average round trip of 50 pings, microseconds
   ip netns exec "$1" ping -c 50 -i 0.01 -W 1 -q "$OUT" |
     awk -F'[/ ]+' '/^rtt|^round-trip/ {printf "%.0f\n", $8 * 1000; found=1} END {exit !found}'
 }
-conns_per_s() { # guest-ns [count]
-  timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50
+conns_per_s() { # guest-ns [count [parallel clients]]
+  timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50 "${3:-1}"
 }
 
 # warm up ARP and NAT on both, and check that the guest reaches the outside only through NAT
@@ -179,10 +194,23 @@ for r in $(seq "$RUNS"); do
     g=$(guest_of "$t"); o=$(outside_of "$t")
     up=$(iperf_gbps "$g" "$o") || die "$t: iperf3 guest->outside failed"
     down=$(iperf_gbps "$g" "$o" -R) || die "$t: iperf3 outside->guest failed"
+    perf_pid=""
+    if [ -n "$PROFILE" ] && [ "$t" = sy ]; then
+      timeout -s INT 120 perf record -q -g -p "$sy_pid" -o "$PROFILE.r$r" 2>/dev/null &
+      perf_pid=$!
+      pids+=("$perf_pid")
+      sleep 0.5
+    fi
     cps=$(conns_per_s "$g") || die "$t: connection test failed or timed out"
+    pcps=-
+    if [ "$PAR" -gt 1 ]; then
+      pcps=$(conns_per_s "$g" "$PCONNS" "$PAR") || die "$t: parallel connection test failed or timed out"
+      res[$t,pcps]+="$pcps "
+    fi
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" || true; fi
     rtt=$(ping_rtt_us "$g") || die "$t: ping failed"
     res[$t,up]+="$up "; res[$t,down]+="$down "; res[$t,cps]+="$cps "; res[$t,rtt]+="$rtt "
-    line+=" $t up $up Gbps, down $down Gbps, $cps conn/s, rtt $rtt us;"
+    line+=" $t up $up Gbps, down $down Gbps, $cps conn/s, $pcps conn/s x$PAR, rtt $rtt us;"
   done
   echo "$line" >&2
 done
@@ -197,10 +225,11 @@ row() { # label metric
     'BEGIN {ratio = (a != "" && b != "" && b > 0) ? sprintf("%.2f", a/b) : "-"; printf "| %s | %s | %s | %s |\n", l, s, k, ratio}'
 }
 echo
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, interleaved, uplink rx=$RX"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, $PCONNS conns over $PAR clients, interleaved, uplink rx=$RX"
 echo "| path | switchyard NAT median (min-max) | kernel MASQUERADE median (min-max) | ratio |"
 echo "|---|---|---|---|"
 row "TCP guest->outside, Gbps" up
 row "TCP outside->guest (-R), Gbps" down
 row "new TCP connections/s" cps
+[ "$PAR" -gt 1 ] && row "new TCP connections/s, $PAR parallel clients" pcps
 row "ping round trip, us (lower is better)" rtt
