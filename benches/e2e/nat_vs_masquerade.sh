@@ -23,7 +23,8 @@
 # parallel metric). switchyard is built into and run from $CARGO_TARGET_DIR (default target).
 # NAT_XML_EXTRA: extra elements for switchyard's network XML (e.g. a <sy:nat .../> to compare).
 # PROFILE=FILE: `perf record -g` of the switchyard process during its connection metrics, into
-# FILE.rN for round N (read with `perf report -i FILE.r1 --no-children`).
+# FILE.rN for round N (read with `perf report -i FILE.r1 --no-children`); PERF_ARGS replaces
+# "record -q -g" (e.g. "trace -s" for system calls, "stat -e task-clock,context-switches").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benches/e2e/common.sh
@@ -35,6 +36,7 @@ PCONNS=${4:-$((8 * CONNS))}
 PAR=${PAR:-8}
 NAT_XML_EXTRA=${NAT_XML_EXTRA:-}
 PROFILE=${PROFILE:-}
+PERF_ARGS=${PERF_ARGS:-record -q -g}
 ONLY=${ONLY:-}
 RX=${RX:-read}
 case "$RX" in ring|read) ;; *) echo "RX must be ring or read" >&2; exit 2 ;; esac
@@ -196,7 +198,8 @@ for r in $(seq "$RUNS"); do
     down=$(iperf_gbps "$g" "$o" -R) || die "$t: iperf3 outside->guest failed"
     perf_pid=""
     if [ -n "$PROFILE" ] && [ "$t" = sy ]; then
-      timeout -s INT 120 perf record -q -g -p "$sy_pid" -o "$PROFILE.r$r" 2>/dev/null &
+      # shellcheck disable=SC2086 # PERF_ARGS is a list of words
+      timeout -s INT 120 perf $PERF_ARGS -p "$sy_pid" -o "$PROFILE.r$r" 2>/dev/null &
       perf_pid=$!
       pids+=("$perf_pid")
       sleep 0.5
