@@ -17,6 +17,13 @@
 //! connection is one compact record in a slab, found through an index of 4-byte references
 //! that keeps no copy of the keys (see `index`), and nothing per connection is allocated on
 //! its own.
+//!
+//! A TCP connection both ends have closed (TIME_WAIT, or CLOSE after a RST) keeps its entry
+//! for the full transitory timeout, but when a cap (the table's, or the guest's) would refuse
+//! a new connection, the one that closed longest ago gives up its entry instead, as Linux's
+//! conntrack lets closing TCP entries go first under pressure (`tcp_can_early_drop`). Without
+//! this, a guest that opens short connections fast (8192 in 4 minutes at the default per-guest
+//! cap) would be refused every new connection until its closed ones time out.
 
 mod index;
 pub mod packet;
@@ -28,7 +35,7 @@ use ahash::RandomState;
 use index::{FlowRef, Index, Probe};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -47,6 +54,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Connections whose memory is set aside up front (as address space: pages become resident
 /// when used); a larger `max_flows` is honoured by growing the table as connections come.
 const PREALLOCATED_FLOWS: usize = 1 << 22;
+/// How many of the oldest closed connections a cap looks at for one of its guest's to evict.
+const EVICT_SCAN: usize = 64;
 
 /// RFC 4787 5: which inbound packets an existing mapping lets in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -253,6 +262,11 @@ impl Flow {
         }
     }
 
+    /// Both ends are done with it: TIME_WAIT, or CLOSE after a RST.
+    fn is_closed(&self) -> bool {
+        self.proto == PROTO_TCP && matches!(self.tcp, TcpState::TimeWait | TcpState::Close)
+    }
+
     fn timeout(&self, t: &Timeouts) -> Duration {
         match self.proto {
             PROTO_TCP if self.tcp == TcpState::Established => t.tcp_established,
@@ -329,6 +343,9 @@ pub struct NatCounters {
     pub icmp_errors_translated: u64,
     pub fragments_translated: u64,
     pub hairpinned: u64,
+    /// Closed TCP connections (TIME_WAIT, CLOSE) that gave up their entry to a new connection
+    /// at a cap, before their timeout.
+    pub flows_evicted: u64,
 }
 
 /// The result of translating a guest's packet.
@@ -426,6 +443,11 @@ pub struct Nat {
     remotes: HashMap<(u8, u16, Ipv4Addr), u32, RandomState>,
     per_guest: HashMap<Ipv4Addr, u32, RandomState>,
     fragments: HashMap<FragKey, FragTrain, RandomState>,
+    /// Closed TCP connections as (slot, generation), oldest closure first: the candidates for
+    /// eviction at a cap. An entry whose slot no longer holds that generation, or holds it no
+    /// longer closed, is stale and skipped (a reopened connection takes a new generation).
+    /// Its capacity is set aside up front and never grows: when full, the oldest entry goes.
+    closed: VecDeque<(u32, u32)>,
     port_cursor: u32,
     sweep_cursor: usize,
     next_sweep: Option<Instant>,
@@ -449,6 +471,7 @@ impl Nat {
             remotes: HashMap::with_hasher(hasher()),
             per_guest: HashMap::with_hasher(hasher()),
             fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENT_TRAINS, hasher()),
+            closed: VecDeque::with_capacity(cap),
             port_cursor: 0,
             sweep_cursor: 0,
             next_sweep: None,
@@ -659,13 +682,72 @@ impl Nat {
 
     fn track(&mut self, now: Stamp, slot: u32, dir: Dir, tcp_flags: u8, len: usize) {
         let timeouts = self.config.timeouts;
+        let next_generation = self.generation.wrapping_add(1);
         let flow = self.flow_mut(slot);
         flow.seen[dir as usize] = true;
+        let (mut closed, mut reopened) = (None, false);
         if flow.proto == PROTO_TCP {
+            let was_closed = flow.is_closed();
             flow.track_tcp(dir, tcp_flags);
+            match (was_closed, flow.is_closed()) {
+                (false, true) => closed = Some(flow.generation),
+                (true, false) => {
+                    // Reopened by a SYN: a new connection, which the old one's closure must
+                    // not evict.
+                    flow.generation = next_generation;
+                    reopened = true;
+                }
+                _ => {}
+            }
         }
         flow.expires = deadline(now, flow.timeout(&timeouts));
+        if reopened {
+            self.generation = next_generation;
+        }
+        if let Some(generation) = closed {
+            self.note_closed(slot, generation);
+        }
         self.count(slot, dir, len);
+    }
+
+    /// Files a connection that just closed as a candidate for eviction.
+    fn note_closed(&mut self, slot: u32, generation: u32) {
+        if self.closed.capacity() == 0 {
+            return;
+        }
+        if self.closed.len() == self.closed.capacity() {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((slot, generation));
+    }
+
+    /// Removes the connection that closed longest ago (of `guest` only, if given) among the
+    /// [`EVICT_SCAN`] oldest candidates; false if there is none.
+    fn evict_closed(&mut self, guest: Option<Ipv4Addr>) -> bool {
+        let mut i = 0;
+        for _ in 0..EVICT_SCAN {
+            let Some(&(slot, generation)) = self.closed.get(i) else {
+                return false;
+            };
+            let flow = self.slots.get(slot as usize).and_then(Option::as_ref);
+            match flow {
+                Some(f) if f.generation == generation && f.is_closed() => {
+                    if guest.is_some_and(|g| g != f.guest) {
+                        i += 1;
+                        continue;
+                    }
+                    self.closed.remove(i);
+                    self.remove(slot);
+                    self.counters.flows_evicted += 1;
+                    return true;
+                }
+                _ => {
+                    // Stale: expired, reused or reopened since.
+                    self.closed.remove(i);
+                }
+            }
+        }
+        false
     }
 
     fn create_outbound(
@@ -752,16 +834,25 @@ impl Nat {
         Ok(self.insert(now, original, reply.dport, guest_mac, Dir::In, probes))
     }
 
-    fn check_caps(&self, guest: Ipv4Addr) -> Result<(), DropReason> {
-        if self.live >= self.config.max_flows.min(index::MAX_RECORDS) {
-            return Err(DropReason::NatTableFull);
+    /// Room for one more connection of `guest` under both caps, made if need be by evicting
+    /// a closed connection (the guest's own when the guest is at its cap).
+    fn check_caps(&mut self, guest: Ipv4Addr) -> Result<(), DropReason> {
+        let table_full = self.live >= self.config.max_flows.min(index::MAX_RECORDS);
+        let guest_full = self.per_guest.get(&guest).copied().unwrap_or(0) as usize
+            >= self.config.max_flows_per_guest;
+        if !table_full && !guest_full {
+            return Ok(());
         }
-        if self.per_guest.get(&guest).copied().unwrap_or(0) as usize
-            >= self.config.max_flows_per_guest
-        {
-            return Err(DropReason::NatGuestLimit);
+        // One eviction frees a place in the table and, when it is the guest's own, under the
+        // guest's cap too.
+        if self.evict_closed(guest_full.then_some(guest)) {
+            return Ok(());
         }
-        Ok(())
+        Err(if table_full {
+            DropReason::NatTableFull
+        } else {
+            DropReason::NatGuestLimit
+        })
     }
 
     /// The external port of (guest, port), taking a new one if it has none: the guest's own

@@ -419,6 +419,98 @@ fn caps_refuse_new_connections_only() {
     assert!(inb(&mut n, t, udp(R1, 9, EXT, 40001, b"")).is_ok());
 }
 
+/// Opens a TCP connection from G1's `port` to R1:80 and closes it both ways (TIME_WAIT).
+fn open_and_close(n: &mut Nat, t: Instant, port: u16) {
+    let syn = out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_SYN)).unwrap();
+    let ext = tuple_of(&syn).sport;
+    inb(n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).unwrap();
+    out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_ACK)).unwrap();
+    inb(n, t, tcp(R1, 80, EXT, ext, TCP_ACK | TCP_FIN)).unwrap();
+    out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_ACK | TCP_FIN)).unwrap();
+    inb(n, t, tcp(R1, 80, EXT, ext, TCP_ACK)).unwrap();
+}
+
+fn state_of(n: &Nat, t: Instant, port: u16) -> Option<&'static str> {
+    n.rows(t)
+        .into_iter()
+        .find(|r| r.original.sport == port)
+        .map(|r| r.state)
+}
+
+// At a cap, the connection that closed longest ago (TIME_WAIT) makes room for a new one, as
+// Linux's conntrack lets closing entries go first under pressure; open ones never do, and
+// without a cap a closed connection keeps its full RFC 5382 REQ-5 transitory timeout.
+#[test]
+fn closed_connections_make_room_at_the_caps() {
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 2);
+    open_and_close(&mut n, t, 1000);
+    open_and_close(&mut n, t, 1001);
+    assert_eq!(n.rows(t).len(), 2);
+    out(&mut n, t, MAC1, tcp(G1, 1002, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(n.counters.flows_evicted, 1);
+    assert_eq!(state_of(&n, t, 1000), None, "the oldest closure went");
+    assert_eq!(state_of(&n, t, 1001), Some("TIME_WAIT"));
+    assert_eq!(state_of(&n, t, 1002), Some("SYN_SENT"));
+    // Two open connections: nothing to evict.
+    out(&mut n, t, MAC1, tcp(G1, 1003, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(
+        out(&mut n, t, MAC1, tcp(G1, 1004, R1, 80, TCP_SYN)).unwrap_err(),
+        DropReason::NatGuestLimit
+    );
+    assert_eq!(n.counters.flows_evicted, 2);
+    assert_eq!(n.len(), 2);
+
+    // The table's cap takes anyone's closed connection; a guest's cap only its own.
+    let (mut n, t) = nat_with(|c| c.max_flows = 2);
+    open_and_close(&mut n, t, 1000);
+    out(&mut n, t, MAC1, udp(G1, 1001, R1, 53, b"q")).unwrap();
+    out(&mut n, t, MAC2, tcp(G2, 2000, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(state_of(&n, t, 1000), None);
+    assert_eq!(
+        out(&mut n, t, MAC2, tcp(G2, 2001, R1, 80, TCP_SYN)).unwrap_err(),
+        DropReason::NatTableFull
+    );
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 1);
+    open_and_close(&mut n, t, 1000);
+    out(&mut n, t, MAC2, tcp(G2, 2000, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(n.counters.flows_evicted, 0, "G2 was under its cap");
+    assert_eq!(state_of(&n, t, 1000), Some("TIME_WAIT"));
+
+    // Below the caps a closed connection stays its 4 minutes.
+    let (mut n, t) = nat();
+    open_and_close(&mut n, t, 1000);
+    for port in 1001..1100 {
+        open_and_close(&mut n, t, port);
+    }
+    let later = t + Duration::from_secs(239);
+    assert_eq!(n.rows(later).len(), 100);
+    assert_eq!(n.counters.flows_evicted, 0);
+}
+
+// A closed connection reopened by a SYN on its tuple (RFC 7857 2.2) is a new connection: its
+// earlier closure does not make it the oldest candidate.
+#[test]
+fn a_reopened_connection_is_not_evicted_for_its_old_closure() {
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 2);
+    open_and_close(&mut n, t, 1000);
+    open_and_close(&mut n, t, 1001);
+    // 1000 reopens and closes again: now 1001 closed longest ago.
+    open_and_close(&mut n, t, 1000);
+    out(&mut n, t, MAC1, tcp(G1, 1002, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(state_of(&n, t, 1001), None);
+    assert_eq!(state_of(&n, t, 1000), Some("TIME_WAIT"));
+    // 1000 reopens and stays open: nothing closed is left to evict.
+    let syn = out(&mut n, t, MAC1, tcp(G1, 1000, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(state_of(&n, t, 1000), Some("SYN_SENT"));
+    assert_eq!(
+        out(&mut n, t, MAC1, tcp(G1, 1003, R1, 80, TCP_SYN)).unwrap_err(),
+        DropReason::NatGuestLimit
+    );
+    let ext = tuple_of(&syn).sport;
+    assert!(inb(&mut n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).is_ok());
+    assert_eq!(n.counters.flows_evicted, 1);
+}
+
 // Partial checksums (virtio NEEDS_CSUM) survive translation both ways.
 #[test]
 fn partial_checksums_are_translated_as_partial() {
