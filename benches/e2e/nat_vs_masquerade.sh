@@ -174,6 +174,24 @@ ping_rtt_us() { # guest-ns: average round trip of 50 pings, microseconds
   ip netns exec "$1" ping -c 50 -i 0.01 -W 1 -q "$OUT" |
     awk -F'[/ ]+' '/^rtt|^round-trip/ {printf "%.0f\n", $8 * 1000; found=1} END {exit !found}'
 }
+# switchyard's NAT table and drops so far, one line (printed after each round: a stall in the
+# connection metrics shows here as a drop reason)
+sy_counters() {
+  "$SY" stats --socket "$state/ctl.sock" 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+nat = s["engine"]["nat"]
+drops = {}
+for _, port in s["ports"]:
+    for key, n in port["counters"].items():
+        if key.startswith("drop_") and n:
+            drops[key[5:]] = drops.get(key[5:], 0) + n
+flows, created = s["nat_flows"], nat["flows_created"]
+evicted, expired = nat.get("flows_evicted", "-"), nat["flows_expired"]
+dropped = " ".join(f"{k}={v}" for k, v in sorted(drops.items()) if v) or "none"
+print(f"nat_flows {flows}, created {created}, evicted {evicted}, expired {expired}; drops {dropped}")
+' || echo "(no counters)"
+}
 conns_per_s() { # guest-ns [count [parallel clients]]
   timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50 "${3:-1}"
 }
@@ -216,6 +234,7 @@ for r in $(seq "$RUNS"); do
     line+=" $t up $up Gbps, down $down Gbps, $cps conn/s, $pcps conn/s x$PAR, rtt $rtt us;"
   done
   echo "$line" >&2
+  [ "$do_sy" = 1 ] && echo "  switchyard: $(sy_counters)" >&2
 done
 
 row() { # label metric
