@@ -546,8 +546,12 @@ impl Nat {
             }
         };
         let flow = self.flow_mut(slot);
-        flow.guest_mac = guest_mac;
         let port = flow.external_port();
+        // Written only when it changed: the record's line stays clean, and a load of the
+        // fields beside it does not wait on the store.
+        if flow.guest_mac != guest_mac {
+            flow.guest_mac = guest_mac;
+        }
         self.track(stamp, slot, Dir::Out, tcp_flags, p.len());
         let external = self.config.external;
         packet::rewrite_addr(p, End::Src, external, Some(&layout), partial);
