@@ -20,7 +20,8 @@
 # Environment: ONLY=kernel or ONLY=switchyard measures one topology only (empty: both);
 # ONLY=kernel neither builds nor runs switchyard. RX=read (default, as the daemon) or RX=ring picks how
 # switchyard's uplink receives (<sy:uplink rx=...>). PAR: parallel clients (default 8; 1 skips the
-# parallel metric). switchyard is built into and run from $CARGO_TARGET_DIR (default target).
+# parallel metric). switchyard is built into and run from $CARGO_TARGET_DIR (default target),
+# or SWITCHYARD=PATH runs that binary as it is (to compare builds).
 # NAT_XML_EXTRA: extra elements for switchyard's network XML (e.g. a <sy:nat .../> to compare).
 # PROFILE=FILE: `perf record -g` of the switchyard process during its connection metrics, into
 # FILE.rN for round N (read with `perf report -i FILE.r1 --no-children`); PERF_ARGS replaces
@@ -50,8 +51,12 @@ case "$ONLY" in
   *) echo "ONLY must be kernel, switchyard or empty" >&2; exit 2 ;;
 esac
 tests/setup.sh
-SY=${CARGO_TARGET_DIR:-target}/release/switchyard
-[ "$do_sy" = 1 ] && cargo build --release --quiet -p switchyard
+if [ -n "${SWITCHYARD:-}" ]; then
+  SY=$SWITCHYARD
+else
+  SY=${CARGO_TARGET_DIR:-target}/release/switchyard
+  [ "$do_sy" = 1 ] && cargo build --release --quiet -p switchyard
+fi
 
 tag="n$$"
 OUT=203.0.113.1     # the outside server, in both topologies
