@@ -201,6 +201,16 @@ conns_per_s() { # guest-ns [count [parallel clients]]
   timeout 60 ip netns exec "$1" python3 -c "$conn_client" "$OUT" "$CPORT" "${2:-$CONNS}" 50 "${3:-1}"
 }
 
+# RPS=MASK: receive packet steering on the guests' and the outside hosts' eth0 in both topologies,
+# so their TCP receive work may run on another CPU than the one that forwarded the frame
+if [ -n "${RPS:-}" ]; then
+  for n in "${ns[@]}"; do
+    case "$n" in sg-*|so-*|kg-*|ko-*)
+      ip netns exec "$n" sh -c "echo $RPS > /sys/class/net/eth0/queues/rx-0/rps_cpus" ;;
+    esac
+  done
+fi
+
 # warm up ARP and NAT on both, and check that the guest reaches the outside only through NAT
 topos=()
 [ "$do_sy" = 1 ] && topos+=(sy)
