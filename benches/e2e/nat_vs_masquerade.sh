@@ -21,7 +21,8 @@
 # ONLY=kernel neither builds nor runs switchyard. RX=read (default, as the daemon) or RX=ring picks how
 # switchyard's uplink receives (<sy:uplink rx=...>). PAR: parallel clients (default 8; 1 skips the
 # parallel metric). switchyard is built into and run from $CARGO_TARGET_DIR (default target),
-# or SWITCHYARD=PATH runs that binary as it is (to compare builds). SY_NICE=N runs it at that nice
+# or SWITCHYARD=PATH runs that binary as it is (to compare builds); SY_ARGS adds options to its
+# `run` (e.g. "--busy-poll-us 50"). SY_NICE=N runs it at that nice
 # value (default 0; the kernel forwards in softirq context, ahead of every process, where
 # switchyard's thread competes with the clients for the CPUs). RPS=MASK: see below.
 # NAT_XML_EXTRA: extra elements for switchyard's network XML (e.g. a <sy:nat .../> to compare).
@@ -123,8 +124,9 @@ if [ "$do_sy" = 1 ]; then
   $NAT_XML_EXTRA
 </network>
 EOF
+  # shellcheck disable=SC2086 # SY_ARGS is a list of extra options
   ip netns exec "sw-$tag" nice -n "${SY_NICE:-0}" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" \
-    --control "$state/ctl.sock" --state-dir "$state" 2>"$log" &
+    --control "$state/ctl.sock" --state-dir "$state" ${SY_ARGS:-} 2>"$log" &
   sy_pid=$!
   for _ in $(seq 100); do
     grep -q " running with " "$log" && break

@@ -22,7 +22,7 @@
 # it stops every process it started and removes its namespaces, taps and temporary files.
 # It never uses the system's Open vSwitch database (/etc/openvswitch) or service.
 #
-# Usage: sudo [CARGO_TARGET_DIR=DIR] [SKIP_BUILD=1] benches/e2e/switch_vs_peers.sh [RUNS] [SECS]
+# Usage: sudo [CARGO_TARGET_DIR=DIR] [SKIP_BUILD=1] [SY_ARGS="--busy-poll-us 50"] benches/e2e/switch_vs_peers.sh [RUNS] [SECS]
 #   RUNS rounds (default 3), SECS seconds per iperf3 run (default 2): the defaults take
 #   about two minutes. SKIP_BUILD=1 uses ${CARGO_TARGET_DIR:-target}/release/switchyard as
 #   it is instead of running cargo build first.
@@ -114,7 +114,8 @@ guest_addrs() { # peer: addresses both guests' eth0 and brings it up
 }
 
 # switchyard: its control socket and lease dir in the private dir, not /run or /var/lib
-"$SY" run --control "$dir/switchyard.sock" --state-dir "$dir" \
+# shellcheck disable=SC2086 # SY_ARGS is a list of extra options
+"$SY" run --control "$dir/switchyard.sock" --state-dir "$dir" ${SY_ARGS:-} \
   --tap "eth0@sy-g1-$tag=52:54:00:b1:00:01" --tap "eth0@sy-g2-$tag=52:54:00:b1:00:02" \
   2>"$dir/switchyard.log" &
 sy_pid=$!

@@ -480,6 +480,7 @@ impl Daemon {
             resolv_conf: self.opts.resolv_conf.clone(),
             metrics: None,
             seccomp: self.opts.seccomp,
+            busy_poll: std::time::Duration::ZERO,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_def = def.clone();

@@ -164,6 +164,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         resolv_conf: "/dev/null".into(),
         metrics: None,
         seccomp: datapath::io::seccomp::SeccompMode::Enforce,
+        busy_poll: std::time::Duration::ZERO,
         // The demo's leases are thrown away with it.
         state_dir: Some(state_dir.clone()),
     };

@@ -60,6 +60,10 @@ enum Command {
         /// Serve Prometheus metrics over HTTP on this loopback address (`GET /metrics`).
         #[arg(long, value_name = "127.0.0.1:PORT")]
         metrics: Option<std::net::SocketAddr>,
+        /// Microseconds to keep polling without sleeping after a busy turn (as SO_BUSY_POLL):
+        /// lower latency for a core kept busy meanwhile. 0 sleeps at once.
+        #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
+        busy_poll_us: u64,
         /// The datapath's seccomp allow-list: `enforce` (a call off the list kills the
         /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
         #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
@@ -437,6 +441,7 @@ fn main() -> ExitCode {
             state_dir,
             resolv_conf,
             metrics,
+            busy_poll_us,
             seccomp,
         } => run::run(&RunOptions {
             xml,
@@ -450,6 +455,7 @@ fn main() -> ExitCode {
             resolv_conf,
             metrics,
             seccomp,
+            busy_poll: Duration::from_micros(busy_poll_us),
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             name,

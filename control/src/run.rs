@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The datapath thread's seccomp allow-list, installed once the ports are open.
     pub seccomp: datapath::io::seccomp::SeccompMode,
+    /// Polling without sleeping after a busy turn ([`Datapath::set_busy_poll`]).
+    pub busy_poll: Duration,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -728,6 +730,7 @@ pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         eprintln!("switchyard: note: {line}");
     }
     let mut dp = build(def, opts)?;
+    dp.set_busy_poll(opts.busy_poll);
     if let Some(gw) = def.gateway() {
         eprintln!(
             "switchyard: gateway {}/{} at {} (answers ARP, ping, DHCP and DNS)",

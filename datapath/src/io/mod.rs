@@ -181,6 +181,11 @@ pub struct Datapath {
     lost_taps: Vec<LostTap>,
     /// When taps are next checked for a device and lost taps looked for.
     next_port_check: Instant,
+    /// How long to keep polling without sleeping after a turn that had events
+    /// ([`Datapath::set_busy_poll`]); zero sleeps at once.
+    busy_poll: Duration,
+    /// When a turn last had events.
+    last_busy: Option<Instant>,
 }
 
 /// Whether `tap`'s namespace is held alive only by the tap itself: its path is gone or names
@@ -471,11 +476,21 @@ impl Datapath {
             dead_ports: Vec::new(),
             lost_taps: Vec::new(),
             next_port_check: Instant::now() + PORT_CHECK,
+            busy_poll: Duration::ZERO,
+            last_busy: None,
         })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Keeps polling without sleeping for `spin` after each turn that had events, as
+    /// `SO_BUSY_POLL` or a DPDK poll loop do: the next frame of a burst or of a request/reply
+    /// exchange is picked up without a wakeup (a context switch and the scheduler's latency),
+    /// at the cost of a core kept busy meanwhile. Zero (the default) sleeps at once.
+    pub fn set_busy_poll(&mut self, spin: Duration) {
+        self.busy_poll = spin;
     }
 
     pub fn handle(&self) -> Handle {
@@ -1140,10 +1155,21 @@ impl Datapath {
         } else {
             Some(Duration::ZERO)
         };
+        let spinning = self
+            .last_busy
+            .is_some_and(|at| at.elapsed() < self.busy_poll);
+        let timeout = if spinning {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
+        }
+        if !self.busy_poll.is_zero() && !self.events.is_empty() {
+            self.last_busy = Some(Instant::now());
         }
         let mut drain_signals = false;
         let mut accepts = Vec::new();
