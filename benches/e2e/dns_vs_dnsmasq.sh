@@ -57,7 +57,7 @@
 # All traffic stays inside namespaces this script creates; it removes them, its processes and
 # its temporary files on exit, and exits 1 (keeping the logs) when answers are wrong or more
 # than 1% of the queries of a measurement series failed.
-# Usage: sudo benches/e2e/dns_vs_dnsmasq.sh [RUNS] [SECS] [OUTSTANDING] [NAMES]
+# Usage: sudo [SY_ARGS="--busy-poll-us 50"] benches/e2e/dns_vs_dnsmasq.sh [RUNS] [SECS] [OUTSTANDING] [NAMES]
 #   RUNS rounds (default 5) of SECS seconds (default 5) per side, metric and level;
 #   OUTSTANDING: queries in flight, a comma-separated list of levels (default 1,16:
 #   sequential, then 16 at once); NAMES forwarded names in the cached metric (default 100,
@@ -294,7 +294,8 @@ if [ "$do_sy" = 1 ]; then
   <ip address='$SERVER' netmask='255.255.255.0'/>
 </network>
 EOF
-  ip netns exec "sw-$tag" "$SY" run "$tmp/dnsbench.xml" --tap "eth0@sg-$tag=52:54:00:d5:00:01" \
+  # shellcheck disable=SC2086 # SY_ARGS is a list of extra options for `switchyard run`
+  ip netns exec "sw-$tag" "$SY" run "$tmp/dnsbench.xml" ${SY_ARGS:-} --tap "eth0@sg-$tag=52:54:00:d5:00:01" \
     --control "$tmp/ctl.sock" --state-dir "$tmp/state" --resolv-conf /dev/null \
     2>"$tmp/switchyard.log" &
   sy_pid=$!
