@@ -591,12 +591,7 @@ impl DhcpServer {
         src_ip: Ipv4Addr,
         payload: &[u8],
     ) -> Result<Option<Reply>, DhcpDrop> {
-        self.handle_timeout(now);
-        let result = self.dispatch(now, src_mac, src_ip, payload, false);
-        if let Err(drop) = &result {
-            self.count_drop(*drop);
-        }
-        result
+        self.handle(now, (src_mac, src_ip), payload, false)
     }
 
     /// Handles again a DISCOVER whose OFFER a probe found in use (see [`Probe`]), once the
@@ -609,8 +604,19 @@ impl DhcpServer {
         src_ip: Ipv4Addr,
         payload: &[u8],
     ) -> Result<Option<Reply>, DhcpDrop> {
+        self.handle(now, (src_mac, src_ip), payload, true)
+    }
+
+    /// Timers first, then the message; a drop is counted.
+    fn handle(
+        &mut self,
+        now: u64,
+        (src_mac, src_ip): ([u8; 6], Ipv4Addr),
+        payload: &[u8],
+        retry: bool,
+    ) -> Result<Option<Reply>, DhcpDrop> {
         self.handle_timeout(now);
-        let result = self.dispatch(now, src_mac, src_ip, payload, true);
+        let result = self.dispatch(now, src_mac, src_ip, payload, retry);
         if let Err(drop) = &result {
             self.count_drop(*drop);
         }
