@@ -130,3 +130,23 @@ need_tools() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
 }
+
+# wait_switchyard PID LOG: waits (up to 10 s) until the `switchyard run` with that PID, writing
+# its stderr to LOG, says it is running; if it exits or never says so, prints LOG and fails.
+wait_switchyard() {
+  local pid=$1 log=$2
+  for _ in $(seq 100); do
+    grep -q " running with " "$log" && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$log" >&2
+  echo "switchyard did not start (log above)" >&2
+  exit 1
+}
+
+# guest_tap_up NS: waits until switchyard's tap eth0 is in namespace NS, and brings it up.
+guest_tap_up() {
+  for _ in $(seq 50); do ip -n "$1" link show eth0 >/dev/null 2>&1 && break; sleep 0.1; done
+  ip -n "$1" link set eth0 up
+}

@@ -342,14 +342,8 @@ start_server() { # side
     ip netns exec "sw-$tag" "$SY" run "$tmp/dhcpbench.xml" --tap "eth0@sg-$tag=52:54:00:d0:00:01" \
       --control "$tmp/ctl.sock" --state-dir "$tmp/state-$n" 2>"$log" &
     pid[sy]=$!
-    for _ in $(seq 100); do
-      grep -q " running with " "$log" && break
-      kill -0 "${pid[sy]}" 2>/dev/null || { cat "$log" >&2; die "switchyard exited"; }
-      sleep 0.1
-    done
-    grep -q " running with " "$log" || { cat "$log" >&2; die "switchyard did not start"; }
-    for _ in $(seq 50); do ip -n "sg-$tag" link show eth0 >/dev/null 2>&1 && break; sleep 0.1; done
-    ip -n "sg-$tag" link set eth0 up
+    wait_switchyard "${pid[sy]}" "$log"
+    guest_tap_up "sg-$tag"
     return
   fi
   # dnsmasq: libvirt's DHCP options, nothing read from the system's configuration

@@ -299,15 +299,9 @@ EOF
     --control "$tmp/ctl.sock" --state-dir "$tmp/state" --resolv-conf /dev/null \
     2>"$tmp/switchyard.log" &
   sy_pid=$!
-  for _ in $(seq 100); do
-    grep -q " running with " "$tmp/switchyard.log" && break
-    kill -0 "$sy_pid" 2>/dev/null || { cat "$tmp/switchyard.log" >&2; die "switchyard exited"; }
-    sleep 0.1
-  done
-  grep -q " running with " "$tmp/switchyard.log" || { cat "$tmp/switchyard.log" >&2; die "switchyard did not start"; }
+  wait_switchyard "$sy_pid" "$tmp/switchyard.log"
   grep -q "DNS on $SERVER:53" "$tmp/switchyard.log" || { cat "$tmp/switchyard.log" >&2; die "switchyard serves no DNS"; }
-  for _ in $(seq 50); do ip -n "sg-$tag" link show eth0 >/dev/null 2>&1 && break; sleep 0.1; done
-  ip -n "sg-$tag" link set eth0 up
+  guest_tap_up "sg-$tag"
   ip -n "sg-$tag" addr add "$GUEST/24" dev eth0
 fi
 

@@ -128,14 +128,8 @@ EOF
   ip netns exec "sw-$tag" nice -n "${SY_NICE:-0}" "$SY" run "$xml" --tap "eth0@sg-$tag=52:54:00:c0:00:01" \
     --control "$state/ctl.sock" --state-dir "$state" ${SY_ARGS:-} 2>"$log" &
   sy_pid=$!
-  for _ in $(seq 100); do
-    grep -q " running with " "$log" && break
-    kill -0 "$sy_pid" 2>/dev/null || { cat "$log" >&2; die "switchyard exited"; }
-    sleep 0.1
-  done
-  grep -q " running with " "$log" || { cat "$log" >&2; die "switchyard did not start"; }
-  for _ in $(seq 50); do ip -n "sg-$tag" link show eth0 >/dev/null 2>&1 && break; sleep 0.1; done
-  ip -n "sg-$tag" link set eth0 up
+  wait_switchyard "$sy_pid" "$log"
+  guest_tap_up "sg-$tag"
   ip -n "sg-$tag" addr add 192.168.122.10/24 dev eth0
   ip -n "sg-$tag" route add default via 192.168.122.1
   start_outside_servers "so-$tag"

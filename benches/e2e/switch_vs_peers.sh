@@ -119,8 +119,7 @@ guest_addrs() { # peer: addresses both guests' eth0 and brings it up
   --tap "eth0@sy-g1-$tag=52:54:00:b1:00:01" --tap "eth0@sy-g2-$tag=52:54:00:b1:00:02" \
   2>"$dir/switchyard.log" &
 sy_pid=$!
-for _ in $(seq 100); do grep -q " running with " "$dir/switchyard.log" && break; sleep 0.1; done
-grep -q " running with " "$dir/switchyard.log" || { cat "$dir/switchyard.log" >&2; exit 1; }
+wait_switchyard "$sy_pid" "$dir/switchyard.log"
 ip -n "sy-g1-$tag" addr add 10.200.0.1/24 dev eth0
 ip -n "sy-g2-$tag" addr add 10.200.0.2/24 dev eth0
 
