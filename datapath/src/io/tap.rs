@@ -123,26 +123,23 @@ impl Tap {
             mtu,
             clean_traffic: _,
         } = spec.clone();
-        let exists = match &netns {
-            Some(_) => netns::run_in(netns.as_deref(), {
+        let (fd, name, created) = match &netns {
+            None => create_here(&name, mac, mtu)?,
+            // One trip into the namespace: an existing tap is attached there.
+            Some(path) => match netns::run_in(Some(path), {
                 let name = name.clone();
-                move || Ok(sys::if_nametoindex(&name).is_some())
-            }),
-            None => Ok(sys::if_nametoindex(&name).is_some()),
-        };
-        let (fd, name, created) = match (exists, &netns) {
-            // Not allowed to join the namespace from here: it belongs to a user namespace of
-            // ours (`unshare --user --net`, a rootless container), which only a
-            // single-threaded process may enter. A helper process does.
-            (Err(e), Some(path)) if e.kind() == io::ErrorKind::PermissionDenied => {
-                netns::open_tap_via_helper(path, &name, mac, mtu)?
-            }
-            (Err(e), _) => return Err(e),
-            (Ok(false), Some(path)) => (create_and_move(&name, mac, mtu, path)?, name, true),
-            (Ok(_), _) => netns::run_in(netns.as_deref(), {
-                let name = name.clone();
-                move || create_here(&name, mac, mtu)
-            })?,
+                move || attach_here(&name, mac, mtu)
+            }) {
+                Ok(Some(attached)) => attached,
+                Ok(None) => (create_and_move(&name, mac, mtu, path)?, name, true),
+                // Not allowed to join the namespace from here: it belongs to a user
+                // namespace of ours (`unshare --user --net`, a rootless container), which only
+                // a single-threaded process may enter. A helper process does.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    netns::open_tap_via_helper(path, &name, mac, mtu)?
+                }
+                Err(e) => return Err(e),
+            },
         };
         Ok(Tap {
             file: File::from(fd),
@@ -154,6 +151,19 @@ impl Tap {
             netns_id: spec.netns.as_deref().and_then(netns::identity),
         })
     }
+}
+
+/// The tap `name` of the calling thread's namespace, set up as [`create_here`] does, if an
+/// interface of that name exists there; `None` if not.
+fn attach_here(
+    name: &str,
+    mac: Option<MacAddr>,
+    mtu: Option<u32>,
+) -> io::Result<Option<(std::os::fd::OwnedFd, String, bool)>> {
+    if sys::if_nametoindex(name).is_none() {
+        return Ok(None);
+    }
+    create_here(name, mac, mtu).map(Some)
 }
 
 /// Creates the tap `name` in the calling thread's namespace under a temporary name, moves it
