@@ -31,6 +31,8 @@ pub struct DaemonOptions {
     pub resolv_conf: PathBuf,
     /// Each network thread's seccomp allow-list (the control thread is not confined).
     pub seccomp: datapath::io::seccomp::SeccompMode,
+    /// Threads per network for its taps' frames (`run --workers`).
+    pub workers: usize,
 }
 
 /// The daemon's socket: `$SWITCHYARD_SOCKET`, else `daemon.sock` in the run directory
@@ -481,6 +483,7 @@ impl Daemon {
             metrics: None,
             seccomp: self.opts.seccomp,
             busy_poll: std::time::Duration::ZERO,
+            workers: self.opts.workers,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_def = def.clone();

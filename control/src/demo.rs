@@ -165,6 +165,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         metrics: None,
         seccomp: datapath::io::seccomp::SeccompMode::Enforce,
         busy_poll: std::time::Duration::ZERO,
+        workers: 1,
         // The demo's leases are thrown away with it.
         state_dir: Some(state_dir.clone()),
     };

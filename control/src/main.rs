@@ -64,6 +64,11 @@ enum Command {
         /// lower latency for a core kept busy meanwhile. 0 sleeps at once.
         #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
         busy_poll_us: u64,
+        /// Threads that carry the taps' frames: taps get one queue per worker, and workers
+        /// past the first switch known unicast between taps on their own (see
+        /// benches/WORKERS.md). 1 (the default) is one thread for everything.
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: u16,
         /// The datapath's seccomp allow-list: `enforce` (a call off the list kills the
         /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
         #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
@@ -135,6 +140,9 @@ enum Command {
         /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
         #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
         seccomp: datapath::io::seccomp::SeccompMode,
+        /// Threads per network that carry its taps' frames (as `run --workers`).
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: u16,
     },
     /// Define (or redefine) a network from its libvirt XML file.
     NetDefine {
@@ -442,6 +450,7 @@ fn main() -> ExitCode {
             resolv_conf,
             metrics,
             busy_poll_us,
+            workers,
             seccomp,
         } => run::run(&RunOptions {
             xml,
@@ -456,6 +465,7 @@ fn main() -> ExitCode {
             metrics,
             seccomp,
             busy_poll: Duration::from_micros(busy_poll_us),
+            workers: usize::from(workers),
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             name,
@@ -502,11 +512,13 @@ fn main() -> ExitCode {
             state_dir,
             resolv_conf,
             seccomp,
+            workers,
         } => daemon::daemon(&daemon::DaemonOptions {
             socket: socket.unwrap_or_else(daemon::default_socket),
             state_dir: state_dir.unwrap_or_else(run::default_state_dir),
             resolv_conf,
             seccomp,
+            workers: usize::from(workers),
         }),
         Command::NetDefine { file, daemon } => std::fs::read_to_string(&file)
             .map_err(|e| format!("{}: {e}", file.display()))

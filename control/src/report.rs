@@ -52,8 +52,9 @@ pub fn stats_table(stats: &Stats) -> String {
     let e = &stats.engine;
     let _ = writeln!(
         out,
-        "switch: {} forwarded, {} flooded; fdb: {} entries, {} learned, {} moved, {} aged, {} not learned (table full)",
+        "switch: {} forwarded ({} by workers), {} flooded; fdb: {} entries, {} learned, {} moved, {} aged, {} not learned (table full)",
         e.forwarded,
+        e.worker_forwarded,
         e.flooded,
         stats.fdb_entries,
         e.fdb.learned,

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub seccomp: datapath::io::seccomp::SeccompMode,
     /// Polling without sleeping after a busy turn ([`Datapath::set_busy_poll`]).
     pub busy_poll: Duration,
+    /// Threads for the taps' frames ([`Datapath::set_workers`]); 1 is the engine's alone.
+    pub workers: usize,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -183,7 +185,7 @@ fn attach(dp: &mut Datapath, spec: &str) -> String {
     {
         return format!("error: interface {spec} is already attached\n");
     }
-    match Tap::open(&spec).and_then(|tap| dp.add_tap(tap)) {
+    match dp.open_tap(&spec) {
         Ok(id) => format!("port {id}\n"),
         Err(e) => format!("error: tap {spec}: {e}\n"),
     }
@@ -603,6 +605,8 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         None => enable_dns(def, opts, &mut engine),
     };
     let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
+    dp.set_workers(opts.workers)
+        .map_err(|e| format!("workers: {e}"))?;
     if let Some(path) = leases {
         dp.persist_leases(&path)
             .map_err(|e| format!("lease file {}: {e}", path.display()))?;
@@ -698,7 +702,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         // The guest's side of the tap gets the network's MTU, as libvirt gives its taps.
         spec.mtu = spec.mtu.or(def.mtu.map(u32::from));
         let spec = &spec;
-        let tap = Tap::open(spec).map_err(|e| format!("tap {spec}: {e}"))?;
+        let tap = Tap::open_queues(spec, dp.workers()).map_err(|e| format!("tap {spec}: {e}"))?;
         let how = if tap.created { "created" } else { "attached" };
         let name = tap.name.clone();
         let id = dp.add_tap(tap).map_err(|e| format!("tap {spec}: {e}"))?;

@@ -13,7 +13,7 @@ use crate::guard::{Cap, GuardConfig, PortGuard};
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::socket_nat::{Peer, SocketNat, SocketNatConfig, SocketNatCounters};
-use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned};
+use crate::switch::{self, Fdb, FdbCounters, FdbRow, Learned, Mirror};
 use crate::trace::{self, FrameTrace};
 use crate::uplink::{ArpAnswer, NeighborRow, Uplink, UplinkConfig, UplinkCounters};
 use crate::wire::arp::ArpPacket;
@@ -23,6 +23,7 @@ use crate::wire::{EtherType, MacAddr, VnetHdr};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ICMP_DEST_UNREACHABLE: u8 = 3;
@@ -108,6 +109,8 @@ pub struct PortState {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EngineCounters {
     pub forwarded: u64,
+    /// Of `forwarded`, frames the fast-path workers switched without the engine.
+    pub worker_forwarded: u64,
     pub flooded: u64,
     pub fdb: FdbCounters,
     pub gateway: GatewayCounters,
@@ -165,6 +168,7 @@ pub struct Engine {
     icmp_tokens: u32,
     icmp_refilled: Option<Instant>,
     forwarded: u64,
+    worker_forwarded: u64,
     flooded: u64,
     icmp_errors_sent: u64,
     icmp_errors_rate_limited: u64,
@@ -233,6 +237,7 @@ impl Engine {
             icmp_tokens: ICMP_BURST,
             icmp_refilled: None,
             forwarded: 0,
+            worker_forwarded: 0,
             flooded: 0,
             icmp_errors_sent: 0,
             icmp_errors_rate_limited: 0,
@@ -252,7 +257,55 @@ impl Engine {
         if let Some(router) = &mut self.router {
             router.port = Some(id);
         }
+        self.sync_fast_ingress(id);
         Some(id)
+    }
+
+    /// The forwarding database as the fast-path workers read it ([`Mirror`]), with each
+    /// port's leave to use it.
+    pub fn mirror(&mut self) -> Arc<Mirror> {
+        let mirror = self.fdb.mirror(crate::io::MAX_PORTS);
+        for index in 0..self.ports.len() {
+            self.sync_fast_ingress(PortId(index as u16));
+        }
+        mirror
+    }
+
+    /// Whether frames from `port` may be switched by a worker without the engine: a live
+    /// switch port whose frames clean-traffic does not check.
+    fn sync_fast_ingress(&self, port: PortId) {
+        let Some(mirror) = self.fdb.mirrored() else {
+            return;
+        };
+        let fast = self.is_switch_port(port)
+            && self.port(port).is_some_and(|state| {
+                state.guard.trusted
+                    || !state
+                        .guard
+                        .clean_traffic
+                        .unwrap_or(self.guard.clean_traffic)
+            });
+        mirror.set_fast_ingress(port, fast);
+    }
+
+    /// The gateway's MAC, if the network has a gateway.
+    pub fn gateway_mac(&self) -> Option<MacAddr> {
+        self.gateway.as_ref().map(|g| g.config().mac)
+    }
+
+    /// The longest frame without segmentation offload that the network carries.
+    pub fn max_plain_frame(&self) -> usize {
+        self.max_plain_frame
+    }
+
+    /// Frames a fast-path worker read from `port` and switched itself.
+    pub fn record_worker_rx(&mut self, port: PortId, packets: u64, bytes: u64, forwarded: u64) {
+        self.forwarded += forwarded;
+        self.worker_forwarded += forwarded;
+        if let Some(c) = self.counters_mut(port) {
+            c.rx_packets += packets;
+            c.rx_bytes += bytes;
+        }
     }
 
     /// Whether `port` takes part in switching (floods reach it).
@@ -275,6 +328,7 @@ impl Engine {
             }
         };
         self.ports[slot] = Some(state);
+        self.sync_fast_ingress(PortId(slot as u16));
         PortId(slot as u16)
     }
 
@@ -287,7 +341,9 @@ impl Engine {
         {
             router.port = None;
         }
-        self.ports.get_mut(port.0 as usize)?.take()
+        let state = self.ports.get_mut(port.0 as usize)?.take();
+        self.sync_fast_ingress(port);
+        state
     }
 
     /// Marks `port` as no guest's (a host NIC in bridge mode): clean-traffic and the rate caps
@@ -296,6 +352,7 @@ impl Engine {
         if let Some(Some(state)) = self.ports.get_mut(port.0 as usize) {
             state.guard.trusted = true;
         }
+        self.sync_fast_ingress(port);
     }
 
     /// clean-traffic on or off for `port` alone, whatever the network says (libvirt's
@@ -311,6 +368,7 @@ impl Engine {
             (true, false) => self.clean_traffic_ports -= 1,
             _ => {}
         }
+        self.sync_fast_ingress(port);
     }
 
     /// The MAC the guest on `port` was given: clean-traffic lets the port send only from it.
@@ -1345,6 +1403,7 @@ impl Engine {
             ports: self.ports().map(|(id, p)| (id, p.clone())).collect(),
             engine: EngineCounters {
                 forwarded: self.forwarded,
+                worker_forwarded: self.worker_forwarded,
                 flooded: self.flooded,
                 fdb: self.fdb.counters.clone(),
                 gateway: self

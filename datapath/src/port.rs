@@ -66,6 +66,7 @@ drop_reasons! {
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
     TxError => "tx_error", "The egress write failed (queue full, interface down).";
+    HandoverFull => "handover_full", "A fast-path worker's frame for the engine found its hand-over queue full.";
     SpoofedMac => "spoofed_mac", "clean-traffic: a source MAC (or ARP sender MAC) other than the port's own.";
     SpoofedIp => "spoofed_ip", "clean-traffic: an IPv4 source (or ARP sender address) the port's MAC does not hold.";
     RogueServer => "rogue_server", "clean-traffic: a guest answering as a DHCP or DHCPv6 server, or sending router advertisements.";

@@ -10,6 +10,8 @@ use crate::port::PortId;
 use crate::wire::MacAddr;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Default FDB aging time, as the Linux bridge (`ageing_time` 300 s, IEEE 802.1Q 8.8.3).
@@ -68,6 +70,8 @@ pub struct Fdb {
     aging: Duration,
     next_expiry: Option<Instant>,
     pub counters: FdbCounters,
+    /// What the other workers read ([`Mirror`]), when there are any.
+    mirror: Option<Arc<Mirror>>,
 }
 
 impl Fdb {
@@ -80,7 +84,28 @@ impl Fdb {
             aging,
             next_expiry: None,
             counters: FdbCounters::default(),
+            mirror: None,
         }
+    }
+
+    /// The table's mirror for other threads, made on first use with what is learned so far.
+    pub fn mirror(&mut self, max_ports: usize) -> Arc<Mirror> {
+        let capacity = self.capacity;
+        let mirror = self
+            .mirror
+            .get_or_insert_with(|| Arc::new(Mirror::new(capacity, max_ports)))
+            .clone();
+        for (key, entry) in &self.entries {
+            if key.vlan == 0 {
+                mirror.publish(key.mac, entry.port);
+            }
+        }
+        mirror
+    }
+
+    /// The mirror, if [`Fdb::mirror`] made one.
+    pub fn mirrored(&self) -> Option<&Arc<Mirror>> {
+        self.mirror.as_ref()
     }
 
     /// The most entries the table holds.
@@ -103,6 +128,11 @@ impl Fdb {
     /// Records that `mac` on `vlan` was seen as a source on `port` at `now`.
     pub fn learn(&mut self, now: Instant, mac: MacAddr, vlan: u16, port: PortId) -> Learned {
         let key = Key { mac, vlan };
+        if let Some(mirror) = &self.mirror
+            && vlan == 0
+        {
+            mirror.publish(mac, port);
+        }
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.last_seen = now;
             if entry.port == port {
@@ -114,6 +144,9 @@ impl Fdb {
             return Learned::Moved { from };
         }
         if self.entries.len() >= self.capacity {
+            if let Some(mirror) = &self.mirror {
+                mirror.forget(mac);
+            }
             self.counters.full += 1;
             return Learned::TableFull;
         }
@@ -147,11 +180,22 @@ impl Fdb {
         let aging = self.aging;
         let before = self.entries.len();
         let mut next: Option<Instant> = None;
-        self.entries.retain(|_, e| {
+        let mirror = self.mirror.as_deref();
+        self.entries.retain(|key, e| {
+            // Frames the other workers forward never reach this table: their sightings
+            // are in the mirror.
+            if let Some(seen) = mirror
+                .filter(|_| key.vlan == 0)
+                .and_then(|m| m.last_seen(key.mac, e.port))
+            {
+                e.last_seen = e.last_seen.max(seen);
+            }
             let expires = e.last_seen + aging;
             let keep = expires > now;
             if keep {
                 next = Some(next.map_or(expires, |n| n.min(expires)));
+            } else if let Some(m) = mirror {
+                m.forget(key.mac);
             }
             keep
         });
@@ -164,6 +208,9 @@ impl Fdb {
     /// Forgets every address learned on `port` (the port went away).
     pub fn flush_port(&mut self, port: PortId) {
         self.entries.retain(|_, e| e.port != port);
+        if let Some(mirror) = &self.mirror {
+            mirror.flush_port(port);
+        }
     }
 
     /// The table, sorted by port then MAC.
@@ -181,6 +228,125 @@ impl Fdb {
         rows.sort_by(|a, b| (a.port, &a.mac, a.vlan).cmp(&(b.port, &b.mac, b.vlan)));
         rows
     }
+}
+
+/// The forwarding database as other threads see it: the fast-path workers of multi-queue
+/// taps (`io::worker`) forward a guest's unicast frame to another tap without the engine
+/// when both of its addresses are here.
+///
+/// Only the engine's thread writes; readers take no lock. Each slot is one atomic word (MAC
+/// and port), so a reader sees an entry whole or not at all. It is a cache, direct-mapped:
+/// two MACs in one slot evict each other, and a MAC that is not here sends the frame to the
+/// engine, which has the whole table. A miss costs a hand-over, never a wrong port; stale
+/// entries are cleared before their port is closed. Only VLAN 0 (untagged) is mirrored.
+#[derive(Debug)]
+pub struct Mirror {
+    /// `mac << 16 | (port + 1)`; 0 is empty.
+    slots: Box<[AtomicU64]>,
+    /// When a worker last forwarded a frame from the slot's MAC, in seconds after `base`.
+    seen: Box<[AtomicU32]>,
+    /// Whether frames from a port may take the fast path (a switch port without clean-traffic).
+    fast_ingress: Box<[AtomicBool]>,
+    /// Captures or a trace are running: every frame must pass through the engine.
+    observed: AtomicBool,
+    base: Instant,
+    mask: usize,
+}
+
+impl Mirror {
+    fn new(capacity: usize, max_ports: usize) -> Mirror {
+        let len = (capacity.max(64) * 2).next_power_of_two();
+        Mirror {
+            slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..len).map(|_| AtomicU32::new(0)).collect(),
+            fast_ingress: (0..max_ports).map(|_| AtomicBool::new(false)).collect(),
+            observed: AtomicBool::new(false),
+            base: Instant::now(),
+            mask: len - 1,
+        }
+    }
+
+    fn index(&self, mac: MacAddr) -> usize {
+        // The low bytes of a MAC vary most (OUI first); a multiplicative mix spreads them.
+        (mac_bits(mac).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & self.mask
+    }
+
+    fn publish(&self, mac: MacAddr, port: PortId) {
+        let word = (mac_bits(mac) << 16) | (port.0 as u64 + 1);
+        let slot = &self.slots[self.index(mac)];
+        if slot.load(Ordering::Relaxed) != word {
+            slot.store(word, Ordering::Release);
+        }
+    }
+
+    fn forget(&self, mac: MacAddr) {
+        let slot = &self.slots[self.index(mac)];
+        if slot.load(Ordering::Relaxed) >> 16 == mac_bits(mac) {
+            slot.store(0, Ordering::Release);
+        }
+    }
+
+    fn flush_port(&self, port: PortId) {
+        for slot in &self.slots {
+            let word = slot.load(Ordering::Relaxed);
+            if word != 0 && word & 0xffff == port.0 as u64 + 1 {
+                slot.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    fn last_seen(&self, mac: MacAddr, port: PortId) -> Option<Instant> {
+        let index = self.index(mac);
+        let word = (mac_bits(mac) << 16) | (port.0 as u64 + 1);
+        if self.slots[index].load(Ordering::Acquire) != word {
+            return None;
+        }
+        match self.seen[index].load(Ordering::Relaxed) {
+            0 => None,
+            secs => Some(self.base + Duration::from_secs(u64::from(secs))),
+        }
+    }
+
+    /// The port `mac` is on, if mirrored.
+    pub fn lookup(&self, mac: MacAddr) -> Option<PortId> {
+        let word = self.slots[self.index(mac)].load(Ordering::Acquire);
+        (word != 0 && word >> 16 == mac_bits(mac)).then(|| PortId((word & 0xffff) as u16 - 1))
+    }
+
+    /// Notes a frame from `mac` (which [`Mirror::lookup`] found), so its entry does not age
+    /// out while only workers see it. Written at most once a second per MAC.
+    pub fn note_seen(&self, now: Instant, mac: MacAddr) {
+        let secs = now.saturating_duration_since(self.base).as_secs() as u32 + 1;
+        let seen = &self.seen[self.index(mac)];
+        if seen.load(Ordering::Relaxed) != secs {
+            seen.store(secs, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_fast_ingress(&self, port: PortId, on: bool) {
+        if let Some(flag) = self.fast_ingress.get(port.0 as usize) {
+            flag.store(on, Ordering::Relaxed);
+        }
+    }
+
+    pub fn fast_ingress(&self, port: PortId) -> bool {
+        self.fast_ingress
+            .get(port.0 as usize)
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    pub fn set_observed(&self, on: bool) {
+        self.observed.store(on, Ordering::Relaxed);
+    }
+
+    pub fn observed(&self) -> bool {
+        self.observed.load(Ordering::Relaxed)
+    }
+}
+
+fn mac_bits(mac: MacAddr) -> u64 {
+    let m = mac.0;
+    u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
 }
 
 #[cfg(test)]
@@ -271,5 +437,62 @@ mod tests {
         let rows = fdb.rows(t0);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].mac, "52:54:00:00:00:02");
+    }
+
+    #[test]
+    fn the_mirror_follows_learning_moves_aging_and_flushes() {
+        let t0 = Instant::now();
+        let mut fdb = Fdb::new(16, Duration::from_secs(300));
+        fdb.learn(t0, mac(1), 0, PortId(0));
+        let mirror = fdb.mirror(8);
+        assert_eq!(
+            mirror.lookup(mac(1)),
+            Some(PortId(0)),
+            "what was learned before"
+        );
+        fdb.learn(t0, mac(2), 0, PortId(1));
+        fdb.learn(t0, mac(3), 7, PortId(1));
+        assert_eq!(mirror.lookup(mac(2)), Some(PortId(1)));
+        assert_eq!(
+            mirror.lookup(mac(3)),
+            None,
+            "tagged frames are the engine's"
+        );
+        fdb.learn(t0, mac(2), 0, PortId(2));
+        assert_eq!(mirror.lookup(mac(2)), Some(PortId(2)), "a move");
+
+        // A worker forwarding mac(1)'s frames keeps its entry alive past the aging time.
+        mirror.note_seen(t0 + Duration::from_secs(200), mac(1));
+        fdb.expire(t0 + Duration::from_secs(301));
+        assert_eq!(mirror.lookup(mac(1)), Some(PortId(0)));
+        assert_eq!(mirror.lookup(mac(2)), None, "aged out of both");
+        assert_eq!(
+            fdb.lookup(t0 + Duration::from_secs(301), mac(1), 0),
+            Some(PortId(0))
+        );
+
+        fdb.flush_port(PortId(0));
+        assert_eq!(mirror.lookup(mac(1)), None);
+    }
+
+    #[test]
+    fn a_mirror_slot_taken_by_another_mac_is_a_miss_not_a_wrong_port() {
+        let mut fdb = Fdb::new(16, DEFAULT_AGING);
+        let mirror = fdb.mirror(8);
+        let t0 = Instant::now();
+        let first = mac(1);
+        let rival = (2..=255)
+            .flat_map(|a| (0..=255).map(move |b| MacAddr([0x52, 0x54, 0, 0, a, b])))
+            .find(|m| mirror.index(*m) == mirror.index(first))
+            .expect("a colliding MAC");
+        fdb.learn(t0, first, 0, PortId(1));
+        fdb.learn(t0, rival, 0, PortId(2));
+        assert_eq!(mirror.lookup(first), None);
+        assert_eq!(mirror.lookup(rival), Some(PortId(2)));
+        assert_eq!(
+            fdb.lookup(t0, first, 0),
+            Some(PortId(1)),
+            "the engine still knows"
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod seccomp;
 pub mod stream;
 pub mod sys;
 pub mod tap;
+mod worker;
 
 use crate::engine::{Engine, MAX_FRAME_LEN, Outgoing, Verdict};
 use crate::port::{DropReason, PortId};
@@ -55,6 +56,8 @@ const UPSTREAM_BUDGET: usize = 256;
 const RESOLV_CHECK: Duration = Duration::from_secs(2);
 /// How long a control client may take to send its one-line request.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often the fast-path workers' counts are added to the engine's counters.
+const FOLD_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a lease file that could not be written is tried again.
 const LEASE_RETRY: Duration = Duration::from_secs(1);
 
@@ -186,6 +189,12 @@ pub struct Datapath {
     busy_poll: Duration,
     /// When a turn last had events.
     last_busy: Option<Instant>,
+    /// Fast-path workers for the taps' further queues ([`worker`]); empty with one worker.
+    workers: Vec<worker::WorkerHandle>,
+    /// A worker's hand-over channel still had frames at the end of the turn.
+    handover_pending: bool,
+    /// When the workers' counts are next folded into the engine's counters.
+    next_fold: Instant,
 }
 
 /// Whether `tap`'s namespace is held alive only by the tap itself: its path is gone or names
@@ -478,7 +487,44 @@ impl Datapath {
             next_port_check: Instant::now() + PORT_CHECK,
             busy_poll: Duration::ZERO,
             last_busy: None,
+            workers: Vec::new(),
+            handover_pending: false,
+            next_fold: Instant::now(),
         })
+    }
+
+    /// Spreads the taps over `count` threads: taps are then opened with `count` queues
+    /// ([`Datapath::open_tap`]), queue 0 served by this thread (the engine's), each further
+    /// queue by a fast-path worker ([`worker`]) that switches known unicast between taps and
+    /// hands the rest to the engine. Call before adding taps; the workers' threads start
+    /// with the first [`Datapath::turn`], so they inherit its seccomp filter.
+    pub fn set_workers(&mut self, count: usize) -> io::Result<()> {
+        if count <= 1 || !self.workers.is_empty() {
+            return Ok(());
+        }
+        let mirror = self.engine.mirror();
+        for queue in 1..count {
+            self.workers.push(worker::WorkerHandle::new(
+                queue,
+                mirror.clone(),
+                self.waker.clone(),
+                self.engine.gateway_mac(),
+                self.engine.max_plain_frame(),
+                MAX_PORTS,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// How many threads carry the taps' frames ([`Datapath::set_workers`]).
+    pub fn workers(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Opens the tap of `spec`, with a queue per worker, and adds it as a port.
+    pub fn open_tap(&mut self, spec: &TapSpec) -> io::Result<PortId> {
+        let tap = Tap::open_queues(spec, self.workers())?;
+        self.add_tap(tap)
     }
 
     pub fn engine(&self) -> &Engine {
@@ -501,8 +547,9 @@ impl Datapath {
     }
 
     /// Adds an open tap as a port.
-    pub fn add_tap(&mut self, tap: Tap) -> io::Result<PortId> {
+    pub fn add_tap(&mut self, mut tap: Tap) -> io::Result<PortId> {
         let file = tap.file.try_clone()?;
+        let queues = std::mem::take(&mut tap.queues);
         // A tap in an `ip netns` namespace is named NAME@NETNS: many guests call theirs eth0.
         let name = match tap
             .netns
@@ -521,6 +568,9 @@ impl Datapath {
         }
         if let Some(on) = clean_traffic {
             self.engine.set_clean_traffic(id, on);
+        }
+        for (worker, queue) in self.workers.iter().zip(queues) {
+            worker.send(worker::Command::AddPort { id, queue });
         }
         Ok(id)
     }
@@ -699,7 +749,62 @@ impl Datapath {
                 }
             }
         }
+        // The mirror forgets the port first (in the engine), then the workers close it.
         self.engine.remove_port(id);
+        self.fold_workers();
+        for worker in &self.workers {
+            worker.send(worker::Command::RemovePort(id));
+        }
+    }
+
+    /// Adds what the workers counted since last time to the engine's counters.
+    fn fold_workers(&mut self) {
+        for worker in &mut self.workers {
+            for index in 0..self.ports.len() {
+                let port = PortId(index as u16);
+                let Some(counts) = worker.fold(port) else {
+                    continue;
+                };
+                self.engine.record_worker_rx(
+                    port,
+                    counts.rx_packets,
+                    counts.rx_bytes,
+                    counts.forwarded,
+                );
+                self.engine
+                    .record_tx(port, counts.tx_packets, counts.tx_bytes as usize);
+                for _ in 0..counts.tx_errors {
+                    self.engine.record_drop(port, DropReason::TxError);
+                }
+                for _ in 0..counts.handover_full {
+                    self.engine.record_drop(port, DropReason::HandoverFull);
+                }
+            }
+        }
+    }
+
+    /// Handles up to [`RX_BUDGET`] frames from each worker's hand-over channel, as if read
+    /// from queue 0 of their port; false if any is left.
+    fn serve_handovers(&mut self, now: Instant) -> bool {
+        let mut drained = true;
+        for w in 0..self.workers.len() {
+            for _ in 0..RX_BUDGET {
+                let Ok(mut handed) = self.workers[w].handed.try_recv() else {
+                    break;
+                };
+                if self
+                    .ports
+                    .get(handed.port.0 as usize)
+                    .is_some_and(Option::is_some)
+                {
+                    let caps = PortCaps { vnet_hdr: true };
+                    self.forward(now, handed.port, caps, &mut handed.buf[..handed.len]);
+                }
+                let _ = self.workers[w].free.send(handed.buf);
+            }
+            drained &= self.workers[w].handed.is_empty();
+        }
+        drained
     }
 
     /// Turns SIGINT and SIGTERM into a clean stop, and SIGUSR1 into a call of `run`'s report.
@@ -916,6 +1021,9 @@ impl Datapath {
                 )));
             }
         }
+        if !streams.is_empty() {
+            self.fold_workers();
+        }
         for mut stream in streams {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
@@ -984,6 +1092,9 @@ impl Datapath {
                     requests.push((stream, line));
                 }
             }
+        }
+        if !requests.is_empty() {
+            self.fold_workers();
         }
         for (stream, line) in requests {
             let reply = if line == "refuse" {
@@ -1136,7 +1247,13 @@ impl Datapath {
     /// One turn of the loop: wait for readiness (at most `max_wait`, and never past the next
     /// timer), serve ready ports within their budget, run due timers.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() && !self.upstream_ready && !self.egress.has_pending()
+        for worker in &mut self.workers {
+            worker.start()?;
+        }
+        let timeout = if self.ready.is_empty()
+            && !self.upstream_ready
+            && !self.egress.has_pending()
+            && !self.handover_pending
         {
             let resolv = self.resolv.as_ref().map(|w| w.next_check);
             let timer = [
@@ -1217,6 +1334,16 @@ impl Datapath {
                 self.ready.mark(id);
             }
         }
+        if !self.workers.is_empty() {
+            self.handover_pending = !self.serve_handovers(now);
+            if let Some(mirror) = self.engine.fdb().mirrored() {
+                mirror.set_observed(!self.captures.is_empty() || self.tracing.is_some());
+            }
+            if now >= self.next_fold {
+                self.next_fold = now + FOLD_INTERVAL;
+                self.fold_workers();
+            }
+        }
         let now = Instant::now();
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
@@ -1287,7 +1414,7 @@ impl Datapath {
                 self.lost_taps.push(lost);
                 continue;
             }
-            match Tap::open(&lost.spec).and_then(|tap| self.add_tap(tap)) {
+            match self.open_tap(&lost.spec) {
                 Ok(id) => eprintln!(
                     "switchyard: port {id} ({}): its device is back; attached again",
                     lost.spec

@@ -167,7 +167,8 @@ fn open_in_namespace(args: &[String]) -> io::Result<(OwnedFd, String, bool)> {
         sys::setns_user(owner.as_fd())?;
     }
     sys::setns_net(ns.as_fd())?;
-    super::tap::create_here(name, mac, mtu)
+    let (mut fds, name, created) = super::tap::create_here(name, mac, mtu, 1)?;
+    Ok((fds.remove(0), name, created))
 }
 
 #[cfg(test)]

@@ -29,7 +29,11 @@ pub const TAP_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | lib
 /// Opens `/dev/net/tun` and binds it to the tap `name` (created if it does not exist in the
 /// calling thread's network namespace), non-blocking, with a virtio-net header of `vnet_len`
 /// bytes and the offloads of [`TAP_OFFLOADS`]. Returns the fd and the name the kernel used.
-pub fn open_tap(name: &str, vnet_len: usize) -> io::Result<(OwnedFd, String)> {
+///
+/// With `multi_queue`, the tap is made with `IFF_MULTI_QUEUE` and each call on the same name
+/// attaches one more queue: the kernel spreads the frames the guest sends over the queues by
+/// flow ([`open_tap`] once per worker).
+pub fn open_tap(name: &str, vnet_len: usize, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
         return Err(io::Error::new(
@@ -54,8 +58,13 @@ pub fn open_tap(name: &str, vnet_len: usize) -> io::Result<(OwnedFd, String)> {
     for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
+    let queues = if multi_queue {
+        libc::IFF_MULTI_QUEUE
+    } else {
+        0
+    };
     req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | queues) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is one, valid for the call.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
 

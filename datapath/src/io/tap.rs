@@ -9,7 +9,7 @@ use crate::wire::{MacAddr, vnet};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -93,6 +93,8 @@ impl fmt::Display for TapSpec {
 #[derive(Debug)]
 pub struct Tap {
     pub(crate) file: File,
+    /// Queues beyond the first, when the tap is multi-queue: one per fast-path worker.
+    pub(crate) queues: Vec<File>,
     pub name: String,
     pub netns: Option<PathBuf>,
     /// The MAC set on the kernel side, if one was asked for.
@@ -116,6 +118,13 @@ impl Tap {
     /// a tap that already exists there (persistent, made by someone else) is attached from
     /// inside, and a rootless engine, which may not move links, has a helper create it inside.
     pub fn open(spec: &TapSpec) -> io::Result<Tap> {
+        Tap::open_queues(spec, 1)
+    }
+
+    /// [`Tap::open`] with `queues` queues (`IFF_MULTI_QUEUE`) when it creates the tap, or
+    /// attaches to a multi-queue one. An existing single-queue tap, or one a rootless helper
+    /// opens, has one queue whatever is asked.
+    pub fn open_queues(spec: &TapSpec, queues: usize) -> io::Result<Tap> {
         let TapSpec {
             name,
             netns,
@@ -123,26 +132,29 @@ impl Tap {
             mtu,
             clean_traffic: _,
         } = spec.clone();
-        let (fd, name, created) = match &netns {
-            None => create_here(&name, mac, mtu)?,
+        let (mut fds, name, created) = match &netns {
+            None => create_here(&name, mac, mtu, queues)?,
             // One trip into the namespace: an existing tap is attached there.
             Some(path) => match netns::run_in(Some(path), {
                 let name = name.clone();
-                move || attach_here(&name, mac, mtu)
+                move || attach_here(&name, mac, mtu, queues)
             }) {
                 Ok(Some(attached)) => attached,
-                Ok(None) => (create_and_move(&name, mac, mtu, path)?, name, true),
+                Ok(None) => (create_and_move(&name, mac, mtu, path, queues)?, name, true),
                 // Not allowed to join the namespace from here: it belongs to a user
                 // namespace of ours (`unshare --user --net`, a rootless container), which only
                 // a single-threaded process may enter. A helper process does.
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    netns::open_tap_via_helper(path, &name, mac, mtu)?
+                    let (fd, name, created) = netns::open_tap_via_helper(path, &name, mac, mtu)?;
+                    (vec![fd], name, created)
                 }
                 Err(e) => return Err(e),
             },
         };
+        let first = fds.remove(0);
         Ok(Tap {
-            file: File::from(fd),
+            file: File::from(first),
+            queues: fds.into_iter().map(File::from).collect(),
             name,
             netns: spec.netns.clone(),
             mac: spec.mac,
@@ -159,11 +171,34 @@ fn attach_here(
     name: &str,
     mac: Option<MacAddr>,
     mtu: Option<u32>,
-) -> io::Result<Option<(std::os::fd::OwnedFd, String, bool)>> {
+    queues: usize,
+) -> io::Result<Option<(Vec<OwnedFd>, String, bool)>> {
     if sys::if_nametoindex(name).is_none() {
         return Ok(None);
     }
-    create_here(name, mac, mtu).map(Some)
+    create_here(name, mac, mtu, queues).map(Some)
+}
+
+/// Opens `queues` queues of the tap `name` (created if need be): multi-queue when more than
+/// one is asked. A tap that exists with the other queueing (the kernel says EINVAL) is
+/// opened its way, with one queue.
+fn open_queues(name: &str, queues: usize) -> io::Result<(Vec<OwnedFd>, String)> {
+    let multi = queues > 1;
+    let (first, name, multi) = match sys::open_tap(name, vnet::LEN, multi) {
+        Ok((fd, name)) => (fd, name, multi),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let (fd, name) = sys::open_tap(name, vnet::LEN, !multi)?;
+            (fd, name, false)
+        }
+        Err(e) => return Err(e),
+    };
+    let mut fds = vec![first];
+    if multi {
+        for _ in 1..queues {
+            fds.push(sys::open_tap(&name, vnet::LEN, true)?.0);
+        }
+    }
+    Ok((fds, name))
 }
 
 /// Creates the tap `name` in the calling thread's namespace under a temporary name, moves it
@@ -173,11 +208,12 @@ fn create_and_move(
     mac: Option<MacAddr>,
     mtu: Option<u32>,
     netns: &Path,
-) -> io::Result<std::os::fd::OwnedFd> {
+    queues: usize,
+) -> io::Result<Vec<OwnedFd>> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temporary = format!("sy{:x}t{n}", std::process::id() & 0xff_ffff);
-    let (fd, temporary) = sys::open_tap(&temporary, vnet::LEN)?;
+    let (fds, temporary) = open_queues(&temporary, queues)?;
     let index = sys::if_nametoindex(&temporary)
         .ok_or_else(|| io::Error::other(format!("tap {temporary} vanished")))?;
     let ns = File::open(netns).map_err(|e| {
@@ -215,7 +251,7 @@ fn create_and_move(
         }
         Ok(())
     })?;
-    Ok(fd)
+    Ok(fds)
 }
 
 /// Opens (creating if needed) the tap `name` in the calling thread's namespace, sets its MAC
@@ -225,9 +261,10 @@ pub fn create_here(
     name: &str,
     mac: Option<MacAddr>,
     mtu: Option<u32>,
-) -> io::Result<(std::os::fd::OwnedFd, String, bool)> {
+    queues: usize,
+) -> io::Result<(Vec<OwnedFd>, String, bool)> {
     let existed = sys::if_nametoindex(name).is_some();
-    let (fd, name) = sys::open_tap(name, vnet::LEN)?;
+    let (fds, name) = open_queues(name, queues)?;
     let index = sys::if_nametoindex(&name)
         .ok_or_else(|| io::Error::other(format!("tap {name} vanished")))?;
     netlink::set_link(
@@ -240,7 +277,7 @@ pub fn create_here(
         },
     )
     .map_err(|e| io::Error::new(e.kind(), format!("configuring {name}: {e}")))?;
-    Ok((fd, name, !existed))
+    Ok((fds, name, !existed))
 }
 
 #[cfg(test)]

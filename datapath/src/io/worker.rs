@@ -1,0 +1,416 @@
+//! Fast-path workers: the second and later queues of multi-queue taps.
+//!
+//! With `--workers N`, every tap the engine creates has N queues, and the kernel spreads the
+//! frames a guest sends over them by flow (`tun_automq_select_queue`; a flow's replies follow
+//! the queue its frames were last written to). Queue 0 of every tap is the engine's thread,
+//! as with one worker. Worker k (1 ≤ k < N) owns queue k of every tap, on its own thread with
+//! its own `Poll`, and does one thing: it switches a guest's unicast frame to another tap when
+//! the forwarding database's [`Mirror`] knows both of its addresses, writing it to queue k of
+//! the egress tap. Everything else — the gateway's services, NAT, broadcast, ARP, unknown or
+//! moved addresses, VLAN tags, ports under clean-traffic, frames while a capture or trace
+//! runs — is handed to the engine's thread through a bounded channel of recycled buffers
+//! and handled there exactly as if it had been read from queue 0.
+//!
+//! So the engine's state keeps its one owner, and what a worker shares with it is read-mostly:
+//! the mirror (written by the engine when it learns) and counters the worker alone writes
+//! (per-port tallies, folded into the engine's counters by its thread). Nothing on the fast
+//! path allocates or takes a lock. The design, and what a later step would add (NAT sharded by
+//! external port), is in `benches/WORKERS.md`.
+
+use super::{BUF_LEN, RX_BUDGET, ReadyQueue};
+use crate::port::PortId;
+use crate::switch::Mirror;
+use crate::wire::{MacAddr, VnetHdr, vnet};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+const WAKER: Token = Token(usize::MAX);
+/// Buffers a worker may have handed over and not yet got back.
+const HANDOVER_BUFFERS: usize = 128;
+
+/// What the engine's thread tells a worker.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// This worker's queue of a tap port.
+    AddPort {
+        id: PortId,
+        queue: File,
+    },
+    RemovePort(PortId),
+}
+
+/// A frame a worker read and the engine must handle: `buf[..len]`, virtio-net header first.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub port: PortId,
+    pub len: usize,
+    pub buf: Vec<u8>,
+}
+
+/// One port's counts on one worker, written by that worker only.
+#[derive(Debug, Default)]
+struct Tally {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    forwarded: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_errors: AtomicU64,
+    handover_full: AtomicU64,
+}
+
+/// A snapshot of a [`Tally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub forwarded: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub handover_full: u64,
+}
+
+impl Counts {
+    /// What happened since `before`.
+    pub fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            forwarded: self.forwarded - before.forwarded,
+            tx_packets: self.tx_packets - before.tx_packets,
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+            tx_errors: self.tx_errors - before.tx_errors,
+            handover_full: self.handover_full - before.handover_full,
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    // One writer: a load and a store, not a locked read-modify-write.
+    counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+}
+
+impl Tally {
+    fn counts(&self) -> Counts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counts {
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            forwarded: get(&self.forwarded),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_errors: get(&self.tx_errors),
+            handover_full: get(&self.handover_full),
+        }
+    }
+}
+
+/// The engine's side of one worker.
+#[derive(Debug)]
+pub(crate) struct WorkerHandle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    pub handed: Receiver<Handed>,
+    pub free: Sender<Vec<u8>>,
+    tallies: Arc<[Tally]>,
+    /// The tallies as last folded into the engine's counters.
+    folded: Vec<Counts>,
+    /// The worker, until its thread is started ([`WorkerHandle::start`]).
+    pending: Option<Worker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// A worker for queue `queue`, whose thread starts later (on the datapath thread, so it
+    /// inherits the thread's seccomp filter and namespace).
+    pub fn new(
+        queue: usize,
+        mirror: Arc<Mirror>,
+        engine_waker: Arc<Waker>,
+        gateway_mac: Option<MacAddr>,
+        max_plain_frame: usize,
+        max_ports: usize,
+    ) -> io::Result<WorkerHandle> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let (handed_tx, handed) = crossbeam_channel::bounded(HANDOVER_BUFFERS);
+        let (free, free_rx) = crossbeam_channel::bounded(HANDOVER_BUFFERS);
+        for _ in 0..HANDOVER_BUFFERS {
+            // Capacity only: pages are touched as frames are copied in.
+            let _ = free.send(Vec::with_capacity(BUF_LEN));
+        }
+        let tallies: Arc<[Tally]> = (0..max_ports).map(|_| Tally::default()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            queue,
+            poll,
+            commands: command_rx,
+            handed: handed_tx,
+            free: free_rx,
+            engine_waker,
+            stop: stop.clone(),
+            mirror,
+            gateway_mac,
+            max_plain_frame,
+            ports: Vec::new(),
+            ready: ReadyQueue::default(),
+            rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            tallies: tallies.clone(),
+        };
+        Ok(WorkerHandle {
+            commands,
+            waker,
+            stop,
+            handed,
+            free,
+            tallies,
+            folded: vec![Counts::default(); max_ports],
+            pending: Some(worker),
+            thread: None,
+        })
+    }
+
+    /// Starts the worker's thread, if not yet started.
+    pub fn start(&mut self) -> io::Result<()> {
+        let Some(worker) = self.pending.take() else {
+            return Ok(());
+        };
+        let name = format!("sy-worker-{}", worker.queue);
+        self.thread = Some(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker.run())?,
+        );
+        Ok(())
+    }
+
+    pub fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// What port `port`'s tally gained since the last call.
+    pub fn fold(&mut self, port: PortId) -> Option<Counts> {
+        let index = port.0 as usize;
+        let now = self.tallies.get(index)?.counts();
+        let before = std::mem::replace(&mut self.folded[index], now);
+        let delta = now.since(&before);
+        (delta != Counts::default()).then_some(delta)
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Worker {
+    queue: usize,
+    poll: Poll,
+    commands: Receiver<Command>,
+    handed: Sender<Handed>,
+    free: Receiver<Vec<u8>>,
+    engine_waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    mirror: Arc<Mirror>,
+    gateway_mac: Option<MacAddr>,
+    max_plain_frame: usize,
+    /// This worker's queue of each tap, by port id.
+    ports: Vec<Option<File>>,
+    ready: ReadyQueue,
+    rx_buf: Box<[u8]>,
+    tallies: Arc<[Tally]>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        while !self.stop.load(Ordering::Relaxed) {
+            let timeout = (!self.ready.is_empty()).then_some(std::time::Duration::ZERO);
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("switchyard: worker {}: poll: {e}; stopping", self.queue);
+                    return;
+                }
+            }
+            for event in events.iter() {
+                let Token(index) = event.token();
+                if index < self.ports.len() && self.ports[index].is_some() {
+                    self.ready.mark(PortId(index as u16));
+                }
+            }
+            self.take_commands();
+            let now = Instant::now();
+            let mut handed = false;
+            for _ in 0..self.ready.len() {
+                let Some(id) = self.ready.pop() else {
+                    break;
+                };
+                let (drained, any_handed) = self.serve(now, id);
+                handed |= any_handed;
+                if !drained {
+                    self.ready.mark(id);
+                }
+            }
+            if handed {
+                let _ = self.engine_waker.wake();
+            }
+        }
+    }
+
+    fn take_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::AddPort { id, queue }) => {
+                    let index = id.0 as usize;
+                    if index >= self.ports.len() {
+                        self.ports.resize_with(index + 1, || None);
+                    }
+                    let fd = queue.as_raw_fd();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut SourceFd(&fd),
+                        Token(index),
+                        Interest::READABLE,
+                    ) {
+                        eprintln!("switchyard: worker {}: port {id}: {e}", self.queue);
+                        continue;
+                    }
+                    self.ports[index] = Some(queue);
+                    // Frames may be waiting already: edge-triggered polling would not say.
+                    self.ready.mark(id);
+                }
+                Ok(Command::RemovePort(id)) => {
+                    if let Some(queue) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
+                        let fd = queue.as_raw_fd();
+                        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                    }
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Reads up to [`RX_BUDGET`] frames from port `id`: whether it was drained, and whether
+    /// any frame was handed to the engine.
+    fn serve(&mut self, now: Instant, id: PortId) -> (bool, bool) {
+        let mut handed = false;
+        for _ in 0..RX_BUDGET {
+            let Some(queue) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
+                return (true, handed);
+            };
+            let n = match (&*queue).read(&mut self.rx_buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // WouldBlock, or the device is gone: the engine's thread finds that on
+                // queue 0 and removes the port.
+                Err(_) => return (true, handed),
+            };
+            let tally = &self.tallies[id.0 as usize];
+            bump(&tally.rx_packets, 1);
+            bump(&tally.rx_bytes, n.saturating_sub(vnet::LEN) as u64);
+            match self.fast_egress(now, id, &self.rx_buf[..n]) {
+                Some(egress) => {
+                    bump(&tally.forwarded, 1);
+                    self.transmit(egress, n);
+                }
+                None => {
+                    self.hand_over(id, n);
+                    handed = true;
+                }
+            }
+        }
+        (false, handed)
+    }
+
+    /// The tap `buf` (a virtio-net header and a frame read from `ingress`) goes to, if this
+    /// worker may switch it itself.
+    fn fast_egress(&self, now: Instant, ingress: PortId, buf: &[u8]) -> Option<PortId> {
+        if self.mirror.observed() || !self.mirror.fast_ingress(ingress) {
+            return None;
+        }
+        let hdr = VnetHdr::parse(buf).ok()?;
+        let frame = buf.get(vnet::LEN..)?;
+        if frame.len() < 14 || (!hdr.is_gso() && frame.len() > self.max_plain_frame) {
+            return None;
+        }
+        let mac = |at: usize| MacAddr(frame[at..at + 6].try_into().unwrap_or_default());
+        let (dst, src) = (mac(0), mac(6));
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        // IPv4 and IPv6 only: ARP, VLAN tags and the rest are the engine's.
+        if !matches!(ethertype, 0x0800 | 0x86dd)
+            || dst.is_multicast()
+            || !src.is_valid_source()
+            || self.gateway_mac.is_some_and(|gw| gw == dst || gw == src)
+        {
+            return None;
+        }
+        if self.mirror.lookup(src)? != ingress {
+            return None;
+        }
+        let egress = self.mirror.lookup(dst)?;
+        if egress == ingress
+            || !self
+                .ports
+                .get(egress.0 as usize)
+                .is_some_and(Option::is_some)
+        {
+            return None;
+        }
+        self.mirror.note_seen(now, src);
+        Some(egress)
+    }
+
+    fn transmit(&self, egress: PortId, n: usize) {
+        let Some(queue) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let tally = &self.tallies[egress.0 as usize];
+        match super::write_frame(queue, &self.rx_buf[..n]) {
+            Ok(()) => {
+                bump(&tally.tx_packets, 1);
+                bump(&tally.tx_bytes, (n - vnet::LEN) as u64);
+            }
+            Err(_) => bump(&tally.tx_errors, 1),
+        }
+    }
+
+    fn hand_over(&self, port: PortId, n: usize) {
+        let Ok(mut buf) = self.free.try_recv() else {
+            bump(&self.tallies[port.0 as usize].handover_full, 1);
+            return;
+        };
+        buf.clear();
+        buf.extend_from_slice(&self.rx_buf[..n]);
+        let handed = Handed { port, len: n, buf };
+        if self.handed.try_send(handed).is_err() {
+            bump(&self.tallies[port.0 as usize].handover_full, 1);
+        }
+    }
+}
