@@ -22,7 +22,9 @@
 # it stops every process it started and removes its namespaces, taps and temporary files.
 # It never uses the system's Open vSwitch database (/etc/openvswitch) or service.
 #
-# Usage: sudo [CARGO_TARGET_DIR=DIR] [SKIP_BUILD=1] [SY_ARGS="--busy-poll-us 50"] benches/e2e/switch_vs_peers.sh [RUNS] [SECS]
+# Usage: sudo [CARGO_TARGET_DIR=DIR] [SKIP_BUILD=1] [SY_ARGS="--busy-poll-us 50"] [SY2_ARGS="--workers 2"] benches/e2e/switch_vs_peers.sh [RUNS] [SECS]
+#   SY2_ARGS adds a second switchyard topology with those options (an A/B of an option, run
+#   interleaved with the others in the same rounds).
 #   RUNS rounds (default 3), SECS seconds per iperf3 run (default 2): the defaults take
 #   about two minutes. SKIP_BUILD=1 uses ${CARGO_TARGET_DIR:-target}/release/switchyard as
 #   it is instead of running cargo build first.
@@ -53,11 +55,17 @@ load0=$(cut -d' ' -f1 /proc/loadavg) # a busy machine skews everything: shown wi
 tag="p$$"
 peers=(sy kb ovs vde)
 declare -A label=([sy]="switchyard" [kb]="kernel bridge" [ovs]="OVS netdev+TSO" [vde]="vde_switch")
+if [ -n "${SY2_ARGS:-}" ]; then
+  peers=(sy sy2 kb ovs vde)
+  label[sy]="switchyard ${SY_ARGS:-}"
+  label[sy2]="switchyard $SY2_ARGS"
+fi
 ns=()
 for p in "${peers[@]}"; do ns+=("$p-g1-$tag" "$p-g2-$tag"); done
 ns+=("kb-br-$tag" "ovs-sw-$tag")
 dir=$(mktemp -d /tmp/switch-vs-peers.XXXXXX)
 sy_pid=""
+sy2_pid=""
 measure_pid=""
 
 # PIDFILE COMM: stops the process a pidfile names if it still is COMM; waits (bounded) for it.
@@ -81,6 +89,7 @@ cleanup() {
   trap - ERR
   if [ -n "$measure_pid" ]; then kill "$measure_pid" 2>/dev/null; wait "$measure_pid" 2>/dev/null; fi
   if [ -n "$sy_pid" ]; then kill "$sy_pid" 2>/dev/null; wait "$sy_pid" 2>/dev/null; fi
+  if [ -n "$sy2_pid" ]; then kill "$sy2_pid" 2>/dev/null; wait "$sy2_pid" 2>/dev/null; fi
   if [ -S "$dir/ovs-vswitchd.ctl" ]; then
     timeout 5 ovs-appctl -t "$dir/ovs-vswitchd.ctl" exit --cleanup >/dev/null 2>&1
   fi
@@ -114,14 +123,23 @@ guest_addrs() { # peer: addresses both guests' eth0 and brings it up
 }
 
 # switchyard: its control socket and lease dir in the private dir, not /run or /var/lib
-# shellcheck disable=SC2086 # SY_ARGS is a list of extra options
-"$SY" run --control "$dir/switchyard.sock" --state-dir "$dir" ${SY_ARGS:-} \
-  --tap "eth0@sy-g1-$tag=52:54:00:b1:00:01" --tap "eth0@sy-g2-$tag=52:54:00:b1:00:02" \
-  2>"$dir/switchyard.log" &
-sy_pid=$!
-wait_switchyard "$sy_pid" "$dir/switchyard.log"
-ip -n "sy-g1-$tag" addr add 10.200.0.1/24 dev eth0
-ip -n "sy-g2-$tag" addr add 10.200.0.2/24 dev eth0
+start_switchyard() { # peer options: sets started_pid
+  mkdir -p "$dir/$1"
+  # shellcheck disable=SC2086 # the options are a list
+  "$SY" run --control "$dir/$1/switchyard.sock" --state-dir "$dir/$1" --resolv-conf /dev/null $2 \
+    --tap "eth0@$1-g1-$tag=52:54:00:b1:00:01" --tap "eth0@$1-g2-$tag=52:54:00:b1:00:02" \
+    2>"$dir/$1/switchyard.log" &
+  started_pid=$!
+  wait_switchyard "$started_pid" "$dir/$1/switchyard.log"
+  ip -n "$1-g1-$tag" addr add 10.200.0.1/24 dev eth0
+  ip -n "$1-g2-$tag" addr add 10.200.0.2/24 dev eth0
+}
+start_switchyard sy "${SY_ARGS:-}"
+sy_pid=$started_pid
+if [ -n "${SY2_ARGS:-}" ]; then
+  start_switchyard sy2 "$SY2_ARGS"
+  sy2_pid=$started_pid
+fi
 
 # kernel bridge
 ip -n "kb-br-$tag" link add br0 type bridge
@@ -261,7 +279,7 @@ measure() {
   add() { res[$1:$2]+="$3 "; echo "$1 $2 $3" >>"$dir/res"; } # metric peer value
   for r in $(seq "$RUNS"); do
     # rotate the order each round so no topology always runs first
-    order=("${peers[@]:$(((r - 1) % 4))}" "${peers[@]:0:$(((r - 1) % 4))}")
+    order=("${peers[@]:$(((r - 1) % ${#peers[@]}))}" "${peers[@]:0:$(((r - 1) % ${#peers[@]}))}")
     for p in "${order[@]}"; do add tcp1 "$p" "$(tcp_gbps "$p" 1)"; done
     for p in "${order[@]}"; do add tcp4 "$p" "$(tcp_gbps "$p" 4)"; done
     for p in "${order[@]}"; do

@@ -1662,7 +1662,11 @@ mod tests {
             ..Config::default()
         });
         let mut live: Vec<PortId> = (0..4).map(|i| e.add_port(format!("p{i}"))).collect();
+        // The fast-path workers' view must never disagree with the table (a miss is allowed).
+        let mirror = e.mirror();
+        let small_mac = |last: u8| MacAddr([0, 0, 0, 0, 0, last]);
         let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let mut mirrored = 0u64;
         let t0 = Instant::now();
         let mut now = t0;
         let mut buf = vec![0u8; 2048];
@@ -1681,6 +1685,7 @@ mod tests {
                 buf[0..5].fill(0);
             }
             let port = live[(rng.next() % live.len() as u64) as usize];
+            let src = (len >= 12).then(|| MacAddr(buf[6..12].try_into().unwrap()));
             let hdr = VnetHdr {
                 gso_type: if rng.next().is_multiple_of(8) {
                     gso::TCPV4
@@ -1698,10 +1703,26 @@ mod tests {
                 e.remove_port(gone);
                 live.push(e.add_port("again"));
             }
+            if rng.next().is_multiple_of(4) {
+                // A worker forwarding this MAC's frames.
+                mirror.note_seen(now, small_mac((rng.next() % 100) as u8));
+            }
             if e.poll_timeout().is_some_and(|t| t <= now) {
                 e.handle_timeout(now);
             }
             assert!(e.fdb().len() <= 64);
+            for mac in (0..100).map(small_mac).chain(src) {
+                if let Some(p) = mirror.lookup(mac) {
+                    mirrored += 1;
+                    assert_eq!(e.fdb().lookup(now, mac, 0), Some(p), "round {round}: {mac}");
+                    assert!(mirror.fast_ingress(p), "a live port");
+                }
+            }
+        }
+        assert!(mirrored > 10_000, "the mirror was used: {mirrored}");
+        for index in 0..8 {
+            let port = PortId(index);
+            assert_eq!(mirror.fast_ingress(port), e.port(port).is_some());
         }
         for row in e.fdb_rows(now) {
             assert!(
