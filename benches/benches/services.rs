@@ -2,7 +2,9 @@
 //! `Engine::handle_frame` and `poll_transmit` serve them: a full DHCP exchange (DISCOVER, the
 //! ARP probe of the address, OFFER once the probe's wait is over in virtual time, REQUEST,
 //! ACK, then RELEASE so the pool never runs dry), and a DNS query for a local name answered
-//! from the gateway.
+//! from the gateway, plain (as dnsperf asks) and with an EDNS0 OPT (as dig and glibc with
+//! `edns0` ask). The DNS queries are also timed against `DnsServer` alone, without the
+//! frames around them, whose heap allocations per query are the reply buffer only.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use datapath::dhcp::{DhcpService, PROBE_WAIT};
@@ -12,13 +14,32 @@ use datapath::wire::VnetHdr;
 use datapath::wire::checksum::checksum;
 use datapath::{Config, Engine, MacAddr, PortId};
 use dhcp_dns::dhcp::{DhcpConfig, DhcpServer};
-use dhcp_dns::dns::{DnsConfig, DnsServer};
+use dhcp_dns::dns::{Client, DnsConfig, DnsServer, Transport};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::Instant;
+use switchyard_benches::bench_frames;
 
 const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 1);
 const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x0a]);
+
+fn dns_config() -> DnsConfig {
+    let mut dns = DnsConfig::new();
+    dns.domain = Some("lab".into());
+    dns.hosts = vec![(Ipv4Addr::new(192, 168, 122, 7), vec!["printer".into()])];
+    dns
+}
+
+/// "printer.lab A", RD set as a stub resolver sends it; with an OPT (payload 1232, version 0)
+/// when `edns`.
+fn dns_query(edns: bool) -> Vec<u8> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+    query.extend_from_slice(b"\x07printer\x03lab\x00\x00\x01\x00\x01");
+    if edns {
+        query.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    query
+}
 
 fn network() -> (Engine, PortId, MacAddr) {
     let gw_mac = GatewayConfig::mac_for_network("default");
@@ -47,10 +68,7 @@ fn network() -> (Engine, PortId, MacAddr) {
         false,
         (now, 1_800_000_000),
     ));
-    let mut dns = DnsConfig::new();
-    dns.domain = Some("lab".into());
-    dns.hosts = vec![(Ipv4Addr::new(192, 168, 122, 7), vec!["printer".into()])];
-    engine.enable_dns(DnsService::new(DnsServer::new(dns), gw_mac, GW));
+    engine.enable_dns(DnsService::new(DnsServer::new(dns_config()), gw_mac, GW));
     let port = engine.add_port("guest");
     (engine, port, gw_mac)
 }
@@ -153,18 +171,37 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let (mut engine, port, gw_mac) = network();
-    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    query.extend_from_slice(b"\x07printer\x03lab\x00\x00\x01\x00\x01");
-    let frame = udp_frame(
-        (gw_mac, GUEST_MAC),
-        (Ipv4Addr::new(192, 168, 122, 10), 40000),
-        (GW, 53),
-        &query,
-    );
-    group.bench_function("dns_local_answer", |b| {
-        b.iter(|| black_box(send(&mut engine, port, Instant::now(), &frame).expect("answer")))
-    });
+    for (name, edns) in [("dns_local_answer", false), ("dns_local_answer_edns", true)] {
+        let (mut engine, port, gw_mac) = network();
+        let frame = udp_frame(
+            (gw_mac, GUEST_MAC),
+            (Ipv4Addr::new(192, 168, 122, 10), 40000),
+            (GW, 53),
+            &dns_query(edns),
+        );
+        bench_frames(&mut group, name, || {
+            black_box(send(&mut engine, port, Instant::now(), &frame).expect("answer"))
+        });
+    }
+
+    for (name, edns) in [
+        ("dns_server_local_answer", false),
+        ("dns_server_local_answer_edns", true),
+    ] {
+        let mut server = DnsServer::new(dns_config());
+        let client = Client {
+            addr: (Ipv4Addr::new(192, 168, 122, 10), 40000).into(),
+            token: 0,
+            transport: Transport::Udp,
+        };
+        let query = dns_query(edns);
+        bench_frames(&mut group, name, || {
+            server
+                .handle_query(Instant::now(), client, black_box(&query))
+                .expect("served");
+            black_box(server.poll_output().expect("answer"))
+        });
+    }
     group.finish();
 }
 
