@@ -566,7 +566,7 @@ impl DnsServer {
             }
             None => {}
         }
-        let servers = match self.zone.route(&question.name) {
+        let servers = match self.zone.route(question.name.as_name()) {
             Route::Local => {
                 self.counters.nxdomain_local += 1;
                 return self.answer_now(&waiter, ResponseCode::NXDomain, true, None);

@@ -9,8 +9,10 @@
 //! Question names are kept as [`QName`]: the wire form with ASCII letters lowercased. That is
 //! the comparison RFC 1035 2.3.3 and RFC 4343 ask for, it is unambiguous for labels holding
 //! dots or other bytes (which a dotted string is not), and a suffix test on label boundaries is
-//! a byte comparison.
+//! a byte comparison. [`NameRef`] is the same form borrowed, so that a name read into a buffer
+//! on the stack ([`read_name`]) can be looked up in the zone without allocating.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -19,7 +21,7 @@ use hickory_proto::rr::Name;
 /// Length of the fixed header (RFC 1035 4.1.1).
 pub(crate) const HEADER_LEN: usize = 12;
 /// Longest name on the wire, length octets and the root included (RFC 1035 3.1).
-const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 /// Longest label (RFC 1035 2.3.4).
 const MAX_LABEL_LEN: usize = 63;
 
@@ -54,6 +56,9 @@ pub(crate) struct Header {
     pub cd: bool,
     pub rcode: u8,
     pub qdcount: u16,
+    pub ancount: u16,
+    pub nscount: u16,
+    pub arcount: u16,
 }
 
 impl Header {
@@ -68,6 +73,9 @@ impl Header {
             cd: h[3] & 0x10 != 0,
             rcode: h[3] & 0x0f,
             qdcount: u16::from_be_bytes([h[4], h[5]]),
+            ancount: u16::from_be_bytes([h[6], h[7]]),
+            nscount: u16::from_be_bytes([h[8], h[9]]),
+            arcount: u16::from_be_bytes([h[10], h[11]]),
         })
     }
 }
@@ -81,30 +89,12 @@ impl QName {
         QName(vec![0])
     }
 
-    /// Reads an uncompressed name at `at`; returns it and the offset after it. Compression
-    /// pointers are refused: the question is the first name of a message, so a pointer there
-    /// can only point into the header or forward (RFC 1035 4.1.4 allows only prior names).
-    pub fn read(msg: &[u8], mut at: usize) -> Option<(QName, usize)> {
-        let mut wire = Vec::with_capacity(32);
-        loop {
-            let len = usize::from(*msg.get(at)?);
-            if len == 0 {
-                wire.push(0);
-                return (wire.len() <= MAX_NAME_LEN).then_some((QName(wire), at + 1));
-            }
-            // 0xc0 is a pointer; 0x40 and 0x80 are the extended label types of RFC 6891 5,
-            // which nothing uses.
-            if len > MAX_LABEL_LEN {
-                return None;
-            }
-            let label = msg.get(at + 1..at + 1 + len)?;
-            wire.push(len as u8);
-            wire.extend(label.iter().map(u8::to_ascii_lowercase));
-            if wire.len() >= MAX_NAME_LEN {
-                return None;
-            }
-            at += 1 + len;
-        }
+    /// Reads an uncompressed name at `at` (see [`read_name`]); returns it and the offset after
+    /// it.
+    pub fn read(msg: &[u8], at: usize) -> Option<(QName, usize)> {
+        let mut buf = [0; MAX_NAME_LEN];
+        let (len, end) = read_name(msg, at, &mut buf)?;
+        Some((QName(buf[..len].to_vec()), end))
     }
 
     /// A name from its labels, most specific first.
@@ -134,24 +124,26 @@ impl QName {
         QName::from_labels(text.split('.').map(str::as_bytes))
     }
 
+    /// The same name, borrowed.
+    pub fn as_name(&self) -> NameRef<'_> {
+        NameRef(&self.0)
+    }
+
     pub fn labels(&self) -> Labels<'_> {
-        Labels {
-            wire: &self.0,
-            at: 0,
-        }
+        self.as_name().labels()
     }
 
     pub fn label_count(&self) -> usize {
-        self.labels().count()
+        self.as_name().label_count()
     }
 
     pub fn is_root(&self) -> bool {
-        self.0.len() == 1
+        self.as_name().is_root()
     }
 
     /// The first (most specific) label.
     pub fn first_label(&self) -> Option<&[u8]> {
-        self.labels().next()
+        self.as_name().first_label()
     }
 
     /// `label` followed by this name.
@@ -159,11 +151,99 @@ impl QName {
         QName::from_labels(std::iter::once(label).chain(self.labels()))
     }
 
+    pub fn to_hickory(&self) -> Option<Name> {
+        Name::from_labels(self.labels()).ok()
+    }
+}
+
+/// Maps keyed by [`QName`] are looked up with a [`NameRef`]'s bytes, without building a key:
+/// the derived `Hash`, `Eq` and `Ord` of `QName` are those of its bytes.
+impl Borrow<[u8]> for QName {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Reads an uncompressed name at `at` into `buf`, ASCII letters lowercased; returns its length
+/// in `buf` (the root label included) and the offset after it in `msg`. Compression pointers
+/// are refused: the question is the first name of a message, so a pointer there can only point
+/// into the header or forward (RFC 1035 4.1.4 allows only prior names). So are labels longer
+/// than 63 octets (RFC 1035 2.3.4) and names longer than 255 (3.1), which is also where
+/// hickory's decoder draws both lines.
+pub(crate) fn read_name(
+    msg: &[u8],
+    mut at: usize,
+    buf: &mut [u8; MAX_NAME_LEN],
+) -> Option<(usize, usize)> {
+    let mut len = 0;
+    loop {
+        let label_len = usize::from(*msg.get(at)?);
+        if label_len == 0 {
+            *buf.get_mut(len)? = 0;
+            return Some((len + 1, at + 1));
+        }
+        // 0xc0 is a pointer; 0x40 and 0x80 are the extended label types of RFC 6891 5,
+        // which nothing uses.
+        if label_len > MAX_LABEL_LEN {
+            return None;
+        }
+        let label = msg.get(at + 1..at + 1 + label_len)?;
+        // The root label must still fit after this one.
+        if len + 1 + label_len >= MAX_NAME_LEN {
+            return None;
+        }
+        let out = &mut buf[len..len + 1 + label_len];
+        out[0] = label_len as u8;
+        for (o, b) in out[1..].iter_mut().zip(label) {
+            *o = b.to_ascii_lowercase();
+        }
+        len += 1 + label_len;
+        at += 1 + label_len;
+    }
+}
+
+/// A name in wire form, borrowed: what a [`QName`] holds, or what [`read_name`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NameRef<'a>(&'a [u8]);
+
+impl<'a> NameRef<'a> {
+    pub fn wire(self) -> &'a [u8] {
+        self.0
+    }
+
+    pub fn labels(self) -> Labels<'a> {
+        Labels {
+            wire: self.0,
+            at: 0,
+        }
+    }
+
+    pub fn label_count(self) -> usize {
+        self.labels().count()
+    }
+
+    pub fn is_root(self) -> bool {
+        self.0.len() == 1
+    }
+
+    /// The first (most specific) label.
+    pub fn first_label(self) -> Option<&'a [u8]> {
+        self.labels().next()
+    }
+
+    /// The name without its first label (the root stays the root).
+    pub fn parent(self) -> NameRef<'a> {
+        match self.0.first() {
+            Some(&len) if len != 0 => NameRef(self.0.get(1 + usize::from(len)..).unwrap_or(&[0])),
+            _ => self,
+        }
+    }
+
     /// Whether this name is `zone` or below it.
-    pub fn is_in(&self, zone: &QName) -> bool {
+    pub fn is_in(self, zone: NameRef<'_>) -> bool {
         let mut at = 0;
         loop {
-            if self.0.get(at..) == Some(&zone.0[..]) {
+            if self.0.get(at..) == Some(zone.0) {
                 return true;
             }
             match self.0.get(at) {
@@ -173,20 +253,30 @@ impl QName {
         }
     }
 
+    /// The last `N` labels, the last one at `N - 1`, and how many labels the name has; when
+    /// it has fewer than `N`, the first slots are empty.
+    pub fn last_labels<const N: usize>(self) -> ([&'a [u8]; N], usize) {
+        let mut tail: [&[u8]; N] = [&[]; N];
+        let mut count = 0;
+        for label in self.labels() {
+            if N > 0 {
+                tail.rotate_left(1);
+                tail[N - 1] = label;
+            }
+            count += 1;
+        }
+        (tail, count)
+    }
+
     /// The address whose reverse-lookup name this is (`d.c.b.a.in-addr.arpa`).
-    pub fn reverse_ip(&self) -> Option<Ipv4Addr> {
-        let labels: Vec<&[u8]> = self.labels().collect();
-        let [d, c, b, a, in_addr, arpa] = labels[..] else {
+    pub fn reverse_ip(self) -> Option<Ipv4Addr> {
+        let ([d, c, b, a, in_addr, arpa], 6) = self.last_labels::<6>() else {
             return None;
         };
         if in_addr != b"in-addr" || arpa != b"arpa" {
             return None;
         }
         Some(Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?))
-    }
-
-    pub fn to_hickory(&self) -> Option<Name> {
-        Name::from_labels(self.labels()).ok()
     }
 }
 
@@ -231,6 +321,13 @@ impl fmt::Debug for QName {
 pub(crate) struct Labels<'a> {
     wire: &'a [u8],
     at: usize,
+}
+
+impl<'a> Labels<'a> {
+    /// No labels: the root's.
+    pub fn empty() -> Labels<'a> {
+        Labels { wire: &[], at: 0 }
+    }
 }
 
 impl<'a> Iterator for Labels<'a> {

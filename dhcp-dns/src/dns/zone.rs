@@ -16,6 +16,10 @@
 //! Precedence, as dnsmasq's: `<dns><host>` names shadow lease names (dnsmasq refuses to give a
 //! lease a name that `addn-hosts` has), and the last lease to claim a name or an address wins
 //! (a lease has one name, and a name moves with the lease that last claimed it).
+//!
+//! Finding what a name holds ([`Zone::held`]) and where it goes ([`Zone::route`]) borrows from
+//! the zone and allocates nothing; [`Zone::lookup`] builds hickory records from what `held`
+//! returns.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,7 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use hickory_proto::rr::rdata::{A, PTR, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record};
 
-use super::wire::{self, QName};
+use super::wire::{self, Labels, NameRef, QName};
 use super::{DnsConfig, SrvRecord};
 
 /// Most lease names held at once; DHCP's `lease_max` keeps far below it.
@@ -38,6 +42,52 @@ pub(crate) enum Local {
     Records(Vec<Record>),
     /// The name is local, without records of that type.
     NoData,
+}
+
+/// The name a PTR query for an address answers with, borrowed from the zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PtrTarget<'a> {
+    /// The first `<dns><host>` name of the address.
+    Host(&'a QName),
+    /// A lease's label, followed by the domain when there is one and the whole fits in a name.
+    Lease {
+        label: &'a [u8],
+        domain: Option<&'a QName>,
+    },
+}
+
+impl<'a> PtrTarget<'a> {
+    pub fn labels(self) -> impl Iterator<Item = &'a [u8]> {
+        let (first, rest) = match self {
+            PtrTarget::Host(name) => (None, name.labels()),
+            PtrTarget::Lease { label, domain } => (
+                Some(label),
+                domain.map_or_else(Labels::empty, QName::labels),
+            ),
+        };
+        first.into_iter().chain(rest)
+    }
+
+    pub fn to_hickory(self) -> Option<Name> {
+        Name::from_labels(self.labels()).ok()
+    }
+}
+
+/// What the zone holds under one name, borrowed. The name is local when any of it is there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held<'a> {
+    /// The name is a reverse-lookup name of an address with a name.
+    pub ptr: Option<PtrTarget<'a>>,
+    /// A addresses, in configuration order (a lease name has one).
+    pub addrs: &'a [Ipv4Addr],
+    txt: Option<&'a [TXT]>,
+    srv: Option<&'a [Srv]>,
+}
+
+impl Held<'_> {
+    pub fn is_local(&self) -> bool {
+        self.ptr.is_some() || !self.addrs.is_empty() || self.txt.is_some() || self.srv.is_some()
+    }
 }
 
 /// Where a name without local data goes.
@@ -274,92 +324,93 @@ impl Zone {
         ok.then(|| label.to_ascii_lowercase().into_bytes())
     }
 
-    /// The lease label `name` stands for: the label itself, or label.domain.
-    fn lease_for(&self, name: &QName) -> Option<Ipv4Addr> {
-        let label = name.first_label()?;
-        let ip = self.leases.get(label)?;
+    /// The lease address `name` stands for: the label itself, or label.domain.
+    fn lease_for<'a>(&'a self, name: NameRef<'_>) -> Option<&'a Ipv4Addr> {
+        let ip = self.leases.get(name.first_label()?)?;
         match name.label_count() {
-            1 => Some(*ip),
+            1 => Some(ip),
             _ => {
                 let domain = self.domain.as_ref()?;
-                (domain.prepend(label).as_ref() == Some(name)).then_some(*ip)
+                (name.parent() == domain.as_name()).then_some(ip)
             }
         }
     }
 
-    fn addresses(&self, name: &QName) -> Vec<Ipv4Addr> {
-        match self.hosts.get(name) {
-            Some(ips) => ips.clone(),
-            None => self.lease_for(name).into_iter().collect(),
+    fn addresses<'a>(&'a self, name: NameRef<'_>) -> &'a [Ipv4Addr] {
+        match self.hosts.get(name.wire()) {
+            Some(ips) => ips,
+            None => self.lease_for(name).map_or(&[], std::slice::from_ref),
         }
     }
 
     /// The name a PTR query for `ip` answers with.
-    fn ptr_target(&self, ip: Ipv4Addr) -> Option<QName> {
+    fn ptr_target(&self, ip: Ipv4Addr) -> Option<PtrTarget<'_>> {
         if let Some(name) = self.hosts_ptr.get(&ip) {
-            return Some(name.clone());
+            return Some(PtrTarget::Host(name));
         }
         let label = self.lease_by_ip.get(&ip)?;
-        let plain = QName::from_labels([&label[..]])?;
-        Some(self.qualify(&plain).unwrap_or(plain))
+        // As `qualify`: the plain label when label.domain would be longer than a name.
+        let domain = self
+            .domain
+            .as_ref()
+            .filter(|d| 1 + label.len() + d.as_name().wire().len() <= wire::MAX_NAME_LEN);
+        Some(PtrTarget::Lease { label, domain })
+    }
+
+    /// Everything held under `name`.
+    pub fn held(&self, name: NameRef<'_>) -> Held<'_> {
+        Held {
+            ptr: name.reverse_ip().and_then(|ip| self.ptr_target(ip)),
+            addrs: self.addresses(name),
+            txt: self.txt.get(name.wire()).map(Vec::as_slice),
+            srv: self.srv.get(name.wire()).map(Vec::as_slice),
+        }
     }
 
     /// Local data for (`name`, `qtype`); `None` if the name is not local. `owner` is the name
     /// as the client wrote it, used as the owner of the answers.
     pub fn lookup(&self, name: &QName, qtype: u16, owner: &Name, ttl: u32) -> Option<Local> {
+        let held = self.held(name.as_name());
+        if !held.is_local() {
+            return None;
+        }
         let any = qtype == wire::TYPE_ANY;
         let record = |data: RData| Record::from_rdata(owner.clone(), ttl, data);
         let mut records = Vec::new();
-        let mut known = false;
-
-        if let Some(ip) = name.reverse_ip()
-            && let Some(target) = self.ptr_target(ip)
+        if (any || qtype == wire::TYPE_PTR)
+            && let Some(target) = held.ptr.and_then(PtrTarget::to_hickory)
         {
-            known = true;
-            if (any || qtype == wire::TYPE_PTR)
-                && let Some(target) = target.to_hickory()
-            {
-                records.push(record(RData::PTR(PTR(target))));
-            }
+            records.push(record(RData::PTR(PTR(target))));
         }
-        let ips = self.addresses(name);
-        if !ips.is_empty() {
-            known = true;
-            if any || qtype == wire::TYPE_A {
-                records.extend(ips.into_iter().map(|ip| record(RData::A(A(ip)))));
-            }
+        if any || qtype == wire::TYPE_A {
+            records.extend(held.addrs.iter().map(|ip| record(RData::A(A(*ip)))));
         }
-        if let Some(txts) = self.txt.get(name) {
-            known = true;
-            if any || qtype == wire::TYPE_TXT {
-                records.extend(txts.iter().map(|t| record(RData::TXT(t.clone()))));
-            }
+        if any || qtype == wire::TYPE_TXT {
+            let txts = held.txt.unwrap_or_default();
+            records.extend(txts.iter().map(|t| record(RData::TXT(t.clone()))));
         }
-        if let Some(srvs) = self.srv.get(name) {
-            known = true;
-            if any || qtype == wire::TYPE_SRV {
-                for s in srvs {
-                    if let Some(target) = s.target.to_hickory() {
-                        let srv = SRV::new(s.priority, s.weight, s.port, target);
-                        records.push(record(RData::SRV(srv)));
-                    }
+        if any || qtype == wire::TYPE_SRV {
+            for s in held.srv.unwrap_or_default() {
+                if let Some(target) = s.target.to_hickory() {
+                    let srv = SRV::new(s.priority, s.weight, s.port, target);
+                    records.push(record(RData::SRV(srv)));
                 }
             }
         }
-        match (known, records.is_empty()) {
-            (false, _) => None,
-            (true, true) => Some(Local::NoData),
-            (true, false) => Some(Local::Records(records)),
-        }
+        Some(if records.is_empty() {
+            Local::NoData
+        } else {
+            Local::Records(records)
+        })
     }
 
     /// Where a name without local data goes: the longest matching suffix wins, and between
     /// equally long ones a forwarder with addresses wins over answering locally.
-    pub fn route(&self, name: &QName) -> Route<'_> {
+    pub fn route(&self, name: NameRef<'_>) -> Route<'_> {
         let mut best: Option<((usize, bool), &[SocketAddr])> = None;
         for (suffix, servers) in &self.routes {
             let rank = (suffix.label_count(), !servers.is_empty());
-            if name.is_in(suffix) && best.is_none_or(|(r, _)| rank > r) {
+            if name.is_in(suffix.as_name()) && best.is_none_or(|(r, _)| rank > r) {
                 best = Some((rank, servers));
             }
         }
@@ -411,19 +462,19 @@ fn mask(prefix: u8) -> u32 {
 /// a /16 `b.a.in-addr.arpa`, and a prefix between two octets is covered by the zones one octet
 /// longer that lie inside it (a /20 by sixteen /24 zones, a /26 by its 64 addresses), so that
 /// no name of an address outside the network is ever answered here.
-fn in_reverse_zone(name: &QName, network: u32, prefix: u8) -> bool {
-    let labels: Vec<&[u8]> = name.labels().collect();
-    let n = labels.len();
-    if n < 2 || labels[n - 1] != b"arpa" || labels[n - 2] != b"in-addr" {
+fn in_reverse_zone(name: NameRef<'_>, network: u32, prefix: u8) -> bool {
+    // in-addr.arpa and at most four octets.
+    let (tail, n) = name.last_labels::<6>();
+    if n < 2 || tail[5] != b"arpa" || tail[4] != b"in-addr" {
         return false;
     }
     let octets = usize::from(prefix).div_ceil(8);
     let mut addr = 0u32;
     for i in 0..octets {
-        let Some(label) = n.checked_sub(3 + i).map(|at| labels[at]) else {
+        if n < 3 + i {
             return false;
-        };
-        let Some(octet) = wire::octet(label) else {
+        }
+        let Some(octet) = wire::octet(tail[3 - i]) else {
             return false;
         };
         addr |= u32::from(octet) << (24 - 8 * i);
