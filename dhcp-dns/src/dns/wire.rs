@@ -9,8 +9,9 @@
 //! Question names are kept as [`QName`]: the wire form with ASCII letters lowercased. That is
 //! the comparison RFC 1035 2.3.3 and RFC 4343 ask for, it is unambiguous for labels holding
 //! dots or other bytes (which a dotted string is not), and a suffix test on label boundaries is
-//! a byte comparison. [`NameRef`] is the same form borrowed, so that a name read into a buffer
-//! on the stack ([`read_name`]) can be looked up in the zone without allocating.
+//! a byte comparison. [`NameRef`] is the same form borrowed: the fast path reads a question's
+//! name into a buffer on the stack ([`read_name`]) and looks it up in the zone through it, so
+//! that answering a local name allocates nothing but the answer.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -26,6 +27,7 @@ pub(crate) const MAX_NAME_LEN: usize = 255;
 const MAX_LABEL_LEN: usize = 63;
 
 pub(crate) const RCODE_FORMERR: u8 = 1;
+pub(crate) const RCODE_NXDOMAIN: u8 = 3;
 pub(crate) const RCODE_SERVFAIL: u8 = 2;
 pub(crate) const RCODE_NOTIMP: u8 = 4;
 pub(crate) const RCODE_REFUSED: u8 = 5;
@@ -36,6 +38,7 @@ pub(crate) const CLASS_IN: u16 = 1;
 pub(crate) const TYPE_A: u16 = 1;
 pub(crate) const TYPE_PTR: u16 = 12;
 pub(crate) const TYPE_TXT: u16 = 16;
+pub(crate) const TYPE_AAAA: u16 = 28;
 pub(crate) const TYPE_SRV: u16 = 33;
 pub(crate) const TYPE_OPT: u16 = 41;
 pub(crate) const TYPE_IXFR: u16 = 251;
@@ -207,6 +210,12 @@ pub(crate) fn read_name(
 pub(crate) struct NameRef<'a>(&'a [u8]);
 
 impl<'a> NameRef<'a> {
+    /// `wire` must be a name in uncompressed wire form (labels, then the root label), as
+    /// [`read_name`] writes it. Comparisons are of bytes: lowercase both sides first.
+    pub fn new(wire: &'a [u8]) -> NameRef<'a> {
+        NameRef(wire)
+    }
+
     pub fn wire(self) -> &'a [u8] {
         self.0
     }

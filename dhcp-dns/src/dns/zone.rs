@@ -18,8 +18,9 @@
 //! (a lease has one name, and a name moves with the lease that last claimed it).
 //!
 //! Finding what a name holds ([`Zone::held`]) and where it goes ([`Zone::route`]) borrows from
-//! the zone and allocates nothing; [`Zone::lookup`] builds hickory records from what `held`
-//! returns.
+//! the zone and allocates nothing: the fast path encodes its answer straight from what they
+//! return, and [`Zone::lookup`] builds hickory records from the same, so that the two paths
+//! cannot disagree on what is local.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -66,6 +67,20 @@ impl<'a> PtrTarget<'a> {
             ),
         };
         first.into_iter().chain(rest)
+    }
+
+    /// Length on the wire, uncompressed, the root label included.
+    pub fn wire_len(self) -> usize {
+        self.labels().map(|l| 1 + l.len()).sum::<usize>() + 1
+    }
+
+    /// Appends the name uncompressed.
+    pub fn write(self, out: &mut Vec<u8>) {
+        for label in self.labels() {
+            out.push(label.len() as u8);
+            out.extend_from_slice(label);
+        }
+        out.push(0);
     }
 
     pub fn to_hickory(self) -> Option<Name> {
