@@ -328,12 +328,19 @@ impl Engine {
             }
         };
         self.ports[slot] = Some(state);
+        if let Some(mirror) = self.fdb.mirrored() {
+            mirror.next_generation(PortId(slot as u16));
+        }
         self.sync_fast_ingress(PortId(slot as u16));
         PortId(slot as u16)
     }
 
     /// Removes a port and forgets what was learned on it.
     pub fn remove_port(&mut self, port: PortId) -> Option<PortState> {
+        if let Some(mirror) = self.fdb.mirrored() {
+            mirror.set_fast_ingress(port, false);
+            mirror.next_generation(port);
+        }
         self.fdb.flush_port(port);
         self.set_clean_traffic(port, false);
         if let Some(router) = &mut self.router

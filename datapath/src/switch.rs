@@ -128,13 +128,12 @@ impl Fdb {
     /// Records that `mac` on `vlan` was seen as a source on `port` at `now`.
     pub fn learn(&mut self, now: Instant, mac: MacAddr, vlan: u16, port: PortId) -> Learned {
         let key = Key { mac, vlan };
-        if let Some(mirror) = &self.mirror
-            && vlan == 0
-        {
-            mirror.publish(mac, port);
-        }
+        let mirror = self.mirror.as_deref().filter(|_| vlan == 0);
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.last_seen = now;
+            if let Some(mirror) = mirror {
+                mirror.publish(mac, port);
+            }
             if entry.port == port {
                 return Learned::Refreshed;
             }
@@ -144,11 +143,11 @@ impl Fdb {
             return Learned::Moved { from };
         }
         if self.entries.len() >= self.capacity {
-            if let Some(mirror) = &self.mirror {
-                mirror.forget(mac);
-            }
             self.counters.full += 1;
             return Learned::TableFull;
+        }
+        if let Some(mirror) = mirror {
+            mirror.publish(mac, port);
         }
         self.entries.insert(
             key,
@@ -194,7 +193,7 @@ impl Fdb {
             let keep = expires > now;
             if keep {
                 next = Some(next.map_or(expires, |n| n.min(expires)));
-            } else if let Some(m) = mirror {
+            } else if let Some(m) = mirror.filter(|_| key.vlan == 0) {
                 m.forget(key.mac);
             }
             keep
@@ -247,6 +246,10 @@ pub struct Mirror {
     seen: Box<[AtomicU32]>,
     /// Whether frames from a port may take the fast path (a switch port without clean-traffic).
     fast_ingress: Box<[AtomicBool]>,
+    /// Each port id's generation, bumped when a port is added under the id and when it is
+    /// removed: a worker's queue, and a frame it handed over, belong to the generation they
+    /// were opened or read under, so a reused id never mixes two guests.
+    generations: Box<[AtomicU32]>,
     /// Captures or a trace are running: every frame must pass through the engine.
     observed: AtomicBool,
     base: Instant,
@@ -260,6 +263,7 @@ impl Mirror {
             slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
             seen: (0..len).map(|_| AtomicU32::new(0)).collect(),
             fast_ingress: (0..max_ports).map(|_| AtomicBool::new(false)).collect(),
+            generations: (0..max_ports).map(|_| AtomicU32::new(0)).collect(),
             observed: AtomicBool::new(false),
             base: Instant::now(),
             mask: len - 1,
@@ -273,8 +277,14 @@ impl Mirror {
 
     fn publish(&self, mac: MacAddr, port: PortId) {
         let word = (mac_bits(mac) << 16) | (port.0 as u64 + 1);
-        let slot = &self.slots[self.index(mac)];
-        if slot.load(Ordering::Relaxed) != word {
+        let index = self.index(mac);
+        let slot = &self.slots[index];
+        let was = slot.load(Ordering::Relaxed);
+        if was != word {
+            if was >> 16 != mac_bits(mac) {
+                // Another station's sightings are not this one's.
+                self.seen[index].store(0, Ordering::Relaxed);
+            }
             slot.store(word, Ordering::Release);
         }
     }
@@ -317,10 +327,28 @@ impl Mirror {
     /// out while only workers see it. Written at most once a second per MAC.
     pub fn note_seen(&self, now: Instant, mac: MacAddr) {
         let secs = now.saturating_duration_since(self.base).as_secs() as u32 + 1;
-        let seen = &self.seen[self.index(mac)];
-        if seen.load(Ordering::Relaxed) != secs {
+        let index = self.index(mac);
+        let seen = &self.seen[index];
+        if seen.load(Ordering::Relaxed) != secs
+            && self.slots[index].load(Ordering::Relaxed) >> 16 == mac_bits(mac)
+        {
             seen.store(secs, Ordering::Relaxed);
         }
+    }
+
+    /// Starts a new generation of port id `port` (added, or removed): what workers opened or
+    /// read under the previous one no longer counts.
+    pub fn next_generation(&self, port: PortId) -> u32 {
+        self.generations
+            .get(port.0 as usize)
+            .map_or(0, |g| g.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// The current generation of port id `port`.
+    pub fn generation(&self, port: PortId) -> u32 {
+        self.generations
+            .get(port.0 as usize)
+            .map_or(u32::MAX, |g| g.load(Ordering::Acquire))
     }
 
     pub fn set_fast_ingress(&self, port: PortId, on: bool) {
@@ -486,7 +514,14 @@ mod tests {
             .find(|m| mirror.index(*m) == mirror.index(first))
             .expect("a colliding MAC");
         fdb.learn(t0, first, 0, PortId(1));
+        mirror.note_seen(t0 + Duration::from_secs(100), first);
         fdb.learn(t0, rival, 0, PortId(2));
+        mirror.note_seen(t0 + Duration::from_secs(200), first);
+        assert_eq!(
+            mirror.last_seen(rival, PortId(2)),
+            None,
+            "the slot's sightings were the other MAC's"
+        );
         assert_eq!(mirror.lookup(first), None);
         assert_eq!(mirror.lookup(rival), Some(PortId(2)));
         assert_eq!(

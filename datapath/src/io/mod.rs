@@ -569,8 +569,13 @@ impl Datapath {
         if let Some(on) = clean_traffic {
             self.engine.set_clean_traffic(id, on);
         }
+        let generation = self.engine.fdb().mirrored().map_or(0, |m| m.generation(id));
         for (worker, queue) in self.workers.iter().zip(queues) {
-            worker.send(worker::Command::AddPort { id, queue });
+            worker.send(worker::Command::AddPort {
+                id,
+                generation,
+                queue,
+            });
         }
         Ok(id)
     }
@@ -749,9 +754,11 @@ impl Datapath {
                 }
             }
         }
-        // The mirror forgets the port first (in the engine), then the workers close it.
-        self.engine.remove_port(id);
+        // Its last counts go to it, not to the next port under its id; then the mirror
+        // forgets it and starts the id's next generation (in the engine), and the workers
+        // close their queues of it.
         self.fold_workers();
+        self.engine.remove_port(id);
         for worker in &self.workers {
             worker.send(worker::Command::RemovePort(id));
         }
@@ -792,11 +799,12 @@ impl Datapath {
                 let Ok(mut handed) = self.workers[w].handed.try_recv() else {
                     break;
                 };
-                if self
-                    .ports
-                    .get(handed.port.0 as usize)
-                    .is_some_and(Option::is_some)
-                {
+                let current = self
+                    .engine
+                    .fdb()
+                    .mirrored()
+                    .is_some_and(|m| m.generation(handed.port) == handed.generation);
+                if current {
                     let caps = PortCaps { vnet_hdr: true };
                     self.forward(now, handed.port, caps, &mut handed.buf[..handed.len]);
                 }

@@ -39,9 +39,11 @@ const HANDOVER_BUFFERS: usize = 128;
 /// What the engine's thread tells a worker.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// This worker's queue of a tap port.
+    /// This worker's queue of a tap port, opened under the id's generation `generation`
+    /// ([`Mirror::generation`]).
     AddPort {
         id: PortId,
+        generation: u32,
         queue: File,
     },
     RemovePort(PortId),
@@ -51,6 +53,9 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) struct Handed {
     pub port: PortId,
+    /// The port's generation when the frame was read: a frame of a port since removed (and
+    /// its id perhaps given to another) is not handled as the new port's.
+    pub generation: u32,
     pub len: usize,
     pub buf: Vec<u8>,
 }
@@ -221,6 +226,12 @@ impl Drop for WorkerHandle {
     }
 }
 
+#[derive(Debug)]
+struct WorkerPort {
+    queue: File,
+    generation: u32,
+}
+
 struct Worker {
     queue: usize,
     poll: Poll,
@@ -233,7 +244,7 @@ struct Worker {
     gateway_mac: Option<MacAddr>,
     max_plain_frame: usize,
     /// This worker's queue of each tap, by port id.
-    ports: Vec<Option<File>>,
+    ports: Vec<Option<WorkerPort>>,
     ready: ReadyQueue,
     rx_buf: Box<[u8]>,
     tallies: Arc<[Tally]>,
@@ -288,7 +299,11 @@ impl Worker {
     fn take_commands(&mut self) {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::AddPort { id, queue }) => {
+                Ok(Command::AddPort {
+                    id,
+                    generation,
+                    queue,
+                }) => {
                     let index = id.0 as usize;
                     if index >= self.ports.len() {
                         self.ports.resize_with(index + 1, || None);
@@ -302,13 +317,13 @@ impl Worker {
                         eprintln!("switchyard: worker {}: port {id}: {e}", self.queue);
                         continue;
                     }
-                    self.ports[index] = Some(queue);
+                    self.ports[index] = Some(WorkerPort { queue, generation });
                     // Frames may be waiting already: edge-triggered polling would not say.
                     self.ready.mark(id);
                 }
                 Ok(Command::RemovePort(id)) => {
-                    if let Some(queue) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
-                        let fd = queue.as_raw_fd();
+                    if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
+                        let fd = port.queue.as_raw_fd();
                         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
                     }
                 }
@@ -322,26 +337,28 @@ impl Worker {
     fn serve(&mut self, now: Instant, id: PortId) -> (bool, bool) {
         let mut handed = false;
         for _ in 0..RX_BUDGET {
-            let Some(queue) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
+            let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
                 return (true, handed);
             };
-            let n = match (&*queue).read(&mut self.rx_buf) {
+            let generation = port.generation;
+            let n = match (&port.queue).read(&mut self.rx_buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // WouldBlock, or the device is gone: the engine's thread finds that on
                 // queue 0 and removes the port.
                 Err(_) => return (true, handed),
             };
-            let tally = &self.tallies[id.0 as usize];
-            bump(&tally.rx_packets, 1);
-            bump(&tally.rx_bytes, n.saturating_sub(vnet::LEN) as u64);
             match self.fast_egress(now, id, &self.rx_buf[..n]) {
                 Some(egress) => {
+                    // Counted here only when not handed over: the engine counts the rest.
+                    let tally = &self.tallies[id.0 as usize];
+                    bump(&tally.rx_packets, 1);
+                    bump(&tally.rx_bytes, (n - vnet::LEN) as u64);
                     bump(&tally.forwarded, 1);
                     self.transmit(egress, n);
                 }
                 None => {
-                    self.hand_over(id, n);
+                    self.hand_over(id, generation, n);
                     handed = true;
                 }
             }
@@ -352,7 +369,8 @@ impl Worker {
     /// The tap `buf` (a virtio-net header and a frame read from `ingress`) goes to, if this
     /// worker may switch it itself.
     fn fast_egress(&self, now: Instant, ingress: PortId, buf: &[u8]) -> Option<PortId> {
-        if self.mirror.observed() || !self.mirror.fast_ingress(ingress) {
+        if self.mirror.observed() || !self.mirror.fast_ingress(ingress) || !self.is_current(ingress)
+        {
             return None;
         }
         let hdr = VnetHdr::parse(buf).ok()?;
@@ -375,24 +393,28 @@ impl Worker {
             return None;
         }
         let egress = self.mirror.lookup(dst)?;
-        if egress == ingress
-            || !self
-                .ports
-                .get(egress.0 as usize)
-                .is_some_and(Option::is_some)
-        {
+        if egress == ingress || !self.is_current(egress) {
             return None;
         }
         self.mirror.note_seen(now, src);
         Some(egress)
     }
 
+    /// Whether this worker has a queue of port `port` as the engine knows it now (not of an
+    /// earlier port under the same id, whose removal is still on its way here).
+    fn is_current(&self, port: PortId) -> bool {
+        self.ports
+            .get(port.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.generation == self.mirror.generation(port))
+    }
+
     fn transmit(&self, egress: PortId, n: usize) {
-        let Some(queue) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
+        let Some(port) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
             return;
         };
         let tally = &self.tallies[egress.0 as usize];
-        match super::write_frame(queue, &self.rx_buf[..n]) {
+        match super::write_frame(&port.queue, &self.rx_buf[..n]) {
             Ok(()) => {
                 bump(&tally.tx_packets, 1);
                 bump(&tally.tx_bytes, (n - vnet::LEN) as u64);
@@ -401,16 +423,123 @@ impl Worker {
         }
     }
 
-    fn hand_over(&self, port: PortId, n: usize) {
+    fn hand_over(&self, port: PortId, generation: u32, n: usize) {
+        let dropped = || {
+            let tally = &self.tallies[port.0 as usize];
+            bump(&tally.rx_packets, 1);
+            bump(&tally.rx_bytes, n.saturating_sub(vnet::LEN) as u64);
+            bump(&tally.handover_full, 1);
+        };
         let Ok(mut buf) = self.free.try_recv() else {
-            bump(&self.tallies[port.0 as usize].handover_full, 1);
+            dropped();
             return;
         };
         buf.clear();
         buf.extend_from_slice(&self.rx_buf[..n]);
-        let handed = Handed { port, len: n, buf };
+        let handed = Handed {
+            port,
+            generation,
+            len: n,
+            buf,
+        };
         if self.handed.try_send(handed).is_err() {
-            bump(&self.tallies[port.0 as usize].handover_full, 1);
+            dropped();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Config, Engine};
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    const A: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x0a]);
+    const B: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x0b]);
+
+    /// A virtio-net header and an Ethernet frame carrying IPv4 (the worker looks no deeper).
+    fn frame(dst: MacAddr, src: MacAddr) -> Vec<u8> {
+        let mut f = vec![0u8; vnet::LEN];
+        f.extend_from_slice(&dst.0);
+        f.extend_from_slice(&src.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0x45; 46]);
+        f
+    }
+
+    /// A datagram socket pair stands in for a tap queue: one frame per read and write.
+    fn queue() -> (File, UnixDatagram) {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        (File::from(std::os::fd::OwnedFd::from(ours)), theirs)
+    }
+
+    fn learn(engine: &mut Engine, port: PortId, mac: MacAddr) {
+        let mut f = frame(MacAddr::BROADCAST, mac);
+        let hdr = VnetHdr::default();
+        engine.handle_frame(Instant::now(), port, &hdr, &mut f[vnet::LEN..]);
+    }
+
+    #[test]
+    fn a_worker_switches_mirrored_unicast_and_hands_over_the_rest_and_stale_ports() {
+        let mut engine = Engine::new(&Config::default());
+        let mirror = engine.mirror();
+        let (pa, pb) = (engine.add_port("a"), engine.add_port("b"));
+        learn(&mut engine, pa, A);
+        learn(&mut engine, pb, B);
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+        let mut worker = WorkerHandle::new(1, mirror.clone(), waker, None, 1514, 8).unwrap();
+        let (qa, guest_a) = queue();
+        let (qb, guest_b) = queue();
+        for (id, queue) in [(pa, qa), (pb, qb)] {
+            let generation = mirror.generation(id);
+            worker.send(Command::AddPort {
+                id,
+                generation,
+                queue,
+            });
+        }
+        worker.start().unwrap();
+        let mut buf = [0u8; 2048];
+
+        // Known unicast: straight to b's queue, counted on both ports.
+        let unicast = frame(B, A);
+        guest_a.send(&unicast).unwrap();
+        let n = guest_b.recv(&mut buf).expect("switched by the worker");
+        assert_eq!(&buf[..n], &unicast[..]);
+        // Broadcast: the engine's.
+        guest_a.send(&frame(MacAddr::BROADCAST, A)).unwrap();
+        let handed = worker
+            .handed
+            .recv_timeout(Duration::from_secs(1))
+            .expect("handed over");
+        assert_eq!((handed.port, handed.len), (pa, unicast.len()));
+        let counts = worker.fold(pa).expect("counted");
+        assert_eq!(
+            (counts.rx_packets, counts.forwarded),
+            (1, 1),
+            "handed: not counted"
+        );
+        assert_eq!(worker.fold(pb).map(|c| c.tx_packets), Some(1));
+
+        // b is removed and its id given to another guest before the worker has heard: the
+        // new guest's frames must not go into the old queue.
+        engine.remove_port(pb);
+        let pc = engine.add_port("c");
+        assert_eq!(pc, pb, "the id is reused");
+        learn(&mut engine, pc, B);
+        assert_eq!(mirror.lookup(B), Some(pc));
+        guest_a.send(&unicast).unwrap();
+        let handed = worker
+            .handed
+            .recv_timeout(Duration::from_secs(1))
+            .expect("handed over, not switched");
+        assert_eq!(handed.port, pa);
+        assert!(guest_b.recv(&mut buf).is_err(), "nothing in the old queue");
     }
 }
