@@ -88,6 +88,8 @@ fuzz_target!(|data: &[u8]| {
         false,
         (start, 1_800_000_000),
     ));
+    // What fast-path workers would read: it must never name a port the table does not.
+    let mirror = engine.mirror();
     let mut ports = vec![
         engine.add_port("a"),
         engine.add_port("b"),
@@ -114,6 +116,11 @@ fuzz_target!(|data: &[u8]| {
             ..VnetHdr::default()
         };
         buf[..frame.len()].copy_from_slice(frame);
+        let macs: Vec<MacAddr> = frame
+            .chunks_exact(6)
+            .take(2)
+            .map(|m| MacAddr(m.try_into().unwrap_or_default()))
+            .collect();
         let _ = engine.handle_frame(now, ingress, &vnet, &mut buf[..frame.len()]);
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
@@ -152,6 +159,24 @@ fuzz_target!(|data: &[u8]| {
         }
         while engine.poll_transmit().is_some() {}
         while engine.poll_notice().is_some() {}
+        for mac in macs {
+            if let Some(port) = mirror.lookup(mac) {
+                assert_eq!(
+                    engine.fdb().lookup(now, mac, 0),
+                    Some(port),
+                    "the mirror names a port the table does not for {mac}"
+                );
+            }
+        }
+        for (index, _) in ports.iter().enumerate() {
+            let port = datapath::port::PortId(index as u16);
+            if mirror.fast_ingress(port) {
+                assert!(
+                    engine.port(port).is_some() && engine.is_switch_port(port),
+                    "fast path allowed from {port}, not a live switch port"
+                );
+            }
+        }
         for row in engine.fdb_rows(now) {
             assert!(
                 engine.port(row.port).is_some(),
