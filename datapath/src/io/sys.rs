@@ -22,13 +22,26 @@ fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     }
 }
 
-/// Offloads switchyard asks taps for: the kernel may hand us frames with a partial checksum
-/// and TCP super-frames, which the switch forwards intact.
-pub const TAP_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+/// `TUN_F_USO4` and `TUN_F_USO6` from `<linux/if_tun.h>` (Linux 6.2; the libc crate lacks
+/// them): the tap takes UDP super-frames (virtio `GSO_UDP_L4`). The kernel turns USO on only
+/// when both are asked for together.
+pub const TUN_F_USO4: libc::c_uint = 0x20;
+pub const TUN_F_USO6: libc::c_uint = 0x40;
+
+/// Offloads switchyard asks taps for: the kernel may hand us frames with a partial checksum,
+/// and TCP (TSO) and UDP (USO) super-frames, which the switch forwards intact. The guest's
+/// interface then shows `tx-udp-segmentation: on`.
+pub const TAP_OFFLOADS: libc::c_uint =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6;
+
+/// [`TAP_OFFLOADS`] without USO, for kernels before 6.2, which refuse a flag they do not know
+/// with `EINVAL`.
+pub const TAP_OFFLOADS_WITHOUT_USO: libc::c_uint = TAP_OFFLOADS & !(TUN_F_USO4 | TUN_F_USO6);
 
 /// Opens `/dev/net/tun` and binds it to the tap `name` (created if it does not exist in the
 /// calling thread's network namespace), non-blocking, with a virtio-net header of `vnet_len`
-/// bytes and the offloads of [`TAP_OFFLOADS`]. Returns the fd and the name the kernel used.
+/// bytes and the offloads of [`TAP_OFFLOADS`] (or [`TAP_OFFLOADS_WITHOUT_USO`] where the
+/// kernel has no USO). Returns the fd and the name the kernel used.
 ///
 /// With `multi_queue`, the tap is made with `IFF_MULTI_QUEUE` and each call on the same name
 /// attaches one more queue: the kernel spreads the frames the guest sends over the queues by
@@ -71,14 +84,12 @@ pub fn open_tap(name: &str, vnet_len: usize, multi_queue: bool) -> io::Result<(O
     let hdr_len = vnet_len as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which is valid.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) })?;
-    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* flags).
-    cvt(unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::TUNSETOFFLOAD,
-            TAP_OFFLOADS as libc::c_ulong,
-        )
-    })?;
+    match set_tap_offloads(fd.as_fd(), TAP_OFFLOADS) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            set_tap_offloads(fd.as_fd(), TAP_OFFLOADS_WITHOUT_USO)?
+        }
+        result => result?,
+    }
 
     let len = req
         .ifr_name
@@ -87,6 +98,19 @@ pub fn open_tap(name: &str, vnet_len: usize, multi_queue: bool) -> io::Result<(O
         .unwrap_or(libc::IFNAMSIZ);
     let actual: Vec<u8> = req.ifr_name[..len].iter().map(|c| *c as u8).collect();
     Ok((fd, String::from_utf8_lossy(&actual).into_owned()))
+}
+
+/// `TUNSETOFFLOAD`: the offloads (`TUN_F_*`) the tap open on `fd` takes from the kernel.
+fn set_tap_offloads(fd: BorrowedFd<'_>, offloads: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* flags).
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            offloads as libc::c_ulong,
+        )
+    })?;
+    Ok(())
 }
 
 /// Moves the calling thread into the network namespace `ns` (a `/run/netns/NAME` or
