@@ -792,13 +792,11 @@ impl Engine {
             port: ingress,
             mac: src_mac,
         };
-        Some(
-            match sockets.handle_packet(now, from, packet, vnet.needs_csum()) {
-                Ok(()) => Verdict::Consumed,
-                Err(DropReason::NoRoute) => Verdict::Drop(DropReason::GatewayUnhandled),
-                Err(reason) => Verdict::Drop(reason),
-            },
-        )
+        Some(match sockets.handle_packet(now, from, packet, vnet) {
+            Ok(()) => Verdict::Consumed,
+            Err(DropReason::NoRoute) => Verdict::Drop(DropReason::GatewayUnhandled),
+            Err(reason) => Verdict::Drop(reason),
+        })
     }
 
     /// A guest's packet for beyond the subnet through host sockets: the TTL is checked as a
@@ -832,7 +830,7 @@ impl Engine {
             port: ingress,
             mac: back.0,
         };
-        match sockets.handle_packet(now, from, &frame[l3..l3 + total], vnet.needs_csum()) {
+        match sockets.handle_packet(now, from, &frame[l3..l3 + total], vnet) {
             Ok(()) => Verdict::Consumed,
             Err(reason) => Verdict::Drop(reason),
         }

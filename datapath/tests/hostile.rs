@@ -228,7 +228,7 @@ fn ip_options_are_carried_and_expiring_ttls_get_time_exceeded() {
     assert!(
         n.actions()
             .iter()
-            .any(|a| matches!(a, Action::SendTo(_, _, data) if data == b"query")),
+            .any(|a| matches!(a, Action::SendTo(_, _, d) if d.data == b"query")),
         "the payload behind the options"
     );
     // RFC 1812 5.3.1: TTL 1 or 0 dies at the gateway, with time-exceeded back.

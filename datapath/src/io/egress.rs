@@ -5,7 +5,7 @@
 //! operation on it would block, so bytes move only when both the host socket and the guest's
 //! connection can take them.
 
-use crate::socket_nat::{Action, FlowId, HostSocket, SocketNat};
+use crate::socket_nat::{Action, Datagrams, FlowId, HostSocket, SocketNat};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
@@ -324,26 +324,25 @@ impl Egress {
                     .map(|fd| UdpSocket::from_std(std::net::UdpSocket::from(fd)));
                 self.open_datagram(now, nat, registry, id, socket);
             }
-            Action::SendTo(id, to, data) => {
+            Action::SendTo(id, to, datagrams) => {
                 if let Some(Slot {
                     conn: HostConn::Datagram(socket),
                     ..
                 }) = self.slot(id)
                 {
-                    // A lost datagram is the guest's protocol's to recover, as on any network.
-                    let _ = socket.send_to(&data, SocketAddr::V4(to));
+                    send_datagrams(socket, to, &datagrams);
                 }
-                nat.recycle(data);
+                nat.recycle(datagrams.data);
             }
-            Action::SendFromForward(listener, to, data) => {
+            Action::SendFromForward(listener, to, datagrams) => {
                 if let Some(Some(Listener {
                     socket: ListenSocket::Udp(socket),
                     ..
                 })) = self.listeners.get(listener as usize)
                 {
-                    let _ = socket.send_to(&data, SocketAddr::V4(to));
+                    send_datagrams(socket, to, &datagrams);
                 }
-                nat.recycle(data);
+                nat.recycle(datagrams.data);
             }
             Action::ShutdownWrite(id) => {
                 if let Some(Slot {
@@ -469,6 +468,24 @@ impl Egress {
         if *readable {
             let moved = nat.from_host(now, id, |room| stream.read(room));
             *readable = !moved.blocked;
+        }
+    }
+}
+
+/// Sends each of `datagrams` to `to`, one `sendto` apiece: a guest's UDP super-frame leaves
+/// as the datagrams it stands for. (One `sendmsg` with a `UDP_SEGMENT` control message would
+/// save system calls, but the kernel refuses it outright (`EINVAL`) where the segment does not
+/// fit the route's MTU or there are more than its 64 or 128 segments, and a guest may ask for
+/// either; apart, each datagram is fragmented or refused on its own, as the guest's were.)
+///
+/// A lost datagram is the guest's protocol's to recover, as on any network; once the socket's
+/// buffer is full the rest would be lost too, so they are not tried.
+fn send_datagrams(socket: &UdpSocket, to: SocketAddrV4, datagrams: &Datagrams) {
+    for datagram in datagrams.iter() {
+        if let Err(e) = socket.send_to(datagram, SocketAddr::V4(to))
+            && e.kind() == io::ErrorKind::WouldBlock
+        {
+            break;
         }
     }
 }

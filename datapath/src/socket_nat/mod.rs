@@ -11,6 +11,8 @@
 //!   the smoltcp socket's buffers and the host socket, with no copy in between.
 //! - **UDP**: one host socket per guest address and port (endpoint-independent mapping, RFC
 //!   4787 REQ-1), bound inside `<nat><port>`; answers are filtered as packet NAT filters them.
+//!   A guest's UDP super-frame (USO, from a `UDP_SEGMENT` send) is the datagrams it stands
+//!   for, and leaves as them: UDP keeps message boundaries (RFC 768), a host socket would not.
 //! - **ICMP echo** goes out through unprivileged ping sockets where
 //!   `net.ipv4.ping_group_range` allows, and is answered host-unreachable where not.
 //!
@@ -26,6 +28,7 @@ use crate::nat::{Filtering, FlowRow, Timeouts};
 use crate::port::{DropReason, PortId};
 use crate::stack::{Clock, Queues};
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::wire::vnet::gso;
 use crate::wire::{MacAddr, VnetHdr, checksum, ethernet};
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -119,15 +122,52 @@ pub enum HostSocket {
     Ping,
 }
 
+/// What one packet from a guest asks a host datagram socket to send: `data` as one datagram,
+/// or, for a UDP super-frame (USO: virtio `GSO_UDP_L4`, what a guest's `UDP_SEGMENT` send
+/// becomes on a NIC that takes it), cut into datagrams of `segment` bytes, the last one
+/// possibly shorter, as the guest's NIC would have cut it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagrams {
+    pub data: Vec<u8>,
+    /// Bytes per datagram; `data` is one datagram when it is no longer than this.
+    pub segment: usize,
+}
+
+impl Datagrams {
+    /// `data` as one datagram.
+    pub fn one(data: Vec<u8>) -> Datagrams {
+        let segment = data.len();
+        Datagrams { data, segment }
+    }
+
+    /// How many datagrams.
+    pub fn count(&self) -> usize {
+        datagram_count(self.data.len(), self.segment)
+    }
+
+    /// The datagrams, in order, as slices of `data` (nothing is copied).
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let (len, segment) = (self.data.len(), self.segment.max(1));
+        (0..self.count())
+            .map(move |i| &self.data[(i * segment).min(len)..((i + 1) * segment).min(len)])
+    }
+}
+
+/// How many datagrams `len` bytes make in `segment`-byte ones: an empty payload is still one
+/// (empty) datagram.
+fn datagram_count(len: usize, segment: usize) -> usize {
+    len.div_ceil(segment.max(1)).max(1)
+}
+
 /// What the I/O edge must do for the socket NAT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Open(FlowId, HostSocket),
-    /// Send a datagram (UDP payload, or an ICMP echo message) on the flow's socket.
-    SendTo(FlowId, SocketAddrV4, Vec<u8>),
+    /// Send datagrams (UDP payloads, or an ICMP echo message) on the flow's socket.
+    SendTo(FlowId, SocketAddrV4, Datagrams),
     /// Send a guest's answer to a forwarded UDP port back from that port's listening socket
     /// (the I/O edge's index for it).
-    SendFromForward(u32, SocketAddrV4, Vec<u8>),
+    SendFromForward(u32, SocketAddrV4, Datagrams),
     /// The guest finished sending: `shutdown(SHUT_WR)` the host socket.
     ShutdownWrite(FlowId),
     /// The flow ended: close its host socket.
@@ -162,6 +202,8 @@ pub struct SocketNatCounters {
     pub bytes_from_host: u64,
     pub udp_mappings: u64,
     pub udp_datagrams_out: u64,
+    /// UDP super-frames (USO) from guests, each sent as the `udp_datagrams_out` it holds.
+    pub udp_super_frames_out: u64,
     pub udp_datagrams_in: u64,
     /// Host datagrams the filtering policy refused.
     pub udp_filtered: u64,
@@ -530,14 +572,15 @@ impl SocketNat {
     }
 
     /// A packet from a guest (`ip`: the IPv4 packet, header and checksum already checked)
-    /// for beyond the subnet, or for the gateway's own TCP/UDP ports. `partial`: its L4
-    /// checksum was left to offload (a GSO segment included).
+    /// for beyond the subnet, or for the gateway's own TCP/UDP ports, with the offload state
+    /// `vnet` of its frame: a partial L4 checksum, a TCP super-frame (handed to the stack
+    /// whole) or a UDP one (sent as the datagrams it holds).
     pub fn handle_packet(
         &mut self,
         now: Instant,
         from: Peer,
         ip: &[u8],
-        partial: bool,
+        vnet: &VnetHdr,
     ) -> Result<(), DropReason> {
         let ihl = packet::ip_header_len(ip).ok_or(DropReason::BadHeader)?;
         let (offset, more) = packet::fragment_info(ip);
@@ -554,9 +597,18 @@ impl SocketNat {
         {
             return Err(DropReason::NoRoute);
         }
+        // The GSO type must be the packet's own (virtio 1.2 5.1.6.2.1): a super-frame of
+        // another protocol cannot be cut as it says.
+        let segment = match (tuple.proto, vnet.gso_type & !gso::ECN, vnet.gso_size) {
+            (_, gso::NONE, _) | (PROTO_TCP, gso::TCPV4, _) => None,
+            // UFO (an IPv4 datagram the device was to fragment): the host stack fragments it.
+            (PROTO_UDP, gso::UDP, _) => None,
+            (PROTO_UDP, gso::UDP_L4, size) if size > 0 => Some(usize::from(size)),
+            _ => return Err(DropReason::BadVnetHeader),
+        };
         match tuple.proto {
-            PROTO_TCP => self.guest_tcp(now, from, (ip, ihl), tuple, partial),
-            PROTO_UDP => self.guest_udp(now, from, (ip, ihl), tuple),
+            PROTO_TCP => self.guest_tcp(now, from, (ip, ihl), tuple, vnet.needs_csum()),
+            PROTO_UDP => self.guest_udp(now, from, (ip, ihl), tuple, segment),
             _ => self.guest_icmp(now, from, (ip, ihl), tuple),
         }
     }
@@ -672,18 +724,27 @@ impl SocketNat {
         }
     }
 
+    /// A guest's UDP packet; `segment`: it is a USO super-frame of datagrams of that size.
     fn guest_udp(
         &mut self,
         now: Instant,
         from: Peer,
         (ip, ihl): (&[u8], usize),
         tuple: Tuple,
+        segment: Option<usize>,
     ) -> Result<(), DropReason> {
         let udp = &ip[ihl..];
         let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
         if len < 8 || len > udp.len() {
             return Err(DropReason::BadHeader);
         }
+        let payload = &udp[8..len];
+        let count = datagram_count(payload.len(), segment.unwrap_or(payload.len()));
+        let datagrams = |queues: &mut Queues| {
+            let data = queues.copy_in_spare(payload);
+            let segment = segment.unwrap_or(data.len());
+            Datagrams { data, segment }
+        };
         let guest = SocketAddrV4::new(tuple.src, tuple.sport);
         let remote = SocketAddrV4::new(tuple.dst, tuple.dport);
         if tuple.dst == self.config.gateway
@@ -696,10 +757,11 @@ impl SocketNat {
         {
             // A guest answering a forwarded port's peer.
             flow.last_seen = now;
-            flow.packets[0] += 1;
-            flow.bytes[0] += (len - 8) as u64;
-            self.counters.udp_datagrams_out += 1;
-            let data = self.queues.copy_in_spare(&udp[8..len]);
+            flow.packets[0] += count as u64;
+            flow.bytes[0] += payload.len() as u64;
+            self.counters.udp_datagrams_out += count as u64;
+            self.counters.udp_super_frames_out += u64::from(segment.is_some());
+            let data = datagrams(&mut self.queues);
             self.actions
                 .push_back(Action::SendFromForward(listener, remote, data));
             return Ok(());
@@ -729,8 +791,8 @@ impl SocketNat {
             return Err(DropReason::NatNoFlow);
         };
         flow.last_seen = now;
-        flow.packets[0] += 1;
-        flow.bytes[0] += (len - 8) as u64;
+        flow.packets[0] += count as u64;
+        flow.bytes[0] += payload.len() as u64;
         if let Kind::Udp { remotes } = &mut flow.kind
             && !remotes.contains(&remote)
         {
@@ -739,12 +801,10 @@ impl SocketNat {
             }
             remotes.push_back(remote);
         }
-        self.counters.udp_datagrams_out += 1;
-        self.actions.push_back(Action::SendTo(
-            id,
-            target,
-            self.queues.copy_in_spare(&udp[8..len]),
-        ));
+        self.counters.udp_datagrams_out += count as u64;
+        self.counters.udp_super_frames_out += u64::from(segment.is_some());
+        let data = datagrams(&mut self.queues);
+        self.actions.push_back(Action::SendTo(id, target, data));
         Ok(())
     }
 
@@ -786,11 +846,9 @@ impl SocketNat {
         flow.packets[0] += 1;
         flow.bytes[0] += (ip.len() - ihl) as u64;
         self.counters.pings_out += 1;
-        self.actions.push_back(Action::SendTo(
-            id,
-            target,
-            self.queues.copy_in_spare(&ip[ihl..]),
-        ));
+        let message = self.queues.copy_in_spare(&ip[ihl..]);
+        self.actions
+            .push_back(Action::SendTo(id, target, Datagrams::one(message)));
         Ok(())
     }
 

@@ -9,6 +9,24 @@ const PEER: Peer = Peer {
     mac: MacAddr([0x52, 0x54, 0, 0, 0, 0x0a]),
 };
 
+/// A frame without offloads.
+const PLAIN: VnetHdr = VnetHdr {
+    flags: 0,
+    gso_type: gso::NONE,
+    hdr_len: 0,
+    gso_size: 0,
+    csum_start: 0,
+    csum_offset: 0,
+};
+
+/// A frame whose L4 checksum is left to offload (virtio NEEDS_CSUM).
+fn partial() -> VnetHdr {
+    VnetHdr {
+        flags: crate::wire::vnet::F_NEEDS_CSUM,
+        ..PLAIN
+    }
+}
+
 fn nat(now: Instant) -> SocketNat {
     SocketNat::new(SocketNatConfig::new(GATEWAY, 24), now)
 }
@@ -76,7 +94,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     let now = Instant::now();
     let mut nat = nat(now);
     let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
-    nat.handle_packet(now, PEER, &syn, false).unwrap();
+    nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
     let (id, what) = open_action(&mut nat);
     assert_eq!(what, HostSocket::Tcp(SocketAddrV4::new(REMOTE, 80)));
     nat.poll_stack(now);
@@ -86,7 +104,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     );
 
     // A retransmitted SYN meanwhile changes nothing.
-    nat.handle_packet(now, PEER, &syn, false).unwrap();
+    nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
     assert_eq!(nat.counters.tcp_syn_while_connecting, 1);
 
     let local = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 3), 51000);
@@ -100,7 +118,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     );
 
     let ack_seg = segment(40000, 80, 1001, server_seq + 1, 0x10, &[]);
-    nat.handle_packet(now, PEER, &ack_seg, false).unwrap();
+    nat.handle_packet(now, PEER, &ack_seg, &PLAIN).unwrap();
     let request = segment(
         40000,
         80,
@@ -109,7 +127,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
         0x18,
         b"GET / HTTP/1.0\r\n\r\n",
     );
-    nat.handle_packet(now, PEER, &request, false).unwrap();
+    nat.handle_packet(now, PEER, &request, &PLAIN).unwrap();
     nat.poll_stack(now);
     assert_eq!(nat.poll_ready(), Some(id));
     let mut to_host = Vec::new();
@@ -150,7 +168,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
     // Bulk from the host leaves as one TSO frame cut at the guest's MSS (1460, no options),
     // its checksum partial (the pseudo-header's sum) for the offload to finish.
     let ack = segment(40000, 80, 1019, server_seq + 6, 0x10, &[]);
-    nat.handle_packet(now, PEER, &ack, false).unwrap();
+    nat.handle_packet(now, PEER, &ack, &PLAIN).unwrap();
     let mut sent = false;
     nat.from_host(now, id, |room| {
         if sent {
@@ -177,7 +195,7 @@ fn a_syn_is_held_until_the_host_connects_then_bytes_flow_both_ways() {
 fn a_refused_connect_resets_the_guest() {
     let now = Instant::now();
     let mut nat = nat(now);
-    nat.handle_packet(now, PEER, &segment(40001, 9, 5000, 0, 0x02, &[]), false)
+    nat.handle_packet(now, PEER, &segment(40001, 9, 5000, 0, 0x02, &[]), &PLAIN)
         .unwrap();
     let (id, _) = open_action(&mut nat);
     nat.handle_opened(now, id, Err(io::ErrorKind::ConnectionRefused));
@@ -202,7 +220,7 @@ fn a_refused_ping_socket_answers_unreachable() {
     let c = checksum::checksum(&echo);
     echo[2..4].copy_from_slice(&c.to_be_bytes());
     let request = ipv4(GUEST, REMOTE, PROTO_ICMP, &echo);
-    nat.handle_packet(now, PEER, &request, false).unwrap();
+    nat.handle_packet(now, PEER, &request, &PLAIN).unwrap();
     let (id, what) = open_action(&mut nat);
     assert_eq!(what, HostSocket::Ping);
     nat.handle_opened(now, id, Err(io::ErrorKind::PermissionDenied));
@@ -228,8 +246,8 @@ fn udp_maps_per_guest_port_and_filters_answers() {
     udp[4..6].copy_from_slice(&10u16.to_be_bytes());
     udp.extend_from_slice(b"hi");
     let datagram = ipv4(GUEST, REMOTE, PROTO_UDP, &udp);
-    nat.handle_packet(now, PEER, &datagram, false).unwrap();
-    nat.handle_packet(now, PEER, &datagram, false).unwrap();
+    nat.handle_packet(now, PEER, &datagram, &PLAIN).unwrap();
+    nat.handle_packet(now, PEER, &datagram, &PLAIN).unwrap();
     let (id, what) = open_action(&mut nat);
     assert_eq!(
         what,
@@ -241,11 +259,11 @@ fn udp_maps_per_guest_port_and_filters_answers() {
     let to = SocketAddrV4::new(REMOTE, 53);
     assert_eq!(
         nat.poll_action(),
-        Some(Action::SendTo(id, to, b"hi".to_vec()))
+        Some(Action::SendTo(id, to, Datagrams::one(b"hi".to_vec())))
     );
     assert_eq!(
         nat.poll_action(),
-        Some(Action::SendTo(id, to, b"hi".to_vec()))
+        Some(Action::SendTo(id, to, Datagrams::one(b"hi".to_vec())))
     );
     nat.handle_opened(now, id, Ok(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5000)));
 
@@ -278,10 +296,104 @@ fn nothing_is_sent_to_the_subnet_loopback_or_broadcast() {
         let mut p = segment(40000, 80, 1, 0, 0x02, &[]);
         p[16..20].copy_from_slice(&dst.octets());
         assert_eq!(
-            nat.handle_packet(now, PEER, &p, true),
+            nat.handle_packet(now, PEER, &p, &partial()),
             Err(DropReason::NoRoute),
             "{dst}"
         );
     }
     assert!(nat.poll_action().is_none());
+}
+
+/// A guest's UDP packet from port 5000 to REMOTE:4433 carrying `payload`.
+fn udp_packet(payload: &[u8]) -> Vec<u8> {
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&5000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&4433u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(payload);
+    ipv4(GUEST, REMOTE, PROTO_UDP, &udp)
+}
+
+/// The offload state of a USO super-frame (virtio 1.2 5.1.6.2: `GSO_UDP_L4`, `gso_size` the
+/// payload per datagram), with its partial checksum, as a Linux guest's `UDP_SEGMENT` send
+/// reaches the tap.
+fn uso(gso_size: u16) -> VnetHdr {
+    VnetHdr {
+        flags: crate::wire::vnet::F_NEEDS_CSUM,
+        gso_type: gso::UDP_L4,
+        hdr_len: 42,
+        gso_size,
+        csum_start: 34,
+        csum_offset: 6,
+    }
+}
+
+/// RFC 768: UDP keeps datagram boundaries, so a super-frame leaves the host socket as the
+/// datagrams it stands for, each `gso_size` bytes but the last, in order, never as one.
+#[test]
+fn a_uso_super_frame_leaves_as_its_datagrams() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let payload: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+    nat.handle_packet(now, PEER, &udp_packet(&payload), &uso(1200))
+        .unwrap();
+    let (id, _) = open_action(&mut nat);
+    let Some(Action::SendTo(to_id, to, datagrams)) = nat.poll_action() else {
+        panic!("expected a send");
+    };
+    assert_eq!((to_id, to), (id, SocketAddrV4::new(REMOTE, 4433)));
+    let sizes: Vec<usize> = datagrams.iter().map(<[u8]>::len).collect();
+    assert_eq!(sizes, [1200, 1200, 100]);
+    assert_eq!(datagrams.iter().collect::<Vec<_>>().concat(), payload);
+    assert_eq!(nat.counters.udp_datagrams_out, 3);
+    assert_eq!(nat.counters.udp_super_frames_out, 1);
+    let row = nat.rows(now)[0].to_string();
+    assert!(row.contains("packets=3 bytes=2500"), "{row}");
+
+    // Ten full segments, as the end-to-end test sends them.
+    let payload = vec![7u8; 12_000];
+    nat.handle_packet(now, PEER, &udp_packet(&payload), &uso(1200))
+        .unwrap();
+    let Some(Action::SendTo(_, _, datagrams)) = nat.poll_action() else {
+        panic!("expected a send");
+    };
+    assert_eq!(datagrams.count(), 10);
+    assert!(datagrams.iter().all(|d| d.len() == 1200));
+}
+
+/// virtio 1.2 5.1.6.2.1: the GSO type names the packet's own protocol and a non-zero size;
+/// one that does not cannot be cut as it says, and is dropped (counted as bad_vnet_header).
+#[test]
+fn a_gso_type_that_is_not_the_packets_own_is_refused() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let udp = udp_packet(&[1; 3000]);
+    let tcp = segment(40000, 80, 1000, 0, 0x02, &[]);
+    let tso = VnetHdr {
+        gso_type: gso::TCPV4,
+        gso_size: 1448,
+        ..partial()
+    };
+    for (packet, vnet) in [(&udp, tso), (&udp, uso(0)), (&tcp, uso(1200))] {
+        assert_eq!(
+            nat.handle_packet(now, PEER, packet, &vnet),
+            Err(DropReason::BadVnetHeader),
+            "{vnet:?}"
+        );
+    }
+    assert!(nat.poll_action().is_none());
+    assert_eq!(nat.counters.udp_datagrams_out, 0);
+}
+
+/// RFC 768: a UDP datagram may carry no data at all; it is still one datagram.
+#[test]
+fn an_empty_payload_is_one_empty_datagram() {
+    let one = Datagrams::one(Vec::new());
+    assert_eq!(one.count(), 1);
+    assert_eq!(one.iter().collect::<Vec<_>>(), [&[] as &[u8]]);
+    let exact = Datagrams {
+        data: vec![0; 2400],
+        segment: 1200,
+    };
+    assert_eq!(exact.count(), 2);
 }
