@@ -649,7 +649,8 @@ impl Engine {
                 }
             } else if ethertype == EtherType::IPV4
                 && (to_gateway || dst.is_broadcast())
-                && let Some(verdict) = self.serve_dhcp(now, ingress, src, &frame[l3..], to_gateway)
+                && let Some(verdict) =
+                    self.serve_dhcp(now, ingress, src, (vnet, &frame[l3..]), to_gateway)
             {
                 return verdict;
             }
@@ -685,12 +686,16 @@ impl Engine {
         now: Instant,
         ingress: PortId,
         src_mac: MacAddr,
-        packet: &[u8],
+        (vnet, packet): (&VnetHdr, &[u8]),
         to_gateway: bool,
     ) -> Option<Verdict> {
         self.dhcp.as_ref()?;
         // Cheap tests first: most frames to the gateway are routed traffic, not DHCP.
         let (_, payload) = gateway::udp_datagram_to(packet, dhcp::SERVER_PORT)?;
+        if vnet.is_gso() {
+            // A USO super-frame is several datagrams in one; the server reads one.
+            return Some(Verdict::Drop(DropReason::GsoToService));
+        }
         let ip = checked_ipv4(packet)?;
         if self.guard.dhcp_per_second > 0 && !self.within_rate(now, ingress, false) {
             return Some(Verdict::Drop(DropReason::DhcpRateLimited));
@@ -744,6 +749,10 @@ impl Engine {
             return Some(Verdict::Consumed);
         }
         let (sport, query) = dns.query_in(packet)?;
+        if vnet.is_gso() {
+            // A USO super-frame is several queries in one; the forwarder reads one.
+            return Some(Verdict::Drop(DropReason::GsoToService));
+        }
         let ip = checked_ipv4(packet)?;
         if self.guard.dns_per_second > 0 && !self.within_rate(now, ingress, true) {
             return Some(Verdict::Drop(DropReason::DnsRateLimited));

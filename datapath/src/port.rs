@@ -65,6 +65,7 @@ drop_reasons! {
     RingTruncated => "ring_truncated", "The uplink's receive ring cut the frame short (it was larger than a ring block).";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
+    GsoToService => "gso_to_service", "A UDP super-frame (USO, virtio GSO_UDP_L4) for the gateway's DHCP or DNS service, which read one datagram per frame.";
     TxError => "tx_error", "The egress write failed (queue full, interface down).";
     HandoverFull => "handover_full", "A fast-path worker's frame for the engine found its hand-over queue full.";
     SpoofedMac => "spoofed_mac", "clean-traffic: a source MAC (or ARP sender MAC) other than the port's own.";
@@ -82,13 +83,26 @@ impl fmt::Display for DropReason {
 }
 
 /// Traffic counters of one port.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortCounters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     drops: [u64; DropReason::COUNT],
+}
+
+// By hand: std derives `Default` for arrays of at most 32 elements.
+impl Default for PortCounters {
+    fn default() -> Self {
+        PortCounters {
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            drops: [0; DropReason::COUNT],
+        }
+    }
 }
 
 impl PortCounters {

@@ -416,3 +416,99 @@ fn a_mac_past_its_lease_cap_is_refused_counted_and_logged_once() {
     assert_eq!(notices.len(), 1, "{notices:?}");
     assert!(notices[0].contains("leases-per-mac"), "{notices:?}");
 }
+
+/// The offload state of a UDP super-frame (virtio 1.2 5.1.6.2, `GSO_UDP_L4`): `gso_size`
+/// bytes of payload per datagram.
+fn uso(gso_size: u16) -> VnetHdr {
+    VnetHdr {
+        flags: datapath::wire::vnet::F_NEEDS_CSUM,
+        gso_type: datapath::wire::vnet::gso::UDP_L4,
+        hdr_len: 42,
+        gso_size,
+        csum_start: 34,
+        csum_offset: 6,
+    }
+}
+
+// RFC 768 / RFC 2131 4.1 / RFC 1035 4.2.1: the gateway's DHCP server and DNS forwarder read
+// one message per UDP datagram; a USO super-frame (several datagrams in one frame) to them is
+// dropped and counted (gso_to_service), never parsed as one long message. Beyond the gateway
+// (socket NAT) the same frame leaves as its datagrams, and a super-frame whose GSO type or
+// size cannot be honoured is a bad vnet header.
+#[test]
+fn uso_super_frames_to_the_gateways_services_are_dropped_and_counted() {
+    use datapath::dns::DnsService;
+    use dhcp_dns::dns::{DnsConfig, DnsServer};
+    let mut n = net(false);
+    let dns = DnsService::new(DnsServer::new(DnsConfig::new()), GW_MAC, Ipv4Addr::from(GW));
+    assert!(n.engine.enable_dns(dns));
+    let send = |n: &mut Net, frame: Vec<u8>, vnet: VnetHdr| {
+        n.now += Duration::from_millis(1);
+        let mut buf = frame;
+        let verdict = n.engine.handle_frame(n.now, n.guest, &vnet, &mut buf);
+        while n.engine.poll_transmit().is_some() {}
+        verdict
+    };
+    // Two DHCPDISCOVERs back to back, broadcast and to the gateway.
+    let mut bootp = vec![0u8; 236];
+    bootp[0] = 1;
+    bootp[1] = 1;
+    bootp[2] = 6;
+    bootp[28..34].copy_from_slice(&GUEST.0);
+    bootp.extend_from_slice(&[99, 130, 83, 99, 53, 1, 1, 255]);
+    let twice = [bootp.clone(), bootp].concat();
+    let size = (twice.len() / 2) as u16;
+    for (dst_mac, dst) in [(MacAddr::BROADCAST, [255; 4]), (GW_MAC, GW)] {
+        let l4 = udp([0; 4], dst, (68, 67), &twice);
+        let frame = eth(dst_mac, GUEST, 0x0800, &ipv4([0; 4], dst, 17, 64, &[], &l4));
+        assert_eq!(
+            send(&mut n, frame, uso(size)),
+            Verdict::Drop(DropReason::GsoToService)
+        );
+    }
+    assert_eq!(n.engine.dhcp().unwrap().counters().offers, 0);
+    // Two DNS queries back to back.
+    let mut query = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    query.extend_from_slice(b"\x07printer\x03lab\x00\x00\x01\x00\x01");
+    let twice = [query.clone(), query].concat();
+    let l4 = udp(GUEST_IP, GW, (5353, 53), &twice);
+    let frame = eth(GW_MAC, GUEST, 0x0800, &ipv4(GUEST_IP, GW, 17, 64, &[], &l4));
+    let size = (twice.len() / 2) as u16;
+    assert_eq!(
+        send(&mut n, frame, uso(size)),
+        Verdict::Drop(DropReason::GsoToService)
+    );
+    assert_eq!(n.drops(n.guest, DropReason::GsoToService), 3);
+
+    // To the outside through socket NAT: three datagrams from one frame.
+    let l4 = udp(GUEST_IP, REMOTE, (5000, 4433), &[9; 3000]);
+    let frame = eth(
+        GW_MAC,
+        GUEST,
+        0x0800,
+        &ipv4(GUEST_IP, REMOTE, 17, 64, &[], &l4),
+    );
+    assert_eq!(send(&mut n, frame.clone(), uso(1200)), Verdict::Consumed);
+    let sent: Vec<usize> = n
+        .actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendTo(_, _, d) => Some(d.iter().map(<[u8]>::len).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(sent, [1200, 1200, 600]);
+    // A segment size of zero, or a TCP GSO type on UDP, cannot be honoured.
+    let tso = VnetHdr {
+        gso_type: datapath::wire::vnet::gso::TCPV4,
+        ..uso(1200)
+    };
+    for vnet in [uso(0), tso] {
+        assert_eq!(
+            send(&mut n, frame.clone(), vnet),
+            Verdict::Drop(DropReason::BadVnetHeader)
+        );
+    }
+    assert!(n.actions().is_empty());
+}
