@@ -1,9 +1,10 @@
 //! Software fallbacks for offloads, used only when an egress port cannot take a frame as is.
 //!
-//! Taps opened with `TUNSETOFFLOAD` accept partial checksums and TSO frames, so between taps a
-//! 64 KB segment crosses the switch untouched. A port without those offloads (a stream socket
-//! to a VM without vnet headers, a NIC that lacks them) gets the checksum completed here, or
-//! the super-frame cut into MSS-sized segments, as the kernel's `skb_checksum_help` and GSO do.
+//! Taps opened with `TUNSETOFFLOAD` accept partial checksums, TSO and USO frames, so between
+//! taps a 64 KB TCP segment or a train of UDP datagrams crosses the switch untouched. A port
+//! without those offloads (a stream socket to a VM without vnet headers, a NIC that lacks them)
+//! gets the checksum completed here, or the super-frame cut into MSS-sized segments (or
+//! `gso_size` datagrams), as the kernel's `skb_checksum_help` and GSO do.
 
 use super::WireError;
 use super::checksum::{accumulate, fold, pseudo_header_v4, pseudo_header_v6};
@@ -303,6 +304,110 @@ mod tests {
         assert_eq!(reassembled, frame[54..]);
     }
 
+    /// An Ethernet + IPv4 (or IPv6) + UDP frame with `payload_len` bytes and, as a Linux
+    /// `UDP_SEGMENT` send leaves it, the pseudo-header sum over the whole UDP length in the
+    /// checksum field.
+    fn udp_frame(ipv6: bool, payload_len: usize) -> Vec<u8> {
+        let l3 = 14;
+        let l4 = if ipv6 { l3 + 40 } else { l3 + 20 };
+        let udp_len = 8 + payload_len;
+        let mut f = vec![0u8; l4 + udp_len];
+        f[12..14].copy_from_slice(if ipv6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+        let pseudo = if ipv6 {
+            let (src, dst) = ([0xfd; 16], [0xfe; 16]);
+            f[l3] = 0x60;
+            f[l3 + 4..l3 + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+            f[l3 + 6] = IPPROTO_UDP;
+            f[l3 + 7] = 64;
+            f[l3 + 8..l3 + 24].copy_from_slice(&src);
+            f[l3 + 24..l3 + 40].copy_from_slice(&dst);
+            pseudo_header_v6(src, dst, IPPROTO_UDP, udp_len as u32)
+        } else {
+            let (src, dst) = ([192, 168, 122, 10], [192, 168, 122, 11]);
+            f[l3] = 0x45;
+            f[l3 + 2..l3 + 4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+            f[l3 + 4..l3 + 6].copy_from_slice(&0xfffeu16.to_be_bytes());
+            f[l3 + 8] = 64;
+            f[l3 + 9] = IPPROTO_UDP;
+            f[l3 + 12..l3 + 16].copy_from_slice(&src);
+            f[l3 + 16..l3 + 20].copy_from_slice(&dst);
+            pseudo_header_v4(src, dst, IPPROTO_UDP, udp_len as u16)
+        };
+        f[l4..l4 + 2].copy_from_slice(&40000u16.to_be_bytes());
+        f[l4 + 2..l4 + 4].copy_from_slice(&4433u16.to_be_bytes());
+        f[l4 + 4..l4 + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        f[l4 + 6..l4 + 8].copy_from_slice(&fold(pseudo).to_be_bytes());
+        for (i, b) in f[l4 + 8..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        f
+    }
+
+    // RFC 768: each datagram cut from a USO super-frame stands alone: its UDP length and
+    // checksum (over its own pseudo-header, never zero) are its own; RFC 791 3.1 / RFC 8200
+    // 3: so are the IPv4 total length, header checksum and identification (one per datagram,
+    // as the kernel's GSO numbers them), or the IPv6 payload length.
+    #[test]
+    fn segments_a_uso_frame_over_ipv4_and_ipv6() {
+        for ipv6 in [false, true] {
+            let frame = udp_frame(ipv6, 2500);
+            let (l3, l4) = (14, if ipv6 { 54 } else { 34 });
+            let hdr = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: gso::UDP_L4,
+                hdr_len: (l4 + 8) as u16,
+                gso_size: 1200,
+                csum_start: l4 as u16,
+                csum_offset: 6,
+            };
+            let mut seg = Segmenter::new(&hdr, &frame).unwrap();
+            let mut out = vec![0u8; seg.max_segment_len()];
+            let (mut sizes, mut reassembled) = (vec![], vec![]);
+            while let Some(len) = seg.next_into(&mut out) {
+                let s = &out[..len];
+                let i = sizes.len();
+                let udp_len = len - l4;
+                sizes.push(udp_len - 8);
+                assert_eq!(u16::from_be_bytes([s[l4 + 4], s[l4 + 5]]) as usize, udp_len);
+                assert_eq!(&s[l4..l4 + 4], &frame[l4..l4 + 4], "ports of datagram {i}");
+                let pseudo = if ipv6 {
+                    assert_eq!(u16::from_be_bytes([s[l3 + 4], s[l3 + 5]]) as usize, udp_len);
+                    pseudo_header_v6([0xfd; 16], [0xfe; 16], IPPROTO_UDP, udp_len as u32)
+                } else {
+                    assert_eq!(checksum(&s[l3..l4]), 0, "IPv4 header checksum of {i}");
+                    assert_eq!(
+                        u16::from_be_bytes([s[l3 + 2], s[l3 + 3]]) as usize,
+                        len - l3
+                    );
+                    let id = u16::from_be_bytes([s[l3 + 4], s[l3 + 5]]);
+                    assert_eq!(id, 0xfffeu16.wrapping_add(i as u16));
+                    let (src, dst) = ([192, 168, 122, 10], [192, 168, 122, 11]);
+                    pseudo_header_v4(src, dst, IPPROTO_UDP, udp_len as u16)
+                };
+                assert_ne!(&s[l4 + 6..l4 + 8], &[0, 0], "RFC 768: zero is no checksum");
+                assert_eq!(
+                    fold(accumulate(pseudo, &s[l4..])),
+                    0xffff,
+                    "UDP checksum of {i}"
+                );
+                reassembled.extend_from_slice(&s[l4 + 8..]);
+            }
+            assert_eq!(sizes, [1200, 1200, 100], "ipv6: {ipv6}");
+            assert_eq!(reassembled, frame[l4 + 8..]);
+        }
+        // The GSO type must name the packet's protocol: UDP_L4 on TCP is refused.
+        let tcp = tcp4_frame(3000, 0x10);
+        let uso = VnetHdr {
+            gso_type: gso::UDP_L4,
+            gso_size: 1200,
+            ..Default::default()
+        };
+        assert_eq!(
+            Segmenter::new(&uso, &tcp).unwrap_err(),
+            WireError::Unsupported
+        );
+    }
+
     #[test]
     fn refuses_gso_type_that_does_not_match_the_packet() {
         let frame = tcp4_frame(3000, 0x10);
@@ -327,16 +432,22 @@ mod tests {
 
     #[test]
     fn truncated_headers_never_panic() {
-        let frame = tcp4_frame(3000, 0x10);
-        let hdr = VnetHdr {
-            gso_type: gso::TCPV4,
-            gso_size: 1448,
-            ..Default::default()
-        };
-        for len in 0..60 {
-            if let Ok(mut seg) = Segmenter::new(&hdr, &frame[..len]) {
-                let mut out = vec![0u8; seg.max_segment_len()];
-                while seg.next_into(&mut out).is_some() {}
+        let cases = [
+            (tcp4_frame(3000, 0x10), gso::TCPV4),
+            (udp_frame(false, 3000), gso::UDP_L4),
+            (udp_frame(true, 3000), gso::UDP_L4),
+        ];
+        for (frame, gso_type) in cases {
+            let hdr = VnetHdr {
+                gso_type,
+                gso_size: 1448,
+                ..Default::default()
+            };
+            for len in 0..80 {
+                if let Ok(mut seg) = Segmenter::new(&hdr, &frame[..len]) {
+                    let mut out = vec![0u8; seg.max_segment_len()];
+                    while seg.next_into(&mut out).is_some() {}
+                }
             }
         }
     }
