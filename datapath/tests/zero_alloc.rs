@@ -41,6 +41,31 @@ fn tcp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
     f
 }
 
+/// An Ethernet/IPv4/UDP frame from `src` to `dst` carrying `payload` bytes, with the UDP
+/// checksum field holding the pseudo-header sum (NEEDS_CSUM), as a `UDP_SEGMENT` send leaves
+/// a Linux guest.
+fn udp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 42 + payload];
+    f[0..6].copy_from_slice(&dst.0);
+    f[6..12].copy_from_slice(&src.0);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&SRC_IP);
+    f[30..34].copy_from_slice(&DST_IP);
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&4433u16.to_be_bytes());
+    f[38..40].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+    let pseudo = pseudo_header_v4(SRC_IP, DST_IP, 17, (8 + payload) as u16);
+    f[40..42].copy_from_slice(&fold(pseudo).to_be_bytes());
+    for (i, b) in f[42..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    f
+}
+
 fn with_vnet(hdr: VnetHdr, frame: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; vnet::LEN];
     hdr.emit(&mut buf);
@@ -141,26 +166,50 @@ fn poll_loop_forwards_floods_and_completes_offloads_without_allocating() {
         csum_offset: 16,
     };
     let a_to_c_tso = with_vnet(tso, &tcp_frame(C, A, 60_000));
+    let uso = VnetHdr {
+        flags: vnet::F_NEEDS_CSUM,
+        gso_type: gso::UDP_L4,
+        hdr_len: 42,
+        gso_size: 1200,
+        csum_start: 34,
+        csum_offset: 6,
+    };
+    let a_to_b_uso = with_vnet(uso, &udp_frame(B, A, 12_000));
+    let a_to_c_uso = with_vnet(uso, &udp_frame(C, A, 12_000));
 
     let rounds = 200u64;
     let mut allocations = 0;
     for _ in 0..rounds {
-        for frame in [&ab, &flood, &a_to_c_partial, &a_to_c_tso] {
+        for frame in [
+            &ab,
+            &flood,
+            &a_to_c_partial,
+            &a_to_c_tso,
+            &a_to_b_uso,
+            &a_to_c_uso,
+        ] {
             a.sock.send(frame).unwrap();
         }
         allocations += allocation_counter::measure(|| {
-            for _ in 0..4 {
+            for _ in 0..6 {
                 dp.turn(Some(Duration::ZERO)).unwrap();
             }
         })
         .count_total;
         let at_b = b.recv_all();
         let at_c = c.recv_all();
-        assert_eq!(at_b.len(), 2, "unicast + flood reach b");
+        assert_eq!(at_b.len(), 3, "unicast + flood + USO reach b");
         assert_eq!(at_b[0], ab, "vnet to vnet: written exactly as read");
-        // c has no vnet header: the flood arrives plain, the partial checksum completed, and
-        // the 60 000-byte TSO frame cut into ceil(60000 / 1448) = 42 segments.
-        assert_eq!(at_c.len(), 1 + 1 + 42);
+        assert_eq!(at_b[2], a_to_b_uso, "a USO super-frame too");
+        // c has no vnet header: the flood arrives plain, the partial checksum completed, the
+        // 60 000-byte TSO frame cut into ceil(60000 / 1448) = 42 segments, and the USO frame
+        // into its 10 datagrams of 1200 bytes, each with a checksum that verifies (RFC 768).
+        assert_eq!(at_c.len(), 1 + 1 + 42 + 10);
+        for datagram in &at_c[44..] {
+            assert_eq!(datagram.len(), 42 + 1200);
+            let pseudo = pseudo_header_v4(SRC_IP, DST_IP, 17, 8 + 1200);
+            assert_eq!(fold(accumulate(pseudo, &datagram[34..])), 0xffff);
+        }
         let partial = &at_c[1];
         let pseudo = pseudo_header_v4(SRC_IP, DST_IP, 6, (partial.len() - 34) as u16);
         assert_eq!(
@@ -176,7 +225,7 @@ fn poll_loop_forwards_floods_and_completes_offloads_without_allocating() {
     );
     let stats = dp.engine().stats();
     let c_counters = &stats.ports[2].1.counters;
-    assert_eq!(c_counters.tx_packets, 2 + rounds * 44, "{c_counters:?}");
+    assert_eq!(c_counters.tx_packets, 2 + rounds * 54, "{c_counters:?}");
 }
 
 /// An Ethernet/IPv4/TCP ACK with `payload` bytes and a partial (NEEDS_CSUM) checksum.
@@ -199,6 +248,18 @@ fn routed_tcp(dst: MacAddr, src: MacAddr, from: ([u8; 4], u16), to: ([u8; 4], u1
     f[47] = 0x10;
     let pseudo = pseudo_header_v4(from.0, to.0, 6, 1020);
     f[50..52].copy_from_slice(&fold(pseudo).to_be_bytes());
+    f
+}
+
+/// A guest's USO super-frame to the outside through the gateway: [`udp_frame`] re-addressed,
+/// its header checksum and partial UDP checksum made to match.
+fn routed_uso(dst: MacAddr, src: MacAddr, to: [u8; 4]) -> Vec<u8> {
+    let mut f = udp_frame(dst, src, 12_000);
+    f[30..34].copy_from_slice(&to);
+    let c = !fold(accumulate(0, &f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let pseudo = pseudo_header_v4(SRC_IP, to, 17, 8 + 12_000);
+    f[40..42].copy_from_slice(&fold(pseudo).to_be_bytes());
     f
 }
 
@@ -267,6 +328,21 @@ fn engine_translates_established_nat_flows_without_allocating() {
         engine.handle_frame(now, guest, &hdr, &mut syn),
         Verdict::Forward(uplink)
     );
+    // A UDP flow whose guest sends USO super-frames (translated once each, never cut).
+    let uso = VnetHdr {
+        flags: vnet::F_NEEDS_CSUM,
+        gso_type: gso::UDP_L4,
+        hdr_len: 42,
+        gso_size: 1200,
+        csum_start: 34,
+        csum_offset: 6,
+    };
+    let uso_template = routed_uso(GW, A, [203, 0, 113, 1]);
+    let mut uso_frame = uso_template.clone();
+    assert_eq!(
+        engine.handle_frame(now, guest, &uso, &mut uso_frame),
+        Verdict::Forward(uplink)
+    );
     let mut out = out_template.clone();
     let mut inb = in_template.clone();
     let info = allocation_counter::measure(|| {
@@ -274,6 +350,7 @@ fn engine_translates_established_nat_flows_without_allocating() {
             let t = now + Duration::from_micros(i);
             out.copy_from_slice(&out_template);
             inb.copy_from_slice(&in_template);
+            uso_frame.copy_from_slice(&uso_template);
             assert_eq!(
                 engine.handle_frame(t, guest, &hdr, &mut out),
                 Verdict::Forward(uplink)
@@ -282,9 +359,19 @@ fn engine_translates_established_nat_flows_without_allocating() {
                 engine.handle_frame(t, uplink, &hdr, &mut inb),
                 Verdict::Forward(guest)
             );
+            assert_eq!(
+                engine.handle_frame(t, guest, &uso, &mut uso_frame),
+                Verdict::Forward(uplink)
+            );
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");
     assert_eq!(&out[26..30], &[203, 0, 113, 2]);
     assert_eq!(&inb[30..34], &SRC_IP);
+    // RFC 768 / RFC 1624: the super-frame's partial sum is the pseudo-header's of the new
+    // source, over its whole UDP length.
+    assert_eq!(&uso_frame[26..30], &[203, 0, 113, 2]);
+    let pseudo = pseudo_header_v4([203, 0, 113, 2], [203, 0, 113, 1], 17, 8 + 12_000);
+    assert_eq!(&uso_frame[40..42], &fold(pseudo).to_be_bytes());
+    assert_eq!(uso_frame.len(), uso_template.len(), "one frame, not cut");
 }
