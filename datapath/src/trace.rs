@@ -10,6 +10,7 @@
 use crate::engine::{Stats, Verdict};
 use crate::port::PortId;
 use crate::wire::VnetHdr;
+use crate::wire::vnet::gso;
 use std::fmt::Write as _;
 
 /// One traced frame.
@@ -173,9 +174,16 @@ pub fn describe(frame: &[u8], vnet: &VnetHdr) -> String {
         }
     }
     if vnet.is_gso() {
+        let kind = match vnet.gso_type & !gso::ECN {
+            gso::TCPV4 => "TCPv4",
+            gso::TCPV6 => "TCPv6",
+            gso::UDP => "UFO",
+            gso::UDP_L4 => "UDP",
+            _ => "unknown",
+        };
         let _ = write!(
             out,
-            " [GSO {} segments of {}]",
+            " [GSO {kind} (type {}), segments of {}]",
             vnet.gso_type, vnet.gso_size
         );
     } else if vnet.needs_csum() {
@@ -314,6 +322,22 @@ mod tests {
         ip[14] = 0x4f; // an IHL longer than the packet
         ip[23] = 6;
         let _ = describe(&ip, &VnetHdr::default());
+    }
+
+    #[test]
+    fn names_the_gso_type() {
+        let mut frame = vec![0u8; 14 + 28];
+        frame[12] = 8;
+        let uso = VnetHdr {
+            gso_type: gso::UDP_L4,
+            gso_size: 1200,
+            ..Default::default()
+        };
+        let text = describe(&frame, &uso);
+        assert!(
+            text.contains("[GSO UDP (type 5), segments of 1200]"),
+            "{text}"
+        );
     }
 }
 
