@@ -259,6 +259,74 @@ while True:
     s.sendto(head + question + answers, peer)
 "#;
 
+/// Sends one UDP super-frame: from port argv[3] (0: any) to argv[1]:argv[2], 12000 bytes
+/// (byte i is i % 251) in ONE `send` with `UDP_SEGMENT` (103) at 1200, so the kernel hands
+/// the interface (or its own GSO) ten datagrams' worth as one frame.
+pub const USO_SENDER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[3]) if len(sys.argv) > 3 else 0))
+s.setsockopt(socket.SOL_UDP, 103, 1200)
+s.connect((sys.argv[1], int(sys.argv[2])))
+assert s.send(bytes(i % 251 for i in range(12000))) == 12000
+"#;
+
+/// Receives the datagrams of one [`USO_SENDER`] send on argv[1]:argv[2] (bounded: until 10
+/// arrived or none for 5 s) and prints "COUNT SIZES intact|damaged FROM": intact when datagram
+/// k holds bytes 1200k.. of the sender's 12000, in order.
+pub const USO_RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(5)
+want = bytes(i % 251 for i in range(12000))
+got, peer = [], None
+try:
+    while len(got) < 10:
+        data, peer = s.recvfrom(65535)
+        got.append(data)
+except socket.timeout:
+    pass
+intact = b"".join(got) == want and all(len(g) == 1200 for g in got)
+print(len(got), ",".join(str(len(g)) for g in got), "intact" if intact else "damaged",
+      "%s:%d" % peer if peer else "-")
+"#;
+
+/// What [`USO_RECEIVER`] prints for the ten 1200-byte datagrams of one send from `from`.
+pub fn uso_received_from(from: &str) -> String {
+    format!("10 {} intact {from}", ["1200"; 10].join(","))
+}
+
+/// Starts [`USO_RECEIVER`] on `addr`:`port` inside `ns` and returns once it is bound; join the
+/// handle for what it printed.
+pub fn uso_receiver(ns: &Netns, addr: &str, port: u16) -> std::thread::JoinHandle<String> {
+    let (name, addr_arg, port_arg) = (ns.name.clone(), addr.to_string(), port.to_string());
+    let handle = std::thread::spawn(move || {
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "timeout",
+            "20",
+            "python3",
+            "-c",
+            USO_RECEIVER,
+            &addr_arg,
+            &port_arg,
+        ])
+    });
+    let needle = format!(":{port} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns.must(&["ss", "-lnu"]).contains(&needle) {
+        assert!(Instant::now() < deadline, "the receiver never bound {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    handle
+}
+
 /// An ordinary user made for one test (no capabilities, no home), removed on drop.
 #[derive(Debug)]
 pub struct TestUser {

@@ -645,3 +645,77 @@ fn an_uplink_that_goes_down_and_up_carries_again() {
         assert!(Instant::now() < deadline, "NAT never carried again");
     }
 }
+
+/// USO through packet NAT, both ways. A guest's `UDP_SEGMENT` send of ten datagrams reaches
+/// the engine as one super-frame, is translated once (source address and checksum's partial
+/// sum, RFC 1624) and leaves the uplink's packet socket still one frame, with its virtio-net
+/// header: the outside's kernel hands its socket the ten datagrams, from the external address.
+/// The outside answers the same way: its super-frame arrives whole through the uplink (read
+/// and ring), is translated back once, and the guest's kernel splits it.
+#[test]
+fn a_uso_send_crosses_the_nat_as_one_frame_each_way() {
+    require(&["ss"]);
+    for uplink_rx in ["read", "ring"] {
+        let net = nat_net_with(1, "", 1500, uplink_rx);
+        let (g, outside) = (&net.guests[0], &net.outside);
+        g.must(&["ping", "-c", "1", "-W", "2", OUTSIDE]);
+        let tracer = Tracer::start(
+            "nat",
+            &control(&net),
+            &[
+                "--count",
+                "20",
+                "--filter",
+                "udp and port 9000",
+                "--duration",
+                "4",
+            ],
+        );
+        let receiver = uso_receiver(outside, OUTSIDE, 9000);
+        g.must(&[
+            "timeout", "10", "python3", "-c", USO_SENDER, OUTSIDE, "9000", "40000",
+        ]);
+        let got = receiver.join().unwrap();
+        assert_eq!(got.trim(), uso_received_from(&format!("{EXTERNAL}:40000")));
+
+        let receiver = uso_receiver(g, "0.0.0.0", 40000);
+        outside.must(&[
+            "timeout", "10", "python3", "-c", USO_SENDER, EXTERNAL, "40000", "9000",
+        ]);
+        let got = receiver.join().unwrap();
+        assert_eq!(
+            got.trim(),
+            uso_received_from(&format!("{OUTSIDE}:9000")),
+            "rx={uplink_rx}"
+        );
+
+        let trace = tracer.output();
+        assert!(
+            trace.contains("frame 2:") && !trace.contains("frame 3:"),
+            "one frame each way (rx={uplink_rx}):\n{trace}"
+        );
+        assert_eq!(
+            trace
+                .matches("[GSO UDP (type 5), segments of 1200], 12042 bytes")
+                .count(),
+            4,
+            "each frame as it came and as rewritten (rx={uplink_rx}):\n{trace}"
+        );
+        for needle in [
+            "192.168.122.10:40000 > 203.0.113.1:9000",
+            "203.0.113.2:40000 > 203.0.113.1:9000",
+            "203.0.113.1:9000 > 192.168.122.10:40000",
+            "nat.translated_out +1",
+            "nat.translated_in +1",
+        ] {
+            assert!(
+                trace.contains(needle),
+                "{needle} (rx={uplink_rx}):\n{trace}"
+            );
+        }
+        let mut sy = net.sy;
+        let stats = sy.stop_json();
+        assert_eq!(sum_of(&stats, "drop_tx_error"), 0, "{stats}");
+        assert_eq!(sum_of(&stats, "drop_ring_truncated"), 0, "{stats}");
+    }
+}

@@ -322,3 +322,44 @@ fn bulk_tcp_both_ways_through_socket_nat() {
         assert!(bps > 50e6, "reverse={reverse}: {bps} bit/s\n{out}");
     }
 }
+
+/// USO through socket NAT: a guest's `UDP_SEGMENT` send of ten datagrams reaches the engine
+/// as one super-frame (the trace sees one frame) and leaves the host's UDP socket as the ten
+/// datagrams it stands for (RFC 768: boundaries kept), not as one 12 000-byte datagram; the
+/// outside receives them, intact, from the host's address.
+#[test]
+fn a_uso_send_leaves_the_host_socket_as_its_datagrams() {
+    require(&["ss"]);
+    let net = socket_net("");
+    let tracer = Tracer::start(
+        "default",
+        &net.control(),
+        &[
+            "--count",
+            "20",
+            "--filter",
+            "udp and port 9000",
+            "--duration",
+            "3",
+        ],
+    );
+    let receiver = uso_receiver(&net.outside, OUTSIDE, 9000);
+    net.guest.must(&[
+        "timeout", "10", "python3", "-c", USO_SENDER, OUTSIDE, "9000", "40000",
+    ]);
+    let got = receiver.join().unwrap();
+    assert_eq!(got.trim(), uso_received_from(&format!("{HOST}:40000")));
+    let trace = tracer.output();
+    assert!(
+        trace.contains("frame 1:") && !trace.contains("frame 2:"),
+        "one frame from the guest:\n{trace}"
+    );
+    assert!(
+        trace.contains("[GSO UDP (type 5), segments of 1200], 12042 bytes")
+            && trace.contains("socket_nat.udp_super_frames_out +1"),
+        "{trace}"
+    );
+    let counters = &net.stats()["engine"]["socket_nat"];
+    assert_eq!(counters["udp_super_frames_out"], 1, "{counters}");
+    assert_eq!(counters["udp_datagrams_out"], 10, "{counters}");
+}

@@ -237,3 +237,77 @@ fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
     let left = must(&["ip", "netns", "list"]);
     assert!(!left.contains(tag), "{tag}: {left}");
 }
+
+/// USO between taps: the guests' eth0 take UDP segmentation offload (`tx-udp-segmentation:
+/// on`), so a `UDP_SEGMENT` send of ten datagrams leaves the guest as ONE 12 042-byte frame
+/// (the trace sees one frame, of GSO type UDP), crosses the switch untouched, and the other
+/// guest's kernel hands its socket the ten 1200-byte datagrams, intact (RFC 768: boundaries
+/// kept).
+#[test]
+fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
+    use switchyard_tests::{TempDir, Tracer, USO_SENDER, uso_received_from, uso_receiver};
+    require(&["ip", "ping", "python3", "ethtool", "ss"]);
+    let dir = TempDir::new("syuso");
+    let control = dir.file("ctl.sock");
+    let (a, b) = (Netns::new("g"), Netns::new("g"));
+    let (tap_a, tap_b) = (a.tap_arg("eth0", MACS[0]), b.tap_arg("eth0", MACS[1]));
+    let mut sy = Switchyard::start(&[
+        "run",
+        "--json",
+        "--control",
+        &control,
+        "--tap",
+        &tap_a,
+        "--tap",
+        &tap_b,
+    ]);
+    for (ns, ip) in [(&a, "192.168.122.10/24"), (&b, "192.168.122.11/24")] {
+        ns.set_static_address("eth0", ip, None);
+        let features = ns.must(&["ethtool", "-k", "eth0"]);
+        assert!(
+            features.contains("tx-udp-segmentation: on"),
+            "the tap did not take USO:\n{features}"
+        );
+    }
+    a.must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
+
+    let receiver = uso_receiver(&b, "192.168.122.11", 9000);
+    let tracer = Tracer::start(
+        "default",
+        &control,
+        &[
+            "--count",
+            "20",
+            "--filter",
+            "udp and port 9000",
+            "--duration",
+            "3",
+        ],
+    );
+    a.must(&[
+        "timeout",
+        "10",
+        "python3",
+        "-c",
+        USO_SENDER,
+        "192.168.122.11",
+        "9000",
+        "40000",
+    ]);
+    let got = receiver.join().unwrap();
+    assert_eq!(got.trim(), uso_received_from("192.168.122.10:40000"));
+    let trace = tracer.output();
+    assert!(
+        trace.contains("frame 1:") && !trace.contains("frame 2:"),
+        "one frame crossed:\n{trace}"
+    );
+    assert!(
+        trace.contains("[GSO UDP (type 5), segments of 1200], 12042 bytes")
+            && trace.contains("verdict: forward to port 1"),
+        "{trace}"
+    );
+    let stats = sy.stop_json();
+    let (from, to) = (port_counters(&stats, 0), port_counters(&stats, 1));
+    assert_eq!(from["drop_offload_unsupported"], 0, "{from}");
+    assert_eq!(to["drop_tx_error"], 0, "{to}");
+}
