@@ -110,6 +110,10 @@ fn a_mixed_load_levels_off_in_memory_and_fds() {
         "--json".into(),
         "--control".into(),
         control.clone(),
+        // Two threads: the worker hands every one of these frames (NAT, DHCP, DNS) to the
+        // engine, so the hand-over and both threads' lifetimes are soaked too.
+        "--workers".into(),
+        "2".into(),
     ];
     for (i, g) in guests.iter().enumerate() {
         args.push("--tap".into());
