@@ -212,6 +212,15 @@ impl Drop for Netns {
     }
 }
 
+/// `--tap` arguments giving each of `guests` an `eth0` with the MAC beside it.
+pub fn tap_args(guests: &[Netns], macs: &[&str]) -> Vec<String> {
+    guests
+        .iter()
+        .zip(macs)
+        .map(|(ns, mac)| ns.tap_arg("eth0", mac))
+        .collect()
+}
+
 /// A busybox `udhcpc` event script for a directory's tests: on `bound` it sets the address
 /// and default route and writes "IP SERVER" to `SCRIPT.lease`.
 pub fn udhcpc_script(dir: &TempDir) -> String {
@@ -295,6 +304,19 @@ print(len(got), ",".join(str(len(g)) for g in got), "intact" if intact else "dam
 "#;
 
 /// What [`USO_RECEIVER`] prints for the ten 1200-byte datagrams of one send from `from`.
+/// Asserts that `trace` (a `switchyard trace` of the USO sender's port) shows exactly one
+/// frame, the sender's 12000-byte super-frame (10 x 1200), and the line `also`.
+pub fn assert_one_uso_frame(trace: &str, also: &str) {
+    assert!(
+        trace.contains("frame 1:") && !trace.contains("frame 2:"),
+        "one frame crossed:\n{trace}"
+    );
+    assert!(
+        trace.contains("[GSO UDP (type 5), segments of 1200], 12042 bytes") && trace.contains(also),
+        "expected {also:?}:\n{trace}"
+    );
+}
+
 pub fn uso_received_from(from: &str) -> String {
     format!("10 {} intact {from}", ["1200"; 10].join(","))
 }

@@ -21,19 +21,26 @@ const C: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0xc]);
 const SRC_IP: [u8; 4] = [192, 168, 122, 10];
 const DST_IP: [u8; 4] = [192, 168, 122, 11];
 
-/// An Ethernet/IPv4/TCP frame from `src` to `dst` carrying `payload` bytes, with the TCP
-/// checksum field holding the pseudo-header sum as the kernel leaves it for NEEDS_CSUM.
-fn tcp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
-    let mut f = vec![0u8; 54 + payload];
+/// An Ethernet frame from `src` to `dst` with an IPv4 header (TTL 64, protocol `proto`,
+/// SRC_IP to DST_IP) before `l4_len` zero bytes.
+fn ipv4_frame(dst: MacAddr, src: MacAddr, proto: u8, l4_len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 34 + l4_len];
     f[0..6].copy_from_slice(&dst.0);
     f[6..12].copy_from_slice(&src.0);
     f[12..14].copy_from_slice(&[0x08, 0x00]);
     f[14] = 0x45;
-    f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    f[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
     f[22] = 64;
-    f[23] = 6;
+    f[23] = proto;
     f[26..30].copy_from_slice(&SRC_IP);
     f[30..34].copy_from_slice(&DST_IP);
+    f
+}
+
+/// An Ethernet/IPv4/TCP frame from `src` to `dst` carrying `payload` bytes, with the TCP
+/// checksum field holding the pseudo-header sum as the kernel leaves it for NEEDS_CSUM.
+fn tcp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
+    let mut f = ipv4_frame(dst, src, 6, 20 + payload);
     f[46] = 5 << 4;
     f[47] = 0x10;
     let pseudo = pseudo_header_v4(SRC_IP, DST_IP, 6, (20 + payload) as u16);
@@ -45,16 +52,7 @@ fn tcp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
 /// checksum field holding the pseudo-header sum (NEEDS_CSUM), as a `UDP_SEGMENT` send leaves
 /// a Linux guest.
 fn udp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
-    let mut f = vec![0u8; 42 + payload];
-    f[0..6].copy_from_slice(&dst.0);
-    f[6..12].copy_from_slice(&src.0);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
-    f[22] = 64;
-    f[23] = 17;
-    f[26..30].copy_from_slice(&SRC_IP);
-    f[30..34].copy_from_slice(&DST_IP);
+    let mut f = ipv4_frame(dst, src, 17, 8 + payload);
     f[34..36].copy_from_slice(&40000u16.to_be_bytes());
     f[36..38].copy_from_slice(&4433u16.to_be_bytes());
     f[38..40].copy_from_slice(&((8 + payload) as u16).to_be_bytes());

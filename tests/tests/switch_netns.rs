@@ -15,11 +15,7 @@ const MACS: [&str; 3] = [
 
 fn three_guests() -> ([Netns; 3], Switchyard) {
     let guests = [Netns::new("g"), Netns::new("g"), Netns::new("g")];
-    let taps: Vec<String> = guests
-        .iter()
-        .zip(MACS)
-        .map(|(ns, mac)| ns.tap_arg("eth0", mac))
-        .collect();
+    let taps = switchyard_tests::tap_args(&guests, &MACS);
     let sy = Switchyard::start(&[
         "run", "--json", "--tap", &taps[0], "--tap", &taps[1], "--tap", &taps[2],
     ]);
@@ -245,7 +241,9 @@ fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
 /// kept).
 #[test]
 fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
-    use switchyard_tests::{TempDir, Tracer, USO_SENDER, uso_received_from, uso_receiver};
+    use switchyard_tests::{
+        TempDir, Tracer, USO_SENDER, assert_one_uso_frame, uso_received_from, uso_receiver,
+    };
     require(&["ip", "ping", "python3", "ethtool", "ss"]);
     let dir = TempDir::new("syuso");
     let control = dir.file("ctl.sock");
@@ -296,16 +294,7 @@ fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
     ]);
     let got = receiver.join().unwrap();
     assert_eq!(got.trim(), uso_received_from("192.168.122.10:40000"));
-    let trace = tracer.output();
-    assert!(
-        trace.contains("frame 1:") && !trace.contains("frame 2:"),
-        "one frame crossed:\n{trace}"
-    );
-    assert!(
-        trace.contains("[GSO UDP (type 5), segments of 1200], 12042 bytes")
-            && trace.contains("verdict: forward to port 1"),
-        "{trace}"
-    );
+    assert_one_uso_frame(&tracer.output(), "verdict: forward to port 1");
     let stats = sy.stop_json();
     let (from, to) = (port_counters(&stats, 0), port_counters(&stats, 1));
     assert_eq!(from["drop_offload_unsupported"], 0, "{from}");

@@ -16,11 +16,7 @@ const MACS: [&str; 3] = [
 
 fn three_guests(control: &str) -> ([Netns; 3], Switchyard) {
     let guests = [Netns::new("w"), Netns::new("w"), Netns::new("w")];
-    let taps: Vec<String> = guests
-        .iter()
-        .zip(MACS)
-        .map(|(ns, mac)| ns.tap_arg("eth0", mac))
-        .collect();
+    let taps = switchyard_tests::tap_args(&guests, &MACS);
     let sy = Switchyard::start(&[
         "run",
         "--json",
