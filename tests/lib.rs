@@ -736,6 +736,22 @@ impl Tracer {
     }
 
     /// Waits for the trace to end (its count or duration) and returns what it printed.
+    /// A trace of the USO sender's frames (UDP to port 9000) on the network `default`.
+    pub fn uso(control: &str) -> Tracer {
+        Tracer::start(
+            "default",
+            control,
+            &[
+                "--count",
+                "20",
+                "--filter",
+                "udp and port 9000",
+                "--duration",
+                "3",
+            ],
+        )
+    }
+
     pub fn output(self) -> String {
         let out = self.0.wait_with_output().expect("switchyard trace");
         String::from_utf8_lossy(&out.stdout).into_owned()

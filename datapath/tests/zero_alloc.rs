@@ -64,6 +64,16 @@ fn udp_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
     f
 }
 
+/// A `UDP_SEGMENT` send's header: 1200-byte datagrams, the UDP checksum left to the device.
+const USO_1200: VnetHdr = VnetHdr {
+    flags: vnet::F_NEEDS_CSUM,
+    gso_type: gso::UDP_L4,
+    hdr_len: 42,
+    gso_size: 1200,
+    csum_start: 34,
+    csum_offset: 6,
+};
+
 fn with_vnet(hdr: VnetHdr, frame: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; vnet::LEN];
     hdr.emit(&mut buf);
@@ -164,14 +174,7 @@ fn poll_loop_forwards_floods_and_completes_offloads_without_allocating() {
         csum_offset: 16,
     };
     let a_to_c_tso = with_vnet(tso, &tcp_frame(C, A, 60_000));
-    let uso = VnetHdr {
-        flags: vnet::F_NEEDS_CSUM,
-        gso_type: gso::UDP_L4,
-        hdr_len: 42,
-        gso_size: 1200,
-        csum_start: 34,
-        csum_offset: 6,
-    };
+    let uso = USO_1200;
     let a_to_b_uso = with_vnet(uso, &udp_frame(B, A, 12_000));
     let a_to_c_uso = with_vnet(uso, &udp_frame(C, A, 12_000));
 
@@ -327,14 +330,7 @@ fn engine_translates_established_nat_flows_without_allocating() {
         Verdict::Forward(uplink)
     );
     // A UDP flow whose guest sends USO super-frames (translated once each, never cut).
-    let uso = VnetHdr {
-        flags: vnet::F_NEEDS_CSUM,
-        gso_type: gso::UDP_L4,
-        hdr_len: 42,
-        gso_size: 1200,
-        csum_start: 34,
-        csum_offset: 6,
-    };
+    let uso = USO_1200;
     let uso_template = routed_uso(GW, A, [203, 0, 113, 1]);
     let mut uso_frame = uso_template.clone();
     assert_eq!(

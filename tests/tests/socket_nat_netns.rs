@@ -331,18 +331,7 @@ fn bulk_tcp_both_ways_through_socket_nat() {
 fn a_uso_send_leaves_the_host_socket_as_its_datagrams() {
     require(&["ss"]);
     let net = socket_net("");
-    let tracer = Tracer::start(
-        "default",
-        &net.control(),
-        &[
-            "--count",
-            "20",
-            "--filter",
-            "udp and port 9000",
-            "--duration",
-            "3",
-        ],
-    );
+    let tracer = Tracer::uso(&net.control());
     let receiver = uso_receiver(&net.outside, OUTSIDE, 9000);
     net.guest.must(&[
         "timeout", "10", "python3", "-c", USO_SENDER, OUTSIDE, "9000", "40000",

@@ -270,18 +270,7 @@ fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
     a.must(&["ping", "-c", "1", "-W", "2", "192.168.122.11"]);
 
     let receiver = uso_receiver(&b, "192.168.122.11", 9000);
-    let tracer = Tracer::start(
-        "default",
-        &control,
-        &[
-            "--count",
-            "20",
-            "--filter",
-            "udp and port 9000",
-            "--duration",
-            "3",
-        ],
-    );
+    let tracer = Tracer::uso(&control);
     a.must(&[
         "timeout",
         "10",
