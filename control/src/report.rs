@@ -52,9 +52,10 @@ pub fn stats_table(stats: &Stats) -> String {
     let e = &stats.engine;
     let _ = writeln!(
         out,
-        "switch: {} forwarded ({} by workers), {} flooded; fdb: {} entries, {} learned, {} moved, {} aged, {} not learned (table full)",
+        "switch: {} forwarded ({} by workers, {} handed by workers to the engine), {} flooded; fdb: {} entries, {} learned, {} moved, {} aged, {} not learned (table full)",
         e.forwarded,
         e.worker_forwarded,
+        e.worker_handed_over,
         e.flooded,
         stats.fdb_entries,
         e.fdb.learned,

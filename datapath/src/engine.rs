@@ -111,6 +111,9 @@ pub struct EngineCounters {
     pub forwarded: u64,
     /// Of `forwarded`, frames the fast-path workers switched without the engine.
     pub worker_forwarded: u64,
+    /// Frames the fast-path workers read and handed to the engine (for the gateway, ARP,
+    /// broadcast, unknown or moved MACs, clean-traffic ports, while a trace or capture runs).
+    pub worker_handed_over: u64,
     pub flooded: u64,
     pub fdb: FdbCounters,
     pub gateway: GatewayCounters,
@@ -169,6 +172,7 @@ pub struct Engine {
     icmp_refilled: Option<Instant>,
     forwarded: u64,
     worker_forwarded: u64,
+    worker_handed_over: u64,
     flooded: u64,
     icmp_errors_sent: u64,
     icmp_errors_rate_limited: u64,
@@ -238,6 +242,7 @@ impl Engine {
             icmp_refilled: None,
             forwarded: 0,
             worker_forwarded: 0,
+            worker_handed_over: 0,
             flooded: 0,
             icmp_errors_sent: 0,
             icmp_errors_rate_limited: 0,
@@ -298,10 +303,19 @@ impl Engine {
         self.max_plain_frame
     }
 
-    /// Frames a fast-path worker read from `port` and switched itself.
-    pub fn record_worker_rx(&mut self, port: PortId, packets: u64, bytes: u64, forwarded: u64) {
+    /// What a fast-path worker read from `port`: `(packets, bytes)` it counted (those it
+    /// switched itself, `forwarded`, or dropped), and how many it handed to the engine (which
+    /// counts them when it handles them).
+    pub fn record_worker_rx(
+        &mut self,
+        port: PortId,
+        (packets, bytes): (u64, u64),
+        forwarded: u64,
+        handed_over: u64,
+    ) {
         self.forwarded += forwarded;
         self.worker_forwarded += forwarded;
+        self.worker_handed_over += handed_over;
         if let Some(c) = self.counters_mut(port) {
             c.rx_packets += packets;
             c.rx_bytes += bytes;
@@ -1418,6 +1432,7 @@ impl Engine {
             engine: EngineCounters {
                 forwarded: self.forwarded,
                 worker_forwarded: self.worker_forwarded,
+                worker_handed_over: self.worker_handed_over,
                 flooded: self.flooded,
                 fdb: self.fdb.counters.clone(),
                 gateway: self

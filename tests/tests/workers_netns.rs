@@ -103,6 +103,10 @@ fn two_workers_share_the_taps_switch_known_unicast_and_leave_the_rest_to_the_eng
     let by_workers = engine["worker_forwarded"].as_u64().unwrap();
     assert!(by_workers > 1000, "the worker switched frames: {stats}");
     assert!(
+        engine["worker_handed_over"].as_u64().unwrap() > 0,
+        "DHCP, ARP and pings to the gateway from queue 1 went to the engine: {stats}"
+    );
+    assert!(
         engine["forwarded"].as_u64().unwrap() > by_workers,
         "the engine switched the flows of queue 0: {stats}"
     );

@@ -774,9 +774,9 @@ impl Datapath {
                 };
                 self.engine.record_worker_rx(
                     port,
-                    counts.rx_packets,
-                    counts.rx_bytes,
+                    (counts.rx_packets, counts.rx_bytes),
                     counts.forwarded,
+                    counts.handed_over,
                 );
                 self.engine
                     .record_tx(port, counts.tx_packets, counts.tx_bytes as usize);

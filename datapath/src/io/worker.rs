@@ -69,6 +69,7 @@ struct Tally {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
     tx_errors: AtomicU64,
+    handed_over: AtomicU64,
     handover_full: AtomicU64,
 }
 
@@ -81,6 +82,7 @@ pub(crate) struct Counts {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_errors: u64,
+    pub handed_over: u64,
     pub handover_full: u64,
 }
 
@@ -94,6 +96,7 @@ impl Counts {
             tx_packets: self.tx_packets - before.tx_packets,
             tx_bytes: self.tx_bytes - before.tx_bytes,
             tx_errors: self.tx_errors - before.tx_errors,
+            handed_over: self.handed_over - before.handed_over,
             handover_full: self.handover_full - before.handover_full,
         }
     }
@@ -114,6 +117,7 @@ impl Tally {
             tx_packets: get(&self.tx_packets),
             tx_bytes: get(&self.tx_bytes),
             tx_errors: get(&self.tx_errors),
+            handed_over: get(&self.handed_over),
             handover_full: get(&self.handover_full),
         }
     }
@@ -442,7 +446,9 @@ impl Worker {
             len: n,
             buf,
         };
-        if self.handed.try_send(handed).is_err() {
+        if self.handed.try_send(handed).is_ok() {
+            bump(&self.tallies[port.0 as usize].handed_over, 1);
+        } else {
             dropped();
         }
     }
@@ -521,9 +527,9 @@ mod tests {
         assert_eq!((handed.port, handed.len), (pa, unicast.len()));
         let counts = worker.fold(pa).expect("counted");
         assert_eq!(
-            (counts.rx_packets, counts.forwarded),
-            (1, 1),
-            "handed: not counted"
+            (counts.rx_packets, counts.forwarded, counts.handed_over),
+            (1, 1, 1),
+            "a frame handed over is the engine's to count as received"
         );
         assert_eq!(worker.fold(pb).map(|c| c.tx_packets), Some(1));
 
