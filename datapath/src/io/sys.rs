@@ -186,6 +186,104 @@ fn setsockopt<T>(
     Ok(())
 }
 
+/// Asks the kernel to coalesce datagrams for the UDP socket `fd` (`UDP_GRO`, Linux 5.0): a
+/// train from one sender (a `UDP_SEGMENT` send, or datagrams GRO merged on receive) is read
+/// in one call, with its datagram size in a control message ([`recv_gro`]).
+pub fn enable_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, &(1 as libc::c_int))
+}
+
+/// What one [`recv_gro`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroRead {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The sender, when it has an IPv4 address.
+    pub from: Option<std::net::SocketAddrV4>,
+    /// The size of each coalesced datagram (the last may be shorter), when the kernel
+    /// coalesced (a `UDP_GRO` control message); `None` for one plain datagram.
+    pub segment: Option<u16>,
+    /// The buffer was too small (`MSG_TRUNC`): what it holds is incomplete.
+    pub truncated: bool,
+}
+
+/// Room for control messages on a [`recv_gro`]: `CMSG_SPACE(sizeof(int))` is 24 bytes on
+/// 64-bit Linux; twice that leaves room for one we did not ask for. `u64`s for the alignment
+/// of `cmsghdr`.
+const GRO_CONTROL_WORDS: usize = 8;
+
+/// Receives one datagram, or several the kernel coalesced (see [`enable_udp_gro`]), from the
+/// UDP socket `fd` into `buf`, with its sender. Non-blocking as `fd` is.
+pub fn recv_gro(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<GroRead> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: sockaddr_in is plain integers; all zeros is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; GRO_CONTROL_WORDS];
+    let mut msg = empty_msghdr();
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `addr` (msg_namelen bytes), `iov` (over `buf`) and `control`
+    // (msg_controllen bytes), all alive and writable for the call; the kernel writes no more
+    // than those lengths.
+    let len = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })?;
+    let from = (addr.sin_family == libc::AF_INET as libc::sa_family_t
+        && msg.msg_namelen as usize >= std::mem::size_of::<libc::sockaddr_in>())
+    .then(|| {
+        std::net::SocketAddrV4::new(
+            u32::from_be(addr.sin_addr.s_addr).into(),
+            u16::from_be(addr.sin_port),
+        )
+    });
+    // How much of `control` the kernel wrote.
+    #[allow(clippy::unnecessary_cast)] // a size_t in glibc, a socklen_t in musl
+    let written = (msg.msg_controllen as usize).min(std::mem::size_of_val(&control));
+    let mut segment = None;
+    // SAFETY: `msg` is the header recvmsg just filled: msg_control points at `control` and
+    // msg_controllen says how much of it the kernel wrote, which is all CMSG_FIRSTHDR reads.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return either null or a pointer to a whole
+        // `cmsghdr` inside `control` (they check it against msg_controllen), aligned as the
+        // buffer of u64s is.
+        let header = unsafe { &*cmsg };
+        // Where the message's int would end, from the start of `control`: inside what the
+        // kernel wrote, and inside what the message says it holds.
+        let offset = cmsg as usize - control.as_ptr() as usize;
+        let int_end =
+            offset + std::mem::size_of::<libc::cmsghdr>() + std::mem::size_of::<libc::c_int>();
+        #[allow(clippy::unnecessary_cast)] // a size_t in glibc, a socklen_t in musl
+        let message_end = offset + header.cmsg_len as usize;
+        if header.cmsg_level == libc::SOL_UDP
+            && header.cmsg_type == libc::UDP_GRO
+            && int_end <= message_end
+            && int_end <= written
+        {
+            // SAFETY: `cmsg` points at a whole message in `control` (above); CMSG_DATA only
+            // computes the address just past its header.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            // SAFETY: the int at `data` lies inside `control` and inside the message (both
+            // checked above, `int_end`); read_unaligned assumes nothing of its alignment.
+            let size = unsafe { std::ptr::read_unaligned(data) };
+            segment = u16::try_from(size).ok().filter(|&s| s > 0);
+        }
+        // SAFETY: as for CMSG_FIRSTHDR: `msg` and `cmsg` are the header and a message in it.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(GroRead {
+        len,
+        from,
+        segment,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
 /// Socket buffer size asked for on the uplink, so bursts (a TSO train, an iperf3 window)
 /// queue in the kernel rather than drop while the engine serves other ports.
 const PACKET_SOCKET_BUFFER: libc::c_int = 8 << 20;
@@ -737,4 +835,70 @@ pub fn drop_capabilities(keep: &[u32]) -> io::Result<()> {
         ) as libc::c_int
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+
+    /// Sends `data` from `socket` to `to` as datagrams of `segment` bytes in one call
+    /// (`UDP_SEGMENT`, Linux 4.18), as a USO sender does.
+    fn send_segmented(socket: &UdpSocket, to: SocketAddrV4, data: &[u8], segment: u16) {
+        let size = libc::c_int::from(segment);
+        setsockopt(socket.as_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, &size).unwrap();
+        assert_eq!(socket.send_to(data, to).unwrap(), data.len());
+    }
+
+    fn loopback() -> (UdpSocket, SocketAddrV4) {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let std::net::SocketAddr::V4(addr) = socket.local_addr().unwrap() else {
+            unreachable!()
+        };
+        (socket, addr)
+    }
+
+    /// With UDP_GRO, a train of datagrams from one send is one read, its datagram size in the
+    /// control message; without it, the same train is read datagram by datagram, no size.
+    #[test]
+    fn recv_gro_reads_a_coalesced_train_with_its_size() {
+        let (sender, from) = loopback();
+        let (gro, gro_at) = loopback();
+        let (plain, plain_at) = loopback();
+        enable_udp_gro(gro.as_fd()).unwrap();
+        let data: Vec<u8> = (0..12_000u32).map(|i| (i % 251) as u8).collect();
+        let mut buf = vec![0; 65536];
+
+        send_segmented(&sender, gro_at, &data, 1200);
+        let read = recv_gro(gro.as_fd(), &mut buf).unwrap();
+        assert_eq!(
+            read,
+            GroRead {
+                len: 12_000,
+                from: Some(from),
+                segment: Some(1200),
+                truncated: false
+            }
+        );
+        assert_eq!(&buf[..read.len], &data[..]);
+
+        send_segmented(&sender, plain_at, &data, 1200);
+        for chunk in data.chunks(1200) {
+            let read = recv_gro(plain.as_fd(), &mut buf).unwrap();
+            assert_eq!(
+                (read.len, read.segment, read.from),
+                (1200, None, Some(from))
+            );
+            assert_eq!(&buf[..read.len], chunk);
+        }
+
+        // A buffer too small says so.
+        sender.send_to(&data[..100], plain_at).unwrap();
+        let read = recv_gro(plain.as_fd(), &mut buf[..10]).unwrap();
+        assert!(read.truncated);
+    }
 }
