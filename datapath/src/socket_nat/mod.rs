@@ -153,6 +153,24 @@ impl Datagrams {
     }
 }
 
+/// The most payload one UDP datagram over IPv4 carries: the total length's 65535 less the
+/// IPv4 and UDP headers. A super-frame to a guest holds no more either (its IPv4 total length
+/// covers it all).
+const MAX_UDP_PAYLOAD: usize = 65535 - 20 - 8;
+/// The most datagrams one UDP super-frame to a guest holds: Linux refuses (`EINVAL`) a
+/// virtio `GSO_UDP_L4` frame of more than `UDP_MAX_SEGMENTS`, 64 in older kernels (128 in
+/// newer ones), and GRO never coalesces more than 64.
+const MAX_SUPER_FRAME_SEGMENTS: usize = 64;
+const _: () =
+    assert!(ethernet::HEADER_LEN + 20 + 8 + MAX_UDP_PAYLOAD <= crate::engine::MAX_FRAME_LEN);
+
+/// What reached a guest from one host read.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delivered {
+    datagrams: u64,
+    bytes: u64,
+}
+
 /// How many datagrams `len` bytes make in `segment`-byte ones: an empty payload is still one
 /// (empty) datagram.
 fn datagram_count(len: usize, segment: usize) -> usize {
@@ -204,7 +222,13 @@ pub struct SocketNatCounters {
     pub udp_datagrams_out: u64,
     /// UDP super-frames (USO) from guests, each sent as the `udp_datagrams_out` it holds.
     pub udp_super_frames_out: u64,
+    /// Datagrams from host sockets to guests, coalesced or not.
     pub udp_datagrams_in: u64,
+    /// UDP super-frames (GSO_UDP_L4) to guests, each holding several of `udp_datagrams_in`:
+    /// datagrams the host's kernel coalesced (UDP GRO) and handed over in one read.
+    pub udp_super_frames_in: u64,
+    /// Host datagrams too long for an IPv4 packet to a guest, dropped.
+    pub udp_oversize_in: u64,
     /// Host datagrams the filtering policy refused.
     pub udp_filtered: u64,
     /// Host UDP sockets that could not be bound in the port range.
@@ -315,8 +339,9 @@ pub struct SocketNat {
     touched: Vec<u32>,
     /// Open TCP flows the I/O edge should move bytes for.
     ready: VecDeque<FlowId>,
-    /// ICMP frames to guests (ping replies, unreachables), framed but for the MACs.
-    frames: VecDeque<Vec<u8>>,
+    /// Frames to guests that are not the stack's (UDP from host sockets, ping replies,
+    /// unreachables), framed but for the MACs, with their offload state.
+    frames: VecDeque<(Vec<u8>, VnetHdr)>,
     stack_dirty: bool,
     next_poll: Option<Instant>,
     next_sweep: Option<Instant>,
@@ -852,6 +877,104 @@ impl SocketNat {
         Ok(())
     }
 
+    /// Frames `data` from `src` for the guest at `dst`: one datagram, or, with `segment`,
+    /// datagrams of that size back to back as UDP super-frames (virtio `GSO_UDP_L4`) of at
+    /// most [`MAX_SUPER_FRAME_SEGMENTS`] datagrams and [`MAX_UDP_PAYLOAD`] bytes each, so no
+    /// frame outgrows the engine's [`crate::engine::MAX_FRAME_LEN`]. A datagram too long for
+    /// any IPv4 packet is dropped and counted (`udp_oversize_in`). Frames are built in
+    /// recycled buffers: nothing is allocated per datagram once the spares are warm.
+    fn udp_to_guest(
+        &mut self,
+        (src, dst): (SocketAddrV4, SocketAddrV4),
+        data: &[u8],
+        segment: Option<usize>,
+    ) -> Delivered {
+        let segment = segment
+            .filter(|&s| s > 0 && s < data.len())
+            .unwrap_or(data.len());
+        let count = datagram_count(data.len(), segment);
+        if segment > MAX_UDP_PAYLOAD {
+            self.counters.udp_oversize_in += count as u64;
+            return Delivered::default();
+        }
+        let per_frame =
+            segment.max(1) * (MAX_UDP_PAYLOAD / segment.max(1)).min(MAX_SUPER_FRAME_SEGMENTS);
+        let mut at = 0;
+        loop {
+            let chunk = &data[at..(at + per_frame).min(data.len())];
+            self.push_udp_frame((src, dst), chunk, segment);
+            at += chunk.len();
+            if at >= data.len() {
+                break;
+            }
+        }
+        self.counters.udp_datagrams_in += count as u64;
+        Delivered {
+            datagrams: count as u64,
+            bytes: data.len() as u64,
+        }
+    }
+
+    /// Queues one frame for the guest holding `payload`: a plain UDP datagram with its
+    /// checksum (RFC 768) when it is one datagram (no longer than `segment`), else a UDP
+    /// super-frame whose UDP length covers all of it, its checksum field holding the
+    /// pseudo-header's sum for the device to complete (`NEEDS_CSUM`), as Linux leaves a
+    /// `CHECKSUM_PARTIAL` GSO packet.
+    fn push_udp_frame(
+        &mut self,
+        (src, dst): (SocketAddrV4, SocketAddrV4),
+        payload: &[u8],
+        segment: usize,
+    ) {
+        const L3: usize = ethernet::HEADER_LEN;
+        const L4: usize = L3 + 20;
+        const HEADERS: usize = L4 + 8;
+        let udp_len = 8 + payload.len();
+        let mut f = self.queues.spare.pop().unwrap_or_default();
+        f.clear();
+        f.resize(HEADERS, 0);
+        f.extend_from_slice(payload);
+        f[12..14].copy_from_slice(&ethernet::EtherType::IPV4.0.to_be_bytes());
+        let ip = &mut f[L3..L4];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        ip[8] = crate::gateway::DEFAULT_TTL;
+        ip[9] = PROTO_UDP;
+        ip[12..16].copy_from_slice(&src.ip().octets());
+        ip[16..20].copy_from_slice(&dst.ip().octets());
+        let c = checksum::checksum(ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let udp = &mut f[L4..];
+        udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        let sum = checksum::pseudo_header_v4(
+            src.ip().octets(),
+            dst.ip().octets(),
+            PROTO_UDP,
+            udp_len as u16,
+        );
+        let vnet = if payload.len() > segment {
+            udp[6..8].copy_from_slice(&checksum::fold(sum).to_be_bytes());
+            self.counters.udp_super_frames_in += 1;
+            VnetHdr {
+                flags: crate::wire::vnet::F_NEEDS_CSUM,
+                gso_type: gso::UDP_L4,
+                hdr_len: HEADERS as u16,
+                gso_size: segment as u16,
+                csum_start: L4 as u16,
+                csum_offset: 6,
+            }
+        } else {
+            let c = !checksum::fold(checksum::accumulate(sum, udp));
+            // RFC 768: a computed checksum of zero is sent as all ones.
+            let c = if c == 0 { 0xffff } else { c };
+            udp[6..8].copy_from_slice(&c.to_be_bytes());
+            VnetHdr::default()
+        };
+        self.frames.push_back((f, vnet));
+    }
+
     /// ICMP host unreachable (RFC 792) from the destination's router (the gateway) about
     /// `offending`.
     fn unreachable(&mut self, offending: &[u8]) {
@@ -859,7 +982,7 @@ impl SocketNat {
         if let Some(frame) =
             crate::gateway::icmp_error(macs, self.config.gateway, 3, 1, [0; 4], offending)
         {
-            self.frames.push_back(frame);
+            self.frames.push_back((frame, VnetHdr::default()));
         }
     }
 
@@ -885,7 +1008,7 @@ impl SocketNat {
         let sum = checksum::pseudo_header_v4(dst.octets(), src.octets(), PROTO_TCP, 20);
         let c = !checksum::fold(checksum::accumulate(sum, tcp));
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
-        self.frames.push_back(f);
+        self.frames.push_back((f, VnetHdr::default()));
     }
 
     /// A host connection from `from` to a forwarded port, for `guest`: the stack connects to
@@ -950,16 +1073,17 @@ impl SocketNat {
         Err(DropReason::NatPortsExhausted)
     }
 
-    /// A datagram from `remote` to the forwarded UDP port `listener` (the I/O edge's index),
-    /// for `guest`: it reaches the guest from a gateway port kept for `remote`, so the
-    /// guest's answers find their way back.
-    pub fn handle_forwarded_datagram(
+    /// Datagrams from `remote` to the forwarded UDP port `listener` (the I/O edge's index),
+    /// for `guest`: they reach the guest from a gateway port kept for `remote`, so the
+    /// guest's answers find their way back. `data` is one datagram, or, with `segment`,
+    /// several the host's kernel coalesced (UDP GRO) as for [`Self::handle_datagrams`].
+    pub fn handle_forwarded_datagrams(
         &mut self,
         now: Instant,
-        listener: u32,
-        remote: SocketAddrV4,
+        (listener, remote): (u32, SocketAddrV4),
         guest: SocketAddrV4,
         data: &[u8],
+        segment: Option<usize>,
     ) {
         let index = match self.udp_forwards.get(&(listener, remote)).copied() {
             Some(index) => index,
@@ -982,16 +1106,12 @@ impl SocketNat {
             return;
         };
         flow.last_seen = now;
-        flow.packets[1] += 1;
-        flow.bytes[1] += data.len() as u64;
-        self.counters.udp_datagrams_in += 1;
-        let frame = crate::gateway::udp_frame(
-            (MacAddr::ZERO, MacAddr::ZERO),
-            (self.config.gateway, port),
-            (*guest.ip(), guest.port()),
-            data,
-        );
-        self.frames.push_back(frame);
+        let from = SocketAddrV4::new(self.config.gateway, port);
+        let delivered = self.udp_to_guest((from, guest), data, segment);
+        if let Some(Some(flow)) = self.flows.get_mut(index as usize) {
+            flow.packets[1] += delivered.datagrams;
+            flow.bytes[1] += delivered.bytes;
+        }
     }
 
     /// The I/O edge opened (or failed to open) the flow's host socket; `Ok` carries the
@@ -1067,6 +1187,23 @@ impl SocketNat {
     /// A datagram arrived on the flow's host socket from `from`: a UDP payload, or an ICMP
     /// echo reply whose identifier the kernel chose.
     pub fn handle_datagram(&mut self, now: Instant, id: FlowId, from: SocketAddrV4, data: &[u8]) {
+        self.handle_datagrams(now, id, from, data, None);
+    }
+
+    /// What one read of the flow's host socket from `from` returned: one datagram, or, with
+    /// `segment`, datagrams of that size back to back (the last may be shorter) that the
+    /// host's kernel coalesced (`UDP_GRO`). They reach the guest as one UDP super-frame (virtio
+    /// `GSO_UDP_L4`), which the guest's kernel, or the I/O edge for a port without offloads,
+    /// cuts into the datagrams again. Filtering, counters and timeouts are as for as many
+    /// datagrams one by one.
+    pub fn handle_datagrams(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        from: SocketAddrV4,
+        data: &[u8],
+        segment: Option<usize>,
+    ) {
         let seen_as = self.guest_view(from);
         let filtering = self.config.filtering;
         let Some(flow) = self.flow_mut(id) else {
@@ -1080,20 +1217,16 @@ impl SocketNat {
                     Filtering::AddressAndPortDependent => remotes.contains(&seen_as),
                 };
                 if !allowed {
-                    self.counters.udp_filtered += 1;
+                    let count = datagram_count(data.len(), segment.unwrap_or(data.len()));
+                    self.counters.udp_filtered += count as u64;
                     return;
                 }
                 flow.last_seen = now;
-                flow.packets[1] += 1;
-                flow.bytes[1] += data.len() as u64;
-                self.counters.udp_datagrams_in += 1;
-                let frame = crate::gateway::udp_frame(
-                    (MacAddr::ZERO, MacAddr::ZERO),
-                    (*seen_as.ip(), seen_as.port()),
-                    (*guest.ip(), guest.port()),
-                    data,
-                );
-                self.frames.push_back(frame);
+                let delivered = self.udp_to_guest((seen_as, guest), data, segment);
+                if let Some(flow) = self.flow_mut(id) {
+                    flow.packets[1] += delivered.datagrams;
+                    flow.bytes[1] += delivered.bytes;
+                }
             }
             (Kind::Ping { .. }, Key::Ping(guest, ident)) => {
                 // The kernel hands over the ICMP message: only echo replies are ours.
@@ -1118,7 +1251,7 @@ impl SocketNat {
                 icmp[2..4].fill(0);
                 let c = checksum::checksum(icmp);
                 icmp[2..4].copy_from_slice(&c.to_be_bytes());
-                self.frames.push_back(f);
+                self.frames.push_back((f, VnetHdr::default()));
             }
             _ => {}
         }
@@ -1252,7 +1385,7 @@ impl SocketNat {
     /// larger than the guest's MSS are TSO frames cut at that MSS.
     pub fn poll_packet(&mut self) -> Option<(Vec<u8>, VnetHdr)> {
         if let Some(frame) = self.frames.pop_front() {
-            return Some((frame, VnetHdr::default()));
+            return Some(frame);
         }
         let mut frame = self.queues.tx.pop_front()?;
         let vnet = self.offload(&mut frame);

@@ -397,3 +397,231 @@ fn an_empty_payload_is_one_empty_datagram() {
     };
     assert_eq!(exact.count(), 2);
 }
+
+/// A UDP mapping from GUEST:5000 that has sent to REMOTE:4433, its host socket open.
+fn udp_mapping(nat: &mut SocketNat, now: Instant) -> FlowId {
+    nat.handle_packet(now, PEER, &udp_packet(b"hello"), &PLAIN)
+        .unwrap();
+    let (id, _) = open_action(nat);
+    assert!(matches!(nat.poll_action(), Some(Action::SendTo(..))));
+    nat.handle_opened(now, id, Ok(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5000)));
+    id
+}
+
+/// RFC 768: the checksum over the pseudo-header (source, destination, protocol, UDP length)
+/// and the whole UDP datagram, complemented, verifies when the sum of all of it is all ones.
+fn udp_checksum_ok(ip: &[u8]) -> bool {
+    let udp = &ip[20..];
+    let sum = checksum::pseudo_header_v4(
+        ip[12..16].try_into().unwrap(),
+        ip[16..20].try_into().unwrap(),
+        PROTO_UDP,
+        udp.len() as u16,
+    );
+    checksum::fold(checksum::accumulate(sum, udp)) == 0xffff
+}
+
+/// The frames socket NAT queued for guests, with their offload state.
+fn frames(nat: &mut SocketNat) -> Vec<(Vec<u8>, VnetHdr)> {
+    std::iter::from_fn(|| nat.poll_packet()).collect()
+}
+
+/// The datagrams a super-frame stands for, as a device (or the I/O edge for a port without
+/// offloads) cuts it: each checked against its own RFC 768 checksum and IPv4 lengths.
+fn cut(frame: &[u8], vnet: &VnetHdr) -> Vec<Vec<u8>> {
+    let mut segmenter = crate::wire::offload::Segmenter::new(vnet, frame).unwrap();
+    let mut out = vec![0; segmenter.max_segment_len()];
+    let mut payloads = Vec::new();
+    while let Some(len) = segmenter.next_into(&mut out) {
+        let ip = &out[ethernet::HEADER_LEN..len];
+        assert_eq!(checksum::checksum(&ip[..20]), 0, "IPv4 header checksum");
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), ip.len());
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[24], ip[25]])),
+            ip.len() - 20
+        );
+        assert!(udp_checksum_ok(ip), "datagram {} verifies", payloads.len());
+        payloads.push(ip[28..].to_vec());
+    }
+    payloads
+}
+
+/// Datagrams the host's kernel coalesced (UDP GRO: one read, its `gso_size` in a control
+/// message) reach the guest as one UDP super-frame: IPv4 and UDP lengths over the whole
+/// payload, virtio `GSO_UDP_L4` with that size, and a partial checksum (the pseudo-header's
+/// sum, RFC 768) that the device completes, or that verifies datagram by datagram once cut.
+#[test]
+fn coalesced_host_datagrams_reach_the_guest_as_one_uso_frame() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let id = udp_mapping(&mut nat, now);
+    let from = SocketAddrV4::new(REMOTE, 4433);
+    let payload: Vec<u8> = (0..12_000u32).map(|i| (i % 251) as u8).collect();
+    nat.handle_datagrams(now, id, from, &payload, Some(1200));
+
+    let mut out = frames(&mut nat);
+    assert_eq!(out.len(), 1, "one frame for ten datagrams");
+    let (mut frame, vnet) = out.remove(0);
+    assert_eq!(frame.len(), ethernet::HEADER_LEN + 20 + 8 + 12_000);
+    assert_eq!(&frame[12..14], &[0x08, 0x00]);
+    let ip = &frame[ethernet::HEADER_LEN..];
+    assert_eq!(checksum::checksum(&ip[..20]), 0, "IPv4 header checksum");
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 20 + 8 + 12_000);
+    assert_eq!(ip[9], PROTO_UDP);
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&REMOTE.octets()[..], &GUEST.octets()[..])
+    );
+    let udp = &ip[20..];
+    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 4433);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 5000);
+    assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 8 + 12_000);
+    assert_eq!(&udp[8..], &payload[..]);
+    assert_eq!(
+        vnet,
+        VnetHdr {
+            flags: crate::wire::vnet::F_NEEDS_CSUM,
+            gso_type: gso::UDP_L4,
+            hdr_len: 42,
+            gso_size: 1200,
+            csum_start: 34,
+            csum_offset: 6,
+        }
+    );
+    // The field holds the pseudo-header's sum over the whole UDP length, uncomplemented, as
+    // Linux leaves a CHECKSUM_PARTIAL packet.
+    let pseudo = checksum::pseudo_header_v4(REMOTE.octets(), GUEST.octets(), PROTO_UDP, 12_008);
+    assert_eq!(&udp[6..8], &checksum::fold(pseudo).to_be_bytes());
+
+    // Cut as a device or the I/O edge cuts it: ten datagrams, each whole and verifying.
+    let datagrams = cut(&frame, &vnet);
+    assert_eq!(datagrams.len(), 10);
+    assert!(datagrams.iter().all(|d| d.len() == 1200));
+    assert_eq!(datagrams.concat(), payload);
+
+    // Completed whole (virtio 1.2 5.1.6.2: the sum from csum_start, stored at csum_offset),
+    // the super-frame is one valid long UDP datagram.
+    crate::wire::offload::complete_checksum(&vnet, &mut frame).unwrap();
+    assert!(udp_checksum_ok(&frame[ethernet::HEADER_LEN..]));
+
+    assert_eq!(nat.counters.udp_datagrams_in, 10);
+    assert_eq!(nat.counters.udp_super_frames_in, 1);
+    let row = &nat.rows(now)[0];
+    assert_eq!((row.packets[1], row.bytes[1]), (10, 12_000));
+}
+
+/// A coalesced read whose last datagram is short is still one super-frame, cut at the same
+/// sizes; a read of one datagram (a size no shorter than the data, or none) is a plain frame
+/// with its full checksum.
+#[test]
+fn a_short_last_datagram_and_a_lone_one() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let id = udp_mapping(&mut nat, now);
+    let from = SocketAddrV4::new(REMOTE, 4433);
+    let payload: Vec<u8> = (0..2500u32).map(|i| (i % 13) as u8).collect();
+    nat.handle_datagrams(now, id, from, &payload, Some(1200));
+    let (frame, vnet) = frames(&mut nat).remove(0);
+    let sizes: Vec<usize> = cut(&frame, &vnet).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [1200, 1200, 100]);
+
+    for segment in [None, Some(1200), Some(5000)] {
+        nat.handle_datagrams(now, id, from, &payload[..1200], segment);
+        let (frame, vnet) = frames(&mut nat).remove(0);
+        assert_eq!(vnet, VnetHdr::default(), "{segment:?}");
+        assert!(udp_checksum_ok(&frame[ethernet::HEADER_LEN..]));
+    }
+    assert_eq!(nat.counters.udp_datagrams_in, 6);
+    assert_eq!(nat.counters.udp_super_frames_in, 1);
+}
+
+/// `<sy:nat filtering>` refuses a coalesced read from where the guest never sent as it
+/// refuses each datagram in it: all counted, none reaching the guest.
+#[test]
+fn a_coalesced_read_is_filtered_as_its_datagrams() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let id = udp_mapping(&mut nat, now);
+    nat.handle_datagrams(
+        now,
+        id,
+        SocketAddrV4::new(REMOTE, 4434),
+        &[1; 12_000],
+        Some(1200),
+    );
+    assert!(frames(&mut nat).is_empty());
+    assert_eq!(nat.counters.udp_filtered, 10);
+    assert_eq!(nat.counters.udp_datagrams_in, 0);
+    assert_eq!(nat.counters.udp_super_frames_in, 0);
+}
+
+/// No frame outgrows the engine's buffers (64 KiB and headers) or Linux's 64 datagrams per
+/// `GSO_UDP_L4` frame: a longer read is cut into several super-frames, whole datagrams each,
+/// and a datagram no IPv4 packet can carry is dropped and counted, never a panic.
+#[test]
+fn coalesced_reads_past_one_frame_are_split_and_impossible_ones_dropped() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let id = udp_mapping(&mut nat, now);
+    let from = SocketAddrV4::new(REMOTE, 4433);
+    let cases: [(usize, usize, &[usize]); 3] = [
+        // 100 x 1000 bytes: 64 datagrams (the segment cap) then 36.
+        (1000, 100, &[64, 36]),
+        // 5 x 30000 bytes: two per frame fit in 64 KiB, then the last.
+        (30_000, 5, &[2, 2, 1]),
+        // 200 x 100 bytes: 64, 64, 64, 8.
+        (100, 200, &[64, 64, 64, 8]),
+    ];
+    for (segment, count, per_frame) in cases {
+        let payload: Vec<u8> = (0..segment * count).map(|i| (i % 241) as u8).collect();
+        nat.handle_datagrams(now, id, from, &payload, Some(segment));
+        let mut datagrams = Vec::new();
+        let mut counts = Vec::new();
+        for (frame, vnet) in frames(&mut nat) {
+            assert!(frame.len() <= crate::engine::MAX_FRAME_LEN);
+            assert!(frame.len() - ethernet::HEADER_LEN <= 65535);
+            let got = if vnet.is_gso() {
+                cut(&frame, &vnet)
+            } else {
+                vec![frame[ethernet::HEADER_LEN + 28..].to_vec()]
+            };
+            counts.push(got.len());
+            datagrams.extend(got);
+        }
+        assert_eq!(counts, per_frame, "{segment} x {count}");
+        assert!(datagrams.iter().all(|d| d.len() == segment));
+        assert_eq!(datagrams.concat(), payload);
+    }
+    assert_eq!(nat.counters.udp_datagrams_in, 305);
+    assert_eq!(nat.counters.udp_super_frames_in, 2 + 2 + 4);
+
+    // More than an IPv4 packet holds, as one datagram or as the size of each.
+    nat.handle_datagrams(now, id, from, &vec![0; 70_000], None);
+    nat.handle_datagrams(now, id, from, &vec![0; 140_000], Some(70_000));
+    assert!(frames(&mut nat).is_empty());
+    assert_eq!(nat.counters.udp_oversize_in, 3);
+    assert_eq!(nat.counters.udp_datagrams_in, 305);
+}
+
+/// A forwarded UDP port's coalesced read reaches the guest the same way, from the gateway
+/// port kept for that peer.
+#[test]
+fn a_forwarded_ports_coalesced_read_is_one_uso_frame() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let peer = SocketAddrV4::new(REMOTE, 7000);
+    let guest = SocketAddrV4::new(GUEST, 5353);
+    nat.handle_forwarded_datagrams(now, (0, peer), guest, &[9; 4800], Some(1200));
+    let (frame, vnet) = frames(&mut nat).remove(0);
+    assert_eq!((vnet.gso_type, vnet.gso_size), (gso::UDP_L4, 1200));
+    let ip = &frame[ethernet::HEADER_LEN..];
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&GATEWAY.octets()[..], &GUEST.octets()[..])
+    );
+    assert_eq!(u16::from_be_bytes([ip[22], ip[23]]), 5353);
+    assert_eq!(cut(&frame, &vnet).len(), 4);
+    assert_eq!(nat.counters.udp_datagrams_in, 4);
+    assert_eq!(nat.counters.udp_super_frames_in, 1);
+    assert_eq!(nat.rows(now)[0].packets[1], 4);
+}
