@@ -4,12 +4,19 @@
 //! Sockets are registered edge-triggered; a socket's readiness is remembered until an
 //! operation on it would block, so bytes move only when both the host socket and the guest's
 //! connection can take them.
+//!
+//! UDP sockets ask for `UDP_GRO`: datagrams the kernel coalesced (a `UDP_SEGMENT` send from
+//! one sender, or a train GRO merged) are read in one call and go to the guest as one UDP
+//! super-frame ([`SocketNat::handle_datagrams`]). A kernel without it (before 5.0) reads them
+//! one by one, as before.
 
+use super::sys;
 use crate::socket_nat::{Action, Datagrams, FlowId, HostSocket, SocketNat};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 /// Tokens from here on are socket NAT's host sockets (flow index added).
@@ -66,7 +73,7 @@ pub struct Egress {
     events: Vec<usize>,
     listeners: Vec<Option<Listener>>,
     accepts: Vec<usize>,
-    /// Buffer for one received datagram.
+    /// Buffer for one read: a datagram, or several the kernel coalesced (up to 64 KiB).
     datagram: Vec<u8>,
 }
 
@@ -75,13 +82,14 @@ fn token(index: u32) -> Token {
 }
 
 /// Binds a UDP socket to `preferred` when it lies in `range` and is free, else to the first
-/// free port of `range` from a start that differs per preferred port.
+/// free port of `range` from a start that differs per preferred port. It reads coalesced
+/// datagrams where the kernel can ([`with_gro`]).
 fn bind_udp(preferred: u16, (first, last): (u16, u16)) -> io::Result<UdpSocket> {
     let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     if (first..=last).contains(&preferred)
         && let Ok(socket) = UdpSocket::bind(any(preferred))
     {
-        return Ok(socket);
+        return Ok(with_gro(socket));
     }
     let span = u32::from(last - first) + 1;
     let start = u32::from(preferred).wrapping_mul(2_654_435_761) % span;
@@ -89,11 +97,32 @@ fn bind_udp(preferred: u16, (first, last): (u16, u16)) -> io::Result<UdpSocket> 
     for step in 0..span.min(256) {
         let port = first + ((start + step) % span) as u16;
         match UdpSocket::bind(any(port)) {
-            Ok(socket) => return Ok(socket),
+            Ok(socket) => return Ok(with_gro(socket)),
             Err(e) => error = e,
         }
     }
     Err(error)
+}
+
+/// `socket` with `UDP_GRO` asked for; a kernel that refuses it (before 5.0) leaves the socket
+/// reading one datagram per call, which works the same.
+fn with_gro(socket: UdpSocket) -> UdpSocket {
+    let _ = sys::enable_udp_gro(socket.as_fd());
+    socket
+}
+
+/// Reads what is waiting on the datagram socket `socket` into `buf`: one datagram, or a
+/// coalesced train, from an IPv4 sender; `None` for a read that is not one (no IPv4 sender,
+/// or cut short: with a 64 KiB buffer, nothing IPv4 carries is).
+fn recv_datagrams(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, SocketAddrV4, Option<usize>)>> {
+    let read = sys::recv_gro(socket.as_fd(), buf)?;
+    Ok(match read.from {
+        Some(from) if !read.truncated => Some((read.len, from, read.segment.map(usize::from))),
+        _ => None,
+    })
 }
 
 fn v4(addr: io::Result<SocketAddr>) -> SocketAddrV4 {
@@ -132,7 +161,7 @@ impl Egress {
                 ListenSocket::Tcp(listener)
             }
             "udp" => {
-                let mut socket = UdpSocket::bind(forward.host)?;
+                let mut socket = with_gro(UdpSocket::bind(forward.host)?);
                 registry.register(&mut socket, token, Interest::READABLE)?;
                 ListenSocket::Udp(socket)
             }
@@ -241,12 +270,13 @@ impl Egress {
                         self.datagram = vec![0; 65536];
                     }
                     for _ in 0..DATAGRAM_BUDGET {
-                        match socket.recv_from(&mut self.datagram) {
-                            Ok((n, SocketAddr::V4(from))) => {
+                        match recv_datagrams(socket, &mut self.datagram) {
+                            Ok(Some((n, from, segment))) => {
                                 let data = &self.datagram[..n];
-                                nat.handle_forwarded_datagram(now, index as u32, from, guest, data);
+                                let listener = (index as u32, from);
+                                nat.handle_forwarded_datagrams(now, listener, guest, data, segment);
                             }
-                            Ok(_) => {}
+                            Ok(None) => {}
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(_) => break,
                         }
@@ -320,7 +350,7 @@ impl Egress {
                 self.open_datagram(now, nat, registry, id, socket);
             }
             Action::Open(id, HostSocket::Ping) => {
-                let socket = super::sys::open_ping_socket()
+                let socket = sys::open_ping_socket()
                     .map(|fd| UdpSocket::from_std(std::net::UdpSocket::from(fd)));
                 self.open_datagram(now, nat, registry, id, socket);
             }
@@ -429,11 +459,11 @@ impl Egress {
                     self.datagram = vec![0; 65536];
                 }
                 for _ in 0..DATAGRAM_BUDGET {
-                    match socket.recv_from(&mut self.datagram) {
-                        Ok((n, SocketAddr::V4(from))) => {
-                            nat.handle_datagram(now, id, from, &self.datagram[..n]);
+                    match recv_datagrams(socket, &mut self.datagram) {
+                        Ok(Some((n, from, segment))) => {
+                            nat.handle_datagrams(now, id, from, &self.datagram[..n], segment);
                         }
-                        Ok(_) => {}
+                        Ok(None) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         // An ICMP error for an earlier datagram: nothing to read.

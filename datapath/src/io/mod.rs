@@ -79,6 +79,9 @@ struct IoPort {
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     tap: Option<Tap>,
+    /// The port's kernel refused a UDP super-frame (`EINVAL`: no virtio `GSO_UDP_L4` before
+    /// Linux 6.2): socket NAT's coalesced UDP goes to it as datagrams from now on.
+    uso_refused: bool,
 }
 
 impl IoPort {
@@ -669,6 +672,7 @@ impl Datapath {
             caps,
             ring,
             tap,
+            uso_refused: false,
         });
         // Frames may already be waiting: edge-triggered polling reports only new arrivals.
         self.ready.mark(id);
@@ -700,6 +704,7 @@ impl Datapath {
             caps: PortCaps { vnet_hdr: false },
             ring: None,
             tap: None,
+            uso_refused: false,
         });
         Ok(id)
     }
@@ -1449,11 +1454,21 @@ impl Datapath {
             return;
         };
         let len = out.frame.len();
-        let result = if port.caps.vnet_hdr {
+        let uso = out.vnet.gso_type & !vnet::gso::ECN == vnet::gso::UDP_L4;
+        let result = if port.caps.vnet_hdr && !(uso && port.uso_refused) {
             let buf = &mut self.scratch[..vnet::LEN + len];
             out.vnet.emit(buf);
             buf[vnet::LEN..].copy_from_slice(&out.frame);
-            port.send(buf).map(|()| (1, len))
+            match port.send(buf) {
+                // Socket NAT's UDP super-frame to a kernel that has no USO (before 6.2): it
+                // gets the datagrams, and later super-frames go the same way at once.
+                Err(e) if uso && e.raw_os_error() == Some(libc::EINVAL) => {
+                    port.uso_refused = true;
+                    write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
+                        .map_err(|_| io::Error::other("offload"))
+                }
+                sent => sent.map(|()| (1, len)),
+            }
         } else if out.vnet.is_gso() || out.vnet.needs_csum() {
             write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
                 .map_err(|_| io::Error::other("offload"))
@@ -1714,33 +1729,124 @@ fn write_frame(file: &File, buf: &[u8]) -> io::Result<()> {
 }
 
 /// Completes the checksum of, or segments, an offloaded frame into `scratch` and writes the
-/// result as plain frames. Returns (frames written, bytes written).
+/// result as plain frames (after an empty virtio-net header on a port that takes them).
+/// Returns (frames written, bytes written).
 fn write_without_offloads(
     port: &mut IoPort,
     hdr: &VnetHdr,
     frame: &[u8],
     scratch: &mut [u8],
 ) -> Result<(usize, usize), DropReason> {
+    let at = if port.caps.vnet_hdr { vnet::LEN } else { 0 };
+    scratch[..at].fill(0);
     if hdr.is_gso() {
         let mut segmenter =
             Segmenter::new(hdr, frame).map_err(|_| DropReason::OffloadUnsupported)?;
-        if segmenter.max_segment_len() > scratch.len() {
+        if at + segmenter.max_segment_len() > scratch.len() {
             return Err(DropReason::OffloadUnsupported);
         }
         let (mut count, mut bytes) = (0, 0);
-        while let Some(len) = segmenter.next_into(scratch) {
-            port.send(&scratch[..len])
+        while let Some(len) = segmenter.next_into(&mut scratch[at..]) {
+            port.send(&scratch[..at + len])
                 .map_err(|_| DropReason::TxError)?;
             count += 1;
             bytes += len;
         }
         return Ok((count, bytes));
     }
-    let out = &mut scratch[..frame.len()];
+    let out = &mut scratch[at..at + frame.len()];
     out.copy_from_slice(frame);
     if hdr.needs_csum() {
         offload::complete_checksum(hdr, out).map_err(|_| DropReason::BadVnetHeader)?;
     }
-    port.send(out).map_err(|_| DropReason::TxError)?;
+    port.send(&scratch[..at + frame.len()])
+        .map_err(|_| DropReason::TxError)?;
     Ok((1, frame.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::wire::checksum;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+
+    /// A port over one end of a datagram socket pair (one frame per message, as a tap).
+    fn port(vnet_hdr: bool) -> (IoPort, UnixDatagram) {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        let port = IoPort {
+            file: Some(File::from(OwnedFd::from(ours))),
+            stream: None,
+            caps: PortCaps { vnet_hdr },
+            ring: None,
+            tap: None,
+            uso_refused: false,
+        };
+        (port, theirs)
+    }
+
+    /// A UDP super-frame of ten 1200-byte datagrams as socket NAT builds it for a guest.
+    fn super_frame() -> (Vec<u8>, VnetHdr) {
+        let mut f = vec![0u8; 42 + 12_000];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&(28u16 + 12_000).to_be_bytes());
+        f[22] = 64;
+        f[23] = 17;
+        f[26..30].copy_from_slice(&[203, 0, 113, 1]);
+        f[30..34].copy_from_slice(&[192, 168, 122, 10]);
+        let c = checksum::checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f[34..36].copy_from_slice(&4433u16.to_be_bytes());
+        f[36..38].copy_from_slice(&5000u16.to_be_bytes());
+        f[38..40].copy_from_slice(&(8u16 + 12_000).to_be_bytes());
+        let pseudo = checksum::pseudo_header_v4([203, 0, 113, 1], [192, 168, 122, 10], 17, 12_008);
+        f[40..42].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+        for (i, b) in f[42..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let vnet = VnetHdr {
+            flags: vnet::F_NEEDS_CSUM,
+            gso_type: vnet::gso::UDP_L4,
+            hdr_len: 42,
+            gso_size: 1200,
+            csum_start: 34,
+            csum_offset: 6,
+        };
+        (f, vnet)
+    }
+
+    /// A UDP super-frame for a port that cannot take it whole (no vnet headers, or a kernel
+    /// that refused it) leaves as its ten datagrams, each verifying (RFC 768), after an empty
+    /// virtio-net header where the port takes headers.
+    #[test]
+    fn a_super_frame_is_written_as_its_datagrams_with_or_without_vnet_headers() {
+        let (frame, hdr) = super_frame();
+        for vnet_hdr in [false, true] {
+            let (mut port, peer) = port(vnet_hdr);
+            let mut scratch = vec![0xeeu8; BUF_LEN];
+            let sent = write_without_offloads(&mut port, &hdr, &frame, &mut scratch).unwrap();
+            assert_eq!(sent, (10, 10 * (42 + 1200)));
+            let at = if vnet_hdr { vnet::LEN } else { 0 };
+            let mut buf = vec![0u8; BUF_LEN];
+            let mut payload = Vec::new();
+            for _ in 0..10 {
+                let n = peer.recv(&mut buf).unwrap();
+                assert_eq!(n, at + 42 + 1200, "vnet_hdr {vnet_hdr}");
+                assert!(buf[..at].iter().all(|&b| b == 0), "an empty vnet header");
+                let ip = &buf[at + 14..n];
+                assert_eq!(checksum::checksum(&ip[..20]), 0);
+                let sum = checksum::pseudo_header_v4(
+                    [203, 0, 113, 1],
+                    [192, 168, 122, 10],
+                    17,
+                    (ip.len() - 20) as u16,
+                );
+                assert_eq!(checksum::fold(checksum::accumulate(sum, &ip[20..])), 0xffff);
+                payload.extend_from_slice(&ip[28..]);
+            }
+            assert_eq!(payload, frame[42..]);
+        }
+    }
 }
