@@ -281,15 +281,32 @@ s.connect((sys.argv[1], int(sys.argv[2])))
 assert s.send(bytes(i % 251 for i in range(12000))) == 12000
 "#;
 
+/// Waits (10 s at most) for one datagram on argv[1]:argv[2] and answers its sender with what
+/// [`USO_SENDER`] sends, in one `UDP_SEGMENT` send; prints the sender's address.
+pub const USO_ANSWERER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(10)
+_, peer = s.recvfrom(65535)
+s.setsockopt(socket.SOL_UDP, 103, 1200)
+assert s.sendto(bytes(i % 251 for i in range(12000)), peer) == 12000
+print("%s:%d" % peer)
+"#;
+
 /// Receives the datagrams of one [`USO_SENDER`] send on argv[1]:argv[2] (bounded: until 10
 /// arrived or none for 5 s) and prints "COUNT SIZES intact|damaged FROM": intact when datagram
-/// k holds bytes 1200k.. of the sender's 12000, in order.
+/// k holds bytes 1200k.. of the sender's 12000, in order. With argv[3] and argv[4], it first
+/// sends one datagram there (to a [`USO_ANSWERER`]).
 pub const USO_RECEIVER: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.settimeout(5)
+if len(sys.argv) > 4:
+    s.sendto(b"hello", (sys.argv[3], int(sys.argv[4])))
 want = bytes(i % 251 for i in range(12000))
 got, peer = [], None
 try:
@@ -324,29 +341,54 @@ pub fn uso_received_from(from: &str) -> String {
 /// Starts [`USO_RECEIVER`] on `addr`:`port` inside `ns` and returns once it is bound; join the
 /// handle for what it printed.
 pub fn uso_receiver(ns: &Netns, addr: &str, port: u16) -> std::thread::JoinHandle<String> {
-    let (name, addr_arg, port_arg) = (ns.name.clone(), addr.to_string(), port.to_string());
-    let handle = std::thread::spawn(move || {
-        must(&[
-            "ip",
-            "netns",
-            "exec",
-            &name,
-            "timeout",
-            "20",
-            "python3",
-            "-c",
-            USO_RECEIVER,
-            &addr_arg,
-            &port_arg,
-        ])
-    });
+    let handle = python_in(ns, USO_RECEIVER, &[addr, &port.to_string()]);
+    wait_udp_bound(ns, port);
+    handle
+}
+
+/// Starts [`USO_ANSWERER`] on `addr`:`port` inside `ns` and returns once it is bound; join the
+/// handle for the address it answered.
+pub fn uso_answerer(ns: &Netns, addr: &str, port: u16) -> std::thread::JoinHandle<String> {
+    let handle = python_in(ns, USO_ANSWERER, &[addr, &port.to_string()]);
+    wait_udp_bound(ns, port);
+    handle
+}
+
+/// Starts [`USO_RECEIVER`] on `addr`:`port` inside `ns`, which first sends one datagram to
+/// `to` (a [`uso_answerer`]) from there; join the handle for what it printed.
+pub fn uso_receiver_asking(
+    ns: &Netns,
+    addr: &str,
+    port: u16,
+    to: (&str, u16),
+) -> std::thread::JoinHandle<String> {
+    let args = [addr, &port.to_string(), to.0, &to.1.to_string()];
+    python_in(ns, USO_RECEIVER, &args)
+}
+
+/// Runs the python `script` with `args` in `ns` (for 20 s at most) in a thread that returns
+/// what it printed.
+fn python_in(ns: &Netns, script: &'static str, args: &[&str]) -> std::thread::JoinHandle<String> {
+    let name = ns.name.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let mut argv = vec![
+            "ip", "netns", "exec", &name, "timeout", "20", "python3", "-c",
+        ];
+        argv.push(script);
+        argv.extend(args.iter().map(String::as_str));
+        must(&argv)
+    })
+}
+
+/// Waits (10 s at most) until a UDP socket in `ns` is bound to `port`.
+fn wait_udp_bound(ns: &Netns, port: u16) {
     let needle = format!(":{port} ");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ns.must(&["ss", "-lnu"]).contains(&needle) {
-        assert!(Instant::now() < deadline, "the receiver never bound {port}");
+        assert!(Instant::now() < deadline, "nothing bound UDP port {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    handle
 }
 
 /// An ordinary user made for one test (no capabilities, no home), removed on drop.

@@ -343,3 +343,29 @@ fn a_uso_send_leaves_the_host_socket_as_its_datagrams() {
     assert_eq!(counters["udp_super_frames_out"], 1, "{counters}");
     assert_eq!(counters["udp_datagrams_out"], 10, "{counters}");
 }
+
+/// The reverse of the above: an outside sender's `UDP_SEGMENT` send of 10 x 1200 bytes to the
+/// guest's mapping crosses the veth as one GSO packet, the host socket (UDP_GRO) reads it in
+/// one call, and it reaches the guest as a UDP super-frame (GSO_UDP_L4) that the guest's kernel
+/// cuts into the 10 intact datagrams its socket receives. How many super-frames the datagrams
+/// make depends on how the kernel hands them over (one here, where the send stays one GSO
+/// packet), so the test asks for fewer frames than datagrams, at least one super-frame.
+#[test]
+fn udp_from_outside_reaches_the_guest_as_a_super_frame() {
+    require(&["ss"]);
+    let net = socket_net("");
+    let answerer = uso_answerer(&net.outside, OUTSIDE, 9000);
+    let receiver = uso_receiver_asking(&net.guest, GUEST, 7000, (OUTSIDE, 9000));
+    let answered = answerer.join().unwrap();
+    let got = receiver.join().unwrap();
+    assert_eq!(
+        answered.trim(),
+        format!("{HOST}:7000"),
+        "the mapping's port"
+    );
+    assert_eq!(got.trim(), uso_received_from(&format!("{OUTSIDE}:9000")));
+    let counters = &net.stats()["engine"]["socket_nat"];
+    assert_eq!(counters["udp_datagrams_in"], 10, "{counters}");
+    let super_frames = counters["udp_super_frames_in"].as_u64().unwrap();
+    assert!((1..10).contains(&super_frames), "{counters}");
+}
