@@ -127,19 +127,28 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(nat) = engine.socket_nat_mut() {
             // The host side, simulated: every third connect is refused, hosts answer a
-            // little, then would block.
+            // little, then would block; UDP hosts echo what they were sent, in one read
+            // coalesced at the guest's datagram size, as UDP GRO hands a train over.
             while let Some(action) = nat.poll_action() {
-                if let Action::Open(id, _) = action {
-                    opened += 1;
-                    let result = if opened % 3 == 0 {
-                        Err(std::io::ErrorKind::ConnectionRefused)
-                    } else {
-                        Ok(std::net::SocketAddrV4::new(
-                            Ipv4Addr::new(203, 0, 113, 3),
-                            40000,
-                        ))
-                    };
-                    nat.handle_opened(now, id, result);
+                match action {
+                    Action::Open(id, _) => {
+                        opened += 1;
+                        let result = if opened % 3 == 0 {
+                            Err(std::io::ErrorKind::ConnectionRefused)
+                        } else {
+                            Ok(std::net::SocketAddrV4::new(
+                                Ipv4Addr::new(203, 0, 113, 3),
+                                40000,
+                            ))
+                        };
+                        nat.handle_opened(now, id, result);
+                    }
+                    Action::SendTo(id, to, datagrams) => {
+                        let segment = (datagrams.count() > 1).then_some(datagrams.segment);
+                        nat.handle_datagrams(now, id, to, &datagrams.data, segment);
+                        nat.recycle(datagrams.data);
+                    }
+                    _ => {}
                 }
             }
             nat.poll_stack(now);

@@ -13,6 +13,8 @@
 //!   4787 REQ-1), bound inside `<nat><port>`; answers are filtered as packet NAT filters them.
 //!   A guest's UDP super-frame (USO, from a `UDP_SEGMENT` send) is the datagrams it stands
 //!   for, and leaves as them: UDP keeps message boundaries (RFC 768), a host socket would not.
+//!   The other way, datagrams the host's kernel coalesced (UDP GRO, one read) reach the guest
+//!   as one super-frame, which its kernel cuts into them again.
 //! - **ICMP echo** goes out through unprivileged ping sockets where
 //!   `net.ipv4.ping_group_range` allows, and is answered host-unreachable where not.
 //!
