@@ -268,17 +268,23 @@ while True:
     s.sendto(head + question + answers, peer)
 "#;
 
-/// Sends one UDP super-frame: from port argv[3] (0: any) to argv[1]:argv[2], 12000 bytes
-/// (byte i is i % 251) in ONE `send` with `UDP_SEGMENT` (103) at 1200, so the kernel hands
-/// the interface (or its own GSO) ten datagrams' worth as one frame.
+/// Sends one UDP super-frame: from port argv[3] (0: any) to argv[1]:argv[2], ten datagrams of
+/// argv[4] bytes (default 1200; byte i is i % 251) in ONE `send` with `UDP_SEGMENT` (103), so
+/// the kernel hands the interface (or its own GSO) ten datagrams' worth as one frame; argv[5]
+/// `df` sets DF on them.
 pub const USO_SENDER: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", int(sys.argv[3]) if len(sys.argv) > 3 else 0))
-s.setsockopt(socket.SOL_UDP, 103, 1200)
+size = int(sys.argv[4]) if len(sys.argv) > 4 else 1200
+if len(sys.argv) > 5 and sys.argv[5] == "df":
+    # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF on every datagram (the default sets it on a
+    # super-frame only when the whole of it fits the route's MTU).
+    s.setsockopt(socket.IPPROTO_IP, 10, 2)
+s.setsockopt(socket.SOL_UDP, 103, size)
 s.connect((sys.argv[1], int(sys.argv[2])))
-assert s.send(bytes(i % 251 for i in range(12000))) == 12000
+assert s.send(bytes(i % 251 for i in range(10 * size))) == 10 * size
 "#;
 
 /// Waits (10 s at most) for one datagram on argv[1]:argv[2] and answers its sender with what

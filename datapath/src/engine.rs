@@ -1057,8 +1057,9 @@ impl Engine {
             );
             return Some(DropReason::TtlExceeded);
         }
-        // A GSO frame is cut to gso_size by whoever sends it on; only plain ones are checked.
-        if !vnet.is_gso() && ip.len() > egress_mtu as usize {
+        // A GSO frame leaves as packets of its headers and gso_size bytes each: those are
+        // what must fit (as Linux's forwarding checks a GSO packet's segments).
+        if largest_packet(vnet, ip) > egress_mtu as usize {
             if ip[6] & 0x40 != 0 {
                 let [hi, lo] = egress_mtu.to_be_bytes();
                 let code = (ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED);
@@ -1487,6 +1488,23 @@ fn ip_header_len(ip: &[u8]) -> usize {
 }
 
 /// The IPv4 total length of a frame whose header the gateway checked.
+/// The largest IPv4 packet `ip` becomes on the wire: itself, or for a GSO frame one of its
+/// segments (IP and TCP or UDP headers, and `gso_size` bytes of payload).
+fn largest_packet(vnet: &VnetHdr, ip: &[u8]) -> usize {
+    if !vnet.is_gso() {
+        return ip.len();
+    }
+    let l3 = usize::from(ip[0] & 0x0f) * 4;
+    let l4 = match ip[9] {
+        6 => ip
+            .get(l3 + 12)
+            .map_or(20, |offset| usize::from(offset >> 4) * 4),
+        17 => 8,
+        _ => return ip.len(),
+    };
+    ip.len().min(l3 + l4 + usize::from(vnet.gso_size))
+}
+
 fn ip_total_len(frame: &[u8]) -> usize {
     let at = ethernet::HEADER_LEN + 2;
     u16::from_be_bytes([frame[at], frame[at + 1]]) as usize
@@ -1815,6 +1833,10 @@ mod tests {
         const GUEST: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x10]);
 
         fn engine() -> (Engine, PortId, PortId, Instant) {
+            engine_with_uplink_mtu(1500)
+        }
+
+        fn engine_with_uplink_mtu(mtu: u16) -> (Engine, PortId, PortId, Instant) {
             let mut e = Engine::new(&Config {
                 gateway: Some(GatewayConfig {
                     mac: GW,
@@ -1832,7 +1854,7 @@ mod tests {
                         ip: Ipv4Addr::new(203, 0, 113, 2),
                         prefix: 24,
                         gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
-                        mtu: 1500,
+                        mtu,
                     },
                 )),
                 ..Config::default()
@@ -1857,6 +1879,66 @@ mod tests {
             let c = crate::wire::checksum::checksum(&ip[..20]);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             eth(GW, GUEST, 0x0800, &ip)
+        }
+
+        // RFC 1812 4.2.2.5 / RFC 1191, and what Linux's forwarding does with a GSO packet: the
+        // segments a super-frame stands for must fit the uplink's MTU; if they do not and DF is
+        // set, fragmentation-needed with the MTU goes back, as for a plain packet.
+        #[test]
+        fn a_super_frame_whose_segments_exceed_the_uplink_mtu_gets_fragmentation_needed() {
+            let (mut e, guest, _, t) = engine_with_uplink_mtu(1400);
+            let datagrams = vec![7u8; 3 * 1372];
+            let ip = fixtures::udp(
+                [192, 168, 122, 10],
+                40000,
+                [203, 0, 113, 1],
+                4433,
+                &datagrams,
+            );
+            let uso = |gso_size| VnetHdr {
+                gso_type: gso::UDP_L4,
+                gso_size,
+                ..Default::default()
+            };
+            // 20 + 8 + 1372 = 1400: fits (held for the next hop's ARP).
+            let mut f = eth(GW, GUEST, 0x0800, &ip);
+            assert_eq!(
+                e.handle_frame(t, guest, &uso(1372), &mut f),
+                Verdict::Consumed
+            );
+            while e.poll_transmit().is_some() {}
+            // 1401: one byte too many per segment, DF set.
+            let mut f = eth(GW, GUEST, 0x0800, &ip);
+            assert_eq!(
+                e.handle_frame(t, guest, &uso(1373), &mut f),
+                Verdict::Drop(DropReason::NeedsFragmentation)
+            );
+            let icmp = e.poll_transmit().expect("fragmentation-needed");
+            assert_eq!(icmp.port, guest);
+            let l4 = &icmp.frame[14 + 20..];
+            assert_eq!((l4[0], l4[1]), (ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED));
+            assert_eq!(u16::from_be_bytes([l4[6], l4[7]]), 1400, "the next-hop MTU");
+            // A TCP super-frame: its segments are IP + TCP headers + gso_size.
+            let tcp = fixtures::tcp([192, 168, 122, 10], 40001, [203, 0, 113, 1], 80, 0x10);
+            let tso = |gso_size| VnetHdr {
+                gso_type: gso::TCPV4,
+                gso_size,
+                ..Default::default()
+            };
+            let mut segment = tcp[20..].to_vec();
+            segment.extend_from_slice(&[0u8; 4000]);
+            let big = fixtures::ipv4(6, [192, 168, 122, 10], [203, 0, 113, 1], &segment);
+            let mut f = eth(GW, GUEST, 0x0800, &big);
+            assert_eq!(
+                e.handle_frame(t, guest, &tso(1448), &mut f),
+                Verdict::Drop(DropReason::NeedsFragmentation)
+            );
+            let mut f = eth(GW, GUEST, 0x0800, &big);
+            assert_ne!(
+                e.handle_frame(t, guest, &tso(1360), &mut f),
+                Verdict::Drop(DropReason::NeedsFragmentation),
+                "40 + 1360 fits"
+            );
         }
 
         // RFC 1122 2.3.2.2 and the whole path: held for ARP, released with the next hop's MAC

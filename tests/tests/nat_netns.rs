@@ -652,6 +652,32 @@ fn an_uplink_that_goes_down_and_up_carries_again() {
 /// header: the outside's kernel hands its socket the ten datagrams, from the external address.
 /// The outside answers the same way: its super-frame arrives whole through the uplink (read
 /// and ring), is translated back once, and the guest's kernel splits it.
+// RFC 1812 4.2.2.5 / RFC 1191, as Linux forwards a GSO packet: a USO send with DF whose
+// datagrams (1400 + 28 bytes each) fit the guest's MTU but not the uplink's (1400) gets
+// fragmentation-needed from the gateway, and the guest's kernel learns the path MTU.
+#[test]
+fn a_super_frame_too_big_for_the_uplink_gets_fragmentation_needed() {
+    let net = nat_net_with_mtu(1, "", 1400);
+    let g = &net.guests[0];
+    g.must(&["ping", "-c", "1", "-W", "2", OUTSIDE]);
+    // The socket stays open a moment: the guest's kernel takes the error to a live socket.
+    let sender = format!("{USO_SENDER}\nimport time\ntime.sleep(1)\n");
+    g.must(&[
+        "timeout", "10", "python3", "-c", &sender, OUTSIDE, "9000", "40000", "1400", "df",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let route = g.must(&["ip", "route", "get", OUTSIDE]);
+        if route.contains("mtu 1400") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no path MTU learned: {route}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = stats_of(&control(&net));
+    assert!(sum_of(&stats, "drop_needs_fragmentation") >= 1, "{stats}");
+}
+
 #[test]
 fn a_uso_send_crosses_the_nat_as_one_frame_each_way() {
     require(&["ss"]);
