@@ -27,6 +27,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: TempDir, ns: Netns) -> Daemon {
+        Daemon::start_with(dir, ns, &[])
+    }
+
+    /// [`Daemon::start`] with more options for `switchyard daemon`.
+    fn start_with(dir: TempDir, ns: Netns, options: &[&str]) -> Daemon {
         let bin = switchyard_bin().display().to_string();
         let log = std::fs::File::create(dir.0.join("daemon.log")).unwrap();
         let child = Command::new("ip")
@@ -34,6 +39,7 @@ impl Daemon {
             .args(["--socket", &dir.file("run/daemon.sock")])
             .args(["--state-dir", &dir.file("state")])
             .args(["--resolv-conf", "/dev/null"])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -392,4 +398,53 @@ fn attach_and_detach_interfaces_live_and_in_the_configuration() {
     );
     daemon.ok(&["detach-interface", "--network", "lab", "--target", &socket]);
     assert!(!std::path::Path::new(&socket).exists());
+}
+
+// `daemon --workers 2`: every network's taps get two queues, attached live ones too, and
+// the guests behind them lease, reach the gateway and each other.
+#[test]
+fn a_daemon_with_two_workers_gives_attached_taps_two_queues() {
+    require(&["busybox", "ping"]);
+    let daemon = Daemon::start_with(TempDir::new("sydw"), Netns::new("d"), &["--workers", "2"]);
+    let guests = [Netns::new("g"), Netns::new("g")];
+    let file = define(&daemon, "lab", LAB);
+    daemon.ok(&["net-define", &file]);
+    daemon.ok(&["net-start", "lab"]);
+    let script = daemon.dir.0.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n",
+    )
+    .unwrap();
+    must(&["chmod", "+x", &script.display().to_string()]);
+    for (i, g) in guests.iter().enumerate() {
+        let mac = format!("52:54:00:aa:01:0{i}");
+        daemon.ok(&[
+            "attach-interface",
+            "--network",
+            "lab",
+            "--type",
+            "tap",
+            "--target",
+            "eth0",
+            "--netns",
+            &g.name,
+            "--mac",
+            &mac,
+        ]);
+        let link = g.must(&["ip", "-d", "link", "show", "dev", "eth0"]);
+        assert!(link.contains("multi_queue numqueues 2"), "{link}");
+        g.must(&["ip", "link", "set", "eth0", "up"]);
+        g.udhcpc("eth0", &script.display().to_string(), &[]);
+        g.must(&["ping", "-c", "1", "-W", "2", "10.77.0.1"]);
+    }
+    let address = guests[1].must(&["ip", "-4", "-br", "addr", "show", "dev", "eth0"]);
+    let ip = address
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix("/24"))
+        .expect("a leased address")
+        .to_string();
+    guests[0].must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &ip]);
+    let stats = daemon.ok(&["stats", "lab"]);
+    assert!(stats.contains("\"worker_forwarded\""), "{stats}");
 }
