@@ -109,6 +109,35 @@ const LAB: &str = "<network>
 </network>
 ";
 
+/// A udhcpc event script in the daemon's directory that sets the leased address.
+fn lease_script(daemon: &Daemon) -> String {
+    let script = daemon.dir.file("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n",
+    )
+    .unwrap();
+    must(&["chmod", "+x", &script]);
+    script
+}
+
+/// `attach-interface` of a tap `eth0` in namespace `netns`, live, with MAC `mac`.
+fn attach_tap<'a>(network: &'a str, netns: &'a str, mac: &'a str) -> Vec<&'a str> {
+    vec![
+        "attach-interface",
+        "--network",
+        network,
+        "--type",
+        "tap",
+        "--target",
+        "eth0",
+        "--netns",
+        netns,
+        "--mac",
+        mac,
+    ]
+}
+
 fn define(daemon: &Daemon, name: &str, xml: &str) -> String {
     let file = daemon.dir.file(&format!("{name}.xml"));
     std::fs::write(&file, xml).unwrap();
@@ -264,31 +293,13 @@ fn attach_and_detach_interfaces_live_and_in_the_configuration() {
     let file = define(&daemon, "lab", LAB);
     daemon.ok(&["net-define", &file]);
     daemon.ok(&["net-start", "lab"]);
-    let attached = daemon.ok(&[
-        "attach-interface",
-        "--network",
-        "lab",
-        "--type",
-        "tap",
-        "--target",
-        "eth0",
-        "--netns",
-        &g1.name,
-        "--mac",
-        "52:54:00:aa:00:01",
-        "--model",
-        "virtio",
-    ]);
+    let mut args = attach_tap("lab", &g1.name, "52:54:00:aa:00:01");
+    args.extend(["--model", "virtio"]);
+    let attached = daemon.ok(&args);
     assert_eq!(attached.trim(), "Interface attached successfully");
-    let script = daemon.dir.0.join("udhcpc.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n",
-    )
-    .unwrap();
-    must(&["chmod", "+x", &script.display().to_string()]);
+    let script = lease_script(&daemon);
     g1.must(&["ip", "link", "set", "eth0", "up"]);
-    g1.udhcpc("eth0", &script.display().to_string(), &[]);
+    g1.udhcpc("eth0", &script, &[]);
     g1.must(&["ping", "-c", "1", "-W", "2", "10.77.0.1"]);
     let ifaces = daemon.ok(&["iface-list", "lab"]);
     let row: Vec<&str> = ifaces
@@ -410,32 +421,15 @@ fn a_daemon_with_two_workers_gives_attached_taps_two_queues() {
     let file = define(&daemon, "lab", LAB);
     daemon.ok(&["net-define", &file]);
     daemon.ok(&["net-start", "lab"]);
-    let script = daemon.dir.0.join("udhcpc.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\ncase \"$1\" in\n  bound) ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n",
-    )
-    .unwrap();
-    must(&["chmod", "+x", &script.display().to_string()]);
+    let script = lease_script(&daemon);
     for (i, g) in guests.iter().enumerate() {
         let mac = format!("52:54:00:aa:01:0{i}");
-        daemon.ok(&[
-            "attach-interface",
-            "--network",
-            "lab",
-            "--type",
-            "tap",
-            "--target",
-            "eth0",
-            "--netns",
-            &g.name,
-            "--mac",
-            &mac,
-        ]);
+        let attached = daemon.ok(&attach_tap("lab", &g.name, &mac));
+        assert_eq!(attached.trim(), "Interface attached successfully");
         let link = g.must(&["ip", "-d", "link", "show", "dev", "eth0"]);
         assert!(link.contains("multi_queue numqueues 2"), "{link}");
         g.must(&["ip", "link", "set", "eth0", "up"]);
-        g.udhcpc("eth0", &script.display().to_string(), &[]);
+        g.udhcpc("eth0", &script, &[]);
         g.must(&["ping", "-c", "1", "-W", "2", "10.77.0.1"]);
     }
     let address = guests[1].must(&["ip", "-4", "-br", "addr", "show", "dev", "eth0"]);
