@@ -1276,8 +1276,13 @@ impl Engine {
 
     /// The I/O edge reports a frame it could not deliver to (or read from) `port`.
     pub fn record_drop(&mut self, port: PortId, reason: DropReason) {
+        self.record_drops(port, reason, 1);
+    }
+
+    /// `count` drops at once (a fast-path worker's, folded in).
+    pub fn record_drops(&mut self, port: PortId, reason: DropReason, count: u64) {
         if let Some(c) = self.counters_mut(port) {
-            c.record_drop(reason);
+            c.record_drops(reason, count);
         }
     }
 

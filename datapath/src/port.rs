@@ -117,7 +117,11 @@ impl PortCounters {
     }
 
     pub fn record_drop(&mut self, reason: DropReason) {
-        self.drops[reason as usize] += 1;
+        self.record_drops(reason, 1);
+    }
+
+    pub fn record_drops(&mut self, reason: DropReason, count: u64) {
+        self.drops[reason as usize] += count;
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {

@@ -363,8 +363,11 @@ impl Mirror {
             .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
+    /// Called every turn: written only when it changes, as workers read it for every frame.
     pub fn set_observed(&self, on: bool) {
-        self.observed.store(on, Ordering::Relaxed);
+        if self.observed.load(Ordering::Relaxed) != on {
+            self.observed.store(on, Ordering::Relaxed);
+        }
     }
 
     pub fn observed(&self) -> bool {

@@ -785,12 +785,10 @@ impl Datapath {
                 );
                 self.engine
                     .record_tx(port, counts.tx_packets, counts.tx_bytes as usize);
-                for _ in 0..counts.tx_errors {
-                    self.engine.record_drop(port, DropReason::TxError);
-                }
-                for _ in 0..counts.handover_full {
-                    self.engine.record_drop(port, DropReason::HandoverFull);
-                }
+                self.engine
+                    .record_drops(port, DropReason::TxError, counts.tx_errors);
+                self.engine
+                    .record_drops(port, DropReason::HandoverFull, counts.handover_full);
             }
         }
     }

@@ -20,7 +20,8 @@
 use super::{BUF_LEN, RX_BUDGET, ReadyQueue};
 use crate::port::PortId;
 use crate::switch::Mirror;
-use crate::wire::{MacAddr, VnetHdr, vnet};
+use crate::wire::ethernet::{self, EthernetFrame};
+use crate::wire::{EtherType, MacAddr, VnetHdr, vnet};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -379,14 +380,14 @@ impl Worker {
         }
         let hdr = VnetHdr::parse(buf).ok()?;
         let frame = buf.get(vnet::LEN..)?;
-        if frame.len() < 14 || (!hdr.is_gso() && frame.len() > self.max_plain_frame) {
+        if !hdr.is_gso() && frame.len() > self.max_plain_frame {
             return None;
         }
-        let mac = |at: usize| MacAddr(frame[at..at + 6].try_into().unwrap_or_default());
-        let (dst, src) = (mac(0), mac(6));
-        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-        // IPv4 and IPv6 only: ARP, VLAN tags and the rest are the engine's.
-        if !matches!(ethertype, 0x0800 | 0x86dd)
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let (dst, src) = (eth.dst(), eth.src());
+        // Untagged IPv4 and IPv6 only: ARP, VLAN tags and the rest are the engine's.
+        if eth.header_len() != ethernet::HEADER_LEN
+            || !matches!(eth.ethertype(), EtherType::IPV4 | EtherType::IPV6)
             || dst.is_multicast()
             || !src.is_valid_source()
             || self.gateway_mac.is_some_and(|gw| gw == dst || gw == src)
