@@ -25,7 +25,7 @@ fn attach(dp: &mut Datapath, name: &str) -> UnixDatagram {
     dp.add_fd_port(
         name.into(),
         File::from(OwnedFd::from(theirs)),
-        PortCaps { vnet_hdr: false },
+        PortCaps::PLAIN,
     )
     .unwrap();
     ours

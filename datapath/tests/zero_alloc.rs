@@ -91,8 +91,15 @@ impl Peer {
         theirs.set_nonblocking(true).unwrap();
         ours.set_nonblocking(true).unwrap();
         let file = File::from(OwnedFd::from(theirs));
-        dp.add_fd_port(name.into(), file, PortCaps { vnet_hdr })
-            .unwrap();
+        dp.add_fd_port(
+            name.into(),
+            file,
+            PortCaps {
+                vnet_hdr,
+                uso: vnet_hdr,
+            },
+        )
+        .unwrap();
         Peer { sock: ours }
     }
 

@@ -66,6 +66,31 @@ const LEASE_RETRY: Duration = Duration::from_secs(1);
 pub struct PortCaps {
     /// Each frame is preceded by a virtio-net header ([`vnet::LEN`] bytes).
     pub vnet_hdr: bool,
+    /// The port takes UDP super-frames (virtio `GSO_UDP_L4`): a tap whose kernel accepted
+    /// USO (Linux 6.2 and later), and AF_PACKET sockets. Others get their datagrams.
+    pub uso: bool,
+}
+
+impl PortCaps {
+    /// A port with virtio-net headers: USO as `uso` says.
+    pub fn vnet(uso: bool) -> PortCaps {
+        PortCaps {
+            vnet_hdr: true,
+            uso,
+        }
+    }
+
+    /// A port of plain frames (a QEMU stream): every offload is done in software.
+    pub const PLAIN: PortCaps = PortCaps {
+        vnet_hdr: false,
+        uso: false,
+    };
+
+    /// Whether a frame with offload state `hdr` can be written to the port as it is.
+    fn takes(&self, hdr: &VnetHdr) -> bool {
+        let uso = hdr.gso_type & !vnet::gso::ECN == vnet::gso::UDP_L4;
+        self.vnet_hdr && (self.uso || !uso)
+    }
 }
 
 #[derive(Debug)]
@@ -79,9 +104,6 @@ struct IoPort {
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     tap: Option<Tap>,
-    /// The port's kernel refused a UDP super-frame (`EINVAL`: no virtio `GSO_UDP_L4` before
-    /// Linux 6.2): socket NAT's coalesced UDP goes to it as datagrams from now on.
-    uso_refused: bool,
 }
 
 impl IoPort {
@@ -565,7 +587,8 @@ impl Datapath {
         self.lost_taps
             .retain(|l| !(l.spec.name == tap.name && l.spec.netns == tap.netns));
         let (mac, clean_traffic) = (tap.mac, tap.clean_traffic);
-        let id = self.add_port(name, file, PortCaps { vnet_hdr: true }, Some(tap))?;
+        let caps = PortCaps::vnet(sys::tap_takes_uso(tap.file.as_fd()));
+        let id = self.add_port(name, file, caps, Some(tap))?;
         if let Some(mac) = mac {
             self.engine.bind_mac(id, mac);
         }
@@ -597,7 +620,7 @@ impl Datapath {
             .engine
             .add_uplink(format!("{dev}(uplink)"))
             .ok_or_else(|| io::Error::other("the network has no NAT uplink configured"))?;
-        self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
+        self.attach(id, file, PortCaps::vnet(true), ring, None)
     }
 
     /// Adds host NIC `dev` as a switch port (bridge mode): an AF_PACKET socket, promiscuous,
@@ -609,7 +632,7 @@ impl Datapath {
         let id = self.engine.add_port(format!("{dev}(nic)"));
         // The LAN's hosts are not guests: no clean-traffic or rate caps on their port.
         self.engine.set_trusted(id);
-        self.attach(id, file, PortCaps { vnet_hdr: true }, ring, None)
+        self.attach(id, file, PortCaps::vnet(true), ring, None)
     }
 
     /// The AF_PACKET socket (and ring) of host NIC `dev`, if a port may still be added.
@@ -672,7 +695,6 @@ impl Datapath {
             caps,
             ring,
             tap,
-            uso_refused: false,
         });
         // Frames may already be waiting: edge-triggered polling reports only new arrivals.
         self.ready.mark(id);
@@ -701,10 +723,9 @@ impl Datapath {
         self.ports[index] = Some(IoPort {
             file: None,
             stream: Some(stream),
-            caps: PortCaps { vnet_hdr: false },
+            caps: PortCaps::PLAIN,
             ring: None,
             tap: None,
-            uso_refused: false,
         });
         Ok(id)
     }
@@ -808,7 +829,7 @@ impl Datapath {
                     .mirrored()
                     .is_some_and(|m| m.generation(handed.port) == handed.generation);
                 if current {
-                    let caps = PortCaps { vnet_hdr: true };
+                    let caps = PortCaps::vnet(true);
                     self.forward(now, handed.port, caps, &mut handed.buf[..handed.len]);
                 }
                 let _ = self.workers[w].free.send(handed.buf);
@@ -1452,24 +1473,17 @@ impl Datapath {
             return;
         };
         let len = out.frame.len();
-        let uso = out.vnet.gso_type & !vnet::gso::ECN == vnet::gso::UDP_L4;
-        let result = if port.caps.vnet_hdr && !(uso && port.uso_refused) {
+        let offloaded = out.vnet.is_gso() || out.vnet.needs_csum();
+        let result = if offloaded && !port.caps.takes(&out.vnet) {
+            // To a port without vnet headers, or a UDP super-frame (socket NAT's) to a tap
+            // whose kernel has no USO: its datagrams.
+            write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
+                .map_err(|_| io::Error::other("offload"))
+        } else if port.caps.vnet_hdr {
             let buf = &mut self.scratch[..vnet::LEN + len];
             out.vnet.emit(buf);
             buf[vnet::LEN..].copy_from_slice(&out.frame);
-            match port.send(buf) {
-                // Socket NAT's UDP super-frame to a kernel that has no USO (before 6.2): it
-                // gets the datagrams, and later super-frames go the same way at once.
-                Err(e) if uso && e.raw_os_error() == Some(libc::EINVAL) => {
-                    port.uso_refused = true;
-                    write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
-                        .map_err(|_| io::Error::other("offload"))
-                }
-                sent => sent.map(|()| (1, len)),
-            }
-        } else if out.vnet.is_gso() || out.vnet.needs_csum() {
-            write_without_offloads(port, &out.vnet, &out.frame, &mut self.scratch)
-                .map_err(|_| io::Error::other("offload"))
+            port.send(buf).map(|()| (1, len))
         } else {
             port.send(&out.frame).map(|()| (1, len))
         };
@@ -1542,7 +1556,7 @@ impl Datapath {
     /// The frame is copied out of the stream's buffer, so the stream stays in its port
     /// (a reply may go straight back to it).
     fn serve_stream(&mut self, now: Instant, id: PortId, rx_buf: &mut [u8]) -> bool {
-        let caps = PortCaps { vnet_hdr: false };
+        let caps = PortCaps::PLAIN;
         for _ in 0..RX_BUDGET {
             let Some(stream) = self
                 .ports
@@ -1562,7 +1576,7 @@ impl Datapath {
 
     /// Forwards up to [`RX_BUDGET`] frames from the ring of `id`, in place.
     fn serve_ring(&mut self, now: Instant, id: PortId, mut ring: sys::RxRing) -> bool {
-        let caps = PortCaps { vnet_hdr: true };
+        let caps = PortCaps::vnet(true);
         let mut drained = false;
         for _ in 0..RX_BUDGET {
             let Some(frame) = ring.next_frame() else {
@@ -1655,17 +1669,9 @@ impl Datapath {
         };
         let frame = &buf[frame_start..];
         let offloaded = hdr.is_gso() || hdr.needs_csum();
-        let result = if port.caps.vnet_hdr && frame_start == vnet::LEN {
-            port.send(buf).map(|()| (1, frame.len()))
-        } else if port.caps.vnet_hdr {
-            // A plain frame to a vnet port: prepend an empty header.
-            let out = &mut self.scratch[..vnet::LEN + frame.len()];
-            out[..vnet::LEN].fill(0);
-            out[vnet::LEN..].copy_from_slice(frame);
-            port.send(out).map(|()| (1, frame.len()))
-        } else if !offloaded {
-            port.send(frame).map(|()| (1, frame.len()))
-        } else {
+        let result = if offloaded && !port.caps.takes(hdr) {
+            // To a port without vnet headers, or a UDP super-frame to a tap whose kernel has
+            // no USO: segmented, checksums completed, in software.
             match write_without_offloads(port, hdr, frame, &mut self.scratch) {
                 Ok(sent) => Ok(sent),
                 Err(reason) => {
@@ -1673,6 +1679,16 @@ impl Datapath {
                     return;
                 }
             }
+        } else if port.caps.vnet_hdr && frame_start == vnet::LEN {
+            port.send(buf).map(|()| (1, frame.len()))
+        } else if port.caps.vnet_hdr {
+            // A plain frame to a vnet port: prepend an empty header.
+            let out = &mut self.scratch[..vnet::LEN + frame.len()];
+            out[..vnet::LEN].fill(0);
+            out[vnet::LEN..].copy_from_slice(frame);
+            port.send(out).map(|()| (1, frame.len()))
+        } else {
+            port.send(frame).map(|()| (1, frame.len()))
         };
         match result {
             Ok((packets, bytes)) => {
@@ -1776,10 +1792,12 @@ mod tests {
         let port = IoPort {
             file: Some(File::from(OwnedFd::from(ours))),
             stream: None,
-            caps: PortCaps { vnet_hdr },
+            caps: PortCaps {
+                vnet_hdr,
+                uso: vnet_hdr,
+            },
             ring: None,
             tap: None,
-            uso_refused: false,
         };
         (port, theirs)
     }
@@ -1813,6 +1831,23 @@ mod tests {
             csum_offset: 6,
         };
         (f, vnet)
+    }
+
+    // A UDP super-frame is written whole only to a port that takes virtio GSO_UDP_L4 (a tap on
+    // Linux 6.2 or later, an AF_PACKET socket); TSO frames and partial checksums to any port
+    // with vnet headers.
+    #[test]
+    fn which_ports_take_which_offloads_as_they_are() {
+        let (_, uso) = super_frame();
+        let tso = VnetHdr {
+            gso_type: vnet::gso::TCPV4,
+            gso_size: 1448,
+            ..VnetHdr::default()
+        };
+        assert!(PortCaps::vnet(true).takes(&uso));
+        assert!(!PortCaps::vnet(false).takes(&uso), "a tap without USO");
+        assert!(PortCaps::vnet(false).takes(&tso));
+        assert!(!PortCaps::PLAIN.takes(&tso) && !PortCaps::PLAIN.takes(&uso));
     }
 
     /// A UDP super-frame for a port that cannot take it whole (no vnet headers, or a kernel

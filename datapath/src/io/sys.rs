@@ -38,6 +38,21 @@ pub const TAP_OFFLOADS: libc::c_uint =
 /// with `EINVAL`.
 pub const TAP_OFFLOADS_WITHOUT_USO: libc::c_uint = TAP_OFFLOADS & !(TUN_F_USO4 | TUN_F_USO6);
 
+/// Whether the tap open on `fd` takes UDP super-frames: asking again for [`TAP_OFFLOADS`]
+/// (what [`open_tap`] asked first) succeeds only where the kernel knows USO; where it does not,
+/// the `EINVAL` changes nothing.
+pub fn tap_takes_uso(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* flags).
+    let result = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            TAP_OFFLOADS as libc::c_ulong,
+        )
+    };
+    result == 0
+}
+
 /// Opens `/dev/net/tun` and binds it to the tap `name` (created if it does not exist in the
 /// calling thread's network namespace), non-blocking, with a virtio-net header of `vnet_len`
 /// bytes and the offloads of [`TAP_OFFLOADS`] (or [`TAP_OFFLOADS_WITHOUT_USO`] where the
