@@ -10,6 +10,7 @@ use crate::dhcp::{self, DhcpService};
 use crate::dns::DnsService;
 use crate::gateway::{self, Answer, Gateway, GatewayConfig, GatewayCounters};
 use crate::guard::{Cap, GuardConfig, PortGuard};
+use crate::nat::fast::NatFastPath;
 use crate::nat::{FlowRow, Nat, NatConfig, NatCounters, packet};
 use crate::port::{DropReason, PortCounters, PortId};
 use crate::socket_nat::{Peer, SocketNat, SocketNatConfig, SocketNatCounters};
@@ -264,6 +265,38 @@ impl Engine {
         }
         self.sync_fast_ingress(id);
         Some(id)
+    }
+
+    /// Packet NAT's established connections as the fast-path workers read them, with what
+    /// they need to translate on their own; `None` without packet NAT.
+    pub fn nat_mirror(&mut self) -> Option<NatFastPath> {
+        let gateway = self.gateway.as_ref()?.config().mac;
+        let router = self.router.as_mut()?;
+        let uplink = *router.uplink.config();
+        Some(NatFastPath {
+            mirror: router.nat.mirror(),
+            uplink: router.port?,
+            uplink_mac: uplink.mac,
+            uplink_mtu: uplink.mtu,
+            external: uplink.ip,
+            gateway_mac: gateway,
+            guest_mtu: self.mtu,
+        })
+    }
+
+    /// Counts `translated` packets that came in on `port` and that a fast-path worker
+    /// NAT-translated (in to guests when `port` is the uplink, else out).
+    pub fn record_worker_nat(&mut self, port: PortId, translated: u64) {
+        if translated == 0 {
+            return;
+        }
+        if let Some(router) = &mut self.router {
+            if router.port == Some(port) {
+                router.nat.counters.translated_in += translated;
+            } else {
+                router.nat.counters.translated_out += translated;
+            }
+        }
     }
 
     /// The forwarding database as the fast-path workers read it ([`Mirror`]), with each
@@ -1018,6 +1051,7 @@ impl Engine {
         match router.uplink.resolve(now, next_hop) {
             Some(mac) => {
                 frame[0..6].copy_from_slice(&mac.0);
+                router.nat.publish(&outbound, mac);
                 self.forwarded += 1;
                 router
                     .port
@@ -1059,7 +1093,7 @@ impl Engine {
         }
         // A GSO frame leaves as packets of its headers and gso_size bytes each: those are
         // what must fit (as Linux's forwarding checks a GSO packet's segments).
-        if largest_packet(vnet, ip) > egress_mtu as usize {
+        if vnet.largest_packet(ip) > egress_mtu as usize {
             if ip[6] & 0x40 != 0 {
                 let [hi, lo] = egress_mtu.to_be_bytes();
                 let code = (ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED);
@@ -1087,7 +1121,12 @@ impl Engine {
             return Verdict::Drop(DropReason::NotForUs);
         }
         if ethertype == EtherType::ARP {
-            return match router.uplink.handle_arp(now, frame, l3) {
+            let answer = router.uplink.handle_arp(now, frame, l3);
+            if router.uplink.take_moved() {
+                // Workers would go on sending to the old MAC: they ask the engine again.
+                router.nat.withdraw_all();
+            }
+            return match answer {
                 ArpAnswer::Reply => Verdict::Reply,
                 ArpAnswer::Consumed => Verdict::Consumed,
                 ArpAnswer::NotOurs => Verdict::Drop(DropReason::NotForUs),
@@ -1493,23 +1532,6 @@ fn ip_header_len(ip: &[u8]) -> usize {
 }
 
 /// The IPv4 total length of a frame whose header the gateway checked.
-/// The largest IPv4 packet `ip` becomes on the wire: itself, or for a GSO frame one of its
-/// segments (IP and TCP or UDP headers, and `gso_size` bytes of payload).
-fn largest_packet(vnet: &VnetHdr, ip: &[u8]) -> usize {
-    if !vnet.is_gso() {
-        return ip.len();
-    }
-    let l3 = usize::from(ip[0] & 0x0f) * 4;
-    let l4 = match ip[9] {
-        6 => ip
-            .get(l3 + 12)
-            .map_or(20, |offset| usize::from(offset >> 4) * 4),
-        17 => 8,
-        _ => return ip.len(),
-    };
-    ip.len().min(l3 + l4 + usize::from(vnet.gso_size))
-}
-
 fn ip_total_len(frame: &[u8]) -> usize {
     let at = ethernet::HEADER_LEN + 2;
     u16::from_be_bytes([frame[at], frame[at + 1]]) as usize

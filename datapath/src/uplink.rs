@@ -103,6 +103,8 @@ pub struct Uplink {
     config: UplinkConfig,
     neighbors: HashMap<Ipv4Addr, Neighbor, RandomState>,
     tx: VecDeque<(VnetHdr, Vec<u8>)>,
+    /// A next hop's MAC changed ([`Uplink::take_moved`]).
+    moved: bool,
     pub counters: UplinkCounters,
 }
 
@@ -112,6 +114,7 @@ impl Uplink {
             config,
             neighbors: HashMap::with_hasher(RandomState::new()),
             tx: VecDeque::new(),
+            moved: false,
             counters: UplinkCounters::default(),
         }
     }
@@ -197,6 +200,7 @@ impl Uplink {
         if let Some(n) = self.neighbors.get_mut(&sender)
             && sender_mac.is_valid_source()
         {
+            self.moved |= n.mac.is_some_and(|old| old != sender_mac);
             n.mac = Some(sender_mac);
             n.state = State::Reachable {
                 until: now + REACHABLE,
@@ -238,6 +242,11 @@ impl Uplink {
         } else {
             ArpAnswer::NotOurs
         }
+    }
+
+    /// Whether a next hop's MAC changed since the last call.
+    pub fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
     }
 
     /// A frame the uplink originated (ARP) or released (held for ARP), to send out.

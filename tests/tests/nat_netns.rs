@@ -33,6 +33,17 @@ fn nat_net_with_mtu(guests: usize, extra_xml: &str, uplink_mtu: u32) -> NatNet {
 
 /// `uplink_rx` is `<sy:uplink rx=...>`: `read` or `ring`.
 fn nat_net_with(guests: usize, extra_xml: &str, uplink_mtu: u32, uplink_rx: &str) -> NatNet {
+    nat_net_args(guests, extra_xml, uplink_mtu, uplink_rx, &[])
+}
+
+/// [`nat_net_with`], `switchyard run` getting `run_args` too.
+fn nat_net_args(
+    guests: usize,
+    extra_xml: &str,
+    uplink_mtu: u32,
+    uplink_rx: &str,
+    run_args: &[&str],
+) -> NatNet {
     require(&["ip", "ping", "python3"]);
     let dir = TempDir::new("synat");
     let outside = Netns::new("o");
@@ -70,6 +81,7 @@ fn nat_net_with(guests: usize, extra_xml: &str, uplink_mtu: u32, uplink_rx: &str
         "--control".to_string(),
         dir.0.join("ctl.sock").display().to_string(),
     ];
+    args.extend(run_args.iter().map(|a| a.to_string()));
     for (i, g) in guests.iter().enumerate() {
         args.push("--tap".into());
         args.push(g.tap_arg("eth0", &format!("52:54:00:c0:00:{:02x}", i + 1)));
@@ -307,6 +319,88 @@ fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
             assert!(lost < 5.0, "UDP loss {lost}%");
         }
     }
+}
+
+/// With `--workers 2`, the guest's tap has two queues and the uplink two sockets in one
+/// fanout group: the worker translates the data packets of established connections itself,
+/// both ways, and its counts reach `stats` and `conntrack` as if the engine had done it.
+#[test]
+fn two_workers_translate_established_connections_both_ways() {
+    require(&["iperf3", "ss", "curl", "sha256sum"]);
+    let net = nat_net_args(1, "", 1500, "read", &["--workers", "2"]);
+    let (g, outside) = (&net.guests[0], &net.outside);
+    assert!(
+        g.must(&["ip", "-d", "link", "show", "eth0"])
+            .contains("numqueues 2")
+    );
+    // Bytes arrive intact through either thread's checksums.
+    let www = net.dir.0.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let file = www.join("blob");
+    must(&[
+        "sh",
+        "-c",
+        &format!("head -c 3000000 /dev/urandom > {}", file.display()),
+    ]);
+    let want = must(&["sha256sum", &file.display().to_string()]);
+    let want = want.split_whitespace().next().unwrap();
+    let _http = outside.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        OUTSIDE,
+        "--directory",
+        &www.display().to_string(),
+        "8080",
+    ]);
+    wait_listening(outside, 8080);
+    for _ in 0..4 {
+        let got = g.must(&[
+            "sh",
+            "-c",
+            "curl -sS --max-time 20 http://203.0.113.1:8080/blob | sha256sum",
+        ]);
+        assert_eq!(got.split_whitespace().next().unwrap(), want);
+    }
+    // Eight connections each way: some land on the worker's queue and fanout socket.
+    for extra in [&[][..], &["-R"][..]] {
+        let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
+        wait_listening(outside, 5201);
+        let mut argv = vec![
+            "timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-P", "8", "-J",
+        ];
+        argv.extend_from_slice(extra);
+        let bps = iperf3_received_bps(&g.must(&argv));
+        assert!(bps > 1e8, "iperf3 -P 8 {extra:?}: {bps} bit/s");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let bin = switchyard_bin().display().to_string();
+    let table = must(&[&bin, "conntrack", "--json", "--socket", &control(&net)]);
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    let rows = table.as_array().expect("rows");
+    let counted =
+        |i: usize| -> u64 { rows.iter().map(|r| r["packets"][i].as_u64().unwrap()).sum() };
+    let (conntrack_out, conntrack_in) = (counted(0), counted(1));
+    let mut sy = net.sy;
+    let stats = sy.stop_json();
+    let engine = &stats["engine"];
+    let by_worker = engine["worker_forwarded"].as_u64().unwrap();
+    assert!(by_worker > 1000, "the worker translated: {stats}");
+    let nat = &engine["nat"];
+    eprintln!(
+        "the worker forwarded {by_worker} packets; NAT translated {} out, {} in",
+        nat["translated_out"], nat["translated_in"]
+    );
+    // Every translated packet is in both tallies, whichever thread translated it.
+    assert_eq!(
+        (conntrack_out, conntrack_in),
+        (
+            nat["translated_out"].as_u64().unwrap(),
+            nat["translated_in"].as_u64().unwrap()
+        ),
+        "{table} {stats}"
+    );
 }
 
 /// The sum of every `key` anywhere in `value`.

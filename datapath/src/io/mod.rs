@@ -614,13 +614,52 @@ impl Datapath {
     /// Adds the uplink of packet NAT: an AF_PACKET socket on interface `dev` (in the calling
     /// thread's namespace), promiscuous, with virtio-net headers, receiving through a
     /// `TPACKET_V3` ring shaped by `ring` (or by `read`, one frame per call, when `None`).
+    ///
+    /// With workers ([`Datapath::set_workers`]), each worker gets a socket of its own on
+    /// `dev`, all in one `PACKET_FANOUT_HASH` group with the engine's (so each flow's frames
+    /// arrive at one of them), and translates the data packets of established connections
+    /// both ways itself (`nat::fast`); the rest it hands to the engine.
     pub fn add_uplink(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
         let (file, ring) = self.open_nic(dev, ring)?;
         let id = self
             .engine
             .add_uplink(format!("{dev}(uplink)"))
             .ok_or_else(|| io::Error::other("the network has no NAT uplink configured"))?;
+        if let Err(e) = self.share_uplink(dev, &file) {
+            // The engine's socket then gets every frame, as with one worker.
+            eprintln!("switchyard: uplink {dev}: NAT stays on the engine's thread: {e}");
+        }
         self.attach(id, file, PortCaps::vnet(true), ring, None)
+    }
+
+    /// Gives each worker its socket on uplink `dev` and the NAT fast path, the engine's
+    /// socket `ours` leading their fanout group.
+    fn share_uplink(&mut self, dev: &str, ours: &File) -> io::Result<()> {
+        if self.workers.is_empty() {
+            return Ok(());
+        }
+        let Some(nat) = self.engine.nat_mirror() else {
+            return Ok(());
+        };
+        let index = sys::if_nametoindex(dev).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no interface {dev}"))
+        })?;
+        let group = sys::join_fanout(ours.as_fd(), None)?;
+        let generation = self
+            .engine
+            .fdb()
+            .mirrored()
+            .map_or(0, |m| m.generation(nat.uplink));
+        for worker in &self.workers {
+            let socket = sys::open_packet_socket(index, vnet::LEN)?;
+            sys::join_fanout(socket.as_fd(), Some(group))?;
+            worker.send(worker::Command::AddUplink {
+                generation,
+                socket: File::from(socket),
+                nat: nat.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Adds host NIC `dev` as a switch port (bridge mode): an AF_PACKET socket, promiscuous,
@@ -810,6 +849,9 @@ impl Datapath {
                     .record_drops(port, DropReason::TxError, counts.tx_errors);
                 self.engine
                     .record_drops(port, DropReason::HandoverFull, counts.handover_full);
+                self.engine.record_worker_nat(port, counts.translated);
+                self.engine
+                    .record_drops(port, DropReason::NotForUs, counts.not_for_us);
             }
         }
     }

@@ -362,6 +362,34 @@ pub fn open_packet_socket(ifindex: u32, vnet_len: usize) -> io::Result<OwnedFd> 
     Ok(fd)
 }
 
+/// Joins AF_PACKET socket `fd` to fanout group `group` (`PACKET_FANOUT_HASH`: each flow's
+/// frames go to one socket of the group, by the kernel's flow hash), or, with `None`, starts
+/// a group under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`); returns the id.
+pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<u16>) -> io::Result<u16> {
+    let (id, flags) = match group {
+        Some(id) => (id, 0),
+        None => (0, libc::PACKET_FANOUT_FLAG_UNIQUEID),
+    };
+    let arg = (u32::from(id) | (libc::PACKET_FANOUT_HASH | flags) << 16) as libc::c_int;
+    setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)?;
+    if let Some(id) = group {
+        return Ok(id);
+    }
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals of the sizes the kernel is told.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((value & 0xffff) as u16)
+}
+
 /// The MTU of interface `name` in the calling thread's network namespace (`SIOCGIFMTU`).
 pub fn interface_mtu(name: &str) -> io::Result<u32> {
     let bytes = name.as_bytes();

@@ -18,6 +18,7 @@
 //! external port), is in `benches/WORKERS.md`.
 
 use super::{BUF_LEN, RX_BUDGET, ReadyQueue};
+use crate::nat::fast::NatFastPath;
 use crate::port::PortId;
 use crate::switch::Mirror;
 use crate::wire::ethernet::{self, EthernetFrame};
@@ -48,6 +49,13 @@ pub(crate) enum Command {
         queue: File,
     },
     RemovePort(PortId),
+    /// This worker's AF_PACKET socket on packet NAT's uplink (in the uplink's fanout group),
+    /// and what it needs to translate established connections itself.
+    AddUplink {
+        generation: u32,
+        socket: File,
+        nat: NatFastPath,
+    },
 }
 
 /// A frame a worker read and the engine must handle: `buf[..len]`, virtio-net header first.
@@ -61,6 +69,18 @@ pub(crate) struct Handed {
     pub buf: Vec<u8>,
 }
 
+/// What a worker does with a frame it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Switched as it is to this port.
+    Forward(PortId),
+    /// NAT-translated in place, for this port.
+    Translate(PortId),
+    /// For another host on the uplink's LAN: dropped, as the engine would.
+    NotForUs,
+    HandOver,
+}
+
 /// One port's counts on one worker, written by that worker only.
 #[derive(Debug, Default)]
 struct Tally {
@@ -72,6 +92,10 @@ struct Tally {
     tx_errors: AtomicU64,
     handed_over: AtomicU64,
     handover_full: AtomicU64,
+    /// Packets NAT-translated by the worker, counted on the port they came in on.
+    translated: AtomicU64,
+    /// Frames on the uplink for another host's MAC (it is promiscuous), dropped.
+    not_for_us: AtomicU64,
 }
 
 /// A snapshot of a [`Tally`].
@@ -85,6 +109,8 @@ pub(crate) struct Counts {
     pub tx_errors: u64,
     pub handed_over: u64,
     pub handover_full: u64,
+    pub translated: u64,
+    pub not_for_us: u64,
 }
 
 impl Counts {
@@ -99,6 +125,8 @@ impl Counts {
             tx_errors: self.tx_errors - before.tx_errors,
             handed_over: self.handed_over - before.handed_over,
             handover_full: self.handover_full - before.handover_full,
+            translated: self.translated - before.translated,
+            not_for_us: self.not_for_us - before.not_for_us,
         }
     }
 }
@@ -120,6 +148,8 @@ impl Tally {
             tx_errors: get(&self.tx_errors),
             handed_over: get(&self.handed_over),
             handover_full: get(&self.handover_full),
+            translated: get(&self.translated),
+            not_for_us: get(&self.not_for_us),
         }
     }
 }
@@ -173,6 +203,7 @@ impl WorkerHandle {
             mirror,
             gateway_mac,
             max_plain_frame,
+            nat: None,
             ports: Vec::new(),
             ready: ReadyQueue::default(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
@@ -248,7 +279,9 @@ struct Worker {
     mirror: Arc<Mirror>,
     gateway_mac: Option<MacAddr>,
     max_plain_frame: usize,
-    /// This worker's queue of each tap, by port id.
+    /// Packet NAT's fast path, once the uplink is added: the uplink is then one of `ports`.
+    nat: Option<NatFastPath>,
+    /// This worker's queue of each tap (and its socket on the uplink), by port id.
     ports: Vec<Option<WorkerPort>>,
     ready: ReadyQueue,
     rx_buf: Box<[u8]>,
@@ -304,29 +337,24 @@ impl Worker {
     fn take_commands(&mut self) {
         loop {
             match self.commands.try_recv() {
+                Ok(Command::AddUplink {
+                    generation,
+                    socket,
+                    nat,
+                }) => {
+                    let id = nat.uplink;
+                    self.nat = Some(nat);
+                    self.add_port(id, generation, socket);
+                }
                 Ok(Command::AddPort {
                     id,
                     generation,
                     queue,
-                }) => {
-                    let index = id.0 as usize;
-                    if index >= self.ports.len() {
-                        self.ports.resize_with(index + 1, || None);
-                    }
-                    let fd = queue.as_raw_fd();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut SourceFd(&fd),
-                        Token(index),
-                        Interest::READABLE,
-                    ) {
-                        eprintln!("switchyard: worker {}: port {id}: {e}", self.queue);
-                        continue;
-                    }
-                    self.ports[index] = Some(WorkerPort { queue, generation });
-                    // Frames may be waiting already: edge-triggered polling would not say.
-                    self.ready.mark(id);
-                }
+                }) => self.add_port(id, generation, queue),
                 Ok(Command::RemovePort(id)) => {
+                    if self.nat.as_ref().is_some_and(|n| n.uplink == id) {
+                        self.nat = None;
+                    }
                     if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
                         let fd = port.queue.as_raw_fd();
                         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -335,6 +363,24 @@ impl Worker {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
             }
         }
+    }
+
+    fn add_port(&mut self, id: PortId, generation: u32, queue: File) {
+        let index = id.0 as usize;
+        if index >= self.ports.len() {
+            self.ports.resize_with(index + 1, || None);
+        }
+        let fd = queue.as_raw_fd();
+        let token = Token(index);
+        if let Err(e) =
+            (self.poll.registry()).register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            eprintln!("switchyard: worker {}: port {id}: {e}", self.queue);
+            return;
+        }
+        self.ports[index] = Some(WorkerPort { queue, generation });
+        // Frames may be waiting already: edge-triggered polling would not say.
+        self.ready.mark(id);
     }
 
     /// Reads up to [`RX_BUDGET`] frames from port `id`: whether it was drained, and whether
@@ -353,16 +399,29 @@ impl Worker {
                 // queue 0 and removes the port.
                 Err(_) => return (true, handed),
             };
-            match self.fast_egress(now, id, &self.rx_buf[..n]) {
-                Some(egress) => {
-                    // Counted here only when not handed over: the engine counts the rest.
-                    let tally = &self.tallies[id.0 as usize];
-                    bump(&tally.rx_packets, 1);
-                    bump(&tally.rx_bytes, (n - vnet::LEN) as u64);
+            let mut buf = std::mem::take(&mut self.rx_buf);
+            let decision = self.fast_egress(now, id, &mut buf[..n]);
+            self.rx_buf = buf;
+            // Counted here only when not handed over: the engine counts the rest.
+            let tally = &self.tallies[id.0 as usize];
+            let received = || {
+                bump(&tally.rx_packets, 1);
+                bump(&tally.rx_bytes, (n - vnet::LEN) as u64);
+            };
+            match decision {
+                Decision::Forward(egress) | Decision::Translate(egress) => {
+                    received();
                     bump(&tally.forwarded, 1);
+                    if matches!(decision, Decision::Translate(_)) {
+                        bump(&tally.translated, 1);
+                    }
                     self.transmit(egress, n);
                 }
-                None => {
+                Decision::NotForUs => {
+                    received();
+                    bump(&tally.not_for_us, 1);
+                }
+                Decision::HandOver => {
                     self.hand_over(id, generation, n);
                     handed = true;
                 }
@@ -371,38 +430,62 @@ impl Worker {
         (false, handed)
     }
 
-    /// The tap `buf` (a virtio-net header and a frame read from `ingress`) goes to, if this
-    /// worker may switch it itself.
-    fn fast_egress(&self, now: Instant, ingress: PortId, buf: &[u8]) -> Option<PortId> {
-        if self.mirror.observed() || !self.mirror.fast_ingress(ingress) || !self.is_current(ingress)
-        {
+    /// The port `buf` (a virtio-net header and a frame read from `ingress`) goes to, if this
+    /// worker may switch it (or NAT-translate it, in place) itself.
+    fn fast_egress(&self, now: Instant, ingress: PortId, buf: &mut [u8]) -> Decision {
+        self.decide(now, ingress, buf).unwrap_or(Decision::HandOver)
+    }
+
+    fn decide(&self, now: Instant, ingress: PortId, buf: &mut [u8]) -> Option<Decision> {
+        if self.mirror.observed() || !self.is_current(ingress) {
             return None;
         }
         let hdr = VnetHdr::parse(buf).ok()?;
-        let frame = buf.get(vnet::LEN..)?;
+        let frame = buf.get_mut(vnet::LEN..)?;
         if !hdr.is_gso() && frame.len() > self.max_plain_frame {
             return None;
         }
-        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if let Some(nat) = self.nat.as_ref().filter(|n| n.uplink == ingress) {
+            let dst = MacAddr::from_slice(frame.get(0..6)?);
+            if dst != nat.uplink_mac && !dst.is_multicast() {
+                return Some(Decision::NotForUs);
+            }
+            let to_guest = |mac| self.mirror.lookup(mac).filter(|&p| self.is_current(p));
+            return nat
+                .inward(now, &hdr, frame, to_guest)
+                .map(Decision::Translate);
+        }
+        if !self.mirror.fast_ingress(ingress) {
+            return None;
+        }
+        let eth = EthernetFrame::new_checked(&*frame).ok()?;
         let (dst, src) = (eth.dst(), eth.src());
         // Untagged IPv4 and IPv6 only: ARP, VLAN tags and the rest are the engine's.
         if eth.header_len() != ethernet::HEADER_LEN
             || !matches!(eth.ethertype(), EtherType::IPV4 | EtherType::IPV6)
             || dst.is_multicast()
             || !src.is_valid_source()
-            || self.gateway_mac.is_some_and(|gw| gw == dst || gw == src)
+            || self.gateway_mac == Some(src)
         {
             return None;
         }
         if self.mirror.lookup(src)? != ingress {
             return None;
         }
+        if self.gateway_mac == Some(dst) {
+            let nat = self.nat.as_ref()?;
+            if !self.is_current(nat.uplink) || !nat.outward(now, &hdr, frame) {
+                return None;
+            }
+            self.mirror.note_seen(now, src);
+            return Some(Decision::Translate(nat.uplink));
+        }
         let egress = self.mirror.lookup(dst)?;
         if egress == ingress || !self.is_current(egress) {
             return None;
         }
         self.mirror.note_seen(now, src);
-        Some(egress)
+        Some(Decision::Forward(egress))
     }
 
     /// Whether this worker has a queue of port `port` as the engine knows it now (not of an

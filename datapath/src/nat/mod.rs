@@ -25,7 +25,9 @@
 //! this, a guest that opens short connections fast (8192 in 4 minutes at the default per-guest
 //! cap) would be refused every new connection until its closed ones time out.
 
+pub mod fast;
 mod index;
+pub mod mirror;
 pub mod packet;
 
 use crate::port::DropReason;
@@ -33,11 +35,13 @@ use crate::wire::MacAddr;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ahash::RandomState;
 use index::{FlowRef, Index, Probe};
+use mirror::{NatMirror, Rewrite};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Default cap on connections (the kernel's `nf_conntrack_max` is of this order).
@@ -354,6 +358,8 @@ pub struct Outbound {
     /// The destination is the external address itself: the packet must now be taken as
     /// arriving from outside (hairpinning, RFC 4787 6).
     pub hairpin: bool,
+    /// The connection's slot, for [`Nat::publish`] (none for fragments and ICMP errors).
+    slot: Option<u32>,
 }
 
 /// One connection as `switchyard conntrack` shows it.
@@ -451,6 +457,8 @@ pub struct Nat {
     port_cursor: u32,
     sweep_cursor: usize,
     next_sweep: Option<Instant>,
+    /// Established connections as the fast-path workers see them, when there are workers.
+    mirror: Option<Arc<NatMirror>>,
     pub counters: NatCounters,
 }
 
@@ -475,8 +483,109 @@ impl Nat {
             port_cursor: 0,
             sweep_cursor: 0,
             next_sweep: None,
+            mirror: None,
             counters: NatCounters::default(),
             config,
+        }
+    }
+
+    /// The established connections as fast-path workers read them ([`mirror`]): from now on
+    /// [`Nat::publish`] fills it.
+    pub fn mirror(&mut self) -> Arc<NatMirror> {
+        self.mirror
+            .get_or_insert_with(|| Arc::new(NatMirror::new()))
+            .clone()
+    }
+
+    /// Shares the connection a guest's packet just went out on with the workers, once it is
+    /// established (TCP) or answered (UDP), now that the engine knows the MAC of its next
+    /// hop. Hairpinned connections and ICMP queries stay the engine's.
+    pub fn publish(&mut self, out: &Outbound, next_hop: MacAddr) {
+        let (Some(mirror), Some(slot)) = (&self.mirror, out.slot) else {
+            return;
+        };
+        let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let shareable = match flow.proto {
+            PROTO_TCP => flow.tcp == TcpState::Established,
+            PROTO_UDP => flow.seen == [true, true],
+            _ => false,
+        };
+        let external = self.config.external;
+        if !shareable || out.hairpin || flow.remote == external {
+            return;
+        }
+        let outward = Rewrite {
+            ip: external,
+            port: flow.external_port,
+            mac: next_hop,
+        };
+        let inward = Rewrite {
+            ip: flow.guest,
+            port: flow.guest_port,
+            mac: flow.guest_mac,
+        };
+        mirror.publish(Dir::Out, &flow.original(), outward);
+        mirror.publish(Dir::In, &flow.reply(external), inward);
+    }
+
+    /// Takes every connection back from the workers (a next hop's MAC changed): they hand
+    /// its packets to the engine until it publishes them again.
+    pub fn withdraw_all(&mut self) {
+        if self.mirror.is_none() {
+            return;
+        }
+        for slot in 0..self.slots.len() as u32 {
+            self.withdraw(slot);
+        }
+    }
+
+    /// Takes the connection in `slot` back from the workers, with what they counted of it.
+    fn withdraw(&mut self, slot: u32) {
+        let Some(mirror) = &self.mirror else {
+            return;
+        };
+        let external = self.config.external;
+        let Some(flow) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        for dir in [Dir::Out, Dir::In] {
+            let (packets, bytes) = mirror.withdraw(dir, &flow.tuple(dir, external));
+            flow.packets[dir as usize] += packets;
+            flow.bytes[dir as usize] += bytes;
+        }
+    }
+
+    /// Whether workers translated for the connection in `slot` recently enough that it has
+    /// not expired at `now` after all; its deadline and counts catch up with theirs.
+    fn revived(&mut self, slot: u32, now: Stamp) -> bool {
+        let Some(mirror) = self.mirror.clone() else {
+            return false;
+        };
+        let (external, timeouts) = (self.config.external, self.config.timeouts);
+        let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
+            return false;
+        };
+        let mut last = None;
+        let mut counts = [(0, 0); 2];
+        for dir in [Dir::Out, Dir::In] {
+            let (packets, bytes, seen) = mirror.tallies(dir, &flow.tuple(dir, external), true);
+            counts[dir as usize] = (packets, bytes);
+            last = last.max(seen);
+        }
+        let expires = last.map(|seen| deadline(self.stamp(seen), flow.timeout(&timeouts)));
+        let flow = self.flow_mut(slot);
+        for (dir, (packets, bytes)) in counts.into_iter().enumerate() {
+            flow.packets[dir] += packets;
+            flow.bytes[dir] += bytes;
+        }
+        match expires {
+            Some(expires) if expires > now => {
+                flow.expires = expires;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -512,6 +621,7 @@ impl Nat {
         }
         let hairpin = Outbound {
             hairpin: dst == self.config.external,
+            slot: None,
         };
         let (offset, more) = packet::fragment_info(p);
         if offset != 0 {
@@ -560,7 +670,10 @@ impl Nat {
             self.bind_fragments(now, &tuple, p, slot, Dir::Out);
         }
         self.counters.translated_out += 1;
-        Ok(hairpin)
+        Ok(Outbound {
+            slot: Some(slot),
+            ..hairpin
+        })
     }
 
     /// Translates a packet that arrived for the external address back to its guest: returns
@@ -670,7 +783,7 @@ impl Nat {
             r & 1 == dir as u32 && key_of(slots, external, r) == probe.key
         })?;
         let slot = r / 2;
-        if self.flow_mut(slot).expires <= now {
+        if self.flow_mut(slot).expires <= now && !self.revived(slot, now) {
             self.remove(slot);
             self.counters.flows_expired += 1;
             return None;
@@ -689,10 +802,12 @@ impl Nat {
         let next_generation = self.generation.wrapping_add(1);
         let flow = self.flow_mut(slot);
         flow.seen[dir as usize] = true;
-        let (mut closed, mut reopened) = (None, false);
+        let (mut closed, mut reopened, mut closing) = (None, false, false);
         if flow.proto == PROTO_TCP {
             let was_closed = flow.is_closed();
+            let was_established = flow.tcp == TcpState::Established;
             flow.track_tcp(dir, tcp_flags);
+            closing = was_established && flow.tcp != TcpState::Established;
             match (was_closed, flow.is_closed()) {
                 (false, true) => closed = Some(flow.generation),
                 (true, false) => {
@@ -710,6 +825,10 @@ impl Nat {
         }
         if let Some(generation) = closed {
             self.note_closed(slot, generation);
+        }
+        if closing {
+            // A FIN or RST: the rest of the close is the engine's to follow.
+            self.withdraw(slot);
         }
         self.count(slot, dir, len);
     }
@@ -980,6 +1099,7 @@ impl Nat {
     }
 
     fn remove(&mut self, slot: u32) {
+        self.withdraw(slot);
         let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
             return;
         };
@@ -1123,6 +1243,7 @@ impl Nat {
             if self.slots[slot]
                 .as_ref()
                 .is_some_and(|f| f.expires <= stamp)
+                && !self.revived(slot as u32, stamp)
             {
                 self.remove(slot as u32);
                 self.counters.flows_expired += 1;
@@ -1135,11 +1256,27 @@ impl Nat {
     /// Live connections, oldest slot first, as `conntrack -L` lists them.
     pub fn rows(&self, now: Instant) -> Vec<FlowRow> {
         let now = self.stamp(now);
+        let external = self.config.external;
+        // What workers translated and the engine has not yet taken back into the flow.
+        let by_workers = |f: &Flow, dir: Dir| {
+            self.mirror.as_ref().map_or((0, 0), |m| {
+                let (packets, bytes, _) = m.tallies(dir, &f.tuple(dir, external), false);
+                (packets, bytes)
+            })
+        };
         self.slots
             .iter()
             .flatten()
             .filter(|f| f.expires > now)
-            .map(|f| FlowRow {
+            .map(|f| {
+                let (out, back) = (by_workers(f, Dir::Out), by_workers(f, Dir::In));
+                (
+                    f,
+                    [f.packets[0] + out.0, f.packets[1] + back.0],
+                    [f.bytes[0] + out.1, f.bytes[1] + back.1],
+                )
+            })
+            .map(|(f, packets, bytes)| FlowRow {
                 proto: match f.proto {
                     PROTO_TCP => "tcp",
                     PROTO_UDP => "udp",
@@ -1153,8 +1290,8 @@ impl Nat {
                 timeout_secs: f.expires.saturating_sub(now) as u64 / 1_000_000_000,
                 original: f.original(),
                 reply: f.reply(self.config.external),
-                packets: f.packets,
-                bytes: f.bytes,
+                packets,
+                bytes,
                 replied: f.seen[f.initiator as usize ^ 1],
             })
             .collect()

@@ -75,6 +75,24 @@ impl VnetHdr {
     pub fn needs_csum(&self) -> bool {
         self.flags & F_NEEDS_CSUM != 0
     }
+
+    /// The largest IPv4 packet `ip` (this header's frame) becomes on the wire: itself, or
+    /// for a GSO frame one of its segments (IP and TCP or UDP headers, and `gso_size` bytes
+    /// of payload).
+    pub fn largest_packet(&self, ip: &[u8]) -> usize {
+        if !self.is_gso() {
+            return ip.len();
+        }
+        let l3 = usize::from(ip[0] & 0x0f) * 4;
+        let l4 = match ip[9] {
+            6 => ip
+                .get(l3 + 12)
+                .map_or(20, |offset| usize::from(offset >> 4) * 4),
+            17 => 8,
+            _ => return ip.len(),
+        };
+        ip.len().min(l3 + l4 + usize::from(self.gso_size))
+    }
 }
 
 #[cfg(test)]

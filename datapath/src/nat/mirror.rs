@@ -1,0 +1,344 @@
+//! Established connections as the fast-path workers see them (`io::worker`).
+//!
+//! With `--workers N`, most of a NAT connection's packets are data packets that change
+//! nothing but counters and a deadline: TCP segments without SYN, FIN or RST once the
+//! handshake is done, UDP datagrams once the remote has answered. A worker translates those
+//! itself, through this table; everything else (a new connection, a closing one, ICMP,
+//! fragments, hairpins, a miss) it hands to the engine's thread, whose [`super::Nat`] stays
+//! the one owner of every connection. The engine publishes a connection here when it has
+//! seen it established and knows the next hop's MAC, and withdraws it when it starts to
+//! close, expires or is evicted, so a worker never opens, closes or outlives a connection.
+//!
+//! Like the switch's `Mirror`, it is a cache: direct-mapped by the tuple's hash, one entry per
+//! slot, so two connections in one slot evict each other and a miss costs a hand-over, never
+//! a wrong translation. An entry is several words, so each is a sequence lock: the engine
+//! (the one writer) makes the sequence odd while it writes, and a reader that sees it odd or
+//! changed takes it as a miss. Workers write only an entry's tallies: how many packets and
+//! bytes they translated (added to the connection's counts when the engine lists, refreshes
+//! or withdraws it) and when they last did (at most once a second), which the engine reads
+//! before it lets an idle-looking connection expire.
+
+use super::Dir;
+use super::packet::Tuple;
+use crate::wire::MacAddr;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+/// Entries per direction: enough that a host's busy connections rarely share a slot, small
+/// enough (2 MiB in all) not to matter when there are none.
+const ENTRIES: usize = 1 << 14;
+
+/// Where a worker sends a translated packet: the new address and port of the end it
+/// rewrites (the source going out, the destination coming in) and the next hop's MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrite {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub mac: MacAddr,
+}
+
+/// A slot found by [`NatMirror::lookup`], for [`NatMirror::tally`].
+#[derive(Debug, Clone, Copy)]
+pub struct Found {
+    dir: Dir,
+    index: usize,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Entry {
+    /// Even when stable, odd while the engine writes.
+    seq: AtomicU64,
+    /// `src << 32 | dst`.
+    addrs: AtomicU64,
+    /// `1 << 63 | proto << 32 | sport << 16 | dport`; 0 when empty.
+    ports: AtomicU64,
+    /// `port << 48 | mac` of the [`Rewrite`].
+    to: AtomicU64,
+    /// The [`Rewrite`]'s address.
+    to_ip: AtomicU64,
+    /// Seconds after the table's base, plus one, when a worker last translated through it.
+    seen: AtomicU64,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The two words a tuple packs to.
+fn key(t: &Tuple) -> (u64, u64) {
+    (
+        u64::from(u32::from(t.src)) << 32 | u64::from(u32::from(t.dst)),
+        1 << 63 | u64::from(t.proto) << 32 | u64::from(t.sport) << 16 | u64::from(t.dport),
+    )
+}
+
+fn pack(r: &Rewrite) -> (u64, u64) {
+    let m = r.mac.0;
+    let mac = u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]);
+    (u64::from(r.port) << 48 | mac, u64::from(u32::from(r.ip)))
+}
+
+fn unpack(to: u64, to_ip: u64) -> Rewrite {
+    let b = to.to_be_bytes();
+    Rewrite {
+        ip: Ipv4Addr::from(to_ip as u32),
+        port: (to >> 48) as u16,
+        mac: MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]]),
+    }
+}
+
+/// NAT's established connections, shared with the fast-path workers.
+#[derive(Debug)]
+pub struct NatMirror {
+    /// By the guest's tuple as sent (guest -> remote).
+    out: Box<[Entry]>,
+    /// By the remote's tuple as it arrives (remote -> external address).
+    back: Box<[Entry]>,
+    base: Instant,
+}
+
+impl Default for NatMirror {
+    fn default() -> Self {
+        NatMirror::new()
+    }
+}
+
+impl NatMirror {
+    pub fn new() -> NatMirror {
+        NatMirror {
+            out: (0..ENTRIES).map(|_| Entry::default()).collect(),
+            back: (0..ENTRIES).map(|_| Entry::default()).collect(),
+            base: Instant::now(),
+        }
+    }
+
+    fn table(&self, dir: Dir) -> &[Entry] {
+        match dir {
+            Dir::Out => &self.out,
+            Dir::In => &self.back,
+        }
+    }
+
+    fn index(addrs: u64, ports: u64) -> usize {
+        let mixed = (addrs ^ ports.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> 40) as usize & (ENTRIES - 1)
+    }
+
+    fn entry(&self, dir: Dir, t: &Tuple) -> (usize, &Entry, (u64, u64)) {
+        let (addrs, ports) = key(t);
+        let index = Self::index(addrs, ports);
+        (index, &self.table(dir)[index], (addrs, ports))
+    }
+
+    /// The engine's write of a whole entry, under its sequence lock.
+    fn write(entry: &Entry, (addrs, ports): (u64, u64), (to, to_ip): (u64, u64)) {
+        let seq = entry.seq.load(Ordering::Relaxed);
+        entry.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        entry.addrs.store(addrs, Ordering::Relaxed);
+        entry.ports.store(ports, Ordering::Relaxed);
+        entry.to.store(to, Ordering::Relaxed);
+        entry.to_ip.store(to_ip, Ordering::Relaxed);
+        entry.seq.store(seq + 2, Ordering::Release);
+    }
+
+    /// Whether the entry (read by its one writer, the engine) holds `key`.
+    fn holds(entry: &Entry, (addrs, ports): (u64, u64)) -> bool {
+        entry.ports.load(Ordering::Relaxed) == ports && entry.addrs.load(Ordering::Relaxed) == addrs
+    }
+
+    /// Publishes (or updates) the translation of tuple `t` arriving in direction `dir`.
+    /// Engine only. An entry already saying the same is left alone, so publishing on every
+    /// packet the engine sees costs a few loads.
+    pub(crate) fn publish(&self, dir: Dir, t: &Tuple, rewrite: Rewrite) {
+        let (_, entry, key) = self.entry(dir, t);
+        let value = pack(&rewrite);
+        if Self::holds(entry, key)
+            && entry.to.load(Ordering::Relaxed) == value.0
+            && entry.to_ip.load(Ordering::Relaxed) == value.1
+        {
+            return;
+        }
+        if !Self::holds(entry, key) {
+            // Another connection's tallies are not this one's; the evicted connection keeps
+            // what it folded last, as if the engine had seen the rest.
+            entry.packets.store(0, Ordering::Relaxed);
+            entry.bytes.store(0, Ordering::Relaxed);
+            entry.seen.store(0, Ordering::Relaxed);
+        }
+        Self::write(entry, key, value);
+    }
+
+    /// Withdraws tuple `t`'s entry if it holds one: returns the packets and bytes workers
+    /// translated through it since they were last taken. Engine only.
+    pub(crate) fn withdraw(&self, dir: Dir, t: &Tuple) -> (u64, u64) {
+        let (_, entry, key) = self.entry(dir, t);
+        if !Self::holds(entry, key) {
+            return (0, 0);
+        }
+        Self::write(entry, (0, 0), (0, 0));
+        (
+            entry.packets.swap(0, Ordering::Relaxed),
+            entry.bytes.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    /// What workers did with tuple `t`'s entry: (packets, bytes) since last taken (taken now
+    /// when `take`), and when they last translated through it.
+    pub(crate) fn tallies(&self, dir: Dir, t: &Tuple, take: bool) -> (u64, u64, Option<Instant>) {
+        let (_, entry, key) = self.entry(dir, t);
+        if !Self::holds(entry, key) {
+            return (0, 0, None);
+        }
+        let (packets, bytes) = if take {
+            (
+                entry.packets.swap(0, Ordering::Relaxed),
+                entry.bytes.swap(0, Ordering::Relaxed),
+            )
+        } else {
+            (
+                entry.packets.load(Ordering::Relaxed),
+                entry.bytes.load(Ordering::Relaxed),
+            )
+        };
+        let seen = match entry.seen.load(Ordering::Relaxed) {
+            0 => None,
+            secs => Some(self.base + Duration::from_secs(secs - 1)),
+        };
+        (packets, bytes, seen)
+    }
+
+    /// The translation of tuple `t` travelling in direction `dir`, if published. Workers.
+    pub fn lookup(&self, dir: Dir, t: &Tuple) -> Option<(Rewrite, Found)> {
+        let (index, entry, (addrs, ports)) = self.entry(dir, t);
+        let seq = entry.seq.load(Ordering::Acquire);
+        if seq & 1 != 0 {
+            return None;
+        }
+        let found = (
+            entry.addrs.load(Ordering::Relaxed),
+            entry.ports.load(Ordering::Relaxed),
+        );
+        let (to, to_ip) = (
+            entry.to.load(Ordering::Relaxed),
+            entry.to_ip.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        if entry.seq.load(Ordering::Relaxed) != seq || found != (addrs, ports) {
+            return None;
+        }
+        Some((unpack(to, to_ip), Found { dir, index }))
+    }
+
+    /// Counts a packet of `len` bytes a worker translated through `found`.
+    pub fn tally(&self, now: Instant, found: Found, len: usize) {
+        let entry = &self.table(found.dir)[found.index];
+        entry.packets.fetch_add(1, Ordering::Relaxed);
+        entry.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let secs = now.saturating_duration_since(self.base).as_secs() + 1;
+        if entry.seen.load(Ordering::Relaxed) != secs {
+            entry.seen.store(secs, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ipv4::PROTO_TCP;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    fn tuple(sport: u16) -> Tuple {
+        Tuple {
+            proto: PROTO_TCP,
+            src: Ipv4Addr::new(192, 168, 122, 10),
+            sport,
+            dst: Ipv4Addr::new(203, 0, 113, 5),
+            dport: 80,
+        }
+    }
+
+    fn rewrite(port: u16) -> Rewrite {
+        let [hi, lo] = port.to_be_bytes();
+        Rewrite {
+            ip: Ipv4Addr::new(198, 51, hi, lo),
+            port,
+            mac: MacAddr([2, 0, 0, 0, hi, lo]),
+        }
+    }
+
+    #[test]
+    fn publish_lookup_withdraw_per_direction() {
+        let m = NatMirror::new();
+        let t = tuple(40000);
+        assert!(m.lookup(Dir::Out, &t).is_none());
+        m.publish(Dir::Out, &t, rewrite(1024));
+        let (r, found) = m.lookup(Dir::Out, &t).expect("published");
+        assert_eq!(r, rewrite(1024));
+        assert!(m.lookup(Dir::In, &t).is_none(), "directions are apart");
+        assert!(m.lookup(Dir::Out, &tuple(40001)).is_none());
+        let now = Instant::now();
+        m.tally(now, found, 100);
+        m.tally(now, found, 50);
+        let (packets, bytes, seen) = m.tallies(Dir::Out, &t, false);
+        assert_eq!((packets, bytes), (2, 150));
+        assert!(seen.is_some_and(|s| s <= now));
+        assert_eq!(m.withdraw(Dir::Out, &t), (2, 150));
+        assert!(m.lookup(Dir::Out, &t).is_none());
+        assert_eq!(m.withdraw(Dir::Out, &t), (0, 0));
+    }
+
+    #[test]
+    fn a_colliding_connection_evicts_the_entry_and_its_tallies() {
+        let m = NatMirror::new();
+        let first = tuple(40000);
+        let (_, _, key) = m.entry(Dir::Out, &first);
+        let index = NatMirror::index(key.0, key.1);
+        let other = (1..=u16::MAX)
+            .map(tuple)
+            .find(|t| {
+                let (a, p) = self::key(t);
+                t.sport != 40000 && NatMirror::index(a, p) == index
+            })
+            .expect("some port shares the slot");
+        m.publish(Dir::Out, &first, rewrite(1024));
+        let (_, found) = m.lookup(Dir::Out, &first).unwrap();
+        m.tally(Instant::now(), found, 10);
+        m.publish(Dir::Out, &other, rewrite(1025));
+        assert!(m.lookup(Dir::Out, &first).is_none());
+        assert_eq!(m.tallies(Dir::Out, &other, false).0, 0);
+        assert_eq!(m.withdraw(Dir::Out, &first), (0, 0), "not first's any more");
+        assert!(m.lookup(Dir::Out, &other).is_some());
+    }
+
+    /// A reader racing the writer sees an entry whole, never half of two (the sequence lock).
+    #[test]
+    fn readers_never_see_a_torn_entry() {
+        let m = Arc::new(NatMirror::new());
+        let t = tuple(40000);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut hits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some((r, _)) = m.lookup(Dir::Out, &t) {
+                        assert!(r == rewrite(1024) || r == rewrite(2048), "torn: {r:?}");
+                        hits += 1;
+                    }
+                }
+                hits
+            })
+        };
+        for i in 0..200_000u32 {
+            let port = if i % 2 == 0 { 1024 } else { 2048 };
+            m.publish(Dir::Out, &t, rewrite(port));
+            if i % 1000 == 999 {
+                m.withdraw(Dir::Out, &t);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    }
+}
