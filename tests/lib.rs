@@ -531,6 +531,11 @@ impl Switchyard {
     /// Like [`Switchyard::start`], inside network namespace `ns` (`ip netns exec` execs, so the
     /// child is switchyard itself).
     pub fn start_in(ns: Option<&Netns>, args: &[&str]) -> Switchyard {
+        Self::start_in_env(ns, args, &[])
+    }
+
+    /// [`Switchyard::start_in`] with `env` added to switchyard's environment.
+    pub fn start_in_env(ns: Option<&Netns>, args: &[&str], env: &[(&str, &str)]) -> Switchyard {
         let bin = switchyard_bin();
         let mut command = match ns {
             Some(ns) => {
@@ -540,7 +545,7 @@ impl Switchyard {
             }
             None => Command::new(&bin),
         };
-        command.args(args);
+        command.args(args).envs(env.iter().copied());
         let control = std::env::temp_dir().join(format!("{}.sock", unique_name("syctl")));
         if args.first() == Some(&"run") && !args.contains(&"--control") {
             // Tests run in parallel, many on the same network name: one socket each.

@@ -25,6 +25,7 @@
 # `run` (e.g. "--busy-poll-us 50"). SY_NICE=N runs it at that nice
 # value (default 0; the kernel forwards in softirq context, ahead of every process, where
 # switchyard's thread competes with the clients for the CPUs). RPS=MASK: see below.
+# STREAMS=N: iperf3 -P N (default 1), to see NAT spread over --workers.
 # NAT_XML_EXTRA: extra elements for switchyard's network XML (e.g. a <sy:nat .../> to compare).
 # PROFILE=FILE: `perf record -g` of the switchyard process during its connection metrics, into
 # FILE.rN for round N (read with `perf report -i FILE.r1 --no-children`); PERF_ARGS replaces
@@ -160,6 +161,7 @@ if [ "$do_k" = 1 ]; then
   start_outside_servers "ko-$tag"
 fi
 
+STREAMS=${STREAMS:-1}
 iperf_gbps() { # guest-ns outside-ns [extra client args, e.g. -R]
   ip netns exec "$2" iperf3 -s -1 -B "$OUT" >/dev/null 2>&1 &
   local srv=$! out
@@ -225,8 +227,8 @@ for r in $(seq "$RUNS"); do
   line="round $r:"
   for t in "${topos[@]}"; do
     g=$(guest_of "$t"); o=$(outside_of "$t")
-    up=$(iperf_gbps "$g" "$o") || die "$t: iperf3 guest->outside failed"
-    down=$(iperf_gbps "$g" "$o" -R) || die "$t: iperf3 outside->guest failed"
+    up=$(iperf_gbps "$g" "$o" -P "$STREAMS") || die "$t: iperf3 guest->outside failed"
+    down=$(iperf_gbps "$g" "$o" -P "$STREAMS" -R) || die "$t: iperf3 outside->guest failed"
     perf_pid=""
     if [ -n "$PROFILE" ] && [ "$t" = sy ]; then
       # shellcheck disable=SC2086 # PERF_ARGS is a list of words
@@ -260,7 +262,7 @@ row() { # label metric
     'BEGIN {ratio = (a != "" && b != "" && b > 0) ? sprintf("%.2f", a/b) : "-"; printf "| %s | %s | %s | %s |\n", l, s, k, ratio}'
 }
 echo
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $CONNS conns, $PCONNS conns over $PAR clients, interleaved, uplink rx=$RX"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r), iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $RUNS runs x ${SECS}s, $STREAMS TCP stream(s), $CONNS conns, $PCONNS conns over $PAR clients, interleaved, uplink rx=$RX"
 echo "| path | switchyard NAT median (min-max) | kernel MASQUERADE median (min-max) | ratio |"
 echo "|---|---|---|---|"
 row "TCP guest->outside, Gbps" up

@@ -62,6 +62,11 @@ fn wait_for_port(ns: &Netns, addr: &str, port: &str) {
 }
 
 fn socket_net(extra_xml: &str) -> SocketNet {
+    socket_net_env(extra_xml, &[])
+}
+
+/// [`socket_net`] with `env` in switchyard's environment.
+fn socket_net_env(extra_xml: &str, env: &[(&str, &str)]) -> SocketNet {
     require(&["ip", "python3", "curl", "nc"]);
     let dir = TempDir::new("sysock");
     let outside = Netns::new("o");
@@ -83,9 +88,10 @@ fn socket_net(extra_xml: &str) -> SocketNet {
     let guest = Netns::new("g");
     let tap = guest.tap_arg("eth0", "52:54:00:c0:00:0a");
     let control = dir.file("ctl.sock");
-    let sy = Switchyard::start_in(
+    let sy = Switchyard::start_in_env(
         Some(&host),
         &["run", &xml, "--json", "--control", &control, "--tap", &tap],
+        env,
     );
     guest.set_static_address("eth0", &format!("{GUEST}/24"), Some("192.168.122.1"));
     SocketNet {
@@ -368,4 +374,37 @@ fn udp_from_outside_reaches_the_guest_as_a_super_frame() {
     assert_eq!(counters["udp_datagrams_in"], 10, "{counters}");
     let super_frames = counters["udp_super_frames_in"].as_u64().unwrap();
     assert!((1..10).contains(&super_frames), "{counters}");
+}
+
+/// On kernels before 6.2 a tap takes no USO (simulated on this one with
+/// `SWITCHYARD_TAP_NO_USO`, the environment switch that opens taps as there): the guest's
+/// kernel cuts its own `UDP_SEGMENT` send, so the datagrams cross one by one, and what the
+/// host socket reads coalesced (UDP_GRO) reaches the guest cut into its datagrams by
+/// switchyard, never as a super-frame its tap would refuse. RFC 768: boundaries kept.
+#[test]
+fn without_uso_on_the_tap_datagrams_still_cross_both_ways_intact() {
+    require(&["ss"]);
+    let net = socket_net_env("", &[("SWITCHYARD_TAP_NO_USO", "1")]);
+    let receiver = uso_receiver(&net.outside, OUTSIDE, 9000);
+    net.guest.must(&[
+        "timeout", "10", "python3", "-c", USO_SENDER, OUTSIDE, "9000", "40000",
+    ]);
+    let got = receiver.join().unwrap();
+    assert_eq!(got.trim(), uso_received_from(&format!("{HOST}:40000")));
+    let counters = &net.stats()["engine"]["socket_nat"];
+    assert_eq!(counters["udp_super_frames_out"], 0, "{counters}");
+    assert_eq!(counters["udp_datagrams_out"], 10, "{counters}");
+
+    let answerer = uso_answerer(&net.outside, OUTSIDE, 9001);
+    let receiver = uso_receiver_asking(&net.guest, GUEST, 7000, (OUTSIDE, 9001));
+    answerer.join().unwrap();
+    let got = receiver.join().unwrap();
+    assert_eq!(got.trim(), uso_received_from(&format!("{OUTSIDE}:9001")));
+    let counters = &net.stats()["engine"]["socket_nat"];
+    assert_eq!(counters["udp_datagrams_in"], 10, "{counters}");
+    // The host socket read them coalesced: switchyard, not the tap, cut them.
+    assert!(
+        counters["udp_super_frames_in"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
 }

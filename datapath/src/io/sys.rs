@@ -38,10 +38,21 @@ pub const TAP_OFFLOADS: libc::c_uint =
 /// with `EINVAL`.
 pub const TAP_OFFLOADS_WITHOUT_USO: libc::c_uint = TAP_OFFLOADS & !(TUN_F_USO4 | TUN_F_USO6);
 
+/// When set (to anything) in switchyard's environment, taps are opened as on a kernel before
+/// 6.2, without USO, whatever this kernel knows: how the tests check that path here.
+pub const TAP_NO_USO_ENV: &str = "SWITCHYARD_TAP_NO_USO";
+
+fn tap_uso_wanted() -> bool {
+    std::env::var_os(TAP_NO_USO_ENV).is_none()
+}
+
 /// Whether the tap open on `fd` takes UDP super-frames: asking again for [`TAP_OFFLOADS`]
 /// (what [`open_tap`] asked first) succeeds only where the kernel knows USO; where it does not,
 /// the `EINVAL` changes nothing.
 pub fn tap_takes_uso(fd: BorrowedFd<'_>) -> bool {
+    if !tap_uso_wanted() {
+        return false;
+    }
     // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* flags).
     let result = unsafe {
         libc::ioctl(
@@ -99,7 +110,12 @@ pub fn open_tap(name: &str, vnet_len: usize, multi_queue: bool) -> io::Result<(O
     let hdr_len = vnet_len as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which is valid.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) })?;
-    match set_tap_offloads(fd.as_fd(), TAP_OFFLOADS) {
+    let offloads = if tap_uso_wanted() {
+        TAP_OFFLOADS
+    } else {
+        TAP_OFFLOADS_WITHOUT_USO
+    };
+    match set_tap_offloads(fd.as_fd(), offloads) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             set_tap_offloads(fd.as_fd(), TAP_OFFLOADS_WITHOUT_USO)?
         }
