@@ -1051,7 +1051,9 @@ impl Engine {
         match router.uplink.resolve(now, next_hop) {
             Some(mac) => {
                 frame[0..6].copy_from_slice(&mac.0);
-                router.nat.publish(&outbound, mac);
+                if router.nat.publish(&outbound, mac) {
+                    router.uplink.share(next_hop);
+                }
                 self.forwarded += 1;
                 router
                     .port
@@ -1365,6 +1367,9 @@ impl Engine {
         };
         router.nat.handle_timeout(now);
         let unresolved = router.uplink.handle_timeout(now);
+        if router.uplink.take_moved() {
+            router.nat.withdraw_all();
+        }
         if let Some(port) = router.port {
             for _ in 0..unresolved {
                 self.record_drop(port, DropReason::NeighborUnresolved);

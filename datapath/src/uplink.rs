@@ -67,6 +67,9 @@ enum State {
 #[derive(Debug)]
 struct Neighbor {
     mac: Option<MacAddr>,
+    /// Fast-path workers send to it ([`Uplink::share`]): it is re-probed when its
+    /// confirmation runs out, as a next hop in use is, though the engine may not use it.
+    shared: bool,
     state: State,
     pending: VecDeque<(VnetHdr, Vec<u8>)>,
 }
@@ -167,6 +170,7 @@ impl Uplink {
             self.neighbors.insert(
                 ip,
                 Neighbor {
+                    shared: false,
                     mac: None,
                     state: State::Incomplete {
                         probes: 1,
@@ -222,6 +226,7 @@ impl Uplink {
             self.neighbors.insert(
                 sender,
                 Neighbor {
+                    shared: false,
                     mac: Some(sender_mac),
                     state: State::Reachable {
                         until: now + REACHABLE,
@@ -244,7 +249,17 @@ impl Uplink {
         }
     }
 
-    /// Whether a next hop's MAC changed since the last call.
+    /// Notes that fast-path workers send to next hop `ip` (its MAC is in NAT's mirror).
+    pub fn share(&mut self, ip: Ipv4Addr) {
+        if let Some(n) = self.neighbors.get_mut(&ip)
+            && !n.shared
+        {
+            n.shared = true;
+        }
+    }
+
+    /// Whether a next hop's MAC changed, or a next hop with a MAC stopped answering, since
+    /// the last call: what workers were given for it is stale.
     pub fn take_moved(&mut self) -> bool {
         std::mem::take(&mut self.moved)
     }
@@ -259,6 +274,7 @@ impl Uplink {
             .values()
             .filter_map(|n| match n.state {
                 State::Incomplete { next, .. } | State::Probe { next, .. } => Some(next),
+                State::Reachable { until } if n.shared => Some(until),
                 State::Reachable { .. } => None,
             })
             .min()
@@ -275,6 +291,8 @@ impl Uplink {
                 State::Incomplete { probes, next } | State::Probe { probes, next } => {
                     (probes, next)
                 }
+                // Used by workers, unconfirmed for too long: probe it as a use would.
+                State::Reachable { until } if n.shared && until <= now => (0, now),
                 State::Reachable { .. } => continue,
             };
             if next > now {
@@ -303,6 +321,7 @@ impl Uplink {
             if let Some(n) = self.neighbors.remove(&target) {
                 dropped += n.pending.len();
                 self.counters.neighbors_failed += 1;
+                self.moved |= n.mac.is_some();
             }
         }
         dropped
@@ -436,5 +455,49 @@ mod tests {
         assert!(u.poll_transmit().is_some(), "a probe went out");
         u.handle_arp(later, &mut reply, 14);
         assert_eq!(u.rows()[0].state, "REACHABLE");
+    }
+
+    // RFC 1122 2.3.2.1: a next hop in use is revalidated; one only workers send to is too,
+    // and when it stops answering, or answers with another MAC, what workers hold is stale.
+    #[test]
+    fn next_hops_workers_use_are_reprobed_and_their_loss_or_move_is_told() {
+        let (mut u, t) = uplink();
+        let router = Ipv4Addr::new(203, 0, 113, 1);
+        u.enqueue(t, router, VnetHdr::default(), vec![0; 60])
+            .unwrap();
+        let mut reply = arp_from_router(arp::OP_REPLY, Ipv4Addr::new(203, 0, 113, 2));
+        u.handle_arp(t, &mut reply, 14);
+        while u.poll_transmit().is_some() {}
+        u.share(router);
+        assert_eq!(
+            u.poll_timeout(),
+            Some(t + REACHABLE),
+            "its confirmation runs out then"
+        );
+        u.handle_timeout(t + REACHABLE);
+        assert_eq!(
+            u.rows()[0].state,
+            "PROBE",
+            "probed without a use by the engine"
+        );
+        assert!(u.poll_transmit().is_some());
+        assert!(!u.take_moved());
+
+        // It answers from another MAC.
+        let new_mac = MacAddr([0x06, 0, 0, 0, 0, 0x01]);
+        let mut moved = arp::request_frame(new_mac, router, Ipv4Addr::new(203, 0, 113, 2));
+        moved[20..22].copy_from_slice(&arp::OP_REPLY.to_be_bytes());
+        u.handle_arp(t + REACHABLE, &mut moved, 14);
+        assert!(u.take_moved(), "a new MAC");
+        assert!(!u.take_moved(), "told once");
+
+        // It stops answering.
+        let mut now = t + REACHABLE * 2;
+        for _ in 0..5 {
+            u.handle_timeout(now);
+            now += PROBE_INTERVAL;
+        }
+        assert!(u.rows().is_empty());
+        assert!(u.take_moved(), "gone");
     }
 }

@@ -626,10 +626,16 @@ impl Datapath {
             .add_uplink(format!("{dev}(uplink)"))
             .ok_or_else(|| io::Error::other("the network has no NAT uplink configured"))?;
         if let Err(e) = self.share_uplink(dev, &file) {
-            // The engine's socket then gets every frame, as with one worker.
-            eprintln!("switchyard: uplink {dev}: NAT stays on the engine's thread: {e}");
+            // Workers that got no socket leave the uplink's frames to the others.
+            eprintln!("switchyard: uplink {dev}: not every worker translates NAT: {e}");
         }
-        self.attach(id, file, PortCaps::vnet(true), ring, None)
+        let attached = self.attach(id, file, PortCaps::vnet(true), ring, None);
+        if attached.is_err() {
+            for worker in &self.workers {
+                worker.send(worker::Command::RemovePort(id));
+            }
+        }
+        attached
     }
 
     /// Gives each worker its socket on uplink `dev` and the NAT fast path, the engine's

@@ -381,10 +381,16 @@ pub fn open_packet_socket(ifindex: u32, vnet_len: usize) -> io::Result<OwnedFd> 
 /// Joins AF_PACKET socket `fd` to fanout group `group` (`PACKET_FANOUT_HASH`: each flow's
 /// frames go to one socket of the group, by the kernel's flow hash), or, with `None`, starts
 /// a group under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`); returns the id.
+/// A group receives through its own hook, which skips outgoing frames only when told so
+/// (`PACKET_FANOUT_FLAG_IGNORE_OUTGOING`, Linux 4.20): the sockets' own
+/// `PACKET_IGNORE_OUTGOING` no longer counts once they join.
 pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<u16>) -> io::Result<u16> {
     let (id, flags) = match group {
-        Some(id) => (id, 0),
-        None => (0, libc::PACKET_FANOUT_FLAG_UNIQUEID),
+        Some(id) => (id, libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING),
+        None => (
+            0,
+            libc::PACKET_FANOUT_FLAG_UNIQUEID | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
+        ),
     };
     let arg = (u32::from(id) | (libc::PACKET_FANOUT_HASH | flags) << 16) as libc::c_int;
     setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)?;

@@ -46,6 +46,10 @@ impl NatFastPath {
         let Some((to, found)) = self.mirror.lookup(Dir::Out, &tuple) else {
             return false;
         };
+        if frame[6..12] != to.guest.0 {
+            // The guest changed its MAC: the engine follows it, the way back included.
+            return false;
+        }
         let ip = &mut frame[HEADER_LEN..HEADER_LEN + total];
         let partial = hdr.needs_csum();
         packet::rewrite_addr(ip, End::Src, to.ip, Some(&layout), partial);
@@ -242,6 +246,22 @@ mod tests {
             &tcp(GUEST, 40001, REMOTE, 80, TCP_ACK),
         );
         assert!(!fast.outward(t, &hdr, &mut other));
+        // The same connection from another MAC: the engine's, which moves the way back.
+        let moved = MacAddr([0x52, 0x54, 0, 0, 0, 0x99]);
+        let data = tcp(GUEST, 40000, REMOTE, 80, TCP_ACK);
+        let mut f = eth(GATEWAY_MAC, moved, &data);
+        assert!(!fast.outward(t, &hdr, &mut f), "from a new MAC");
+        let mut p = data.clone();
+        let out = nat.handle_outbound(t, &mut p, moved, false).unwrap();
+        assert!(nat.publish(&out, ROUTER_MAC));
+        let (back, _) = fast
+            .mirror
+            .lookup(Dir::In, &tuple_of(&p).reversed())
+            .unwrap();
+        assert_eq!(back.mac, moved, "replies follow the guest's new MAC");
+        let mut f = eth(GATEWAY_MAC, moved, &data);
+        assert!(fast.outward(t, &hdr, &mut f));
+        engine_out(&mut nat, t, &tcp(GUEST, 40000, REMOTE, 80, TCP_ACK));
 
         // A FIN through the engine withdraws the connection: its data is the engine's too.
         engine_out(
@@ -313,8 +333,11 @@ mod tests {
         let later = t + udp_timeout + std::time::Duration::from_secs(5);
         let mut f = eth(GATEWAY_MAC, GUEST_MAC, &query);
         assert!(fast.outward(later, &hdr, &mut f), "still published");
+        // Taken back from the workers (a next hop's MAC changed): what they saw counts.
+        nat.withdraw_all();
         nat.handle_timeout(later);
         assert_eq!(nat.len(), 1, "the worker's sighting kept it");
+        assert_eq!(nat.rows(later)[0].packets, [3, 1], "and what it counted");
         let idle = later + udp_timeout + std::time::Duration::from_secs(5);
         nat.handle_timeout(idle);
         assert_eq!(nat.len(), 0, "idle everywhere: expired");

@@ -10,13 +10,14 @@
 //! close, expires or is evicted, so a worker never opens, closes or outlives a connection.
 //!
 //! Like the switch's `Mirror`, it is a cache: direct-mapped by the tuple's hash, one entry per
-//! slot, so two connections in one slot evict each other and a miss costs a hand-over, never
-//! a wrong translation. An entry is several words, so each is a sequence lock: the engine
-//! (the one writer) makes the sequence odd while it writes, and a reader that sees it odd or
-//! changed takes it as a miss. Workers write only an entry's tallies: how many packets and
-//! bytes they translated (added to the connection's counts when the engine lists, refreshes
-//! or withdraws it) and when they last did (at most once a second), which the engine reads
-//! before it lets an idle-looking connection expire.
+//! slot. A connection keeps its slot until the engine withdraws it; another that hashes to
+//! the same slot meanwhile stays the engine's. A miss costs a hand-over, never a wrong
+//! translation. An entry is several words, so each is a sequence lock: the engine (the one
+//! writer) makes the sequence odd while it writes, and a reader that sees it odd or changed
+//! takes it as a miss. Workers write only an entry's tallies: how many packets and bytes they
+//! translated (added to the connection's counts when the engine lists, refreshes or
+//! withdraws it) and when they last did (at most once a second), which the engine reads
+//! before it lets an idle-looking connection expire and when it takes it back.
 
 use super::Dir;
 use super::packet::Tuple;
@@ -29,13 +30,27 @@ use std::time::{Duration, Instant};
 /// enough (2 MiB in all) not to matter when there are none.
 const ENTRIES: usize = 1 << 14;
 
-/// Where a worker sends a translated packet: the new address and port of the end it
-/// rewrites (the source going out, the destination coming in) and the next hop's MAC.
+/// Where a worker sends a translated packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewrite {
+    /// The new address and port of the end it rewrites: the source going out, the
+    /// destination coming in.
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// Where the frame goes: the next hop going out, the guest coming in.
     pub mac: MacAddr,
+    /// The guest's MAC. Going out, a frame of the connection from another MAC is the
+    /// engine's (the guest changed its MAC, and the way back must change too).
+    pub guest: MacAddr,
+}
+
+/// What workers did with an entry: what they translated through it since last taken, and
+/// when they last did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tallies {
+    pub packets: u64,
+    pub bytes: u64,
+    pub seen: Option<Instant>,
 }
 
 /// A slot found by [`NatMirror::lookup`], for [`NatMirror::tally`].
@@ -56,8 +71,9 @@ struct Entry {
     ports: AtomicU64,
     /// `port << 48 | mac` of the [`Rewrite`].
     to: AtomicU64,
-    /// The [`Rewrite`]'s address.
-    to_ip: AtomicU64,
+    /// Going out the guest's MAC (the new address is the external one), coming in the
+    /// guest's address (its MAC is `to`'s).
+    aux: AtomicU64,
     /// Seconds after the table's base, plus one, when a worker last translated through it.
     seen: AtomicU64,
     packets: AtomicU64,
@@ -72,19 +88,14 @@ fn key(t: &Tuple) -> (u64, u64) {
     )
 }
 
-fn pack(r: &Rewrite) -> (u64, u64) {
-    let m = r.mac.0;
-    let mac = u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]);
-    (u64::from(r.port) << 48 | mac, u64::from(u32::from(r.ip)))
+fn mac_bits(mac: MacAddr) -> u64 {
+    let m = mac.0;
+    u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
 }
 
-fn unpack(to: u64, to_ip: u64) -> Rewrite {
-    let b = to.to_be_bytes();
-    Rewrite {
-        ip: Ipv4Addr::from(to_ip as u32),
-        port: (to >> 48) as u16,
-        mac: MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]]),
-    }
+fn mac_of(bits: u64) -> MacAddr {
+    let b = bits.to_be_bytes();
+    MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
 /// NAT's established connections, shared with the fast-path workers.
@@ -94,20 +105,17 @@ pub struct NatMirror {
     out: Box<[Entry]>,
     /// By the remote's tuple as it arrives (remote -> external address).
     back: Box<[Entry]>,
+    /// The address every connection leaves from.
+    external: Ipv4Addr,
     base: Instant,
 }
 
-impl Default for NatMirror {
-    fn default() -> Self {
-        NatMirror::new()
-    }
-}
-
 impl NatMirror {
-    pub fn new() -> NatMirror {
+    pub fn new(external: Ipv4Addr) -> NatMirror {
         NatMirror {
             out: (0..ENTRIES).map(|_| Entry::default()).collect(),
             back: (0..ENTRIES).map(|_| Entry::default()).collect(),
+            external,
             base: Instant::now(),
         }
     }
@@ -130,15 +138,41 @@ impl NatMirror {
         (index, &self.table(dir)[index], (addrs, ports))
     }
 
+    fn pack(&self, dir: Dir, r: &Rewrite) -> (u64, u64) {
+        let to = u64::from(r.port) << 48 | mac_bits(r.mac);
+        match dir {
+            Dir::Out => (to, mac_bits(r.guest)),
+            Dir::In => (to, u64::from(u32::from(r.ip))),
+        }
+    }
+
+    fn unpack(&self, dir: Dir, to: u64, aux: u64) -> Rewrite {
+        let (port, mac) = ((to >> 48) as u16, mac_of(to));
+        match dir {
+            Dir::Out => Rewrite {
+                ip: self.external,
+                port,
+                mac,
+                guest: mac_of(aux),
+            },
+            Dir::In => Rewrite {
+                ip: Ipv4Addr::from(aux as u32),
+                port,
+                mac,
+                guest: mac,
+            },
+        }
+    }
+
     /// The engine's write of a whole entry, under its sequence lock.
-    fn write(entry: &Entry, (addrs, ports): (u64, u64), (to, to_ip): (u64, u64)) {
+    fn write(entry: &Entry, (addrs, ports): (u64, u64), (to, aux): (u64, u64)) {
         let seq = entry.seq.load(Ordering::Relaxed);
         entry.seq.store(seq + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         entry.addrs.store(addrs, Ordering::Relaxed);
         entry.ports.store(ports, Ordering::Relaxed);
         entry.to.store(to, Ordering::Relaxed);
-        entry.to_ip.store(to_ip, Ordering::Relaxed);
+        entry.aux.store(aux, Ordering::Relaxed);
         entry.seq.store(seq + 2, Ordering::Release);
     }
 
@@ -147,65 +181,69 @@ impl NatMirror {
         entry.ports.load(Ordering::Relaxed) == ports && entry.addrs.load(Ordering::Relaxed) == addrs
     }
 
-    /// Publishes (or updates) the translation of tuple `t` arriving in direction `dir`.
+    /// Publishes (or updates) the translation of tuple `t` arriving in direction `dir`;
+    /// false when its slot holds another connection, which keeps it (a connection keeps its
+    /// slot until the engine withdraws it, so nothing workers counted or saw of it is lost).
     /// Engine only. An entry already saying the same is left alone, so publishing on every
     /// packet the engine sees costs a few loads.
-    pub(crate) fn publish(&self, dir: Dir, t: &Tuple, rewrite: Rewrite) {
+    pub(crate) fn publish(&self, dir: Dir, t: &Tuple, rewrite: &Rewrite) -> bool {
         let (_, entry, key) = self.entry(dir, t);
-        let value = pack(&rewrite);
-        if Self::holds(entry, key)
-            && entry.to.load(Ordering::Relaxed) == value.0
-            && entry.to_ip.load(Ordering::Relaxed) == value.1
-        {
-            return;
+        let value = self.pack(dir, rewrite);
+        if Self::holds(entry, key) {
+            if entry.to.load(Ordering::Relaxed) != value.0
+                || entry.aux.load(Ordering::Relaxed) != value.1
+            {
+                Self::write(entry, key, value);
+            }
+            return true;
         }
-        if !Self::holds(entry, key) {
-            // Another connection's tallies are not this one's; the evicted connection keeps
-            // what it folded last, as if the engine had seen the rest.
-            entry.packets.store(0, Ordering::Relaxed);
-            entry.bytes.store(0, Ordering::Relaxed);
-            entry.seen.store(0, Ordering::Relaxed);
+        if entry.ports.load(Ordering::Relaxed) != 0 {
+            return false;
         }
+        // A late tally of the connection that held the slot before is not this one's.
+        entry.packets.store(0, Ordering::Relaxed);
+        entry.bytes.store(0, Ordering::Relaxed);
+        entry.seen.store(0, Ordering::Relaxed);
         Self::write(entry, key, value);
+        true
     }
 
-    /// Withdraws tuple `t`'s entry if it holds one: returns the packets and bytes workers
-    /// translated through it since they were last taken. Engine only.
-    pub(crate) fn withdraw(&self, dir: Dir, t: &Tuple) -> (u64, u64) {
+    /// Withdraws tuple `t`'s entry if it holds one, with what workers did with it since last
+    /// taken. Engine only.
+    pub(crate) fn withdraw(&self, dir: Dir, t: &Tuple) -> Tallies {
         let (_, entry, key) = self.entry(dir, t);
         if !Self::holds(entry, key) {
-            return (0, 0);
+            return Tallies::default();
         }
         Self::write(entry, (0, 0), (0, 0));
-        (
-            entry.packets.swap(0, Ordering::Relaxed),
-            entry.bytes.swap(0, Ordering::Relaxed),
-        )
+        self.read_tallies(entry, true)
     }
 
-    /// What workers did with tuple `t`'s entry: (packets, bytes) since last taken (taken now
-    /// when `take`), and when they last translated through it.
-    pub(crate) fn tallies(&self, dir: Dir, t: &Tuple, take: bool) -> (u64, u64, Option<Instant>) {
+    /// What workers did with tuple `t`'s entry; the counts are taken (zeroed) when `take`.
+    pub(crate) fn tallies(&self, dir: Dir, t: &Tuple, take: bool) -> Tallies {
         let (_, entry, key) = self.entry(dir, t);
         if !Self::holds(entry, key) {
-            return (0, 0, None);
+            return Tallies::default();
         }
-        let (packets, bytes) = if take {
-            (
-                entry.packets.swap(0, Ordering::Relaxed),
-                entry.bytes.swap(0, Ordering::Relaxed),
-            )
-        } else {
-            (
-                entry.packets.load(Ordering::Relaxed),
-                entry.bytes.load(Ordering::Relaxed),
-            )
+        self.read_tallies(entry, take)
+    }
+
+    fn read_tallies(&self, entry: &Entry, take: bool) -> Tallies {
+        let read = |c: &AtomicU64| {
+            if take {
+                c.swap(0, Ordering::Relaxed)
+            } else {
+                c.load(Ordering::Relaxed)
+            }
         };
-        let seen = match entry.seen.load(Ordering::Relaxed) {
-            0 => None,
-            secs => Some(self.base + Duration::from_secs(secs - 1)),
-        };
-        (packets, bytes, seen)
+        Tallies {
+            packets: read(&entry.packets),
+            bytes: read(&entry.bytes),
+            seen: match entry.seen.load(Ordering::Relaxed) {
+                0 => None,
+                secs => Some(self.base + Duration::from_secs(secs - 1)),
+            },
+        }
     }
 
     /// The translation of tuple `t` travelling in direction `dir`, if published. Workers.
@@ -219,15 +257,15 @@ impl NatMirror {
             entry.addrs.load(Ordering::Relaxed),
             entry.ports.load(Ordering::Relaxed),
         );
-        let (to, to_ip) = (
+        let (to, aux) = (
             entry.to.load(Ordering::Relaxed),
-            entry.to_ip.load(Ordering::Relaxed),
+            entry.aux.load(Ordering::Relaxed),
         );
         fence(Ordering::Acquire);
         if entry.seq.load(Ordering::Relaxed) != seq || found != (addrs, ports) {
             return None;
         }
-        Some((unpack(to, to_ip), Found { dir, index }))
+        Some((self.unpack(dir, to, aux), Found { dir, index }))
     }
 
     /// Counts a packet of `len` bytes a worker translated through `found`.
@@ -236,8 +274,9 @@ impl NatMirror {
         entry.packets.fetch_add(1, Ordering::Relaxed);
         entry.bytes.fetch_add(len as u64, Ordering::Relaxed);
         let secs = now.saturating_duration_since(self.base).as_secs() + 1;
-        if entry.seen.load(Ordering::Relaxed) != secs {
-            entry.seen.store(secs, Ordering::Relaxed);
+        // Once a second at most; never backwards (two workers, two clocks read apart).
+        if entry.seen.load(Ordering::Relaxed) < secs {
+            entry.seen.fetch_max(secs, Ordering::Relaxed);
         }
     }
 }
@@ -249,6 +288,8 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
+    const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+
     fn tuple(sport: u16) -> Tuple {
         Tuple {
             proto: PROTO_TCP,
@@ -259,21 +300,23 @@ mod tests {
         }
     }
 
+    /// A rewrite whose every word depends on `port`, so a torn read would show.
     fn rewrite(port: u16) -> Rewrite {
         let [hi, lo] = port.to_be_bytes();
         Rewrite {
-            ip: Ipv4Addr::new(198, 51, hi, lo),
+            ip: EXTERNAL,
             port,
             mac: MacAddr([2, 0, 0, 0, hi, lo]),
+            guest: MacAddr([0x52, 0x54, 0, 0, hi, lo]),
         }
     }
 
     #[test]
     fn publish_lookup_withdraw_per_direction() {
-        let m = NatMirror::new();
+        let m = NatMirror::new(EXTERNAL);
         let t = tuple(40000);
         assert!(m.lookup(Dir::Out, &t).is_none());
-        m.publish(Dir::Out, &t, rewrite(1024));
+        assert!(m.publish(Dir::Out, &t, &rewrite(1024)));
         let (r, found) = m.lookup(Dir::Out, &t).expect("published");
         assert_eq!(r, rewrite(1024));
         assert!(m.lookup(Dir::In, &t).is_none(), "directions are apart");
@@ -281,41 +324,59 @@ mod tests {
         let now = Instant::now();
         m.tally(now, found, 100);
         m.tally(now, found, 50);
-        let (packets, bytes, seen) = m.tallies(Dir::Out, &t, false);
-        assert_eq!((packets, bytes), (2, 150));
-        assert!(seen.is_some_and(|s| s <= now));
-        assert_eq!(m.withdraw(Dir::Out, &t), (2, 150));
+        let tallies = m.tallies(Dir::Out, &t, false);
+        assert_eq!((tallies.packets, tallies.bytes), (2, 150));
+        assert!(tallies.seen.is_some_and(|s| s <= now));
+        let withdrawn = m.withdraw(Dir::Out, &t);
+        assert_eq!((withdrawn.packets, withdrawn.bytes), (2, 150));
+        assert_eq!(
+            withdrawn.seen, tallies.seen,
+            "when workers last saw it comes back too"
+        );
         assert!(m.lookup(Dir::Out, &t).is_none());
-        assert_eq!(m.withdraw(Dir::Out, &t), (0, 0));
+        assert_eq!(m.withdraw(Dir::Out, &t), Tallies::default());
+
+        let inward = Rewrite {
+            ip: Ipv4Addr::new(192, 168, 122, 10),
+            port: 40000,
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            guest: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+        };
+        assert!(m.publish(Dir::In, &t, &inward));
+        assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
     }
 
     #[test]
-    fn a_colliding_connection_evicts_the_entry_and_its_tallies() {
-        let m = NatMirror::new();
+    fn a_colliding_connection_waits_for_the_slot() {
+        let m = NatMirror::new(EXTERNAL);
         let first = tuple(40000);
-        let (_, _, key) = m.entry(Dir::Out, &first);
-        let index = NatMirror::index(key.0, key.1);
+        let (index, _, _) = m.entry(Dir::Out, &first);
         let other = (1..=u16::MAX)
             .map(tuple)
-            .find(|t| {
-                let (a, p) = self::key(t);
-                t.sport != 40000 && NatMirror::index(a, p) == index
-            })
+            .find(|t| t.sport != 40000 && m.entry(Dir::Out, t).0 == index)
             .expect("some port shares the slot");
-        m.publish(Dir::Out, &first, rewrite(1024));
+        assert!(m.publish(Dir::Out, &first, &rewrite(1024)));
         let (_, found) = m.lookup(Dir::Out, &first).unwrap();
         m.tally(Instant::now(), found, 10);
-        m.publish(Dir::Out, &other, rewrite(1025));
-        assert!(m.lookup(Dir::Out, &first).is_none());
-        assert_eq!(m.tallies(Dir::Out, &other, false).0, 0);
-        assert_eq!(m.withdraw(Dir::Out, &first), (0, 0), "not first's any more");
-        assert!(m.lookup(Dir::Out, &other).is_some());
+        assert!(
+            !m.publish(Dir::Out, &other, &rewrite(1025)),
+            "the slot is taken"
+        );
+        assert!(m.lookup(Dir::Out, &other).is_none());
+        assert_eq!(
+            m.tallies(Dir::Out, &first, false).packets,
+            1,
+            "first keeps its counts"
+        );
+        m.withdraw(Dir::Out, &first);
+        assert!(m.publish(Dir::Out, &other, &rewrite(1025)));
+        assert_eq!(m.tallies(Dir::Out, &other, false), Tallies::default());
     }
 
     /// A reader racing the writer sees an entry whole, never half of two (the sequence lock).
     #[test]
     fn readers_never_see_a_torn_entry() {
-        let m = Arc::new(NatMirror::new());
+        let m = Arc::new(NatMirror::new(EXTERNAL));
         let t = tuple(40000);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -333,7 +394,7 @@ mod tests {
         };
         for i in 0..200_000u32 {
             let port = if i % 2 == 0 { 1024 } else { 2048 };
-            m.publish(Dir::Out, &t, rewrite(port));
+            m.publish(Dir::Out, &t, &rewrite(port));
             if i % 1000 == 999 {
                 m.withdraw(Dir::Out, &t);
             }

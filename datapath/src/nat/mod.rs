@@ -35,7 +35,7 @@ use crate::wire::MacAddr;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ahash::RandomState;
 use index::{FlowRef, Index, Probe};
-use mirror::{NatMirror, Rewrite};
+use mirror::{NatMirror, Rewrite, Tallies};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -492,20 +492,22 @@ impl Nat {
     /// The established connections as fast-path workers read them ([`mirror`]): from now on
     /// [`Nat::publish`] fills it.
     pub fn mirror(&mut self) -> Arc<NatMirror> {
+        let external = self.config.external;
         self.mirror
-            .get_or_insert_with(|| Arc::new(NatMirror::new()))
+            .get_or_insert_with(|| Arc::new(NatMirror::new(external)))
             .clone()
     }
 
     /// Shares the connection a guest's packet just went out on with the workers, once it is
     /// established (TCP) or answered (UDP), now that the engine knows the MAC of its next
-    /// hop. Hairpinned connections and ICMP queries stay the engine's.
-    pub fn publish(&mut self, out: &Outbound, next_hop: MacAddr) {
+    /// hop; true if workers now translate its packets out. Hairpinned connections and ICMP
+    /// queries stay the engine's.
+    pub fn publish(&mut self, out: &Outbound, next_hop: MacAddr) -> bool {
         let (Some(mirror), Some(slot)) = (&self.mirror, out.slot) else {
-            return;
+            return false;
         };
         let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
-            return;
+            return false;
         };
         let shareable = match flow.proto {
             PROTO_TCP => flow.tcp == TcpState::Established,
@@ -514,20 +516,22 @@ impl Nat {
         };
         let external = self.config.external;
         if !shareable || out.hairpin || flow.remote == external {
-            return;
+            return false;
         }
         let outward = Rewrite {
             ip: external,
             port: flow.external_port,
             mac: next_hop,
+            guest: flow.guest_mac,
         };
         let inward = Rewrite {
             ip: flow.guest,
             port: flow.guest_port,
             mac: flow.guest_mac,
+            guest: flow.guest_mac,
         };
-        mirror.publish(Dir::Out, &flow.original(), outward);
-        mirror.publish(Dir::In, &flow.reply(external), inward);
+        let back = mirror.publish(Dir::In, &flow.reply(external), &inward);
+        mirror.publish(Dir::Out, &flow.original(), &outward) && back
     }
 
     /// Takes every connection back from the workers (a next hop's MAC changed): they hand
@@ -541,52 +545,61 @@ impl Nat {
         }
     }
 
-    /// Takes the connection in `slot` back from the workers, with what they counted of it.
+    /// Takes the connection in `slot` back from the workers, with what they counted and saw
+    /// of it.
     fn withdraw(&mut self, slot: u32) {
-        let Some(mirror) = &self.mirror else {
-            return;
-        };
-        let external = self.config.external;
-        let Some(flow) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        for dir in [Dir::Out, Dir::In] {
-            let (packets, bytes) = mirror.withdraw(dir, &flow.tuple(dir, external));
-            flow.packets[dir as usize] += packets;
-            flow.bytes[dir as usize] += bytes;
-        }
+        self.catch_up(slot, true);
     }
 
     /// Whether workers translated for the connection in `slot` recently enough that it has
-    /// not expired at `now` after all; its deadline and counts catch up with theirs.
+    /// not expired at `now` after all.
     fn revived(&mut self, slot: u32, now: Stamp) -> bool {
-        let Some(mirror) = self.mirror.clone() else {
-            return false;
-        };
+        self.catch_up(slot, false)
+            .is_some_and(|expires| expires > now)
+    }
+
+    /// Adds what workers counted of the connection in `slot` to it, and moves its deadline to
+    /// where their last packet puts it if that is later; `withdraw` takes the connection
+    /// back from them too. Its deadline, if there are workers.
+    fn catch_up(&mut self, slot: u32, withdraw: bool) -> Option<Stamp> {
+        let mirror = self.mirror.clone()?;
         let (external, timeouts) = (self.config.external, self.config.timeouts);
-        let Some(flow) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
-            return false;
-        };
-        let mut last = None;
-        let mut counts = [(0, 0); 2];
+        let flow = self.slots.get(slot as usize).and_then(Option::as_ref)?;
+        let mut tallies = [Tallies::default(); 2];
         for dir in [Dir::Out, Dir::In] {
-            let (packets, bytes, seen) = mirror.tallies(dir, &flow.tuple(dir, external), true);
-            counts[dir as usize] = (packets, bytes);
-            last = last.max(seen);
+            let tuple = flow.tuple(dir, external);
+            tallies[dir as usize] = if withdraw {
+                mirror.withdraw(dir, &tuple)
+            } else {
+                mirror.tallies(dir, &tuple, true)
+            };
         }
-        let expires = last.map(|seen| deadline(self.stamp(seen), flow.timeout(&timeouts)));
+        let last = tallies[0].seen.max(tallies[1].seen);
+        let by_workers = last.map(|seen| deadline(self.stamp(seen), flow.timeout(&timeouts)));
         let flow = self.flow_mut(slot);
-        for (dir, (packets, bytes)) in counts.into_iter().enumerate() {
-            flow.packets[dir] += packets;
-            flow.bytes[dir] += bytes;
+        for (dir, t) in tallies.iter().enumerate() {
+            flow.packets[dir] += t.packets;
+            flow.bytes[dir] += t.bytes;
         }
-        match expires {
-            Some(expires) if expires > now => {
-                flow.expires = expires;
-                true
-            }
-            _ => false,
-        }
+        flow.expires = flow.expires.max(by_workers.unwrap_or(Stamp::MIN));
+        Some(flow.expires)
+    }
+
+    /// When the connection `f` expires, counting what workers did with it since the engine
+    /// last caught up.
+    fn expiry(&self, f: &Flow) -> Stamp {
+        let Some(mirror) = &self.mirror else {
+            return f.expires;
+        };
+        let external = self.config.external;
+        let seen = [Dir::Out, Dir::In]
+            .into_iter()
+            .filter_map(|dir| mirror.tallies(dir, &f.tuple(dir, external), false).seen)
+            .max();
+        let timeout = f.timeout(&self.config.timeouts);
+        seen.map_or(f.expires, |seen| {
+            f.expires.max(deadline(self.stamp(seen), timeout))
+        })
     }
 
     pub fn config(&self) -> &NatConfig {
@@ -1259,24 +1272,22 @@ impl Nat {
         let external = self.config.external;
         // What workers translated and the engine has not yet taken back into the flow.
         let by_workers = |f: &Flow, dir: Dir| {
-            self.mirror.as_ref().map_or((0, 0), |m| {
-                let (packets, bytes, _) = m.tallies(dir, &f.tuple(dir, external), false);
-                (packets, bytes)
+            self.mirror.as_ref().map_or(Tallies::default(), |m| {
+                m.tallies(dir, &f.tuple(dir, external), false)
             })
         };
         self.slots
             .iter()
             .flatten()
-            .filter(|f| f.expires > now)
-            .map(|f| {
+            .map(|f| (f, self.expiry(f)))
+            .filter(|&(_, expires)| expires > now)
+            .map(|(f, expires)| {
                 let (out, back) = (by_workers(f, Dir::Out), by_workers(f, Dir::In));
-                (
-                    f,
-                    [f.packets[0] + out.0, f.packets[1] + back.0],
-                    [f.bytes[0] + out.1, f.bytes[1] + back.1],
-                )
+                let packets = [f.packets[0] + out.packets, f.packets[1] + back.packets];
+                let bytes = [f.bytes[0] + out.bytes, f.bytes[1] + back.bytes];
+                (f, expires, packets, bytes)
             })
-            .map(|(f, packets, bytes)| FlowRow {
+            .map(|(f, expires, packets, bytes)| FlowRow {
                 proto: match f.proto {
                     PROTO_TCP => "tcp",
                     PROTO_UDP => "udp",
@@ -1287,7 +1298,7 @@ impl Nat {
                 } else {
                     ""
                 },
-                timeout_secs: f.expires.saturating_sub(now) as u64 / 1_000_000_000,
+                timeout_secs: expires.saturating_sub(now) as u64 / 1_000_000_000,
                 original: f.original(),
                 reply: f.reply(self.config.external),
                 packets,
