@@ -30,7 +30,7 @@ cargo test --workspace 2>&1 | tee "$log" || status=$?
 # benches/RESULTS.md); a crash fails the run. The corpus it grows is thrown away.
 echo "== fuzz smoke" >&2
 fuzz_corpus=$(mktemp -d)
-for target in dhcp dns engine; do
+for target in dhcp dns engine nat_fast; do
   mkdir -p "$fuzz_corpus/$target"
   if ! (cd fuzz && cargo fuzz run "$target" -s none -O "$fuzz_corpus/$target" "seeds/$target" \
         -- -max_total_time=15 >"$fuzz_corpus/$target.log" 2>&1); then

@@ -107,3 +107,17 @@ write("engine", "fragments", PACKET + framed((0, 0, frag1), (0, 4, frag2), (3, 4
 udp_out = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, struct.pack("!HHHH", 5000, 53, 12, 0) + b"abcd"))
 write("engine", "socket-nat", SOCKETS + framed((0, 0, who_has_gw), (0, 0, syn), (0, 4, echo), (0, 4, udp_out), (0, 4, syn)))
 write("engine", "guarded", GUARDED + framed((0, 0, discover), (0, 0, who_has_gw), (1, 0, syn), (0, 4, udp_out)))
+
+# NAT's fast path: [flags][frame]; flags bit 3 set = from the uplink, bits 0-1 GSO, bit 2
+# partial checksum. The target publishes guest :40000 -> remote :80 (TCP) and :5353 -> :53
+# (UDP); the NAT keeps the guest's ports.
+ack_out = eth(GW, GUEST, 0x0800, tcp_syn(GUEST_IP, REMOTE_IP, 40000, 80, 0x10))
+ack_in = eth(UPLINK, NEXT_HOP, 0x0800, tcp_syn(REMOTE_IP, EXT_IP, 80, 40000, 0x10))
+dns_out = eth(GW, GUEST, 0x0800, udp(GUEST_IP, REMOTE_IP, 5353, 53, b"q"))
+dns_in = eth(UPLINK, NEXT_HOP, 0x0800, udp(REMOTE_IP, EXT_IP, 53, 5353, b"a"))
+write("nat_fast", "tcp-out", b"\x00" + ack_out)
+write("nat_fast", "tcp-in", b"\x08" + ack_in)
+write("nat_fast", "tcp-out-tso-partial", b"\x05" + ack_out)
+write("nat_fast", "udp-out", b"\x00" + dns_out)
+write("nat_fast", "udp-in", b"\x08" + dns_in)
+write("nat_fast", "fin-out", b"\x00" + eth(GW, GUEST, 0x0800, tcp_syn(GUEST_IP, REMOTE_IP, 40000, 80, 0x11)))
