@@ -1,6 +1,7 @@
 //! The whole engine (switch, gateway, NAT, uplink, DHCP) against any sequence of frames on
 //! any of its ports, with virtual time: it never panics, every FDB entry points to a live
-//! switch port, NAT's table stays within its caps and lists what it holds, and the DHCP
+//! switch port, NAT's table stays within its caps and lists what it holds, NAT publishes to
+//! workers only connections that are established (TCP) or answered (UDP), and the DHCP
 //! server's leases stay in its range. The first byte picks packet NAT, or socket NAT (its
 //! host sockets simulated: connects succeed or are refused, hosts send bytes back) with the
 //! guard's clean-traffic and rate caps on.
@@ -10,7 +11,7 @@ use datapath::dhcp::DhcpService;
 use datapath::engine::{Config, Engine};
 use datapath::gateway::GatewayConfig;
 use datapath::guard::GuardConfig;
-use datapath::nat::NatConfig;
+use datapath::nat::{Dir, NatConfig};
 use datapath::socket_nat::{Action, SocketNatConfig};
 use datapath::uplink::UplinkConfig;
 use datapath::wire::{MacAddr, VnetHdr};
@@ -97,6 +98,9 @@ fuzz_target!(|data: &[u8]| {
     ];
     let uplink = engine.add_uplink("up0");
     ports.extend(uplink);
+    // What NAT's fast path would read (packet NAT): it publishes only established or answered
+    // connections, and takes them back as they start to close.
+    let nat_fast = engine.nat_mirror();
     let mut now = start;
     // Each frame: [port][flags: bit 0 GSO, bit 1 partial checksum, bits 2.. time step][len][bytes]
     let mut rest = data;
@@ -184,6 +188,19 @@ fuzz_target!(|data: &[u8]| {
                     engine.port(port).is_some() && engine.is_switch_port(port),
                     "fast path allowed from {port}, not a live switch port"
                 );
+            }
+        }
+        if let Some(fast) = &nat_fast {
+            for row in engine.conntrack(now) {
+                if fast.mirror.lookup(Dir::Out, &row.original).is_some()
+                    || fast.mirror.lookup(Dir::In, &row.reply).is_some()
+                {
+                    let answered = row.proto == "udp" && row.replied;
+                    assert!(
+                        answered || row.state == "ESTABLISHED",
+                        "published while not established: {row:?}"
+                    );
+                }
             }
         }
         for row in engine.fdb_rows(now) {

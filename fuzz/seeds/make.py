@@ -103,6 +103,14 @@ frag2 = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, bytes(64), ident=9,
 PACKET, SOCKETS, GUARDED = b"\x00", b"\x07", b"\x05"
 write("engine", "arp-dhcp-ping", PACKET + framed((0, 0, who_has_gw), (0, 0, discover), (0, 0, echo)))
 write("engine", "nat-handshake", PACKET + framed((0, 0, syn), (3, 4, next_hop), (3, 4, synack), (3, 4, icmp_err)))
+ack_out_e = eth(GW, GUEST, 0x0800, tcp_syn(GUEST_IP, REMOTE_IP, 40000, 80, 0x10))
+ack_in_e = eth(UPLINK, NEXT_HOP, 0x0800, tcp_syn(REMOTE_IP, EXT_IP, 80, 40000, 0x10))
+fin_out_e = eth(GW, GUEST, 0x0800, tcp_syn(GUEST_IP, REMOTE_IP, 40000, 80, 0x11))
+udp_q = eth(GW, GUEST, 0x0800, udp(GUEST_IP, REMOTE_IP, 5353, 53, b"q"))
+udp_a = eth(UPLINK, NEXT_HOP, 0x0800, udp(REMOTE_IP, EXT_IP, 53, 5353, b"a"))
+write("engine", "nat-established", PACKET + framed((0, 0, syn), (3, 4, next_hop), (3, 4, synack),
+      (0, 4, ack_out_e), (3, 4, ack_in_e), (0, 4, ack_out_e), (0, 4, fin_out_e), (3, 4, ack_in_e),
+      (0, 4, udp_q), (3, 4, udp_a), (0, 4, udp_q)))
 write("engine", "fragments", PACKET + framed((0, 0, frag1), (0, 4, frag2), (3, 4, next_hop)))
 udp_out = eth(GW, GUEST, 0x0800, ipv4(GUEST_IP, REMOTE_IP, 17, struct.pack("!HHHH", 5000, 53, 12, 0) + b"abcd"))
 write("engine", "socket-nat", SOCKETS + framed((0, 0, who_has_gw), (0, 0, syn), (0, 4, echo), (0, 4, udp_out), (0, 4, syn)))
