@@ -1973,6 +1973,63 @@ mod tests {
             );
         }
 
+        fn router_arp(mac: MacAddr) -> Vec<u8> {
+            let mut answer = arp::request_frame(
+                mac,
+                Ipv4Addr::new(203, 0, 113, 1),
+                Ipv4Addr::new(203, 0, 113, 2),
+            );
+            answer[20..22].copy_from_slice(&arp::OP_REPLY.to_be_bytes());
+            answer[0..6].copy_from_slice(&UP.0);
+            answer
+        }
+
+        // RFC 1122 2.3.2.1: with workers, an answered UDP flow is published with the next
+        // hop's MAC; when the next hop answers ARP from another MAC, the workers' copy is taken
+        // back at once, and the engine's next packet publishes the new MAC.
+        #[test]
+        fn a_next_hop_that_moves_takes_its_connections_back_from_the_workers() {
+            let (mut e, guest, uplink, t) = engine();
+            let fast = e.nat_mirror().expect("packet NAT");
+            let hdr = VnetHdr::default();
+            let mut f = guest_udp(64);
+            e.handle_frame(t, guest, &hdr, &mut f);
+            e.handle_frame(t, uplink, &hdr, &mut router_arp(ROUTER));
+            while e.poll_transmit().is_some() {}
+            let ip = fixtures::udp([203, 0, 113, 1], 53, [203, 0, 113, 2], 40000, b"a");
+            let mut reply = eth(UP, ROUTER, 0x0800, &ip);
+            e.handle_frame(t, uplink, &hdr, &mut reply);
+            let mut f = guest_udp(64);
+            assert_eq!(
+                e.handle_frame(t, guest, &hdr, &mut f),
+                Verdict::Forward(uplink)
+            );
+            let query = packet::classify(&guest_udp(64)[14..], 20).unwrap().0;
+            let (out, _) = fast
+                .mirror
+                .lookup(crate::nat::Dir::Out, &query)
+                .expect("published");
+            assert_eq!(out.mac, ROUTER);
+
+            let moved = MacAddr([0x52, 0x54, 0, 0xee, 0, 9]);
+            e.handle_frame(t, uplink, &hdr, &mut router_arp(moved));
+            assert!(
+                fast.mirror.lookup(crate::nat::Dir::Out, &query).is_none(),
+                "taken back"
+            );
+            let mut f = guest_udp(64);
+            assert_eq!(
+                e.handle_frame(t, guest, &hdr, &mut f),
+                Verdict::Forward(uplink)
+            );
+            assert_eq!(&f[0..6], &moved.0);
+            let (out, _) = fast
+                .mirror
+                .lookup(crate::nat::Dir::Out, &query)
+                .expect("again");
+            assert_eq!(out.mac, moved);
+        }
+
         // RFC 1122 2.3.2.2 and the whole path: held for ARP, released with the next hop's MAC
         // and the uplink's, translated; the reply comes back to the guest from the gateway.
         #[test]

@@ -376,6 +376,36 @@ fn two_workers_translate_established_connections_both_ways() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let bin = switchyard_bin().display().to_string();
+    // The fanout group's hook ignores the sockets' PACKET_IGNORE_OUTGOING: the host's own
+    // transmissions on the uplink must still not reach switchyard (30 pings from the host's
+    // address: only their 30 replies, to the host's MAC, arrive, and are not for us).
+    let uplink_rx = || -> u64 {
+        let stats = must(&[&bin, "stats", "--socket", &control(&net)]);
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        let ports = stats["ports"].as_array().unwrap();
+        let uplink = ports
+            .iter()
+            .find(|p| p[1]["name"].as_str().unwrap().ends_with("(uplink)"))
+            .expect("the uplink's port");
+        uplink[1]["counters"]["rx_packets"].as_u64().unwrap()
+    };
+    let before = uplink_rx();
+    net.sw.must(&[
+        "ping",
+        "-c",
+        "30",
+        "-i",
+        "0.02",
+        "-q",
+        "-I",
+        "203.0.113.3",
+        OUTSIDE,
+    ]);
+    let seen = uplink_rx() - before;
+    assert!(
+        (30..45).contains(&seen),
+        "{seen} frames for 30 pings' replies"
+    );
     let table = must(&[&bin, "conntrack", "--json", "--socket", &control(&net)]);
     let table: serde_json::Value = serde_json::from_str(&table).unwrap();
     let rows = table.as_array().expect("rows");
@@ -392,15 +422,17 @@ fn two_workers_translate_established_connections_both_ways() {
         "the worker forwarded {by_worker} packets; NAT translated {} out, {} in",
         nat["translated_out"], nat["translated_in"]
     );
-    // Every translated packet is in both tallies, whichever thread translated it.
-    assert_eq!(
-        (conntrack_out, conntrack_in),
-        (
-            nat["translated_out"].as_u64().unwrap(),
-            nat["translated_in"].as_u64().unwrap()
-        ),
-        "{table} {stats}"
-    );
+    // Every translated packet is in both tallies, whichever thread translated it; a worker's
+    // packet caught by a connection's close may miss the connection's count, no more.
+    for (counted, stated) in [
+        (conntrack_out, nat["translated_out"].as_u64().unwrap()),
+        (conntrack_in, nat["translated_in"].as_u64().unwrap()),
+    ] {
+        assert!(
+            counted <= stated && stated - counted <= 16,
+            "conntrack {counted}, stats {stated}: {table} {stats}"
+        );
+    }
 }
 
 /// The sum of every `key` anywhere in `value`.

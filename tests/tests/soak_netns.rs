@@ -5,5 +5,5 @@ mod soak;
 
 #[test]
 fn a_mixed_load_levels_off_in_memory_and_fds() {
-    soak::soak("<forward mode='nat'/>");
+    soak::soak("<forward mode='nat'/>", false);
 }

@@ -378,25 +378,42 @@ pub fn open_packet_socket(ifindex: u32, vnet_len: usize) -> io::Result<OwnedFd> 
     Ok(fd)
 }
 
+/// A `PACKET_FANOUT` group: its id and the flags its members join with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutGroup {
+    pub id: u16,
+    flags: libc::c_uint,
+}
+
 /// Joins AF_PACKET socket `fd` to fanout group `group` (`PACKET_FANOUT_HASH`: each flow's
 /// frames go to one socket of the group, by the kernel's flow hash), or, with `None`, starts
-/// a group under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`); returns the id.
-/// A group receives through its own hook, which skips outgoing frames only when told so
-/// (`PACKET_FANOUT_FLAG_IGNORE_OUTGOING`, Linux 4.20): the sockets' own
-/// `PACKET_IGNORE_OUTGOING` no longer counts once they join.
-pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<u16>) -> io::Result<u16> {
-    let (id, flags) = match group {
-        Some(id) => (id, libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING),
-        None => (
-            0,
-            libc::PACKET_FANOUT_FLAG_UNIQUEID | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
-        ),
+/// a group under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`).
+///
+/// A group receives through a hook of its own, which ignores the members'
+/// `PACKET_IGNORE_OUTGOING`: the host's transmissions on the interface would reach the
+/// group. Linux 6.2 skips them for a group made with `PACKET_FANOUT_FLAG_IGNORE_OUTGOING`
+/// (asked for, and left out where refused); on every kernel, each member also gets a filter
+/// that drops them ([`drop_outgoing`]).
+pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<FanoutGroup>) -> io::Result<FanoutGroup> {
+    drop_outgoing(fd)?;
+    let ignore = libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
+    let fanout = |id: u16, flags: libc::c_uint| {
+        let arg = (u32::from(id) | (libc::PACKET_FANOUT_HASH | flags) << 16) as libc::c_int;
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
     };
-    let arg = (u32::from(id) | (libc::PACKET_FANOUT_HASH | flags) << 16) as libc::c_int;
-    setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)?;
-    if let Some(id) = group {
-        return Ok(id);
+    if let Some(group) = group {
+        fanout(group.id, group.flags)?;
+        return Ok(group);
     }
+    let unique = libc::PACKET_FANOUT_FLAG_UNIQUEID;
+    let flags = match fanout(0, unique | ignore) {
+        Ok(()) => ignore,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            fanout(0, unique)?;
+            0
+        }
+        Err(e) => return Err(e),
+    };
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live locals of the sizes the kernel is told.
@@ -409,7 +426,53 @@ pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<u16>) -> io::Result<u16> {
             &mut len,
         )
     })?;
-    Ok((value & 0xffff) as u16)
+    Ok(FanoutGroup {
+        id: (value & 0xffff) as u16,
+        flags,
+    })
+}
+
+/// Attaches to AF_PACKET socket `fd` a classic BPF filter that drops the frames the host
+/// sends on its interface (`skb->pkt_type == PACKET_OUTGOING`) and keeps the rest whole.
+pub fn drop_outgoing(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // The ancillary load of `pkt_type` (SKF_AD_OFF + SKF_AD_PKTTYPE).
+    const PKTTYPE: u32 = (-0x1000i32 + 4) as u32;
+    // BPF_LD (0) | BPF_B (0x10) | BPF_ABS (0x20).
+    const LD_B_ABS: u16 = 0x30;
+    const JEQ_K: u16 = 0x05 | 0x10;
+    const RET_K: u16 = 0x06;
+    let mut program = [
+        libc::sock_filter {
+            code: LD_B_ABS,
+            jt: 0,
+            jf: 0,
+            k: PKTTYPE,
+        },
+        libc::sock_filter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: u32::from(libc::PACKET_OUTGOING),
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    // The kernel copies the program during the call; `program` outlives it.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 /// The MTU of interface `name` in the calling thread's network namespace (`SIOCGIFMTU`).

@@ -3,7 +3,9 @@
 //! [`super::Nat`], and nothing else.
 //!
 //! A frame qualifies only if the engine would do nothing with it but translate it: untagged
-//! IPv4 for the right MAC (the gateway's going out, the uplink's coming in), a header that
+//! IPv4 for the right MAC (the uplink's coming in, checked here; the gateway's going out,
+//! checked by the worker with the rest of the switch's checks), from the MAC the connection
+//! was published with, a header that
 //! checks, not a fragment, a TTL that survives the hop, no larger than the egress takes
 //! (else the engine sends the ICMP error), TCP without SYN, FIN or RST or UDP, and a
 //! published connection. Anything else leaves the frame untouched for the engine. Because
@@ -318,23 +320,28 @@ mod tests {
         assert_eq!(f, before);
     }
 
-    // RFC 4787 REQ-5 / RFC 5382 REQ-5: a connection only workers carry does not time out.
+    /// An answered UDP flow guest:5353 -> remote:53, published; its query.
+    fn answered_udp(nat: &mut Nat, t: Instant) -> Vec<u8> {
+        let query = udp(GUEST, 5353, REMOTE, 53, b"q");
+        let sent = engine_out(nat, t, &query);
+        let port = u16::from_be_bytes([sent[HEADER_LEN + 20], sent[HEADER_LEN + 21]]);
+        engine_in(nat, t, &udp(REMOTE, 53, EXT, port, b"a"));
+        engine_out(nat, t, &query);
+        query
+    }
+
+    // RFC 4787 REQ-5 / RFC 5382 REQ-5: a connection only workers carry does not time out:
+    // the sweep finds the engine's deadline passed and the workers' sighting recent.
     #[test]
     fn a_connection_only_workers_carry_does_not_expire() {
         let (mut nat, fast, t) = setup();
         let hdr = VnetHdr::default();
-        let query = udp(GUEST, 5353, REMOTE, 53, b"q");
-        let sent = engine_out(&mut nat, t, &query);
-        let port = u16::from_be_bytes([sent[HEADER_LEN + 20], sent[HEADER_LEN + 21]]);
-        engine_in(&mut nat, t, &udp(REMOTE, 53, EXT, port, b"a"));
-        engine_out(&mut nat, t, &query);
+        let query = answered_udp(&mut nat, t);
         let udp_timeout = nat.config().timeouts.udp;
         // Only the worker sees the flow from here on, past the engine's deadline.
         let later = t + udp_timeout + std::time::Duration::from_secs(5);
         let mut f = eth(GATEWAY_MAC, GUEST_MAC, &query);
         assert!(fast.outward(later, &hdr, &mut f), "still published");
-        // Taken back from the workers (a next hop's MAC changed): what they saw counts.
-        nat.withdraw_all();
         nat.handle_timeout(later);
         assert_eq!(nat.len(), 1, "the worker's sighting kept it");
         assert_eq!(nat.rows(later)[0].packets, [3, 1], "and what it counted");
@@ -342,6 +349,28 @@ mod tests {
         nat.handle_timeout(idle);
         assert_eq!(nat.len(), 0, "idle everywhere: expired");
         assert!(fast.mirror.lookup(Dir::Out, &tuple_of(&query)).is_none());
+    }
+
+    // The same when the engine meets the flow again itself, after the workers lost it (a
+    // next hop moved): its lookup finds the deadline passed but the sighting recent, and the
+    // mapping, external port and all, carries on (RFC 4787 REQ-1).
+    #[test]
+    fn a_connection_workers_carried_keeps_its_mapping_when_the_engine_takes_it_back() {
+        let (mut nat, fast, t) = setup();
+        let hdr = VnetHdr::default();
+        let query = answered_udp(&mut nat, t);
+        let before = engine_out(&mut nat, t, &query);
+        let later = t + nat.config().timeouts.udp + std::time::Duration::from_secs(5);
+        let mut f = eth(GATEWAY_MAC, GUEST_MAC, &query);
+        assert!(fast.outward(later, &hdr, &mut f));
+        nat.withdraw_all();
+        let mut f = eth(GATEWAY_MAC, GUEST_MAC, &query);
+        assert!(!fast.outward(later, &hdr, &mut f), "taken back");
+        let after = engine_out(&mut nat, later, &query);
+        assert_eq!(after, before, "the same mapping");
+        assert_eq!(nat.counters.flows_expired, 0);
+        let mut f = eth(GATEWAY_MAC, GUEST_MAC, &query);
+        assert!(fast.outward(later, &hdr, &mut f), "published again");
     }
 
     /// A change to a packet that makes it the engine's.

@@ -71,7 +71,8 @@ struct Entry {
     ports: AtomicU64,
     /// `port << 48 | mac` of the [`Rewrite`].
     to: AtomicU64,
-    /// Going out the guest's MAC (the new address is the external one), coming in the
+    /// The table's epoch when written (bits 48-63: an entry of an earlier epoch is a miss),
+    /// and going out the guest's MAC (the new address is the external one), coming in the
     /// guest's address (its MAC is `to`'s).
     aux: AtomicU64,
     /// Seconds after the table's base, plus one, when a worker last translated through it.
@@ -107,6 +108,9 @@ pub struct NatMirror {
     back: Box<[Entry]>,
     /// The address every connection leaves from.
     external: Ipv4Addr,
+    /// Bumped to take every entry back at once ([`NatMirror::invalidate`]); entries carry its
+    /// low 16 bits.
+    epoch: AtomicU64,
     base: Instant,
 }
 
@@ -116,6 +120,7 @@ impl NatMirror {
             out: (0..ENTRIES).map(|_| Entry::default()).collect(),
             back: (0..ENTRIES).map(|_| Entry::default()).collect(),
             external,
+            epoch: AtomicU64::new(0),
             base: Instant::now(),
         }
     }
@@ -138,11 +143,16 @@ impl NatMirror {
         (index, &self.table(dir)[index], (addrs, ports))
     }
 
+    fn epoch_bits(&self, ordering: Ordering) -> u64 {
+        (self.epoch.load(ordering) & 0xffff) << 48
+    }
+
     fn pack(&self, dir: Dir, r: &Rewrite) -> (u64, u64) {
         let to = u64::from(r.port) << 48 | mac_bits(r.mac);
+        let epoch = self.epoch_bits(Ordering::Relaxed);
         match dir {
-            Dir::Out => (to, mac_bits(r.guest)),
-            Dir::In => (to, u64::from(u32::from(r.ip))),
+            Dir::Out => (to, epoch | mac_bits(r.guest)),
+            Dir::In => (to, epoch | u64::from(u32::from(r.ip))),
         }
     }
 
@@ -153,7 +163,7 @@ impl NatMirror {
                 ip: self.external,
                 port,
                 mac,
-                guest: mac_of(aux),
+                guest: mac_of(aux & 0xffff_ffff_ffff),
             },
             Dir::In => Rewrite {
                 ip: Ipv4Addr::from(aux as u32),
@@ -206,6 +216,13 @@ impl NatMirror {
         entry.seen.store(0, Ordering::Relaxed);
         Self::write(entry, key, value);
         true
+    }
+
+    /// Takes every entry back from the workers at once (a next hop's MAC changed): they miss
+    /// until the engine publishes each connection again. Entries keep their tallies, which
+    /// the engine still reads by key. Engine only.
+    pub(crate) fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
     }
 
     /// Withdraws tuple `t`'s entry if it holds one, with what workers did with it since last
@@ -262,7 +279,10 @@ impl NatMirror {
             entry.aux.load(Ordering::Relaxed),
         );
         fence(Ordering::Acquire);
-        if entry.seq.load(Ordering::Relaxed) != seq || found != (addrs, ports) {
+        if entry.seq.load(Ordering::Relaxed) != seq
+            || found != (addrs, ports)
+            || aux & 0xffff << 48 != self.epoch_bits(Ordering::Acquire)
+        {
             return None;
         }
         Some((self.unpack(dir, to, aux), Found { dir, index }))
@@ -344,6 +364,20 @@ mod tests {
         };
         assert!(m.publish(Dir::In, &t, &inward));
         assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
+
+        // Taken back all at once: a miss, tallies kept, until published again.
+        let (_, found) = m.lookup(Dir::In, &t).unwrap();
+        m.tally(now, found, 60);
+        m.invalidate();
+        assert!(m.lookup(Dir::In, &t).is_none());
+        assert_eq!(m.tallies(Dir::In, &t, false).packets, 1);
+        assert!(m.publish(Dir::In, &t, &inward));
+        assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
+        assert_eq!(
+            m.tallies(Dir::In, &t, false).packets,
+            1,
+            "the same connection's"
+        );
     }
 
     #[test]

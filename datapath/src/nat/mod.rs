@@ -530,18 +530,16 @@ impl Nat {
             mac: flow.guest_mac,
             guest: flow.guest_mac,
         };
-        let back = mirror.publish(Dir::In, &flow.reply(external), &inward);
-        mirror.publish(Dir::Out, &flow.original(), &outward) && back
+        mirror.publish(Dir::In, &flow.reply(external), &inward);
+        mirror.publish(Dir::Out, &flow.original(), &outward)
     }
 
     /// Takes every connection back from the workers (a next hop's MAC changed): they hand
-    /// its packets to the engine until it publishes them again.
+    /// its packets to the engine until it publishes them again. One store, whatever the
+    /// table holds (a neighbour flapping its ARP costs no sweep).
     pub fn withdraw_all(&mut self) {
-        if self.mirror.is_none() {
-            return;
-        }
-        for slot in 0..self.slots.len() as u32 {
-            self.withdraw(slot);
+        if let Some(mirror) = &self.mirror {
+            mirror.invalidate();
         }
     }
 
