@@ -6,6 +6,7 @@
 //! therefore cannot starve the others, nor the timers. Frames are read into one preallocated
 //! buffer and written from it to their egress ports; nothing on this path allocates.
 
+mod batch;
 pub mod capture;
 pub mod egress;
 pub mod netlink;
@@ -104,15 +105,73 @@ struct IoPort {
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     tap: Option<Tap>,
+    /// An AF_PACKET port's batched I/O ([`batch`]): frames read by `recvmmsg` (unless a ring
+    /// reads them), and frames to send waiting here for one `sendmmsg`.
+    batched_rx: bool,
+    tx_batch: Option<Box<batch::TxBatch>>,
+    /// What flushes of `tx_batch` sent and failed since the counters last took it, and the
+    /// last error.
+    flushed: batch::Flushed,
+    flush_error: Option<io::Error>,
 }
 
 impl IoPort {
-    /// Writes one whole frame (with the port's framing).
+    fn new(file: Option<File>, caps: PortCaps, tap: Option<Tap>) -> IoPort {
+        IoPort {
+            file,
+            stream: None,
+            caps,
+            ring: None,
+            tap,
+            batched_rx: false,
+            tx_batch: None,
+            flushed: batch::Flushed::default(),
+            flush_error: None,
+        }
+    }
+
+    /// Writes one whole frame (with the port's framing), after any that wait in its batch.
     fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.flush();
         match (&self.file, &mut self.stream) {
             (Some(file), _) => write_frame(file, buf),
             (None, Some(stream)) => stream.send(buf),
             (None, None) => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+
+    /// Puts `buf` in the port's batch if it has one and the frame fits (sending the batch
+    /// first when full); false when it must go out at once.
+    fn queue(&mut self, buf: &[u8]) -> bool {
+        let Some(batch) = &mut self.tx_batch else {
+            return false;
+        };
+        if !batch::TxBatch::fits(buf.len()) {
+            return false;
+        }
+        if batch.is_full() {
+            self.flush();
+        }
+        if let Some(batch) = &mut self.tx_batch {
+            batch.push(buf);
+        }
+        true
+    }
+
+    /// Sends what waits in the batch; the counts wait in `flushed` for the engine's counters.
+    fn flush(&mut self) {
+        let (Some(batch), Some(file)) = (&mut self.tx_batch, &self.file) else {
+            return;
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let (done, error) = batch.flush(file, vnet::LEN);
+        self.flushed.frames += done.frames;
+        self.flushed.bytes += done.bytes;
+        self.flushed.failed += done.failed;
+        if error.is_some() {
+            self.flush_error = error;
         }
     }
 }
@@ -186,6 +245,10 @@ pub struct Datapath {
     engine: Engine,
     ports: Vec<Option<IoPort>>,
     rx_buf: Box<[u8]>,
+    /// Buffers for batched reads of AF_PACKET ports, once there is one.
+    rx_batch: Option<Box<batch::RxBatch>>,
+    /// Ports whose batch has frames waiting, or counts not yet taken.
+    tx_pending: Vec<PortId>,
     scratch: Box<[u8]>,
     ready: ReadyQueue,
     waker: Arc<Waker>,
@@ -490,6 +553,8 @@ impl Datapath {
             engine,
             ports: Vec::new(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            rx_batch: None,
+            tx_pending: Vec::with_capacity(MAX_PORTS),
             scratch: vec![0u8; BUF_LEN].into_boxed_slice(),
             ready: ReadyQueue::default(),
             waker,
@@ -629,7 +694,7 @@ impl Datapath {
             // Workers that got no socket leave the uplink's frames to the others.
             eprintln!("switchyard: uplink {dev}: not every worker translates NAT: {e}");
         }
-        let attached = self.attach(id, file, PortCaps::vnet(true), ring, None);
+        let attached = self.attach(id, file, (PortCaps::vnet(true), true), ring, None);
         if attached.is_err() {
             for worker in &self.workers {
                 worker.send(worker::Command::RemovePort(id));
@@ -677,7 +742,7 @@ impl Datapath {
         let id = self.engine.add_port(format!("{dev}(nic)"));
         // The LAN's hosts are not guests: no clean-traffic or rate caps on their port.
         self.engine.set_trusted(id);
-        self.attach(id, file, PortCaps::vnet(true), ring, None)
+        self.attach(id, file, (PortCaps::vnet(true), true), ring, None)
     }
 
     /// The AF_PACKET socket (and ring) of host NIC `dev`, if a port may still be added.
@@ -711,14 +776,16 @@ impl Datapath {
             return Err(io::Error::other(format!("at most {MAX_PORTS} ports")));
         }
         let id = self.engine.add_port(name);
-        self.attach(id, file, caps, None, tap)
+        self.attach(id, file, (caps, false), None, tap)
     }
 
+    /// Registers `file` as port `id`; `packet_socket`: an AF_PACKET socket, whose reads (when
+    /// no `ring` reads them) and writes are batched ([`batch`]).
     fn attach(
         &mut self,
         id: PortId,
         file: File,
-        caps: PortCaps,
+        (caps, packet_socket): (PortCaps, bool),
         ring: Option<sys::RxRing>,
         tap: Option<Tap>,
     ) -> io::Result<PortId> {
@@ -734,13 +801,15 @@ impl Datapath {
         if self.ports.len() <= index {
             self.ports.resize_with(index + 1, || None);
         }
-        self.ports[index] = Some(IoPort {
-            file: Some(file),
-            stream: None,
-            caps,
-            ring,
-            tap,
-        });
+        let mut port = IoPort::new(Some(file), caps, tap);
+        if packet_socket {
+            port.batched_rx = ring.is_none();
+            port.tx_batch = Some(Box::new(batch::TxBatch::new()));
+            self.rx_batch
+                .get_or_insert_with(|| Box::new(batch::RxBatch::new(BUF_LEN)));
+        }
+        port.ring = ring;
+        self.ports[index] = Some(port);
         // Frames may already be waiting: edge-triggered polling reports only new arrivals.
         self.ready.mark(id);
         Ok(id)
@@ -765,13 +834,9 @@ impl Datapath {
         if self.ports.len() <= index {
             self.ports.resize_with(index + 1, || None);
         }
-        self.ports[index] = Some(IoPort {
-            file: None,
-            stream: Some(stream),
-            caps: PortCaps::PLAIN,
-            ring: None,
-            tap: None,
-        });
+        let mut port = IoPort::new(None, PortCaps::PLAIN, None);
+        port.stream = Some(stream);
+        self.ports[index] = Some(port);
         Ok(id)
     }
 
@@ -812,6 +877,7 @@ impl Datapath {
 
     /// Removes a port (its tap goes away if switchyard created it).
     pub fn remove_port(&mut self, id: PortId) {
+        self.flush_tx();
         self.captures.retain(|c| c.port != id);
         if let Some(mut port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
             let registry = self.poll.registry();
@@ -1442,6 +1508,7 @@ impl Datapath {
         while let Some(line) = self.engine.poll_notice() {
             eprintln!("switchyard: {line}");
         }
+        self.flush_tx();
         for port in std::mem::take(&mut self.dead_ports) {
             let name = self.engine.port(port).map(|p| p.name.clone());
             let lost = self
@@ -1558,6 +1625,11 @@ impl Datapath {
         if let Some(ring) = port.ring.take() {
             return self.serve_ring(now, id, ring);
         }
+        if port.batched_rx {
+            let drained = self.serve_batched_reads(now, id);
+            self.flush_tx();
+            return drained;
+        }
         let is_stream = port.stream.is_some();
         // The buffer leaves `self` while a frame is handled, so the frame and the ports can be
         // borrowed at once; taking an empty box does not allocate.
@@ -1568,7 +1640,70 @@ impl Datapath {
             self.serve_reads(now, id, &mut rx_buf)
         };
         self.rx_buf = rx_buf;
+        self.flush_tx();
         drained
+    }
+
+    /// Forwards up to [`RX_BUDGET`] frames of AF_PACKET port `id`, read [`sys::BATCH`] at a
+    /// time; true when drained (a short batch says nothing more waits).
+    fn serve_batched_reads(&mut self, now: Instant, id: PortId) -> bool {
+        let Some(mut rx) = self.rx_batch.take() else {
+            return true;
+        };
+        let mut served = 0;
+        let drained = loop {
+            if served >= RX_BUDGET {
+                break false;
+            }
+            let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
+                break true;
+            };
+            let caps = port.caps;
+            let Some(file) = &port.file else {
+                break true;
+            };
+            let got = match sys::recv_batch(file.as_fd(), &mut rx.bufs, &mut rx.lens) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if is_gone(&e) {
+                        self.dead_ports.push(id);
+                    }
+                    // WouldBlock; or a NIC's link went down (ENETDOWN): the port stays.
+                    break true;
+                }
+            };
+            for i in 0..got {
+                let len = rx.lens[i];
+                self.forward(now, id, caps, &mut rx.bufs[i][..len]);
+            }
+            served += got;
+            if got < rx.bufs.len() {
+                break true;
+            }
+        };
+        self.rx_batch = Some(rx);
+        drained
+    }
+
+    /// Sends what waits in the ports' batches and counts what their flushes did.
+    fn flush_tx(&mut self) {
+        while let Some(id) = self.tx_pending.pop() {
+            let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            port.flush();
+            let done = std::mem::take(&mut port.flushed);
+            let error = port.flush_error.take();
+            if done.frames > 0 {
+                self.engine.record_tx(id, done.frames as u64, done.bytes);
+            }
+            self.engine
+                .record_drops(id, DropReason::TxError, done.failed as u64);
+            if let Some(e) = error {
+                self.note_tx_error(id, &e);
+            }
+        }
     }
 
     fn serve_reads(&mut self, now: Instant, id: PortId, rx_buf: &mut [u8]) -> bool {
@@ -1728,6 +1863,16 @@ impl Datapath {
                 }
             }
         } else if port.caps.vnet_hdr && frame_start == vnet::LEN {
+            if port.queue(buf) {
+                // Sent and counted at the end of the port's read batch ([`Datapath::flush_tx`]).
+                if !self.tx_pending.contains(&egress) {
+                    self.tx_pending.push(egress);
+                }
+                if !self.captures.is_empty() {
+                    self.record_capture(egress, &buf[frame_start..]);
+                }
+                return;
+            }
             port.send(buf).map(|()| (1, frame.len()))
         } else if port.caps.vnet_hdr {
             // A plain frame to a vnet port: prepend an empty header.
@@ -1837,16 +1982,11 @@ mod tests {
     /// A port over one end of a datagram socket pair (one frame per message, as a tap).
     fn port(vnet_hdr: bool) -> (IoPort, UnixDatagram) {
         let (ours, theirs) = UnixDatagram::pair().unwrap();
-        let port = IoPort {
-            file: Some(File::from(OwnedFd::from(ours))),
-            stream: None,
-            caps: PortCaps {
-                vnet_hdr,
-                uso: vnet_hdr,
-            },
-            ring: None,
-            tap: None,
+        let caps = PortCaps {
+            vnet_hdr,
+            uso: vnet_hdr,
         };
+        let port = IoPort::new(Some(File::from(OwnedFd::from(ours))), caps, None);
         (port, theirs)
     }
 

@@ -378,6 +378,67 @@ pub fn open_packet_socket(ifindex: u32, vnet_len: usize) -> io::Result<OwnedFd> 
     Ok(fd)
 }
 
+/// Frames one [`recv_batch`] or [`send_batch`] call moves at most.
+pub const BATCH: usize = 16;
+
+/// Reads up to `bufs.len()` frames (at most [`BATCH`]) from datagram socket `fd` in one
+/// `recvmmsg` call, without blocking; each frame's length goes to `lens`. How many were read
+/// (`WouldBlock` when none waits).
+pub fn recv_batch(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [Box<[u8]>],
+    lens: &mut [usize],
+) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len()).min(BATCH);
+    // SAFETY: `iovec` and `mmsghdr` are plain old data; all-zero is valid for every field.
+    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (i, buf) in bufs.iter_mut().take(n).enumerate() {
+        iov[i].iov_base = buf.as_mut_ptr().cast();
+        iov[i].iov_len = buf.len();
+        msgs[i].msg_hdr.msg_iov = &mut iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `msgs[..n]` each name one `iovec` of a live buffer the caller lends us
+    // exclusively for the call; the kernel writes at most `iov_len` bytes into each.
+    let got = cvt(unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    })? as usize;
+    for (len, msg) in lens.iter_mut().zip(&msgs[..got]) {
+        *len = msg.msg_len as usize;
+    }
+    Ok(got)
+}
+
+/// Writes `frames` (at most [`BATCH`]) to datagram socket `fd` in one `sendmmsg` call, one
+/// datagram each; how many the kernel took (the rest, if any, were not sent).
+pub fn send_batch(fd: BorrowedFd<'_>, frames: &[&[u8]]) -> io::Result<usize> {
+    let n = frames.len().min(BATCH);
+    // SAFETY: `iovec` and `mmsghdr` are plain old data; all-zero is valid for every field.
+    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (i, frame) in frames.iter().take(n).enumerate() {
+        // The kernel only reads through `iov_base` on a send.
+        iov[i].iov_base = frame.as_ptr().cast_mut().cast();
+        iov[i].iov_len = frame.len();
+        msgs[i].msg_hdr.msg_iov = &mut iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `msgs[..n]` each name one `iovec` of a live buffer borrowed for the call, which
+    // the kernel only reads.
+    let sent =
+        cvt(unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, 0) })?;
+    Ok(sent as usize)
+}
+
 /// A `PACKET_FANOUT` group: its id and the flags its members join with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FanoutGroup {
