@@ -439,9 +439,8 @@ mod tests {
         assert!(u.rows().is_empty());
     }
 
-    // A known MAC stays in use past REACHABLE while it is re-probed.
-    #[test]
-    fn stale_entries_keep_working_while_reprobed() {
+    /// An uplink that has resolved the router (which answered `reply`) and sent what it held.
+    fn resolved_router() -> (Uplink, Instant, Ipv4Addr, Vec<u8>) {
         let (mut u, t) = uplink();
         let router = Ipv4Addr::new(203, 0, 113, 1);
         u.enqueue(t, router, VnetHdr::default(), vec![0; 60])
@@ -449,6 +448,13 @@ mod tests {
         let mut reply = arp_from_router(arp::OP_REPLY, Ipv4Addr::new(203, 0, 113, 2));
         u.handle_arp(t, &mut reply, 14);
         while u.poll_transmit().is_some() {}
+        (u, t, router, reply)
+    }
+
+    // A known MAC stays in use past REACHABLE while it is re-probed.
+    #[test]
+    fn stale_entries_keep_working_while_reprobed() {
+        let (mut u, t, router, mut reply) = resolved_router();
         let later = t + REACHABLE;
         assert_eq!(u.resolve(later, router), Some(ROUTER));
         assert_eq!(u.rows()[0].state, "PROBE");
@@ -461,13 +467,7 @@ mod tests {
     // and when it stops answering, or answers with another MAC, what workers hold is stale.
     #[test]
     fn next_hops_workers_use_are_reprobed_and_their_loss_or_move_is_told() {
-        let (mut u, t) = uplink();
-        let router = Ipv4Addr::new(203, 0, 113, 1);
-        u.enqueue(t, router, VnetHdr::default(), vec![0; 60])
-            .unwrap();
-        let mut reply = arp_from_router(arp::OP_REPLY, Ipv4Addr::new(203, 0, 113, 2));
-        u.handle_arp(t, &mut reply, 14);
-        while u.poll_transmit().is_some() {}
+        let (mut u, t, router, _) = resolved_router();
         u.share(router);
         assert_eq!(
             u.poll_timeout(),

@@ -225,12 +225,9 @@ fn df_packets_too_big_for_the_uplink_get_fragmentation_needed() {
     assert!(!again.status.success());
 }
 
-#[test]
-fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
-    require(&["curl", "iperf3", "tcpdump", "sha256sum", "ss"]);
-    let net = nat_net(1, "");
-    let (g, outside) = (&net.guests[0], &net.outside);
-
+/// A 3 MB file of random bytes served over HTTP by the outside at OUTSIDE:8080/blob: the
+/// server, and the file's sha256.
+fn serve_blob(net: &NatNet) -> (Background, String) {
     let www = net.dir.0.join("www");
     std::fs::create_dir_all(&www).unwrap();
     let file = www.join("blob");
@@ -240,8 +237,8 @@ fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
         &format!("head -c 3000000 /dev/urandom > {}", file.display()),
     ]);
     let want = must(&["sha256sum", &file.display().to_string()]);
-    let want = want.split_whitespace().next().unwrap();
-    let _http = outside.spawn(&[
+    let want = want.split_whitespace().next().unwrap().to_string();
+    let http = net.outside.spawn(&[
         "python3",
         "-m",
         "http.server",
@@ -251,7 +248,17 @@ fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
         &www.display().to_string(),
         "8080",
     ]);
-    wait_listening(outside, 8080);
+    wait_listening(&net.outside, 8080);
+    (http, want)
+}
+
+#[test]
+fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
+    require(&["curl", "iperf3", "tcpdump", "sha256sum", "ss"]);
+    let net = nat_net(1, "");
+    let (g, outside) = (&net.guests[0], &net.outside);
+
+    let (_http, want) = serve_blob(&net);
     let capture_file = net.dir.0.join("outside.txt");
     let _capture = outside.spawn(&[
         "sh",
@@ -334,27 +341,7 @@ fn two_workers_translate_established_connections_both_ways() {
             .contains("numqueues 2")
     );
     // Bytes arrive intact through either thread's checksums.
-    let www = net.dir.0.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    let file = www.join("blob");
-    must(&[
-        "sh",
-        "-c",
-        &format!("head -c 3000000 /dev/urandom > {}", file.display()),
-    ]);
-    let want = must(&["sha256sum", &file.display().to_string()]);
-    let want = want.split_whitespace().next().unwrap();
-    let _http = outside.spawn(&[
-        "python3",
-        "-m",
-        "http.server",
-        "--bind",
-        OUTSIDE,
-        "--directory",
-        &www.display().to_string(),
-        "8080",
-    ]);
-    wait_listening(outside, 8080);
+    let (_http, want) = serve_blob(&net);
     for _ in 0..4 {
         let got = g.must(&[
             "sh",
