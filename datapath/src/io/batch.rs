@@ -55,6 +55,11 @@ impl TxBatch {
         self.count == sys::BATCH
     }
 
+    /// Forgets what waits.
+    pub fn clear(&mut self) {
+        self.count = 0;
+    }
+
     /// Adds `frame` (which [`TxBatch::fits`] and finds room).
     pub fn push(&mut self, frame: &[u8]) {
         let at = self.count * SLOT;

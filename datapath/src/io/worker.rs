@@ -17,7 +17,7 @@
 //! path allocates or takes a lock. The design, and what a later step would add (NAT sharded by
 //! external port), is in `benches/WORKERS.md`.
 
-use super::{BUF_LEN, RX_BUDGET, ReadyQueue};
+use super::{BUF_LEN, RX_BUDGET, ReadyQueue, batch, sys};
 use crate::nat::fast::NatFastPath;
 use crate::port::PortId;
 use crate::switch::Mirror;
@@ -28,7 +28,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -207,6 +207,8 @@ impl WorkerHandle {
             ports: Vec::new(),
             ready: ReadyQueue::default(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            rx_batch: None,
+            uplink_tx: Box::new(batch::TxBatch::new()),
             tallies: tallies.clone(),
         };
         Ok(WorkerHandle {
@@ -285,6 +287,10 @@ struct Worker {
     ports: Vec<Option<WorkerPort>>,
     ready: ReadyQueue,
     rx_buf: Box<[u8]>,
+    /// Batched reads of the uplink's socket, once it is added.
+    rx_batch: Option<Box<batch::RxBatch>>,
+    /// Frames for the uplink, sent together at the end of a port's turn.
+    uplink_tx: Box<batch::TxBatch>,
     tallies: Arc<[Tally]>,
 }
 
@@ -344,6 +350,8 @@ impl Worker {
                 }) => {
                     let id = nat.uplink;
                     self.nat = Some(nat);
+                    self.rx_batch
+                        .get_or_insert_with(|| Box::new(batch::RxBatch::new(BUF_LEN)));
                     self.add_port(id, generation, socket);
                 }
                 Ok(Command::AddPort {
@@ -384,50 +392,107 @@ impl Worker {
     }
 
     /// Reads up to [`RX_BUDGET`] frames from port `id`: whether it was drained, and whether
-    /// any frame was handed to the engine.
+    /// any frame was handed to the engine. The uplink's socket is read a batch at a time, and
+    /// what this turn sends to it goes out in batches ([`super::batch`]).
     fn serve(&mut self, now: Instant, id: PortId) -> (bool, bool) {
+        let result = if self.nat.as_ref().is_some_and(|n| n.uplink == id) {
+            self.serve_batched(now, id)
+        } else {
+            self.serve_reads(now, id)
+        };
+        self.flush_uplink();
+        result
+    }
+
+    fn serve_reads(&mut self, now: Instant, id: PortId) -> (bool, bool) {
         let mut handed = false;
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        let mut drained = false;
         for _ in 0..RX_BUDGET {
             let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
-                return (true, handed);
+                drained = true;
+                break;
             };
             let generation = port.generation;
-            let n = match (&port.queue).read(&mut self.rx_buf) {
+            let n = match (&port.queue).read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // WouldBlock, or the device is gone: the engine's thread finds that on
                 // queue 0 and removes the port.
-                Err(_) => return (true, handed),
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             };
-            let mut buf = std::mem::take(&mut self.rx_buf);
-            let decision = self.fast_egress(now, id, &mut buf[..n]);
-            self.rx_buf = buf;
-            // Counted here only when not handed over: the engine counts the rest.
-            let tally = &self.tallies[id.0 as usize];
-            let received = || {
-                bump(&tally.rx_packets, 1);
-                bump(&tally.rx_bytes, (n - vnet::LEN) as u64);
+            handed |= self.handle(now, (id, generation), &mut buf[..n]);
+        }
+        self.rx_buf = buf;
+        (drained, handed)
+    }
+
+    /// [`Worker::serve_reads`] for the uplink's socket, [`sys::BATCH`] frames a call.
+    fn serve_batched(&mut self, now: Instant, id: PortId) -> (bool, bool) {
+        let Some(mut rx) = self.rx_batch.take() else {
+            return (true, false);
+        };
+        let (mut handed, mut served) = (false, 0);
+        let drained = loop {
+            if served >= RX_BUDGET {
+                break false;
+            }
+            let Some(port) = self.ports.get(id.0 as usize).and_then(Option::as_ref) else {
+                break true;
             };
-            match decision {
-                Decision::Forward(egress) | Decision::Translate(egress) => {
-                    received();
-                    bump(&tally.forwarded, 1);
-                    if matches!(decision, Decision::Translate(_)) {
-                        bump(&tally.translated, 1);
-                    }
-                    self.transmit(egress, n);
+            let generation = port.generation;
+            let got = match sys::recv_batch(port.queue.as_fd(), &mut rx.bufs, &mut rx.lens) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break true,
+            };
+            for i in 0..got {
+                let len = rx.lens[i];
+                handed |= self.handle(now, (id, generation), &mut rx.bufs[i][..len]);
+            }
+            served += got;
+            if got < rx.bufs.len() {
+                break true;
+            }
+        };
+        self.rx_batch = Some(rx);
+        (drained, handed)
+    }
+
+    /// Switches, translates, drops or hands over one frame read from `id` under its
+    /// `generation`; true if handed over.
+    fn handle(&mut self, now: Instant, (id, generation): (PortId, u32), buf: &mut [u8]) -> bool {
+        let n = buf.len();
+        let decision = self.fast_egress(now, id, buf);
+        // Counted here only when not handed over: the engine counts the rest.
+        let tally = &self.tallies[id.0 as usize];
+        let received = || {
+            bump(&tally.rx_packets, 1);
+            bump(&tally.rx_bytes, n.saturating_sub(vnet::LEN) as u64);
+        };
+        match decision {
+            Decision::Forward(egress) | Decision::Translate(egress) => {
+                received();
+                bump(&tally.forwarded, 1);
+                if matches!(decision, Decision::Translate(_)) {
+                    bump(&tally.translated, 1);
                 }
-                Decision::NotForUs => {
-                    received();
-                    bump(&tally.not_for_us, 1);
-                }
-                Decision::HandOver => {
-                    self.hand_over(id, generation, n);
-                    handed = true;
-                }
+                self.transmit(egress, buf);
+                false
+            }
+            Decision::NotForUs => {
+                received();
+                bump(&tally.not_for_us, 1);
+                false
+            }
+            Decision::HandOver => {
+                self.hand_over(id, generation, buf);
+                true
             }
         }
-        (false, handed)
     }
 
     /// The port `buf` (a virtio-net header and a frame read from `ingress`) goes to, if this
@@ -497,21 +562,57 @@ impl Worker {
             .is_some_and(|p| p.generation == self.mirror.generation(port))
     }
 
-    fn transmit(&self, egress: PortId, n: usize) {
+    fn transmit(&mut self, egress: PortId, frame: &[u8]) {
+        let to_uplink = self.nat.as_ref().is_some_and(|n| n.uplink == egress);
+        if to_uplink && batch::TxBatch::fits(frame.len()) {
+            let full = self.uplink_tx.is_full();
+            if full {
+                self.flush_uplink();
+            }
+            self.uplink_tx.push(frame);
+            return;
+        }
+        if to_uplink {
+            // After what waits, so the uplink's order holds.
+            self.flush_uplink();
+        }
         let Some(port) = self.ports.get(egress.0 as usize).and_then(Option::as_ref) else {
             return;
         };
         let tally = &self.tallies[egress.0 as usize];
-        match super::write_frame(&port.queue, &self.rx_buf[..n]) {
+        match super::write_frame(&port.queue, frame) {
             Ok(()) => {
                 bump(&tally.tx_packets, 1);
-                bump(&tally.tx_bytes, (n - vnet::LEN) as u64);
+                bump(
+                    &tally.tx_bytes,
+                    frame.len().saturating_sub(vnet::LEN) as u64,
+                );
             }
             Err(_) => bump(&tally.tx_errors, 1),
         }
     }
 
-    fn hand_over(&self, port: PortId, generation: u32, n: usize) {
+    /// Sends what waits for the uplink, and counts it.
+    fn flush_uplink(&mut self) {
+        if self.uplink_tx.is_empty() {
+            return;
+        }
+        let uplink = self.nat.as_ref().map(|n| n.uplink);
+        let port = uplink.and_then(|id| self.ports.get(id.0 as usize).and_then(Option::as_ref));
+        let (Some(uplink), Some(port)) = (uplink, port) else {
+            // The uplink went away: what waited for it goes with it.
+            self.uplink_tx.clear();
+            return;
+        };
+        let (done, _) = self.uplink_tx.flush(&port.queue, vnet::LEN);
+        let tally = &self.tallies[uplink.0 as usize];
+        bump(&tally.tx_packets, done.frames as u64);
+        bump(&tally.tx_bytes, done.bytes as u64);
+        bump(&tally.tx_errors, done.failed as u64);
+    }
+
+    fn hand_over(&self, port: PortId, generation: u32, frame: &[u8]) {
+        let n = frame.len();
         let dropped = || {
             let tally = &self.tallies[port.0 as usize];
             bump(&tally.rx_packets, 1);
@@ -523,7 +624,7 @@ impl Worker {
             return;
         };
         buf.clear();
-        buf.extend_from_slice(&self.rx_buf[..n]);
+        buf.extend_from_slice(frame);
         let handed = Handed {
             port,
             generation,
