@@ -60,12 +60,16 @@ impl TxBatch {
         self.count = 0;
     }
 
-    /// Adds `frame` (which [`TxBatch::fits`] and finds room).
-    pub fn push(&mut self, frame: &[u8]) {
+    /// Adds `frame` (which [`TxBatch::fits`]); false if the batch is full.
+    pub fn push(&mut self, frame: &[u8]) -> bool {
+        if self.is_full() || !Self::fits(frame.len()) {
+            return false;
+        }
         let at = self.count * SLOT;
         self.slots[at..at + frame.len()].copy_from_slice(frame);
         self.lens[self.count] = frame.len();
         self.count += 1;
+        true
     }
 
     /// Sends what waits to `file` (frames with `header` bytes of virtio-net header each).
@@ -88,6 +92,11 @@ impl TxBatch {
                     next += sent;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The socket's buffer is full: the rest fails alike (counted below).
+                    error = Some(e);
+                    break;
+                }
                 Err(e) => {
                     // The first frame left failed: count it and go on with the rest, as
                     // one write per frame would.

@@ -152,10 +152,7 @@ impl IoPort {
         if batch.is_full() {
             self.flush();
         }
-        if let Some(batch) = &mut self.tx_batch {
-            batch.push(buf);
-        }
-        true
+        self.tx_batch.as_mut().is_some_and(|batch| batch.push(buf))
     }
 
     /// Sends what waits in the batch; the counts wait in `flushed` for the engine's counters.
@@ -945,6 +942,9 @@ impl Datapath {
                 if current {
                     let caps = PortCaps::vnet(true);
                     self.forward(now, handed.port, caps, &mut handed.buf[..handed.len]);
+                    // At once: handling it may have published its connection, whose next
+                    // packets the worker then sends itself; this one must not come after.
+                    self.flush_tx();
                 }
                 let _ = self.workers[w].free.send(handed.buf);
             }
@@ -1623,7 +1623,9 @@ impl Datapath {
             return true;
         };
         if let Some(ring) = port.ring.take() {
-            return self.serve_ring(now, id, ring);
+            let drained = self.serve_ring(now, id, ring);
+            self.flush_tx();
+            return drained;
         }
         if port.batched_rx {
             let drained = self.serve_batched_reads(now, id);
@@ -1864,7 +1866,8 @@ impl Datapath {
             }
         } else if port.caps.vnet_hdr && frame_start == vnet::LEN {
             if port.queue(buf) {
-                // Sent and counted at the end of the port's read batch ([`Datapath::flush_tx`]).
+                // Sent and counted at the end of the port's read batch ([`Datapath::flush_tx`]);
+                // a capture has it now.
                 if !self.tx_pending.contains(&egress) {
                     self.tx_pending.push(egress);
                 }

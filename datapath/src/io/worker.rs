@@ -565,12 +565,12 @@ impl Worker {
     fn transmit(&mut self, egress: PortId, frame: &[u8]) {
         let to_uplink = self.nat.as_ref().is_some_and(|n| n.uplink == egress);
         if to_uplink && batch::TxBatch::fits(frame.len()) {
-            let full = self.uplink_tx.is_full();
-            if full {
+            if self.uplink_tx.is_full() {
                 self.flush_uplink();
             }
-            self.uplink_tx.push(frame);
-            return;
+            if self.uplink_tx.push(frame) {
+                return;
+            }
         }
         if to_uplink {
             // After what waits, so the uplink's order holds.
