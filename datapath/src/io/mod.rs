@@ -678,9 +678,10 @@ impl Datapath {
     /// `TPACKET_V3` ring shaped by `ring` (or by `read`, one frame per call, when `None`).
     ///
     /// With workers ([`Datapath::set_workers`]), each worker gets a socket of its own on
-    /// `dev`, all in one `PACKET_FANOUT_HASH` group with the engine's (so each flow's frames
-    /// arrive at one of them), and translates the data packets of established connections
-    /// both ways itself (`nat::fast`); the rest it hands to the engine.
+    /// `dev`, all in one fanout group with the engine's ([`sys::join_fanout`]: a connection's
+    /// opening and closing frames reach the engine's socket, its data one socket by its
+    /// ports), and translates the data packets of established connections both ways itself
+    /// (`nat::fast`); the rest it hands to the engine.
     pub fn add_uplink(&mut self, dev: &str, ring: Option<sys::RingLayout>) -> io::Result<PortId> {
         let (file, ring) = self.open_nic(dev, ring)?;
         let id = self

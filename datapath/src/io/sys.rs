@@ -439,16 +439,20 @@ pub fn send_batch(fd: BorrowedFd<'_>, frames: &[&[u8]]) -> io::Result<usize> {
     Ok(sent as usize)
 }
 
-/// A `PACKET_FANOUT` group: its id and the flags its members join with.
+/// A `PACKET_FANOUT` group: its id, and the type and flags its members join with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FanoutGroup {
     pub id: u16,
-    flags: libc::c_uint,
+    mode: libc::c_uint,
 }
 
-/// Joins AF_PACKET socket `fd` to fanout group `group` (`PACKET_FANOUT_HASH`: each flow's
-/// frames go to one socket of the group, by the kernel's flow hash), or, with `None`, starts
-/// a group under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`).
+/// Joins AF_PACKET socket `fd` to fanout group `group`, or, with `None`, starts a group
+/// under an id the kernel picks (`PACKET_FANOUT_FLAG_UNIQUEID`); the socket that starts it
+/// is the group's first, the one [`steering_program`] names 0.
+///
+/// The group steers by [`steering_program`] (`PACKET_FANOUT_CBPF`, Linux 4.5): a
+/// connection's opening and closing frames to the engine's socket, its data by its ports to
+/// one socket. Where that is refused, by the kernel's flow hash (`PACKET_FANOUT_HASH`).
 ///
 /// A group receives through a hook of its own, which ignores the members'
 /// `PACKET_IGNORE_OUTGOING`: the host's transmissions on the interface would reach the
@@ -457,24 +461,38 @@ pub struct FanoutGroup {
 /// that drops them ([`drop_outgoing`]).
 pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<FanoutGroup>) -> io::Result<FanoutGroup> {
     drop_outgoing(fd)?;
-    let ignore = libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
-    let fanout = |id: u16, flags: libc::c_uint| {
-        let arg = (u32::from(id) | (libc::PACKET_FANOUT_HASH | flags) << 16) as libc::c_int;
+    let fanout = |id: u16, mode: libc::c_uint| {
+        let arg = (u32::from(id) | mode << 16) as libc::c_int;
         setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
     };
     if let Some(group) = group {
-        fanout(group.id, group.flags)?;
+        fanout(group.id, group.mode)?;
         return Ok(group);
     }
+    let (cbpf, hash) = (libc::PACKET_FANOUT_CBPF, libc::PACKET_FANOUT_HASH);
+    let ignore = libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
     let unique = libc::PACKET_FANOUT_FLAG_UNIQUEID;
-    let flags = match fanout(0, unique | ignore) {
-        Ok(()) => ignore,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            fanout(0, unique)?;
-            0
+    let mut joined = None;
+    for mode in [cbpf | ignore, cbpf, hash | ignore, hash] {
+        match fanout(0, mode | unique) {
+            Ok(()) => {
+                joined = Some(mode);
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
-    };
+    }
+    let mode = joined.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if mode & 0xff == cbpf {
+        let mut program = steering_program();
+        let fprog = libc::sock_fprog {
+            len: program.len() as libc::c_ushort,
+            filter: program.as_mut_ptr(),
+        };
+        // The kernel copies the program during the call; `program` outlives it.
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT_DATA, &fprog)?;
+    }
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live locals of the sizes the kernel is told.
@@ -489,8 +507,61 @@ pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<FanoutGroup>) -> io::Result
     })?;
     Ok(FanoutGroup {
         id: (value & 0xffff) as u16,
-        flags,
+        mode,
     })
+}
+
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// The classic BPF program that picks a fanout group's socket for a frame (offsets from
+/// the network header, where the kernel runs it): 0, the group's first socket (the
+/// engine's), for everything but unfragmented IPv4 TCP and UDP, and for TCP segments with
+/// SYN, FIN or RST (a connection opening or closing is the engine's to handle anyway, so no
+/// hand-over); the others by a multiplicative hash of their ports (Linux's `connect` picks
+/// even ports first, so the ports' low bits alone would pick one socket), modulo the
+/// group's size.
+pub fn steering_program() -> [libc::sock_filter; 20] {
+    // Classic BPF opcodes (linux/filter.h).
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const LD_H_IND: u16 = 0x48;
+    const LD_B_IND: u16 = 0x50;
+    const LDX_B_MSH: u16 = 0xb1;
+    const LDX_W_MEM: u16 = 0x61;
+    const ST: u16 = 0x02;
+    const JEQ_K: u16 = 0x15;
+    const JSET_K: u16 = 0x45;
+    const LSH_K: u16 = 0x64;
+    const RSH_K: u16 = 0x74;
+    const MUL_K: u16 = 0x24;
+    const OR_X: u16 = 0x4c;
+    const RET_A: u16 = 0x16;
+    const RET_K: u16 = 0x06;
+    const PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
+    [
+        bpf(LD_H_ABS, 0, 0, PROTOCOL), // 0: A = ethertype
+        bpf(JEQ_K, 0, 17, 0x0800),     // 1: IPv4, else 19
+        bpf(LD_H_ABS, 0, 0, 6),        // 2: A = flags and fragment offset
+        bpf(JSET_K, 15, 0, 0x3fff),    // 3: a fragment: 19
+        bpf(LDX_B_MSH, 0, 0, 0),       // 4: X = header length
+        bpf(LD_B_ABS, 0, 0, 9),        // 5: A = protocol
+        bpf(JEQ_K, 0, 2, 6),           // 6: TCP, else 9
+        bpf(LD_B_IND, 0, 0, 13),       // 7: A = TCP flags
+        bpf(JSET_K, 10, 1, 0x07),      // 8: FIN, SYN or RST: 19, else 10
+        bpf(JEQ_K, 0, 9, 17),          // 9: UDP, else 19
+        bpf(LD_H_IND, 0, 0, 0),        // 10: A = source port
+        bpf(LSH_K, 0, 0, 16),          // 11: A <<= 16
+        bpf(ST, 0, 0, 0),              // 12: M[0] = A
+        bpf(LD_H_IND, 0, 0, 2),        // 13: A = destination port
+        bpf(LDX_W_MEM, 0, 0, 0),       // 14: X = M[0]
+        bpf(OR_X, 0, 0, 0),            // 15: A = ports
+        bpf(MUL_K, 0, 0, 0x9E37_79B1), // 16: A *= 2^32 / golden ratio
+        bpf(RSH_K, 0, 0, 16),          // 17: A = its high half
+        bpf(RET_A, 0, 0, 0),           // 18: that socket
+        bpf(RET_K, 0, 0, 0),           // 19: the engine's
+    ]
 }
 
 /// Attaches to AF_PACKET socket `fd` a classic BPF filter that drops the frames the host
