@@ -1051,6 +1051,7 @@ impl Engine {
         match router.uplink.resolve(now, next_hop) {
             Some(mac) => {
                 frame[0..6].copy_from_slice(&mac.0);
+                // Marked once, when workers first learn the next hop (not on every packet).
                 if router.nat.publish(&outbound, mac) {
                     router.uplink.share(next_hop);
                 }

@@ -105,9 +105,8 @@ struct IoPort {
     ring: Option<sys::RxRing>,
     /// Kept so a created tap lives (and is removed) with the port.
     tap: Option<Tap>,
-    /// An AF_PACKET port's batched I/O ([`batch`]): frames read by `recvmmsg` (unless a ring
-    /// reads them), and frames to send waiting here for one `sendmmsg`.
-    batched_rx: bool,
+    /// An AF_PACKET port's frames to send, waiting for one `sendmmsg` ([`batch`]); such a
+    /// port is also read by `recvmmsg`, unless a ring reads it.
     tx_batch: Option<Box<batch::TxBatch>>,
     /// What flushes of `tx_batch` sent and failed since the counters last took it, and the
     /// last error.
@@ -123,7 +122,6 @@ impl IoPort {
             caps,
             ring: None,
             tap,
-            batched_rx: false,
             tx_batch: None,
             flushed: batch::Flushed::default(),
             flush_error: None,
@@ -801,7 +799,6 @@ impl Datapath {
         }
         let mut port = IoPort::new(Some(file), caps, tap);
         if packet_socket {
-            port.batched_rx = ring.is_none();
             port.tx_batch = Some(Box::new(batch::TxBatch::new()));
             self.rx_batch
                 .get_or_insert_with(|| Box::new(batch::RxBatch::new(BUF_LEN)));
@@ -1628,7 +1625,7 @@ impl Datapath {
             self.flush_tx();
             return drained;
         }
-        if port.batched_rx {
+        if port.tx_batch.is_some() {
             let drained = self.serve_batched_reads(now, id);
             self.flush_tx();
             return drained;

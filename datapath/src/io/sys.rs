@@ -485,13 +485,8 @@ pub fn join_fanout(fd: BorrowedFd<'_>, group: Option<FanoutGroup>) -> io::Result
     }
     let mode = joined.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     if mode & 0xff == cbpf {
-        let mut program = steering_program();
-        let fprog = libc::sock_fprog {
-            len: program.len() as libc::c_ushort,
-            filter: program.as_mut_ptr(),
-        };
-        // The kernel copies the program during the call; `program` outlives it.
-        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT_DATA, &fprog)?;
+        let program = steering_program();
+        set_program(fd, (libc::SOL_PACKET, libc::PACKET_FANOUT_DATA), &program)?;
     }
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -573,7 +568,7 @@ pub fn drop_outgoing(fd: BorrowedFd<'_>) -> io::Result<()> {
     const LD_B_ABS: u16 = 0x30;
     const JEQ_K: u16 = 0x05 | 0x10;
     const RET_K: u16 = 0x06;
-    let mut program = [
+    let program = [
         libc::sock_filter {
             code: LD_B_ABS,
             jt: 0,
@@ -599,12 +594,21 @@ pub fn drop_outgoing(fd: BorrowedFd<'_>) -> io::Result<()> {
             k: u32::MAX,
         },
     ];
+    set_program(fd, (libc::SOL_SOCKET, libc::SO_ATTACH_FILTER), &program)
+}
+
+/// Hands classic BPF `program` to socket option `(level, name)` of `fd`.
+fn set_program(
+    fd: BorrowedFd<'_>,
+    (level, name): (libc::c_int, libc::c_int),
+    program: &[libc::sock_filter],
+) -> io::Result<()> {
     let fprog = libc::sock_fprog {
         len: program.len() as libc::c_ushort,
-        filter: program.as_mut_ptr(),
+        // The kernel only reads the program, and copies it during the call.
+        filter: program.as_ptr().cast_mut(),
     };
-    // The kernel copies the program during the call; `program` outlives it.
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
+    setsockopt(fd, level, name, &fprog)
 }
 
 /// The MTU of interface `name` in the calling thread's network namespace (`SIOCGIFMTU`).

@@ -53,6 +53,17 @@ pub struct Tallies {
     pub seen: Option<Instant>,
 }
 
+/// What [`NatMirror::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The entry already said the same.
+    Unchanged,
+    /// The entry now says what was published (new, or changed).
+    Written,
+    /// Another connection holds the slot; nothing was published.
+    Taken,
+}
+
 /// A slot found by [`NatMirror::lookup`], for [`NatMirror::tally`].
 #[derive(Debug, Clone, Copy)]
 pub struct Found {
@@ -191,31 +202,32 @@ impl NatMirror {
         entry.ports.load(Ordering::Relaxed) == ports && entry.addrs.load(Ordering::Relaxed) == addrs
     }
 
-    /// Publishes (or updates) the translation of tuple `t` arriving in direction `dir`;
-    /// false when its slot holds another connection, which keeps it (a connection keeps its
-    /// slot until the engine withdraws it, so nothing workers counted or saw of it is lost).
-    /// Engine only. An entry already saying the same is left alone, so publishing on every
-    /// packet the engine sees costs a few loads.
-    pub(crate) fn publish(&self, dir: Dir, t: &Tuple, rewrite: &Rewrite) -> bool {
+    /// Publishes (or updates) the translation of tuple `t` arriving in direction `dir`. A
+    /// slot that holds another connection keeps it (a connection keeps its slot until the
+    /// engine withdraws it, so nothing workers counted or saw of it is lost). Engine only. An
+    /// entry already saying the same is left alone, so publishing on every packet the engine
+    /// sees costs a few loads.
+    pub(crate) fn publish(&self, dir: Dir, t: &Tuple, rewrite: &Rewrite) -> Published {
         let (_, entry, key) = self.entry(dir, t);
         let value = self.pack(dir, rewrite);
         if Self::holds(entry, key) {
-            if entry.to.load(Ordering::Relaxed) != value.0
-                || entry.aux.load(Ordering::Relaxed) != value.1
+            if entry.to.load(Ordering::Relaxed) == value.0
+                && entry.aux.load(Ordering::Relaxed) == value.1
             {
-                Self::write(entry, key, value);
+                return Published::Unchanged;
             }
-            return true;
+            Self::write(entry, key, value);
+            return Published::Written;
         }
         if entry.ports.load(Ordering::Relaxed) != 0 {
-            return false;
+            return Published::Taken;
         }
         // A late tally of the connection that held the slot before is not this one's.
         entry.packets.store(0, Ordering::Relaxed);
         entry.bytes.store(0, Ordering::Relaxed);
         entry.seen.store(0, Ordering::Relaxed);
         Self::write(entry, key, value);
-        true
+        Published::Written
     }
 
     /// Takes every entry back from the workers at once (a next hop's MAC changed): they miss
@@ -336,7 +348,11 @@ mod tests {
         let m = NatMirror::new(EXTERNAL);
         let t = tuple(40000);
         assert!(m.lookup(Dir::Out, &t).is_none());
-        assert!(m.publish(Dir::Out, &t, &rewrite(1024)));
+        assert_eq!(m.publish(Dir::Out, &t, &rewrite(1024)), Published::Written);
+        assert_eq!(
+            m.publish(Dir::Out, &t, &rewrite(1024)),
+            Published::Unchanged
+        );
         let (r, found) = m.lookup(Dir::Out, &t).expect("published");
         assert_eq!(r, rewrite(1024));
         assert!(m.lookup(Dir::In, &t).is_none(), "directions are apart");
@@ -362,7 +378,7 @@ mod tests {
             mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
             guest: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
         };
-        assert!(m.publish(Dir::In, &t, &inward));
+        assert_eq!(m.publish(Dir::In, &t, &inward), Published::Written);
         assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
 
         // Taken back all at once: a miss, tallies kept, until published again.
@@ -371,7 +387,11 @@ mod tests {
         m.invalidate();
         assert!(m.lookup(Dir::In, &t).is_none());
         assert_eq!(m.tallies(Dir::In, &t, false).packets, 1);
-        assert!(m.publish(Dir::In, &t, &inward));
+        assert_eq!(
+            m.publish(Dir::In, &t, &inward),
+            Published::Written,
+            "a new epoch"
+        );
         assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
         assert_eq!(
             m.tallies(Dir::In, &t, false).packets,
@@ -389,11 +409,15 @@ mod tests {
             .map(tuple)
             .find(|t| t.sport != 40000 && m.entry(Dir::Out, t).0 == index)
             .expect("some port shares the slot");
-        assert!(m.publish(Dir::Out, &first, &rewrite(1024)));
+        assert_eq!(
+            m.publish(Dir::Out, &first, &rewrite(1024)),
+            Published::Written
+        );
         let (_, found) = m.lookup(Dir::Out, &first).unwrap();
         m.tally(Instant::now(), found, 10);
-        assert!(
-            !m.publish(Dir::Out, &other, &rewrite(1025)),
+        assert_eq!(
+            m.publish(Dir::Out, &other, &rewrite(1025)),
+            Published::Taken,
             "the slot is taken"
         );
         assert!(m.lookup(Dir::Out, &other).is_none());
@@ -403,7 +427,10 @@ mod tests {
             "first keeps its counts"
         );
         m.withdraw(Dir::Out, &first);
-        assert!(m.publish(Dir::Out, &other, &rewrite(1025)));
+        assert_eq!(
+            m.publish(Dir::Out, &other, &rewrite(1025)),
+            Published::Written
+        );
         assert_eq!(m.tallies(Dir::Out, &other, false), Tallies::default());
     }
 

@@ -35,7 +35,7 @@ use crate::wire::MacAddr;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ahash::RandomState;
 use index::{FlowRef, Index, Probe};
-use mirror::{NatMirror, Rewrite, Tallies};
+use mirror::{NatMirror, Published, Rewrite, Tallies};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -500,8 +500,8 @@ impl Nat {
 
     /// Shares the connection a guest's packet just went out on with the workers, once it is
     /// established (TCP) or answered (UDP), now that the engine knows the MAC of its next
-    /// hop; true if workers now translate its packets out. Hairpinned connections and ICMP
-    /// queries stay the engine's.
+    /// hop; true when the way out was written now (new, or with a new next hop), so its next
+    /// hop is one workers send to. Hairpinned connections and ICMP queries stay the engine's.
     pub fn publish(&mut self, out: &Outbound, next_hop: MacAddr) -> bool {
         let (Some(mirror), Some(slot)) = (&self.mirror, out.slot) else {
             return false;
@@ -531,7 +531,7 @@ impl Nat {
             guest: flow.guest_mac,
         };
         mirror.publish(Dir::In, &flow.reply(external), &inward);
-        mirror.publish(Dir::Out, &flow.original(), &outward)
+        mirror.publish(Dir::Out, &flow.original(), &outward) == Published::Written
     }
 
     /// Takes every connection back from the workers (a next hop's MAC changed): they hand
