@@ -63,6 +63,7 @@ drop_reasons! {
     DnsRejected => "dns_rejected", "A DNS message to the gateway that the forwarder dropped (not even answerable with FORMERR); the dns counters say why.";
     DhcpRejected => "dhcp_rejected", "A DHCP message to the gateway that the server dropped (malformed, not a request, not for this server); the dhcp counters say why.";
     RingTruncated => "ring_truncated", "The uplink's receive ring cut the frame short (it was larger than a ring block).";
+    Truncated => "truncated", "An AF_PACKET port's frame was longer than the read buffer (a GRO super-frame past 64 KiB, as BIG TCP makes) and arrived cut short.";
     BadVnetHeader => "bad_vnet_header", "The virtio-net header is truncated or inconsistent.";
     OffloadUnsupported => "offload_unsupported", "A GSO frame the egress cannot take and software cannot segment.";
     GsoToService => "gso_to_service", "A UDP super-frame (USO, virtio GSO_UDP_L4) for the gateway's DHCP or DNS service, which read one datagram per frame.";

@@ -116,7 +116,7 @@ impl TxBatch {
 #[derive(Debug)]
 pub(super) struct RxBatch {
     pub bufs: Vec<Box<[u8]>>,
-    pub lens: [usize; sys::BATCH],
+    pub got: [sys::Received; sys::BATCH],
 }
 
 impl RxBatch {
@@ -125,7 +125,7 @@ impl RxBatch {
             bufs: (0..sys::BATCH)
                 .map(|_| vec![0u8; buf_len].into_boxed_slice())
                 .collect(),
-            lens: [0; sys::BATCH],
+            got: [sys::Received::default(); sys::BATCH],
         }
     }
 }
@@ -159,18 +159,37 @@ mod tests {
 
         let mut rx = RxBatch::new(4096);
         let theirs = File::from(std::os::fd::OwnedFd::from(theirs));
-        let got = sys::recv_batch(theirs.as_fd(), &mut rx.bufs, &mut rx.lens).unwrap();
+        let got = sys::recv_batch(theirs.as_fd(), &mut rx.bufs, &mut rx.got).unwrap();
         assert_eq!(got, 5, "one call");
         for i in 0..5 {
-            assert_eq!(rx.lens[i], 100 + i);
+            assert_eq!(rx.got[i].len, 100 + i);
+            assert!(!rx.got[i].truncated);
             assert!(
-                rx.bufs[i][..rx.lens[i]]
+                rx.bufs[i][..rx.got[i].len]
                     .iter()
                     .all(|&b| usize::from(b) == i)
             );
         }
-        let empty = sys::recv_batch(theirs.as_fd(), &mut rx.bufs, &mut rx.lens);
+        let empty = sys::recv_batch(theirs.as_fd(), &mut rx.bufs, &mut rx.got);
         assert_eq!(empty.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_frame_longer_than_its_buffer_is_marked_truncated() {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        ours.send(&[1u8; 5000]).unwrap();
+        ours.send(&[2u8; 300]).unwrap();
+        let mut rx = RxBatch::new(4096);
+        let got = sys::recv_batch(theirs.as_fd(), &mut rx.bufs, &mut rx.got).unwrap();
+        assert_eq!(got, 2);
+        assert!(rx.got[0].truncated, "{:?}", rx.got[0]);
+        assert_eq!(
+            rx.got[1],
+            sys::Received {
+                len: 300,
+                truncated: false
+            }
+        );
     }
 
     #[test]

@@ -919,6 +919,8 @@ impl Datapath {
                 self.engine.record_worker_nat(port, counts.translated);
                 self.engine
                     .record_drops(port, DropReason::NotForUs, counts.not_for_us);
+                self.engine
+                    .record_drops(port, DropReason::Truncated, counts.truncated);
             }
         }
     }
@@ -1662,7 +1664,7 @@ impl Datapath {
             let Some(file) = &port.file else {
                 break true;
             };
-            let got = match sys::recv_batch(file.as_fd(), &mut rx.bufs, &mut rx.lens) {
+            let got = match sys::recv_batch(file.as_fd(), &mut rx.bufs, &mut rx.got) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -1673,9 +1675,12 @@ impl Datapath {
                     break true;
                 }
             };
-            for i in 0..got {
-                let len = rx.lens[i];
-                self.forward(now, id, caps, &mut rx.bufs[i][..len]);
+            for (buf, frame) in rx.bufs.iter_mut().zip(&rx.got[..got]) {
+                if frame.truncated {
+                    self.engine.record_drop(id, DropReason::Truncated);
+                    continue;
+                }
+                self.forward(now, id, caps, &mut buf[..frame.len]);
             }
             served += got;
             if got < rx.bufs.len() {

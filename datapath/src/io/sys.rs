@@ -381,15 +381,25 @@ pub fn open_packet_socket(ifindex: u32, vnet_len: usize) -> io::Result<OwnedFd> 
 /// Frames one [`recv_batch`] or [`send_batch`] call moves at most.
 pub const BATCH: usize = 16;
 
+/// One frame of a [`recv_batch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The frame was longer than the buffer (`MSG_TRUNC`): a GRO super-frame past 64 KiB,
+    /// say, on a NIC with BIG TCP. What the buffer holds is its start, never to be forwarded.
+    pub truncated: bool,
+}
+
 /// Reads up to `bufs.len()` frames (at most [`BATCH`]) from datagram socket `fd` in one
-/// `recvmmsg` call, without blocking; each frame's length goes to `lens`. How many were read
+/// `recvmmsg` call, without blocking; what each frame was goes to `got`. How many were read
 /// (`WouldBlock` when none waits).
 pub fn recv_batch(
     fd: BorrowedFd<'_>,
     bufs: &mut [Box<[u8]>],
-    lens: &mut [usize],
+    got: &mut [Received],
 ) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len()).min(BATCH);
+    let n = bufs.len().min(got.len()).min(BATCH);
     // SAFETY: `iovec` and `mmsghdr` are plain old data; all-zero is valid for every field.
     let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -402,7 +412,7 @@ pub fn recv_batch(
     }
     // SAFETY: `msgs[..n]` each name one `iovec` of a live buffer the caller lends us
     // exclusively for the call; the kernel writes at most `iov_len` bytes into each.
-    let got = cvt(unsafe {
+    let read = cvt(unsafe {
         libc::recvmmsg(
             fd.as_raw_fd(),
             msgs.as_mut_ptr(),
@@ -411,10 +421,13 @@ pub fn recv_batch(
             std::ptr::null_mut(),
         )
     })? as usize;
-    for (len, msg) in lens.iter_mut().zip(&msgs[..got]) {
-        *len = msg.msg_len as usize;
+    for (frame, msg) in got.iter_mut().zip(&msgs[..read]) {
+        *frame = Received {
+            len: msg.msg_len as usize,
+            truncated: msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        };
     }
-    Ok(got)
+    Ok(read)
 }
 
 /// Writes `frames` (at most [`BATCH`]) to datagram socket `fd` in one `sendmmsg` call, one

@@ -96,6 +96,8 @@ struct Tally {
     translated: AtomicU64,
     /// Frames on the uplink for another host's MAC (it is promiscuous), dropped.
     not_for_us: AtomicU64,
+    /// Frames longer than the read buffer, dropped.
+    truncated: AtomicU64,
 }
 
 /// A snapshot of a [`Tally`].
@@ -111,6 +113,7 @@ pub(crate) struct Counts {
     pub handover_full: u64,
     pub translated: u64,
     pub not_for_us: u64,
+    pub truncated: u64,
 }
 
 impl Counts {
@@ -127,6 +130,7 @@ impl Counts {
             handover_full: self.handover_full - before.handover_full,
             translated: self.translated - before.translated,
             not_for_us: self.not_for_us - before.not_for_us,
+            truncated: self.truncated - before.truncated,
         }
     }
 }
@@ -150,6 +154,7 @@ impl Tally {
             handover_full: get(&self.handover_full),
             translated: get(&self.translated),
             not_for_us: get(&self.not_for_us),
+            truncated: get(&self.truncated),
         }
     }
 }
@@ -444,14 +449,17 @@ impl Worker {
                 break true;
             };
             let generation = port.generation;
-            let got = match sys::recv_batch(port.queue.as_fd(), &mut rx.bufs, &mut rx.lens) {
+            let got = match sys::recv_batch(port.queue.as_fd(), &mut rx.bufs, &mut rx.got) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break true,
             };
-            for i in 0..got {
-                let len = rx.lens[i];
-                handed |= self.handle(now, (id, generation), &mut rx.bufs[i][..len]);
+            for (buf, frame) in rx.bufs.iter_mut().zip(&rx.got[..got]) {
+                if frame.truncated {
+                    bump(&self.tallies[id.0 as usize].truncated, 1);
+                    continue;
+                }
+                handed |= self.handle(now, (id, generation), &mut buf[..frame.len]);
             }
             served += got;
             if got < rx.bufs.len() {
