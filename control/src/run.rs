@@ -396,12 +396,12 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
         return port_forward(dp, rest);
     }
     if let Some(network) = request.strip_prefix("metrics ") {
-        return report::prometheus(network.trim(), &dp.engine().stats());
+        return report::prometheus(network.trim(), &dp.stats());
     }
     let engine = dp.engine();
     match request {
         "conntrack" => {
-            let rows = engine.conntrack(now);
+            let rows = dp.conntrack(now);
             let mut out: String = rows.iter().map(|r| format!("{r}\n")).collect();
             out.push_str(&format!(
                 "switchyard conntrack: {} flow entries have been shown.\n",
@@ -409,9 +409,9 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
             ));
             out
         }
-        "conntrack json" => json(serde_json::to_string(&engine.conntrack(now))),
+        "conntrack json" => json(serde_json::to_string(&dp.conntrack(now))),
         "neighbors" => json(serde_json::to_string(&engine.neighbors())),
-        "stats" => json(serde_json::to_string(&engine.stats())),
+        "stats" => json(serde_json::to_string(&dp.stats())),
         "leases" => match engine.dhcp() {
             Some(d) => dhcp_dns::dhcp::format_lease_table(d.leases(), d.config().prefix),
             None => "error: this network serves no DHCP\n".into(),
@@ -439,7 +439,7 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
                 .unwrap_or_default()
         }),
         "fdb json" => json(serde_json::to_string(&engine.fdb_rows(now))),
-        "metrics" => report::prometheus("", &engine.stats()),
+        "metrics" => report::prometheus("", &dp.stats()),
         "iface-list" => iface_table(&iface_rows(dp)),
         "iface-list json" => json(serde_json::to_string(&iface_rows(dp))),
         other => format!(

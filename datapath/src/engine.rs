@@ -134,6 +134,9 @@ pub struct EngineCounters {
     pub socket_nat: SocketNatCounters,
     /// Packets from socket NAT for a guest whose MAC is not known (an ARP request went out).
     pub socket_nat_unresolved: u64,
+    /// Of `socket_nat.tcp_connects`, connections the fast-path workers' socket NATs opened
+    /// (those that opened on their tap queues).
+    pub socket_nat_worker_connects: u64,
 }
 
 /// A snapshot for `switchyard stats`.
@@ -1518,6 +1521,7 @@ impl Engine {
                     .map(|s| s.counters.clone())
                     .unwrap_or_default(),
                 socket_nat_unresolved: self.socket_nat_unresolved,
+                socket_nat_worker_connects: 0,
             },
             fdb_entries: self.fdb.len(),
             nat_flows: router.map_or(0, |r| r.nat.len())

@@ -67,6 +67,11 @@ fn socket_net(extra_xml: &str) -> SocketNet {
 
 /// [`socket_net`] with `env` in switchyard's environment.
 fn socket_net_env(extra_xml: &str, env: &[(&str, &str)]) -> SocketNet {
+    socket_net_with(extra_xml, env, &[])
+}
+
+/// [`socket_net_env`] with `args` added to switchyard's `run`.
+fn socket_net_with(extra_xml: &str, env: &[(&str, &str)], args: &[&str]) -> SocketNet {
     require(&["ip", "python3", "curl", "nc"]);
     let dir = TempDir::new("sysock");
     let outside = Netns::new("o");
@@ -88,11 +93,9 @@ fn socket_net_env(extra_xml: &str, env: &[(&str, &str)]) -> SocketNet {
     let guest = Netns::new("g");
     let tap = guest.tap_arg("eth0", "52:54:00:c0:00:0a");
     let control = dir.file("ctl.sock");
-    let sy = Switchyard::start_in_env(
-        Some(&host),
-        &["run", &xml, "--json", "--control", &control, "--tap", &tap],
-        env,
-    );
+    let mut argv = vec!["run", &xml, "--json", "--control", &control, "--tap", &tap];
+    argv.extend_from_slice(args);
+    let sy = Switchyard::start_in_env(Some(&host), &argv, env);
     guest.set_static_address("eth0", &format!("{GUEST}/24"), Some("192.168.122.1"));
     SocketNet {
         _sy: sy,
@@ -406,5 +409,72 @@ fn without_uso_on_the_tap_datagrams_still_cross_both_ways_intact() {
     assert!(
         counters["udp_super_frames_in"].as_u64().unwrap() >= 1,
         "{counters}"
+    );
+}
+
+/// `--workers 2`: the worker's own socket NAT carries the TCP connections that open on its
+/// tap queue, the engine's the others (and all UDP and ping); bytes arrive intact on either
+/// thread, and `stats` and `conntrack` show both threads' connections.
+#[test]
+fn two_workers_each_carry_the_tcp_connections_that_open_on_their_queue() {
+    require(&["iperf3", "sha256sum"]);
+    let net = socket_net_with("", &[], &["--workers", "2"]);
+    let link = net.guest.must(&["ip", "-d", "link", "show", "eth0"]);
+    assert!(link.contains("numqueues 2"), "{link}");
+    let _http = http_server(&net.outside, &net.dir, OUTSIDE, "8080");
+    let blob = net.dir.0.join("www/blob");
+    must(&[
+        "sh",
+        "-c",
+        &format!("head -c 3000000 /dev/urandom > {}", blob.display()),
+    ]);
+    let want = must(&["sha256sum", &blob.display().to_string()]);
+    let want = want.split_whitespace().next().unwrap();
+    for _ in 0..8 {
+        let got = net.guest.must(&[
+            "sh",
+            "-c",
+            "curl -sS --max-time 20 http://203.0.113.1:8080/blob | sha256sum",
+        ]);
+        assert_eq!(got.split_whitespace().next().unwrap(), want);
+    }
+    let _server = net
+        .outside
+        .spawn(&["iperf3", "-s", "-B", OUTSIDE, "-p", "5201"]);
+    wait_for_port(&net.outside, OUTSIDE, "5201");
+    for reverse in [false, true] {
+        let mut argv = vec![
+            "timeout", "30", "iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "2", "-P", "8", "-J",
+        ];
+        if reverse {
+            argv.push("-R");
+        }
+        let out = net.guest.must(&argv);
+        let bps = iperf3_received_bps(&out);
+        assert!(bps > 1e8, "reverse={reverse}: {bps} bit/s");
+    }
+    // While eight connections are open, conntrack lists them whichever thread holds them.
+    let long = net.guest.spawn(&[
+        "timeout", "30", "iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "4", "-P", "8",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let bin = switchyard_bin().display().to_string();
+    let conntrack = must(&[&bin, "conntrack", "--socket", &net.control()]);
+    let open = conntrack
+        .lines()
+        .filter(|l| l.starts_with("tcp") && l.contains("dport=5201") && l.contains("ESTABLISHED"))
+        .count();
+    assert!(open >= 8, "{open} of 9 connections listed:\n{conntrack}");
+    drop(long);
+    let stats = net.stats();
+    let sockets = &stats["engine"]["socket_nat"];
+    let all = sockets["tcp_connects"].as_u64().unwrap();
+    let on_worker = stats["engine"]["socket_nat_worker_connects"]
+        .as_u64()
+        .unwrap();
+    assert!(all >= 8 + 2 * 9 + 9, "{stats}");
+    assert!(
+        on_worker > 0 && on_worker < all,
+        "both threads opened connections: {on_worker} of {all} on the worker"
     );
 }

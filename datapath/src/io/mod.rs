@@ -12,6 +12,7 @@ pub mod egress;
 pub mod netlink;
 pub mod netns;
 pub mod seccomp;
+mod shard;
 pub mod stream;
 pub mod sys;
 pub mod tap;
@@ -57,6 +58,8 @@ const UPSTREAM_BUDGET: usize = 256;
 const RESOLV_CHECK: Duration = Duration::from_secs(2);
 /// How long a control client may take to send its one-line request.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long [`Datapath::conntrack`] waits for the workers' socket NAT rows.
+const SHARD_ROWS_WAIT: Duration = Duration::from_millis(200);
 /// How often the fast-path workers' counts are added to the engine's counters.
 const FOLD_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a lease file that could not be written is tried again.
@@ -274,6 +277,8 @@ pub struct Datapath {
     last_busy: Option<Instant>,
     /// Fast-path workers for the taps' further queues ([`worker`]); empty with one worker.
     workers: Vec<worker::WorkerHandle>,
+    /// What each worker's socket NAT shows (empty without socket NAT or workers).
+    shard_views: Vec<Arc<shard::ShardView>>,
     /// A worker's hand-over channel still had frames at the end of the turn.
     handover_pending: bool,
     /// When the workers' counts are next folded into the engine's counters.
@@ -566,6 +571,7 @@ impl Datapath {
             captures: Vec::new(),
             tracing: None,
             resolv: None,
+            shard_views: Vec::new(),
             egress: egress::Egress::default(),
             dead_ports: Vec::new(),
             lost_taps: Vec::new(),
@@ -598,6 +604,22 @@ impl Datapath {
                 MAX_PORTS,
             )?);
         }
+        // Socket NAT: each worker carries the TCP connections that open on its queues, under
+        // its share of the caps ([`shard`]).
+        let gateway_mac = self.engine.gateway_mac();
+        let config = self.engine.socket_nat_mut().map(|sockets| {
+            sockets.share_caps(count);
+            sockets.config().clone()
+        });
+        if let (Some(config), Some(gateway_mac)) = (config, gateway_mac) {
+            for worker in &self.workers {
+                let view = Arc::new(shard::ShardView::default());
+                let nat = crate::socket_nat::SocketNat::new(config.clone(), Instant::now());
+                let shard = shard::SocketShard::new(nat, gateway_mac, view.clone());
+                worker.send(worker::Command::AddSockets(Box::new(shard)));
+                self.shard_views.push(view);
+            }
+        }
         Ok(())
     }
 
@@ -614,6 +636,40 @@ impl Datapath {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine's [`Engine::stats`], with what the workers' socket NATs counted and hold.
+    pub fn stats(&self) -> crate::engine::Stats {
+        let mut stats = self.engine.stats();
+        for view in &self.shard_views {
+            let shard = view.snapshot();
+            let engine = &mut stats.engine;
+            engine.socket_nat.add(&shard.counters);
+            engine.socket_nat_unresolved += shard.unresolved;
+            engine.socket_nat_worker_connects += shard.counters.tcp_connects;
+            stats.nat_flows += shard.flows;
+        }
+        stats
+    }
+
+    /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections (each
+    /// worker is asked for its rows and given [`SHARD_ROWS_WAIT`] to answer).
+    pub fn conntrack(&self, now: Instant) -> Vec<crate::nat::FlowRow> {
+        let mut rows = self.engine.conntrack(now);
+        for view in &self.shard_views {
+            view.ask_rows();
+        }
+        for worker in &self.workers {
+            worker.wake();
+        }
+        let deadline = Instant::now() + SHARD_ROWS_WAIT;
+        while !self.shard_views.iter().all(|v| v.rows_given()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for view in &self.shard_views {
+            rows.extend(view.snapshot().rows);
+        }
+        rows
     }
 
     /// Keeps polling without sleeping for `spin` after each turn that had events, as
@@ -921,6 +977,11 @@ impl Datapath {
                     .record_drops(port, DropReason::NotForUs, counts.not_for_us);
                 self.engine
                     .record_drops(port, DropReason::Truncated, counts.truncated);
+            }
+        }
+        for view in &self.shard_views {
+            for (port, reason, count) in view.take_drops() {
+                self.engine.record_drops(port, reason, count);
             }
         }
     }

@@ -17,9 +17,11 @@
 //! path allocates or takes a lock. The design, and what a later step would add (NAT sharded by
 //! external port), is in `benches/WORKERS.md`.
 
+use super::shard::SocketShard;
 use super::{BUF_LEN, RX_BUDGET, ReadyQueue, batch, sys};
 use crate::nat::fast::NatFastPath;
 use crate::port::PortId;
+use crate::socket_nat::Peer;
 use crate::switch::Mirror;
 use crate::wire::ethernet::{self, EthernetFrame};
 use crate::wire::{EtherType, MacAddr, VnetHdr, vnet};
@@ -56,6 +58,9 @@ pub(crate) enum Command {
         socket: File,
         nat: NatFastPath,
     },
+    /// A socket NAT of the worker's own, for the TCP connections its queues bring
+    /// ([`super::shard`]).
+    AddSockets(Box<SocketShard>),
 }
 
 /// A frame a worker read and the engine must handle: `buf[..len]`, virtio-net header first.
@@ -78,6 +83,8 @@ enum Decision {
     Translate(PortId),
     /// For another host on the uplink's LAN: dropped, as the engine would.
     NotForUs,
+    /// For beyond the subnet, through the worker's socket NAT.
+    Sockets,
     HandOver,
 }
 
@@ -209,6 +216,8 @@ impl WorkerHandle {
             gateway_mac,
             max_plain_frame,
             nat: None,
+            sockets: None,
+            scratch: Box::default(),
             ports: Vec::new(),
             ready: ReadyQueue::default(),
             rx_buf: vec![0u8; BUF_LEN].into_boxed_slice(),
@@ -245,8 +254,12 @@ impl WorkerHandle {
 
     pub fn send(&self, command: Command) {
         if self.commands.send(command).is_ok() {
-            let _ = self.waker.wake();
+            self.wake();
         }
+    }
+
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
     }
 
     /// What port `port`'s tally gained since the last call.
@@ -288,6 +301,11 @@ struct Worker {
     max_plain_frame: usize,
     /// Packet NAT's fast path, once the uplink is added: the uplink is then one of `ports`.
     nat: Option<NatFastPath>,
+    /// Socket NAT's connections that open on this worker's queues.
+    sockets: Option<Box<SocketShard>>,
+    /// A frame from `sockets` with its virtio-net header, for one write (allocated with
+    /// `sockets`).
+    scratch: Box<[u8]>,
     /// This worker's queue of each tap (and its socket on the uplink), by port id.
     ports: Vec<Option<WorkerPort>>,
     ready: ReadyQueue,
@@ -311,7 +329,18 @@ impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         while !self.stop.load(Ordering::Relaxed) {
-            let timeout = (!self.ready.is_empty()).then_some(std::time::Duration::ZERO);
+            let busy = !self.ready.is_empty()
+                || self
+                    .sockets
+                    .as_ref()
+                    .is_some_and(|s| s.egress.has_pending());
+            let timeout = if busy {
+                Some(std::time::Duration::ZERO)
+            } else {
+                (self.sockets.as_ref())
+                    .and_then(|s| s.poll_timeout())
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -322,8 +351,13 @@ impl Worker {
             }
             for event in events.iter() {
                 let Token(index) = event.token();
+                if event.token() == WAKER {
+                    continue;
+                }
                 if index < self.ports.len() && self.ports[index].is_some() {
                     self.ready.mark(PortId(index as u16));
+                } else if let Some(sockets) = &mut self.sockets {
+                    sockets.egress.handle_event(event);
                 }
             }
             self.take_commands();
@@ -339,10 +373,35 @@ impl Worker {
                     self.ready.mark(id);
                 }
             }
+            self.serve_sockets(now);
             if handed {
                 let _ = self.engine_waker.wake();
             }
         }
+    }
+
+    /// Runs the socket NAT's host sockets, stack and timers, and writes what it has for
+    /// guests to this worker's queue of their taps.
+    fn serve_sockets(&mut self, now: Instant) {
+        let Some(mut sockets) = self.sockets.take() else {
+            return;
+        };
+        sockets.serve(now, self.poll.registry());
+        while let Some((port, vnet, frame)) = sockets.poll_frame() {
+            let len = vnet::LEN + frame.len();
+            if self.is_current(port) && len <= self.scratch.len() {
+                vnet.emit(&mut self.scratch[..vnet::LEN]);
+                self.scratch[vnet::LEN..len].copy_from_slice(&frame);
+                let buf = std::mem::take(&mut self.scratch);
+                self.transmit(port, &buf[..len]);
+                self.scratch = buf;
+            } else {
+                bump(&self.tallies[port.0 as usize].tx_errors, 1);
+            }
+            sockets.nat.recycle(frame);
+        }
+        sockets.publish(now);
+        self.sockets = Some(sockets);
     }
 
     fn take_commands(&mut self) {
@@ -364,6 +423,10 @@ impl Worker {
                     generation,
                     queue,
                 }) => self.add_port(id, generation, queue),
+                Ok(Command::AddSockets(sockets)) => {
+                    self.scratch = vec![0u8; BUF_LEN].into_boxed_slice();
+                    self.sockets = Some(sockets);
+                }
                 Ok(Command::RemovePort(id)) => {
                     if self.nat.as_ref().is_some_and(|n| n.uplink == id) {
                         self.nat = None;
@@ -496,6 +559,18 @@ impl Worker {
                 bump(&tally.not_for_us, 1);
                 false
             }
+            Decision::Sockets => {
+                received();
+                if let (Some(sockets), Ok(hdr)) = (&mut self.sockets, VnetHdr::parse(buf)) {
+                    let frame = &buf[vnet::LEN..];
+                    let from = Peer {
+                        port: id,
+                        mac: MacAddr::from_slice(&frame[6..12]),
+                    };
+                    sockets.handle(now, from, &hdr, frame);
+                }
+                false
+            }
             Decision::HandOver => {
                 self.hand_over(id, generation, buf);
                 true
@@ -546,6 +621,10 @@ impl Worker {
             return None;
         }
         if self.gateway_mac == Some(dst) {
+            if self.sockets.as_ref().is_some_and(|s| s.takes(frame)) {
+                self.mirror.note_seen(now, src);
+                return Some(Decision::Sockets);
+            }
             let nat = self.nat.as_ref()?;
             if !self.is_current(nat.uplink) || !nat.outward(now, &hdr, frame) {
                 return None;

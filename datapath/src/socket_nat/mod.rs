@@ -97,7 +97,15 @@ impl SocketNatConfig {
         }
     }
 
-    fn is_internal(&self, ip: Ipv4Addr) -> bool {
+    /// These settings with the caps split among `threads` ([`SocketNat::share_caps`]).
+    pub fn shared_by(mut self, threads: usize) -> SocketNatConfig {
+        let threads = threads.max(1);
+        self.max_flows = self.max_flows.div_ceil(threads);
+        self.max_flows_per_guest = self.max_flows_per_guest.div_ceil(threads);
+        self
+    }
+
+    pub fn is_internal(&self, ip: Ipv4Addr) -> bool {
         let mask = u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
             .unwrap_or(0);
@@ -245,6 +253,67 @@ pub struct SocketNatCounters {
     /// Packets socket NAT cannot carry (fragments, ICMP other than echo, broadcast).
     pub unsupported: u64,
     pub port_forward_connections: u64,
+}
+
+impl SocketNatCounters {
+    /// Adds `other`'s counts (another thread's socket NAT) to these.
+    pub fn add(&mut self, other: &SocketNatCounters) {
+        // Destructured, so that a new counter cannot be left out of the sum.
+        let SocketNatCounters {
+            tcp_connects,
+            tcp_established,
+            tcp_refused,
+            tcp_unreachable,
+            tcp_host_errors,
+            tcp_stray_segments,
+            tcp_syn_while_connecting,
+            tcp_bad_checksum,
+            bytes_to_host,
+            bytes_from_host,
+            udp_mappings,
+            udp_datagrams_out,
+            udp_super_frames_out,
+            udp_datagrams_in,
+            udp_super_frames_in,
+            udp_oversize_in,
+            udp_filtered,
+            udp_bind_failed,
+            pings_out,
+            pings_in,
+            ping_denied,
+            flows_expired,
+            table_full,
+            guest_limit,
+            unsupported,
+            port_forward_connections,
+        } = other;
+        self.tcp_connects += tcp_connects;
+        self.tcp_established += tcp_established;
+        self.tcp_refused += tcp_refused;
+        self.tcp_unreachable += tcp_unreachable;
+        self.tcp_host_errors += tcp_host_errors;
+        self.tcp_stray_segments += tcp_stray_segments;
+        self.tcp_syn_while_connecting += tcp_syn_while_connecting;
+        self.tcp_bad_checksum += tcp_bad_checksum;
+        self.bytes_to_host += bytes_to_host;
+        self.bytes_from_host += bytes_from_host;
+        self.udp_mappings += udp_mappings;
+        self.udp_datagrams_out += udp_datagrams_out;
+        self.udp_super_frames_out += udp_super_frames_out;
+        self.udp_datagrams_in += udp_datagrams_in;
+        self.udp_super_frames_in += udp_super_frames_in;
+        self.udp_oversize_in += udp_oversize_in;
+        self.udp_filtered += udp_filtered;
+        self.udp_bind_failed += udp_bind_failed;
+        self.pings_out += pings_out;
+        self.pings_in += pings_in;
+        self.ping_denied += ping_denied;
+        self.flows_expired += flows_expired;
+        self.table_full += table_full;
+        self.guest_limit += guest_limit;
+        self.unsupported += unsupported;
+        self.port_forward_connections += port_forward_connections;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -411,6 +480,36 @@ impl SocketNat {
 
     pub fn config(&self) -> &SocketNatConfig {
         &self.config
+    }
+
+    /// Splits the caps (`max_flows`, `max_flows_per_guest`) evenly among `threads` socket
+    /// NATs of one network, each holding the connections of its tap queue: together they keep
+    /// the network's caps (but for rounding up), and a guest whose connections all land on one
+    /// queue gets that thread's share.
+    pub fn share_caps(&mut self, threads: usize) {
+        self.config = self.config.clone().shared_by(threads);
+    }
+
+    /// Whether a guest's IPv4 packet `ip` (header checked) is a TCP segment for beyond the
+    /// subnet (not for the gateway's own ports) that opens a connection (a SYN) or belongs to
+    /// one this socket NAT carries: what a worker's socket NAT takes from its tap queue.
+    pub fn takes_tcp(&self, ip: &[u8]) -> bool {
+        let Some(ihl) = packet::ip_header_len(ip) else {
+            return false;
+        };
+        if ip[9] != PROTO_TCP || ip.len() < ihl + 20 || packet::fragment_info(ip) != (0, false) {
+            return false;
+        }
+        let (src, dst) = (addr_at(ip, 12), addr_at(ip, 16));
+        if dst == self.config.gateway || !self.routable(dst) || !self.config.is_internal(src) {
+            return false;
+        }
+        let port = |at: usize| u16::from_be_bytes([ip[at], ip[at + 1]]);
+        let key = Key::Tcp(
+            SocketAddrV4::new(src, port(ihl)),
+            SocketAddrV4::new(dst, port(ihl + 2)),
+        );
+        ip[ihl + 13] & 0x12 == 0x02 || self.by_key.contains_key(&key)
     }
 
     pub fn len(&self) -> usize {

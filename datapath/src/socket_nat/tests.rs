@@ -625,3 +625,48 @@ fn a_forwarded_ports_coalesced_read_is_one_uso_frame() {
     assert_eq!(nat.counters.udp_super_frames_in, 1);
     assert_eq!(nat.rows(now)[0].packets[1], 4);
 }
+
+/// What a worker's socket NAT takes from its queue: a connection's first SYN (RFC 9293 3.5)
+/// and the segments of connections it holds; not a segment of one it does not hold (the
+/// engine's), not the gateway's own ports, not UDP, not a fragment.
+#[test]
+fn a_shard_takes_syns_and_its_own_connections_only() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
+    let ack = segment(40000, 80, 1001, 1, 0x10, &[]);
+    assert!(nat.takes_tcp(&syn));
+    assert!(!nat.takes_tcp(&ack), "another thread's connection");
+    assert!(
+        !nat.takes_tcp(&segment(40000, 80, 1000, 1, 0x12, &[])),
+        "a SYN-ACK opens nothing"
+    );
+    nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
+    assert!(nat.takes_tcp(&ack), "held from its SYN on");
+    assert!(!nat.takes_tcp(&segment(40001, 80, 1001, 1, 0x10, &[])));
+
+    let mut to_gateway = syn.clone();
+    to_gateway[16..20].copy_from_slice(&GATEWAY.octets());
+    assert!(
+        !nat.takes_tcp(&to_gateway),
+        "the gateway's ports are the engine's"
+    );
+    let mut fragment = syn.clone();
+    fragment[6] = 0x20;
+    assert!(!nat.takes_tcp(&fragment));
+    assert!(!nat.takes_tcp(&udp_packet(b"dns?")));
+}
+
+#[test]
+fn shared_caps_split_evenly_rounding_up() {
+    let mut config = SocketNatConfig::new(GATEWAY, 24);
+    config.max_flows = 1001;
+    config.max_flows_per_guest = 8;
+    let shared = config.shared_by(2);
+    assert_eq!((shared.max_flows, shared.max_flows_per_guest), (501, 4));
+    assert_eq!(
+        shared.clone().shared_by(0).max_flows,
+        501,
+        "no thread is one"
+    );
+}

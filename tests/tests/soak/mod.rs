@@ -115,9 +115,10 @@ pub fn soak(forward: &str, reuse_time_wait: bool) -> serde_json::Value {
         "--json".into(),
         "--control".into(),
         control.clone(),
-        // Two threads: the worker hands the engine every frame of DHCP, DNS, socket NAT and
-        // new connections, and translates packet NAT's established ones itself, so the
-        // hand-over, both threads' lifetimes and NAT's mirror are soaked too.
+        // Two threads: the worker hands the engine every frame of DHCP, DNS and packet NAT's
+        // new connections, translates packet NAT's established ones itself and carries the
+        // socket NAT TCP connections that open on its queue, so the hand-over, both threads'
+        // lifetimes, NAT's mirror and the worker's socket NAT are soaked too.
         "--workers".into(),
         "2".into(),
     ];
