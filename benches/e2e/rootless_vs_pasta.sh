@@ -20,15 +20,20 @@
 # started, and for each of ROUNDS rounds each engine in turn is measured: iperf3 TCP one stream
 # guest->host and host->guest (-R), DURATION seconds, Gbps as the receiver counted it; and new
 # TCP connections per second (CONNS sequential connect, send a byte, read until the server
-# closes, close; bounded by count and by a 50 s budget). Then it prints median (min-max) per
-# engine and the ratios switchyard/pasta and switchyard/slirp4netns of the medians.
+# closes, close; bounded by count and by a 50 s budget), and the same with PAR parallel clients
+# sharing PCONNS connections (PAR=8, PCONNS=8*CONNS by default; PAR=1 skips it; the
+# accept-and-close server runs one process per core, so it is not what limits them). Then it
+# prints median (min-max) per engine and the ratios switchyard/pasta and switchyard/slirp4netns
+# of the medians.
 # An engine that fails to start or to complete a measurement is reported (with its log) and
 # dropped for that MTU; the others go on, and the script exits 1 at the end.
 # All traffic stays on the loopback of a namespace this script creates and on the taps of the
 # guest namespaces it creates; no engine is given a DNS upstream (switchyard --resolv-conf
 # /dev/null, pasta -D none, slirp4netns --disable-dns); it removes everything on exit.
-# Usage: sudo [ROUNDS=3] [DURATION=5] [CONNS=2000] [MTUS="1500 65520"]
-#             [ENGINES="switchyard pasta slirp4netns"] [SWITCHYARD=path] benches/e2e/rootless_vs_pasta.sh
+# Usage: sudo [ROUNDS=3] [DURATION=5] [CONNS=2000] [PAR=8] [PCONNS=8*CONNS] [MTUS="1500 65520"]
+#             [ENGINES="switchyard pasta slirp4netns"] [SWITCHYARD=path] [SY_ARGS="--workers 2"]
+#             benches/e2e/rootless_vs_pasta.sh
+# SY_ARGS: options added to switchyard's `run`.
 # SWITCHYARD: the binary to measure; unset, the script builds target/release/switchyard
 # (cargo build --release -p switchyard, honouring CARGO_TARGET_DIR).
 # Runs as root (to create the namespaces); pasta is run with --runas 0 because, started as
@@ -40,11 +45,14 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-2000}
+PAR=${PAR:-8}
+PCONNS=${PCONNS:-$((8 * CONNS))}
+SY_ARGS=${SY_ARGS:-}
 MTUS=${MTUS:-1500 65520}
 ENGINES=${ENGINES:-switchyard pasta slirp4netns}
 die() { echo "rootless_vs_pasta: $*" >&2; exit 1; }
-for v in "$ROUNDS" "$DURATION" "$CONNS"; do
-  [[ $v =~ ^[1-9][0-9]*$ ]] || die "ROUNDS, DURATION and CONNS must be positive integers"
+for v in "$ROUNDS" "$DURATION" "$CONNS" "$PAR" "$PCONNS"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || die "ROUNDS, DURATION, CONNS, PAR and PCONNS must be positive integers"
 done
 read -r -a mtus <<<"$MTUS"
 for m in "${mtus[@]}"; do
@@ -127,7 +135,7 @@ wait_listen() {
   die "no listener on port $1 in $HOST"
 }
 
-ip netns exec "$HOST" python3 -c "$conn_server" 127.0.0.1 "$CPORT" &
+ip netns exec "$HOST" python3 -c "$conn_server" 127.0.0.1 "$CPORT" "$(nproc)" &
 servers+=($!)
 wait_listen "$CPORT"
 
@@ -166,8 +174,9 @@ start_engine() {
 </network>
 EOF
       mkdir -p "$tmp/state"
+      # shellcheck disable=SC2086 # SY_ARGS is a list of options
       ip netns exec "$HOST" "$SY" run "$tmp/sy-$mtu.xml" --tap "tap0@/run/netns/$g" \
-        --control "$tmp/sy.sock" --state-dir "$tmp/state" --resolv-conf /dev/null 2>"$log" &
+        --control "$tmp/sy.sock" --state-dir "$tmp/state" --resolv-conf /dev/null $SY_ARGS 2>"$log" &
       eng_pid[$e]=$!
       local ok=0
       for _ in $(seq 100); do
@@ -258,8 +267,8 @@ if zero:
     print("warning: %s: %d of %d iperf3 intervals carried nothing (stalled)" % (sys.argv[1], zero, len(iv)),
           file=sys.stderr)
 '
-conns_per_s() { # engine [count]
-  timeout 60 ip netns exec "${guest[$1]}" python3 -c "$conn_client" "${gw[$1]}" "$CPORT" "${2:-$CONNS}" 50
+conns_per_s() { # engine [count [parallel clients]]
+  timeout 60 ip netns exec "${guest[$1]}" python3 -c "$conn_client" "${gw[$1]}" "$CPORT" "${2:-$CONNS}" 50 "${3:-1}"
 }
 
 declare -A res=() state=()   # res[mtu,engine,metric] = values per round; state[mtu,engine] = ok|failed
@@ -295,8 +304,13 @@ for mtu in "${mtus[@]}"; do
       if ! iperf_gbps "$e" -R; then fail "$e" "$mtu" "iperf3 host->guest failed"; continue; fi
       down=$gbps
       if ! cps=$(conns_per_s "$e"); then fail "$e" "$mtu" "connection test failed or timed out"; continue; fi
+      pcps=""
+      if [ "$PAR" -gt 1 ] && ! pcps=$(conns_per_s "$e" "$PCONNS" "$PAR"); then
+        fail "$e" "$mtu" "parallel connection test failed or timed out"; continue
+      fi
       res[$mtu,$e,up]+="$up "; res[$mtu,$e,down]+="$down "; res[$mtu,$e,cps]+="$cps "
-      line+=" $e up $up Gbps, down $down Gbps, $cps conn/s;"
+      [ -n "$pcps" ] && res[$mtu,$e,pcps]+="$pcps "
+      line+=" $e up $up Gbps, down $down Gbps, $cps conn/s, ${pcps:--} conn/s x$PAR;"
     done
     echo "$line" >&2
   done
@@ -328,17 +342,18 @@ ver() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo "?"; }
 echo
 vers=""
 if has_engine switchyard; then
-  if [ -n "${SWITCHYARD:-}" ]; then vers+=" switchyard $SY,"
-  else vers+=" switchyard $(git rev-parse --short HEAD 2>/dev/null || echo '?'),"; fi
+  if [ -n "${SWITCHYARD:-}" ]; then vers+=" switchyard $SY${SY_ARGS:+ $SY_ARGS},"
+  else vers+=" switchyard $(git rev-parse --short HEAD 2>/dev/null || echo '?')${SY_ARGS:+ $SY_ARGS},"; fi
 fi
 has_engine pasta && vers+=" passt $(ver passt),"
 has_engine slirp4netns && vers+=" slirp4netns $(ver slirp4netns),"
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r),$vers iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $ROUNDS rounds x ${DURATION}s, $CONNS conns, interleaved"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r),$vers iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $ROUNDS rounds x ${DURATION}s, $CONNS conns, $PCONNS conns over $PAR clients, interleaved"
 echo "| metric | MTU | switchyard median (min-max) | pasta median (min-max) | slirp4netns median (min-max) | switchyard/pasta | switchyard/slirp4netns |"
 echo "|---|---|---|---|---|---|---|"
 for mtu in "${mtus[@]}"; do
   row "TCP guest->host, Gbps" up "$mtu"
   row "TCP host->guest (-R), Gbps" down "$mtu"
   row "new TCP connections/s" cps "$mtu"
+  [ "$PAR" -gt 1 ] && row "new TCP connections/s, $PAR parallel clients" pcps "$mtu"
 done
 [ "$failed" -eq 0 ] || exit 1

@@ -717,7 +717,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
 }
 
 pub fn print_stats(dp: &Datapath, json: bool) {
-    let stats = dp.engine().stats();
+    let stats = dp.stats();
     if json {
         match serde_json::to_string(&stats) {
             Ok(line) => println!("{line}"),
@@ -794,8 +794,8 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     confine(opts.seccomp)?;
     let json = opts.json;
     dp.run(
-        |engine: &Engine| {
-            let stats = engine.stats();
+        |dp: &Datapath| {
+            let stats = dp.stats();
             if json {
                 if let Ok(line) = serde_json::to_string(&stats) {
                     println!("{line}");

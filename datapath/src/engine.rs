@@ -132,7 +132,8 @@ pub struct EngineCounters {
     pub dns_upstream_dropped: u64,
     pub dns_tcp: crate::dns_tcp::DnsTcpCounters,
     pub socket_nat: SocketNatCounters,
-    /// Packets from socket NAT for a guest whose MAC is not known (an ARP request went out).
+    /// Packets from socket NAT for a guest whose MAC is not known (the engine sends an ARP
+    /// request; a worker's socket NAT only drops them, TCP retransmits).
     pub socket_nat_unresolved: u64,
     /// Of `socket_nat.tcp_connects`, connections the fast-path workers' socket NATs opened
     /// (those that opened on their tap queues).
@@ -392,6 +393,9 @@ impl Engine {
             mirror.next_generation(port);
         }
         self.fdb.flush_port(port);
+        if let Some(sockets) = &mut self.socket_nat {
+            sockets.forget_port(port);
+        }
         self.set_clean_traffic(port, false);
         if let Some(router) = &mut self.router
             && router.port == Some(port)

@@ -417,7 +417,7 @@ fn without_uso_on_the_tap_datagrams_still_cross_both_ways_intact() {
 /// thread, and `stats` and `conntrack` show both threads' connections.
 #[test]
 fn two_workers_each_carry_the_tcp_connections_that_open_on_their_queue() {
-    require(&["iperf3", "sha256sum"]);
+    require(&["iperf3", "sha256sum", "tcpdump"]);
     let net = socket_net_with("", &[], &["--workers", "2"]);
     let link = net.guest.must(&["ip", "-d", "link", "show", "eth0"]);
     assert!(link.contains("numqueues 2"), "{link}");
@@ -453,19 +453,51 @@ fn two_workers_each_carry_the_tcp_connections_that_open_on_their_queue() {
         let bps = iperf3_received_bps(&out);
         assert!(bps > 1e8, "reverse={reverse}: {bps} bit/s");
     }
-    // While eight connections are open, conntrack lists them whichever thread holds them.
-    let long = net.guest.spawn(&[
-        "timeout", "30", "iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "4", "-P", "8",
+    // While eight connections are open a capture starts: the worker's connections go on
+    // (none is handed to the engine, whose stack would reset it), their frames are in the
+    // capture, and conntrack lists the connections whichever thread holds them.
+    let mut long = net.guest.spawn(&[
+        "timeout", "30", "iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "8", "-P", "8",
     ]);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
     let bin = switchyard_bin().display().to_string();
-    let conntrack = must(&[&bin, "conntrack", "--socket", &net.control()]);
+    let control = net.control();
+    let pcap = net.dir.file("guest.pcap");
+    let handed = |stats: serde_json::Value| stats["engine"]["worker_handed_over"].as_u64().unwrap();
+    let handed_before = handed(net.stats());
+    let mut capture = std::process::Command::new(&bin)
+        .args(["capture", "default", "--socket", &control, "--port", "eth0"])
+        .args(["-w", &pcap, "--count", "1000000", "--duration", "1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let conntrack = must(&[&bin, "conntrack", "--socket", &control]);
     let open = conntrack
         .lines()
         .filter(|l| l.starts_with("tcp") && l.contains("dport=5201") && l.contains("ESTABLISHED"))
         .count();
     assert!(open >= 8, "{open} of 9 connections listed:\n{conntrack}");
-    drop(long);
+    assert!(capture.wait().unwrap().success());
+    // While a capture runs the worker hands the engine every frame but those of its own
+    // connections (their copies aside): a few ARP and ACK frames, not the streams.
+    let handed_during = handed(net.stats()) - handed_before;
+    assert!(
+        handed_during < 200,
+        "{handed_during} frames handed to the engine"
+    );
+    assert!(
+        long.0.wait().unwrap().success(),
+        "the connections outlived the capture"
+    );
+    let captured = must(&["tcpdump", "-n", "-r", &pcap]);
+    let (ours, theirs) = ("192.168.122.10.", "203.0.113.1.5201 > 192.168.122.10.");
+    let out = captured
+        .lines()
+        .filter(|l| l.contains(ours) && l.contains("> 203.0.113.1.5201"))
+        .count();
+    let back = captured.lines().filter(|l| l.contains(theirs)).count();
+    assert!(out > 0 && back > 0, "{out} out, {back} back:\n{captured}");
     let stats = net.stats();
     let sockets = &stats["engine"]["socket_nat"];
     let all = sockets["tcp_connects"].as_u64().unwrap();

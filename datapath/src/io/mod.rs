@@ -586,9 +586,11 @@ impl Datapath {
 
     /// Spreads the taps over `count` threads: taps are then opened with `count` queues
     /// ([`Datapath::open_tap`]), queue 0 served by this thread (the engine's), each further
-    /// queue by a fast-path worker ([`worker`]) that switches known unicast between taps and
-    /// hands the rest to the engine. Call before adding taps; the workers' threads start
-    /// with the first [`Datapath::turn`], so they inherit its seccomp filter.
+    /// queue by a fast-path worker ([`worker`]) that switches known unicast between taps,
+    /// translates packet NAT's established connections, carries the socket NAT connections
+    /// that open on its queues, and hands the rest to the engine. Call before adding taps;
+    /// the workers' threads start with the first [`Datapath::turn`], so they inherit its
+    /// seccomp filter.
     pub fn set_workers(&mut self, count: usize) -> io::Result<()> {
         if count <= 1 || !self.workers.is_empty() {
             return Ok(());
@@ -607,15 +609,11 @@ impl Datapath {
         // Socket NAT: each worker carries the TCP connections that open on its queues, under
         // its share of the caps ([`shard`]).
         let gateway_mac = self.engine.gateway_mac();
-        let config = self.engine.socket_nat_mut().map(|sockets| {
-            sockets.share_caps(count);
-            sockets.config().clone()
-        });
+        let config = self.engine.socket_nat_mut().map(|s| s.config().clone());
         if let (Some(config), Some(gateway_mac)) = (config, gateway_mac) {
             for worker in &self.workers {
-                let view = Arc::new(shard::ShardView::default());
-                let nat = crate::socket_nat::SocketNat::new(config.clone(), Instant::now());
-                let shard = shard::SocketShard::new(nat, gateway_mac, view.clone());
+                let (shard, view) =
+                    shard::SocketShard::new(&config, count, gateway_mac, Instant::now());
                 worker.send(worker::Command::AddSockets(Box::new(shard)));
                 self.shard_views.push(view);
             }
@@ -642,7 +640,7 @@ impl Datapath {
     pub fn stats(&self) -> crate::engine::Stats {
         let mut stats = self.engine.stats();
         for view in &self.shard_views {
-            let shard = view.snapshot();
+            let shard = view.counts();
             let engine = &mut stats.engine;
             engine.socket_nat.add(&shard.counters);
             engine.socket_nat_unresolved += shard.unresolved;
@@ -652,8 +650,10 @@ impl Datapath {
         stats
     }
 
-    /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections (each
-    /// worker is asked for its rows and given [`SHARD_ROWS_WAIT`] to answer).
+    /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections. Each
+    /// worker is asked for its rows, and the engine's thread waits up to [`SHARD_ROWS_WAIT`]
+    /// for them (a worker answers within its turn); a worker that did not answer in time is
+    /// left out, and said to be.
     pub fn conntrack(&self, now: Instant) -> Vec<crate::nat::FlowRow> {
         let mut rows = self.engine.conntrack(now);
         for view in &self.shard_views {
@@ -663,11 +663,22 @@ impl Datapath {
             worker.wake();
         }
         let deadline = Instant::now() + SHARD_ROWS_WAIT;
-        while !self.shard_views.iter().all(|v| v.rows_given()) && Instant::now() < deadline {
+        let mut waiting: Vec<usize> = (0..self.shard_views.len()).collect();
+        loop {
+            waiting.retain(|&w| match self.shard_views[w].take_rows() {
+                Some(theirs) => {
+                    rows.extend(theirs);
+                    false
+                }
+                None => true,
+            });
+            if waiting.is_empty() || Instant::now() >= deadline {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
-        for view in &self.shard_views {
-            rows.extend(view.snapshot().rows);
+        for w in waiting {
+            eprintln!("switchyard: worker {}: no connection rows in time", w + 1);
         }
         rows
     }
@@ -977,6 +988,11 @@ impl Datapath {
                     .record_drops(port, DropReason::NotForUs, counts.not_for_us);
                 self.engine
                     .record_drops(port, DropReason::Truncated, counts.truncated);
+                for capture in &mut self.captures {
+                    if capture.port == port || capture.port == capture::GATEWAY {
+                        capture.dropped += counts.capture_missed;
+                    }
+                }
             }
         }
         for view in &self.shard_views {
@@ -1000,12 +1016,24 @@ impl Datapath {
                     .fdb()
                     .mirrored()
                     .is_some_and(|m| m.generation(handed.port) == handed.generation);
-                if current {
-                    let caps = PortCaps::vnet(true);
-                    self.forward(now, handed.port, caps, &mut handed.buf[..handed.len]);
-                    // At once: handling it may have published its connection, whose next
-                    // packets the worker then sends itself; this one must not come after.
-                    self.flush_tx();
+                let frame = &mut handed.buf[..handed.len];
+                match handed.purpose {
+                    worker::Purpose::Handle if current => {
+                        let caps = PortCaps::vnet(true);
+                        self.forward(now, handed.port, caps, frame);
+                        // At once: handling it may have published its connection, whose next
+                        // packets the worker then sends itself; this one must not come after.
+                        self.flush_tx();
+                    }
+                    // What a worker's socket NAT took or sent: the port's capture and the
+                    // gateway's (the gateway is the one it talks to).
+                    worker::Purpose::CaptureReceived | worker::Purpose::CaptureSent => {
+                        if let Some(frame) = frame.get(vnet::LEN..) {
+                            self.record_capture(handed.port, frame);
+                            self.record_capture(capture::GATEWAY, frame);
+                        }
+                    }
+                    worker::Purpose::Handle => {}
                 }
                 let _ = self.workers[w].free.send(handed.buf);
             }
@@ -1251,13 +1279,14 @@ impl Datapath {
     /// engine on SIGUSR1, `answer` with each control request line.
     pub fn run(
         &mut self,
-        mut report: impl FnMut(&Engine),
+        mut report: impl FnMut(&Datapath),
         mut answer: impl FnMut(&mut Datapath, &str) -> String,
     ) -> io::Result<()> {
         while !self.shutdown.load(Ordering::SeqCst) {
             self.turn(None)?;
             if self.report.swap(false, Ordering::SeqCst) {
-                report(&self.engine);
+                self.fold_workers();
+                report(self);
             }
             if std::mem::take(&mut self.control_ready) {
                 self.serve_control(&mut answer);

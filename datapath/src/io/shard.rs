@@ -1,67 +1,83 @@
-//! Socket NAT on a worker: the TCP connections whose frames a worker's tap queue brings.
+//! Socket NAT on a worker: the TCP connections that open on the worker's tap queues.
 //!
 //! Socket NAT's connections are smoltcp sockets and host sockets, each with one owner that
 //! moves bytes between the two; nothing of a connection is shared with another. So each
 //! worker runs a socket NAT of its own (a shard) for the TCP connections that open on its
-//! queue: the kernel puts a guest's flow on one queue by its hash, and once the worker has
+//! queues: the kernel puts a guest's flow on one queue by its hash, and once the worker has
 //! written the flow's first answer to that queue, tun keeps the flow there
 //! (`tun_flow_update`), so the connection's segments keep coming to the thread that holds it.
-//! A segment of a connection the shard does not hold (one the engine opened) is handed to
-//! the engine; so is everything else: UDP (one mapping per guest port, RFC 4787 REQ-1,
-//! whichever queues its flows land on), ping, the gateway's own ports, port forwards.
 //!
-//! The shard's caps are its share of the network's ([`SocketNat::share_caps`]), and what it
-//! counts and holds reaches `stats` and `conntrack` through a [`ShardView`]: counters a few
-//! times a second, connection rows when asked, drops as they happen (rare, off the fast
-//! path).
+//! Who holds a connection is decided once, by its SYN, and never by anything that may change
+//! while it lasts: a worker takes every segment of the connections it holds (before any
+//! other check: a capture starting, or the MAC table's mirror losing the guest's MAC, must
+//! not hand one of its segments to the engine, whose stack would answer it with a RST), and
+//! opens a connection for a SYN from a port whose frames clean-traffic does not check (those
+//! are the engine's, whose guard sees every frame). Everything else goes to the engine: UDP
+//! (one mapping per guest port, RFC 4787 REQ-1, whichever queues its flows land on), ping,
+//! the gateway's own ports, port forwards, and the segments of its own connections.
+//!
+//! A shard holds at most its share of the network's caps ([`SocketNatConfig::shared_by`]);
+//! the engine's socket NAT keeps the whole caps, since it carries UDP, ping and port forwards
+//! as well. What a shard counts and holds reaches `stats` and `conntrack` through a
+//! [`ShardView`]: its counters after every turn that touched it, its connections' rows when
+//! asked, its drops as they happen (rare, off the fast path). While a capture runs, copies of
+//! the frames it takes and sends go to the engine for the capture; traces do not see them.
 
 use super::egress::Egress;
 use crate::nat::FlowRow;
 use crate::port::{DropReason, PortId};
-use crate::socket_nat::{Peer, SocketNat, SocketNatCounters};
+use crate::socket_nat::{Claim, Peer, SocketNat, SocketNatConfig, SocketNatCounters};
 use crate::wire::ipv4::Ipv4Packet;
 use crate::wire::{MacAddr, VnetHdr, ethernet};
 use mio::Registry;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-/// How often a shard's counters are copied into its view.
-const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-/// Drops a view holds before the engine folds them; more are counted in the last one's place.
+/// Distinct (port, reason) drops a view holds before the engine folds them; past that, a
+/// drop is added to the last one's count (a storm of drops of many kinds at once).
 const MAX_PENDING_DROPS: usize = 1024;
 
 /// What a worker's socket NAT shows the engine's thread (for `stats` and `conntrack`).
 #[derive(Debug, Default)]
 pub(crate) struct ShardView {
     state: Mutex<ShardState>,
-    /// The engine's thread wants fresh connection rows (`conntrack`).
+    /// The engine's thread waits for fresh connection rows (`conntrack`).
     want_rows: AtomicBool,
 }
 
-#[derive(Debug, Default, Clone)]
-pub(crate) struct ShardState {
-    pub counters: SocketNatCounters,
-    pub flows: usize,
-    /// Packets for a guest the shard had not heard from (dropped; TCP retransmits).
-    pub unresolved: u64,
-    pub rows: Vec<FlowRow>,
+#[derive(Debug, Default)]
+struct ShardState {
+    counters: SocketNatCounters,
+    flows: usize,
+    unresolved: u64,
+    rows: Vec<FlowRow>,
     /// Drops not yet folded into the ports' counters.
-    pub drops: Vec<(PortId, DropReason, u64)>,
+    drops: Vec<(PortId, DropReason, u64)>,
+}
+
+/// A shard's counts as last published.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ShardCounts {
+    pub counters: SocketNatCounters,
+    /// Connections it holds.
+    pub flows: usize,
+    /// Packets for a guest it had not heard from (dropped; TCP retransmits them).
+    pub unresolved: u64,
 }
 
 impl ShardView {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ShardState> {
+    fn lock(&self) -> MutexGuard<'_, ShardState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The counters, connection count and rows as last published.
-    pub fn snapshot(&self) -> ShardState {
+    pub fn counts(&self) -> ShardCounts {
         let state = self.lock();
-        ShardState {
-            drops: Vec::new(),
-            ..state.clone()
+        ShardCounts {
+            counters: state.counters.clone(),
+            flows: state.flows,
+            unresolved: state.unresolved,
         }
     }
 
@@ -70,13 +86,19 @@ impl ShardView {
         std::mem::take(&mut self.lock().drops)
     }
 
-    /// Asks the worker for fresh rows; true once it has given them ([`ShardView::rows_given`]).
+    /// Asks the worker for its connections' rows (then wake it); [`ShardView::take_rows`]
+    /// has them once it answered.
     pub fn ask_rows(&self) {
+        self.lock().rows.clear();
         self.want_rows.store(true, Ordering::Release);
     }
 
-    pub fn rows_given(&self) -> bool {
-        !self.want_rows.load(Ordering::Acquire)
+    /// The rows asked for, once the worker gave them.
+    pub fn take_rows(&self) -> Option<Vec<FlowRow>> {
+        if self.want_rows.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(std::mem::take(&mut self.lock().rows))
     }
 }
 
@@ -85,36 +107,65 @@ impl ShardView {
 pub(crate) struct SocketShard {
     pub nat: SocketNat,
     pub egress: Egress,
-    pub view: Arc<ShardView>,
+    view: Arc<ShardView>,
     gateway_mac: MacAddr,
-    published: Option<Instant>,
+    /// Something happened since the last [`SocketShard::serve`] (a frame taken, a host
+    /// socket's event).
+    touched: bool,
 }
 
 impl SocketShard {
-    pub fn new(nat: SocketNat, gateway_mac: MacAddr, view: Arc<ShardView>) -> SocketShard {
-        SocketShard {
-            nat,
+    /// A shard of the network whose socket NAT runs with `config`, and the view of it the
+    /// engine's thread reads.
+    pub fn new(
+        config: &SocketNatConfig,
+        threads: usize,
+        gateway_mac: MacAddr,
+        now: Instant,
+    ) -> (SocketShard, Arc<ShardView>) {
+        let view = Arc::new(ShardView::default());
+        let shard = SocketShard {
+            nat: SocketNat::new(config.clone().shared_by(threads), now),
             egress: Egress::default(),
-            view,
+            view: view.clone(),
             gateway_mac,
-            published: None,
-        }
+            touched: false,
+        };
+        (shard, view)
     }
 
-    /// Whether the shard takes `frame` (an untagged Ethernet frame to the gateway's MAC): an
-    /// IPv4 TCP segment whose header holds, with TTL left, that [`SocketNat::takes_tcp`].
-    pub fn takes(&self, frame: &[u8]) -> bool {
+    /// Whether the shard takes `frame` (after its virtio-net header), read from a queue of a
+    /// port that `may_open` connections here: an untagged IPv4 TCP segment to the gateway's
+    /// MAC from a guest's, whose header holds and has TTL left, of a connection the shard
+    /// holds, or a SYN for beyond the subnet that opens one.
+    pub fn takes(&self, frame: &[u8], may_open: bool) -> bool {
         let Some(packet) = frame.get(ethernet::HEADER_LEN..) else {
             return false;
         };
+        let src = MacAddr::from_slice(&frame[6..12]);
+        if frame[0..6] != self.gateway_mac.0
+            || frame[12..14] != [0x08, 0x00]
+            || !src.is_valid_source()
+            || src == self.gateway_mac
+        {
+            return false;
+        }
         let Ok(ip) = Ipv4Packet::new_checked(packet) else {
             return false;
         };
-        ip.header_checksum_ok() && ip.ttl() > 1 && self.nat.takes_tcp(&packet[..ip.total_len()])
+        if !ip.header_checksum_ok() || ip.ttl() <= 1 {
+            return false;
+        }
+        match self.nat.claim(&packet[..ip.total_len()]) {
+            Claim::Held => true,
+            Claim::Opens => may_open,
+            Claim::Not => false,
+        }
     }
 
     /// Hands a frame [`SocketShard::takes`] to the socket NAT.
     pub fn handle(&mut self, now: Instant, from: Peer, vnet: &VnetHdr, frame: &[u8]) {
+        self.touched = true;
         let packet = &frame[ethernet::HEADER_LEN..];
         let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
         if let Err(reason) = self.nat.handle_packet(now, from, &packet[..total], vnet) {
@@ -122,7 +173,12 @@ impl SocketShard {
         }
     }
 
-    pub fn record_drop(&self, port: PortId, reason: DropReason) {
+    /// A readiness event of one of the shard's host sockets.
+    pub fn handle_event(&mut self, event: &mio::event::Event) {
+        self.touched |= self.egress.handle_event(event);
+    }
+
+    fn record_drop(&self, port: PortId, reason: DropReason) {
         let mut state = self.view.lock();
         let drops = &mut state.drops;
         if let Some(seen) = drops
@@ -137,16 +193,30 @@ impl SocketShard {
         }
     }
 
-    /// Host sockets' events, the stack, and timers; then the frames for guests, each with
-    /// its Ethernet header and where it goes (`None`: a guest not heard from, dropped).
+    /// Whether [`SocketShard::serve`] has anything to do at `now`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.touched
+            || self.is_busy()
+            || self.view.want_rows.load(Ordering::Relaxed)
+            || self.nat.poll_timeout().is_some_and(|t| t <= now)
+    }
+
+    /// Whether work is left that needs no event to wake for.
+    pub fn is_busy(&self) -> bool {
+        self.egress.has_pending() || self.nat.has_actions()
+    }
+
+    /// Runs timers, the host sockets and the stack.
     pub fn serve(&mut self, now: Instant, registry: &Registry) {
+        self.touched = false;
         if self.nat.poll_timeout().is_some_and(|t| t <= now) {
             self.nat.handle_timeout(now);
         }
         self.egress.serve(now, &mut self.nat, registry);
     }
 
-    /// The next frame for a guest, framed for it, and its port.
+    /// The next frame for a guest, with its Ethernet header, and the guest's port. A packet
+    /// for a guest the shard has not heard from is dropped (counted; TCP retransmits it).
     pub fn poll_frame(&mut self) -> Option<(PortId, VnetHdr, Vec<u8>)> {
         loop {
             let (mut frame, vnet) = self.nat.poll_packet()?;
@@ -173,19 +243,18 @@ impl SocketShard {
         self.nat.poll_timeout()
     }
 
-    /// Copies counters into the view every [`PUBLISH_EVERY`], and rows when asked.
+    /// The port `port` is gone ([`SocketNat::forget_port`]).
+    pub fn forget_port(&mut self, port: PortId) {
+        self.nat.forget_port(port);
+        self.touched = true;
+    }
+
+    /// Copies the counters into the view, and the connections' rows when asked.
     pub fn publish(&mut self, now: Instant) {
         let rows_wanted = self.view.want_rows.load(Ordering::Acquire);
-        let due = self
-            .published
-            .is_none_or(|at| now.duration_since(at) >= PUBLISH_EVERY);
-        if !due && !rows_wanted {
-            return;
-        }
-        self.published = Some(now);
         let rows = rows_wanted.then(|| self.nat.rows(now));
         let mut state = self.view.lock();
-        state.counters = self.nat.counters.clone();
+        state.counters.clone_from(&self.nat.counters);
         state.flows = self.nat.len();
         if let Some(rows) = rows {
             state.rows = rows;

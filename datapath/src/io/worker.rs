@@ -4,18 +4,22 @@
 //! frames a guest sends over them by flow (`tun_automq_select_queue`; a flow's replies follow
 //! the queue its frames were last written to). Queue 0 of every tap is the engine's thread,
 //! as with one worker. Worker k (1 ≤ k < N) owns queue k of every tap, on its own thread with
-//! its own `Poll`, and does one thing: it switches a guest's unicast frame to another tap when
-//! the forwarding database's [`Mirror`] knows both of its addresses, writing it to queue k of
-//! the egress tap. Everything else — the gateway's services, NAT, broadcast, ARP, unknown or
-//! moved addresses, VLAN tags, ports under clean-traffic, frames while a capture or trace
-//! runs — is handed to the engine's thread through a bounded channel of recycled buffers
-//! and handled there exactly as if it had been read from queue 0.
+//! its own `Poll`. It switches a guest's unicast frame to another tap when the forwarding
+//! database's [`Mirror`] knows both of its addresses, writing it to queue k of the egress
+//! tap; with packet NAT, it translates the data packets of the established connections the
+//! engine publishes ([`crate::nat::mirror`]), on its own socket of the uplink; with socket
+//! NAT, it runs a socket NAT of its own for the TCP connections that open on its queues
+//! ([`super::shard`]). Everything else — the gateway's services, new packet NAT connections,
+//! broadcast, ARP, unknown or moved addresses, VLAN tags, ports under clean-traffic, frames
+//! while a capture or trace runs — is handed to the engine's thread through a bounded
+//! channel of recycled buffers and handled there exactly as if it had been read from queue 0.
 //!
 //! So the engine's state keeps its one owner, and what a worker shares with it is read-mostly:
-//! the mirror (written by the engine when it learns) and counters the worker alone writes
-//! (per-port tallies, folded into the engine's counters by its thread). Nothing on the fast
-//! path allocates or takes a lock. The design, and what a later step would add (NAT sharded by
-//! external port), is in `benches/WORKERS.md`.
+//! the mirrors (written by the engine) and counters the worker alone writes (per-port
+//! tallies, folded into the engine's counters by its thread). Switching and packet NAT's
+//! translation allocate nothing and take no lock; the socket NAT's connections are the
+//! worker's own, as they would be the engine's, and it publishes their counts under a lock
+//! once a turn. The design is in `benches/WORKERS.md`.
 
 use super::shard::SocketShard;
 use super::{BUF_LEN, RX_BUDGET, ReadyQueue, batch, sys};
@@ -63,9 +67,21 @@ pub(crate) enum Command {
     AddSockets(Box<SocketShard>),
 }
 
+/// Why a frame is handed to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// To be handled as if read from queue 0.
+    Handle,
+    /// For the captures only: a copy of a frame the worker's socket NAT took from the port.
+    CaptureReceived,
+    /// For the captures only: a copy of a frame the worker's socket NAT sent to the port.
+    CaptureSent,
+}
+
 /// A frame a worker read and the engine must handle: `buf[..len]`, virtio-net header first.
 #[derive(Debug)]
 pub(crate) struct Handed {
+    pub purpose: Purpose,
     pub port: PortId,
     /// The port's generation when the frame was read: a frame of a port since removed (and
     /// its id perhaps given to another) is not handled as the new port's.
@@ -105,6 +121,8 @@ struct Tally {
     not_for_us: AtomicU64,
     /// Frames longer than the read buffer, dropped.
     truncated: AtomicU64,
+    /// Copies for a capture that found the hand-over full: missing from the capture.
+    capture_missed: AtomicU64,
 }
 
 /// A snapshot of a [`Tally`].
@@ -121,6 +139,7 @@ pub(crate) struct Counts {
     pub translated: u64,
     pub not_for_us: u64,
     pub truncated: u64,
+    pub capture_missed: u64,
 }
 
 impl Counts {
@@ -138,6 +157,7 @@ impl Counts {
             translated: self.translated - before.translated,
             not_for_us: self.not_for_us - before.not_for_us,
             truncated: self.truncated - before.truncated,
+            capture_missed: self.capture_missed - before.capture_missed,
         }
     }
 }
@@ -162,6 +182,7 @@ impl Tally {
             translated: get(&self.translated),
             not_for_us: get(&self.not_for_us),
             truncated: get(&self.truncated),
+            capture_missed: get(&self.capture_missed),
         }
     }
 }
@@ -329,11 +350,7 @@ impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         while !self.stop.load(Ordering::Relaxed) {
-            let busy = !self.ready.is_empty()
-                || self
-                    .sockets
-                    .as_ref()
-                    .is_some_and(|s| s.egress.has_pending());
+            let busy = !self.ready.is_empty() || self.sockets.as_ref().is_some_and(|s| s.is_busy());
             let timeout = if busy {
                 Some(std::time::Duration::ZERO)
             } else {
@@ -357,7 +374,7 @@ impl Worker {
                 if index < self.ports.len() && self.ports[index].is_some() {
                     self.ready.mark(PortId(index as u16));
                 } else if let Some(sockets) = &mut self.sockets {
-                    sockets.egress.handle_event(event);
+                    sockets.handle_event(event);
                 }
             }
             self.take_commands();
@@ -383,10 +400,11 @@ impl Worker {
     /// Runs the socket NAT's host sockets, stack and timers, and writes what it has for
     /// guests to this worker's queue of their taps.
     fn serve_sockets(&mut self, now: Instant) {
-        let Some(mut sockets) = self.sockets.take() else {
+        let Some(mut sockets) = self.sockets.take_if(|s| s.is_due(now)) else {
             return;
         };
         sockets.serve(now, self.poll.registry());
+        let observed = self.mirror.observed();
         while let Some((port, vnet, frame)) = sockets.poll_frame() {
             let len = vnet::LEN + frame.len();
             if self.is_current(port) && len <= self.scratch.len() {
@@ -394,6 +412,10 @@ impl Worker {
                 self.scratch[vnet::LEN..len].copy_from_slice(&frame);
                 let buf = std::mem::take(&mut self.scratch);
                 self.transmit(port, &buf[..len]);
+                if observed {
+                    let generation = self.mirror.generation(port);
+                    self.copy_for_capture(port, generation, &buf[..len], Purpose::CaptureSent);
+                }
                 self.scratch = buf;
             } else {
                 bump(&self.tallies[port.0 as usize].tx_errors, 1);
@@ -430,6 +452,9 @@ impl Worker {
                 Ok(Command::RemovePort(id)) => {
                     if self.nat.as_ref().is_some_and(|n| n.uplink == id) {
                         self.nat = None;
+                    }
+                    if let Some(sockets) = &mut self.sockets {
+                        sockets.forget_port(id);
                     }
                     if let Some(port) = self.ports.get_mut(id.0 as usize).and_then(Option::take) {
                         let fd = port.queue.as_raw_fd();
@@ -533,8 +558,8 @@ impl Worker {
         (drained, handed)
     }
 
-    /// Switches, translates, drops or hands over one frame read from `id` under its
-    /// `generation`; true if handed over.
+    /// Switches, translates, gives to the worker's socket NAT, drops or hands over one frame
+    /// read from `id` under its `generation`; true if handed over.
     fn handle(&mut self, now: Instant, (id, generation): (PortId, u32), buf: &mut [u8]) -> bool {
         let n = buf.len();
         let decision = self.fast_egress(now, id, buf);
@@ -561,6 +586,9 @@ impl Worker {
             }
             Decision::Sockets => {
                 received();
+                if self.mirror.observed() {
+                    self.copy_for_capture(id, generation, buf, Purpose::CaptureReceived);
+                }
                 if let (Some(sockets), Ok(hdr)) = (&mut self.sockets, VnetHdr::parse(buf)) {
                     let frame = &buf[vnet::LEN..];
                     let from = Peer {
@@ -585,12 +613,21 @@ impl Worker {
     }
 
     fn decide(&self, now: Instant, ingress: PortId, buf: &mut [u8]) -> Option<Decision> {
-        if self.mirror.observed() || !self.is_current(ingress) {
+        if !self.is_current(ingress) {
             return None;
         }
         let hdr = VnetHdr::parse(buf).ok()?;
         let frame = buf.get_mut(vnet::LEN..)?;
         if !hdr.is_gso() && frame.len() > self.max_plain_frame {
+            return None;
+        }
+        // Before anything that may change while a connection lasts ([`super::shard`]).
+        if let Some(sockets) = &self.sockets
+            && sockets.takes(frame, self.mirror.fast_ingress(ingress))
+        {
+            return Some(Decision::Sockets);
+        }
+        if self.mirror.observed() {
             return None;
         }
         if let Some(nat) = self.nat.as_ref().filter(|n| n.uplink == ingress) {
@@ -621,10 +658,6 @@ impl Worker {
             return None;
         }
         if self.gateway_mac == Some(dst) {
-            if self.sockets.as_ref().is_some_and(|s| s.takes(frame)) {
-                self.mirror.note_seen(now, src);
-                return Some(Decision::Sockets);
-            }
             let nat = self.nat.as_ref()?;
             if !self.is_current(nat.uplink) || !nat.outward(now, &hdr, frame) {
                 return None;
@@ -713,6 +746,7 @@ impl Worker {
         buf.clear();
         buf.extend_from_slice(frame);
         let handed = Handed {
+            purpose: Purpose::Handle,
             port,
             generation,
             len: n,
@@ -722,6 +756,26 @@ impl Worker {
             bump(&self.tallies[port.0 as usize].handed_over, 1);
         } else {
             dropped();
+        }
+    }
+
+    /// Hands the engine a copy of `frame` (virtio-net header first) for the captures; a copy
+    /// that does not fit is counted as missing from them.
+    fn copy_for_capture(&self, port: PortId, generation: u32, frame: &[u8], purpose: Purpose) {
+        let handed = self.free.try_recv().ok().and_then(|mut buf| {
+            buf.clear();
+            buf.extend_from_slice(frame);
+            let copy = Handed {
+                purpose,
+                port,
+                generation,
+                len: frame.len(),
+                buf,
+            };
+            self.handed.try_send(copy).ok()
+        });
+        if handed.is_none() {
+            bump(&self.tallies[port.0 as usize].capture_missed, 1);
         }
     }
 }

@@ -97,7 +97,8 @@ impl SocketNatConfig {
         }
     }
 
-    /// These settings with the caps split among `threads` ([`SocketNat::share_caps`]).
+    /// These settings with the caps (`max_flows`, `max_flows_per_guest`) split evenly among
+    /// `threads`, rounding up: a worker's socket NAT's share.
     pub fn shared_by(mut self, threads: usize) -> SocketNatConfig {
         let threads = threads.max(1);
         self.max_flows = self.max_flows.div_ceil(threads);
@@ -111,6 +112,17 @@ impl SocketNatConfig {
             .unwrap_or(0);
         u32::from(ip) & mask == u32::from(self.gateway) & mask
     }
+}
+
+/// What a socket NAT makes of a guest's TCP segment ([`SocketNat::claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A segment of a connection it holds.
+    Held,
+    /// A SYN for beyond the subnet (not for the gateway's own ports): a new connection.
+    Opens,
+    /// Anything else.
+    Not,
 }
 
 /// A flow as the I/O edge names it: its slot and the slot's generation, so a late event for
@@ -482,34 +494,59 @@ impl SocketNat {
         &self.config
     }
 
-    /// Splits the caps (`max_flows`, `max_flows_per_guest`) evenly among `threads` socket
-    /// NATs of one network, each holding the connections of its tap queue: together they keep
-    /// the network's caps (but for rounding up), and a guest whose connections all land on one
-    /// queue gets that thread's share.
-    pub fn share_caps(&mut self, threads: usize) {
-        self.config = self.config.clone().shared_by(threads);
-    }
-
-    /// Whether a guest's IPv4 packet `ip` (header checked) is a TCP segment for beyond the
-    /// subnet (not for the gateway's own ports) that opens a connection (a SYN) or belongs to
-    /// one this socket NAT carries: what a worker's socket NAT takes from its tap queue.
-    pub fn takes_tcp(&self, ip: &[u8]) -> bool {
+    /// What this socket NAT makes of a guest's IPv4 packet `ip` (header checked), as a
+    /// worker's socket NAT asks of each frame its tap queue brings.
+    pub fn claim(&self, ip: &[u8]) -> Claim {
         let Some(ihl) = packet::ip_header_len(ip) else {
-            return false;
+            return Claim::Not;
         };
         if ip[9] != PROTO_TCP || ip.len() < ihl + 20 || packet::fragment_info(ip) != (0, false) {
-            return false;
+            return Claim::Not;
         }
         let (src, dst) = (addr_at(ip, 12), addr_at(ip, 16));
-        if dst == self.config.gateway || !self.routable(dst) || !self.config.is_internal(src) {
-            return false;
-        }
         let port = |at: usize| u16::from_be_bytes([ip[at], ip[at + 1]]);
         let key = Key::Tcp(
             SocketAddrV4::new(src, port(ihl)),
             SocketAddrV4::new(dst, port(ihl + 2)),
         );
-        ip[ihl + 13] & 0x12 == 0x02 || self.by_key.contains_key(&key)
+        if self.by_key.contains_key(&key) {
+            Claim::Held
+        } else if ip[ihl + 13] & 0x12 == 0x02
+            && dst != self.config.gateway
+            && self.routable(dst)
+            && self.config.is_internal(src)
+        {
+            Claim::Opens
+        } else {
+            Claim::Not
+        }
+    }
+
+    /// The port `port` is gone: its guests' connections end (their host sockets close) and
+    /// nothing more is sent there, not even to a port that later takes its id.
+    pub fn forget_port(&mut self, port: PortId) {
+        let gone: Vec<Ipv4Addr> = (self.peers.iter())
+            .filter(|(_, peer)| peer.port == port)
+            .map(|(ip, _)| *ip)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for ip in &gone {
+            self.peers.remove(ip);
+        }
+        let ended: Vec<u32> = (self.flows.iter().enumerate())
+            .filter(|(_, flow)| flow.as_ref().is_some_and(|f| gone.contains(&f.guest_ip())))
+            .map(|(index, _)| index as u32)
+            .collect();
+        for index in ended {
+            self.remove(index);
+        }
+    }
+
+    /// Whether host sockets wait for something to be done ([`SocketNat::poll_action`]).
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     pub fn len(&self) -> usize {

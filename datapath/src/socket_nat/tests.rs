@@ -630,31 +630,53 @@ fn a_forwarded_ports_coalesced_read_is_one_uso_frame() {
 /// and the segments of connections it holds; not a segment of one it does not hold (the
 /// engine's), not the gateway's own ports, not UDP, not a fragment.
 #[test]
-fn a_shard_takes_syns_and_its_own_connections_only() {
+fn a_shard_claims_syns_and_its_own_connections_only() {
     let now = Instant::now();
     let mut nat = nat(now);
     let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
     let ack = segment(40000, 80, 1001, 1, 0x10, &[]);
-    assert!(nat.takes_tcp(&syn));
-    assert!(!nat.takes_tcp(&ack), "another thread's connection");
-    assert!(
-        !nat.takes_tcp(&segment(40000, 80, 1000, 1, 0x12, &[])),
+    assert_eq!(nat.claim(&syn), Claim::Opens);
+    assert_eq!(nat.claim(&ack), Claim::Not, "another thread's connection");
+    assert_eq!(
+        nat.claim(&segment(40000, 80, 1000, 1, 0x12, &[])),
+        Claim::Not,
         "a SYN-ACK opens nothing"
     );
     nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
-    assert!(nat.takes_tcp(&ack), "held from its SYN on");
-    assert!(!nat.takes_tcp(&segment(40001, 80, 1001, 1, 0x10, &[])));
-
-    let mut to_gateway = syn.clone();
-    to_gateway[16..20].copy_from_slice(&GATEWAY.octets());
-    assert!(
-        !nat.takes_tcp(&to_gateway),
-        "the gateway's ports are the engine's"
+    assert_eq!(nat.claim(&ack), Claim::Held, "held from its SYN on");
+    assert_eq!(nat.claim(&syn), Claim::Held, "a retransmitted SYN too");
+    assert_eq!(
+        nat.claim(&segment(40001, 80, 1001, 1, 0x10, &[])),
+        Claim::Not
     );
+
+    let mut to_gateway = segment(40002, 80, 1000, 0, 0x02, &[]);
+    to_gateway[16..20].copy_from_slice(&GATEWAY.octets());
+    assert_eq!(nat.claim(&to_gateway), Claim::Not, "the gateway's ports");
     let mut fragment = syn.clone();
     fragment[6] = 0x20;
-    assert!(!nat.takes_tcp(&fragment));
-    assert!(!nat.takes_tcp(&udp_packet(b"dns?")));
+    assert_eq!(nat.claim(&fragment), Claim::Not);
+    assert_eq!(nat.claim(&udp_packet(b"dns?")), Claim::Not);
+}
+
+/// A guest's port goes away: its connections end and their host sockets are closed, and
+/// nothing more is sent towards that port.
+#[test]
+fn a_removed_ports_guests_lose_their_connections() {
+    let now = Instant::now();
+    let mut nat = nat(now);
+    let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
+    nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
+    let (id, _) = open_action(&mut nat);
+    nat.forget_port(PortId(1));
+    assert!(
+        nat.peer(GUEST).is_some(),
+        "another port's removal changes nothing"
+    );
+    nat.forget_port(PEER.port);
+    assert_eq!(nat.peer(GUEST), None);
+    assert_eq!(nat.len(), 0);
+    assert_eq!(nat.poll_action(), Some(Action::Close(id)));
 }
 
 #[test]
