@@ -33,7 +33,7 @@
 # Usage: sudo [ROUNDS=3] [DURATION=5] [CONNS=2000] [PAR=8] [PCONNS=8*CONNS] [MTUS="1500 65520"]
 #             [ENGINES="switchyard pasta slirp4netns"] [SWITCHYARD=path] [SY_ARGS="--workers 2"]
 #             benches/e2e/rootless_vs_pasta.sh
-# SY_ARGS: options added to switchyard's `run`.
+# SY_ARGS: options added to switchyard's `run`. STREAMS=N: iperf3 -P N (default 1).
 # SWITCHYARD: the binary to measure; unset, the script builds target/release/switchyard
 # (cargo build --release -p switchyard, honouring CARGO_TARGET_DIR).
 # Runs as root (to create the namespaces); pasta is run with --runas 0 because, started as
@@ -48,11 +48,12 @@ CONNS=${CONNS:-2000}
 PAR=${PAR:-8}
 PCONNS=${PCONNS:-$((8 * CONNS))}
 SY_ARGS=${SY_ARGS:-}
+STREAMS=${STREAMS:-1}
 MTUS=${MTUS:-1500 65520}
 ENGINES=${ENGINES:-switchyard pasta slirp4netns}
 die() { echo "rootless_vs_pasta: $*" >&2; exit 1; }
-for v in "$ROUNDS" "$DURATION" "$CONNS" "$PAR" "$PCONNS"; do
-  [[ $v =~ ^[1-9][0-9]*$ ]] || die "ROUNDS, DURATION, CONNS, PAR and PCONNS must be positive integers"
+for v in "$ROUNDS" "$DURATION" "$CONNS" "$PAR" "$PCONNS" "$STREAMS"; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || die "ROUNDS, DURATION, CONNS, PAR, PCONNS and STREAMS must be positive integers"
 done
 read -r -a mtus <<<"$MTUS"
 for m in "${mtus[@]}"; do
@@ -242,7 +243,7 @@ iperf_gbps() { # engine [extra client args, e.g. -R]; sets gbps (the server is t
   servers+=("$srv")
   wait_listen "$IPORT"
   out=$(timeout $((DURATION + 30)) ip netns exec "${guest[$e]}" \
-    iperf3 -c "${gw[$e]}" -p "$IPORT" -t "$DURATION" -J "${@:2}") || rc=$?
+    iperf3 -c "${gw[$e]}" -p "$IPORT" -t "$DURATION" -P "$STREAMS" -J "${@:2}") || rc=$?
   if [ "$rc" -ne 0 ]; then
     kill "$srv" 2>/dev/null || true
     wait "$srv" 2>/dev/null || true
@@ -347,7 +348,7 @@ if has_engine switchyard; then
 fi
 has_engine pasta && vers+=" passt $(ver passt),"
 has_engine slirp4netns && vers+=" slirp4netns $(ver slirp4netns),"
-echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r),$vers iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $ROUNDS rounds x ${DURATION}s, $CONNS conns, $PCONNS conns over $PAR clients, interleaved"
+echo "$(date -u +%Y-%m-%d) $(nproc) cores, $(uname -r),$vers iperf3 $(iperf3 --version | awk 'NR==1{print $2}'), $ROUNDS rounds x ${DURATION}s, $STREAMS TCP stream(s), $CONNS conns, $PCONNS conns over $PAR clients, interleaved"
 echo "| metric | MTU | switchyard median (min-max) | pasta median (min-max) | slirp4netns median (min-max) | switchyard/pasta | switchyard/slirp4netns |"
 echo "|---|---|---|---|---|---|---|"
 for mtu in "${mtus[@]}"; do
