@@ -1312,6 +1312,10 @@ impl Engine {
     }
 
     /// The socket NAT, for the I/O edge to carry out its actions.
+    pub fn socket_nat(&self) -> Option<&SocketNat> {
+        self.socket_nat.as_ref()
+    }
+
     pub fn socket_nat_mut(&mut self) -> Option<&mut SocketNat> {
         self.socket_nat.as_mut()
     }

@@ -252,6 +252,9 @@ pub struct Mirror {
     generations: Box<[AtomicU32]>,
     /// Captures or a trace are running: every frame must pass through the engine.
     observed: AtomicBool,
+    /// A capture runs on the port (the last one: on the gateway): the frames workers handle
+    /// without the engine and that the capture would see are copied to it.
+    captured: Box<[AtomicBool]>,
     base: Instant,
     mask: usize,
 }
@@ -265,6 +268,7 @@ impl Mirror {
             fast_ingress: (0..max_ports).map(|_| AtomicBool::new(false)).collect(),
             generations: (0..max_ports).map(|_| AtomicU32::new(0)).collect(),
             observed: AtomicBool::new(false),
+            captured: (0..=max_ports).map(|_| AtomicBool::new(false)).collect(),
             base: Instant::now(),
             mask: len - 1,
         }
@@ -361,6 +365,27 @@ impl Mirror {
         self.fast_ingress
             .get(port.0 as usize)
             .is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// Marks `port`'s capture (`None`: the gateway's) as running or not.
+    pub fn set_captured(&self, port: Option<PortId>, on: bool) {
+        let index = port.map_or(self.captured.len() - 1, |p| p.0 as usize);
+        if let Some(flag) = self.captured.get(index) {
+            flag.store(on, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a capture would see what the gateway exchanges with `port`: the port's own,
+    /// or the gateway's.
+    pub fn captured(&self, port: PortId) -> bool {
+        let gateway = self
+            .captured
+            .last()
+            .is_some_and(|f| f.load(Ordering::Relaxed));
+        gateway
+            || (self.captured)
+                .get(port.0 as usize)
+                .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// Called every turn: written only when it changes, as workers read it for every frame.

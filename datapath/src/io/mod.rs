@@ -656,16 +656,14 @@ impl Datapath {
     /// left out, and said to be.
     pub fn conntrack(&self, now: Instant) -> Vec<crate::nat::FlowRow> {
         let mut rows = self.engine.conntrack(now);
-        for view in &self.shard_views {
-            view.ask_rows();
-        }
+        let tickets: Vec<u64> = self.shard_views.iter().map(|v| v.ask_rows()).collect();
         for worker in &self.workers {
             worker.wake();
         }
         let deadline = Instant::now() + SHARD_ROWS_WAIT;
         let mut waiting: Vec<usize> = (0..self.shard_views.len()).collect();
         loop {
-            waiting.retain(|&w| match self.shard_views[w].take_rows() {
+            waiting.retain(|&w| match self.shard_views[w].take_rows(tickets[w]) {
                 Some(theirs) => {
                     rows.extend(theirs);
                     false
@@ -1295,6 +1293,8 @@ impl Datapath {
                 self.serve_metrics(&mut answer);
             }
         }
+        // What the workers counted last, for the report on exit.
+        self.fold_workers();
         Ok(())
     }
 
@@ -1434,6 +1434,7 @@ impl Datapath {
             return Err(format!("port {port} is already being captured"));
         }
         self.captures.push(capture::Capture::new(port));
+        self.mark_captured(port, true);
         Ok(())
     }
 
@@ -1447,7 +1448,17 @@ impl Datapath {
     pub fn stop_capture(&mut self, port: PortId) -> Option<(u64, u64)> {
         let at = self.captures.iter().position(|c| c.port == port)?;
         let c = self.captures.swap_remove(at);
+        self.mark_captured(port, false);
         Some((c.captured, c.dropped))
+    }
+
+    /// Tells the workers whether `port` (or the gateway) is captured, so they copy what they
+    /// handle of it without the engine ([`worker::Purpose`]).
+    fn mark_captured(&self, port: PortId, on: bool) {
+        if let Some(mirror) = self.engine.fdb().mirrored() {
+            let port = (port != capture::GATEWAY).then_some(port);
+            mirror.set_captured(port, on);
+        }
     }
 
     fn record_capture(&mut self, port: PortId, frame: &[u8]) {
@@ -1490,6 +1501,7 @@ impl Datapath {
             && !self.upstream_ready
             && !self.egress.has_pending()
             && !self.handover_pending
+            && !self.engine.socket_nat().is_some_and(|s| s.has_actions())
         {
             let resolv = self.resolv.as_ref().map(|w| w.next_check);
             let timer = [

@@ -43,7 +43,8 @@ const MAX_PENDING_DROPS: usize = 1024;
 #[derive(Debug, Default)]
 pub(crate) struct ShardView {
     state: Mutex<ShardState>,
-    /// The engine's thread waits for fresh connection rows (`conntrack`).
+    /// A hint for the worker that rows are asked for (the request itself is `asked` in the
+    /// state): set after asking, cleared by the worker under the lock before it answers.
     want_rows: AtomicBool,
 }
 
@@ -52,6 +53,9 @@ struct ShardState {
     counters: SocketNatCounters,
     flows: usize,
     unresolved: u64,
+    /// Requests for rows made, and the last one answered (`rows` is its answer).
+    asked: u64,
+    answered: u64,
     rows: Vec<FlowRow>,
     /// Drops not yet folded into the ports' counters.
     drops: Vec<(PortId, DropReason, u64)>,
@@ -86,19 +90,23 @@ impl ShardView {
         std::mem::take(&mut self.lock().drops)
     }
 
-    /// Asks the worker for its connections' rows (then wake it); [`ShardView::take_rows`]
-    /// has them once it answered.
-    pub fn ask_rows(&self) {
-        self.lock().rows.clear();
+    /// Asks the worker for its connections' rows (then wake it): a ticket for
+    /// [`ShardView::take_rows`].
+    pub fn ask_rows(&self) -> u64 {
+        let ticket = {
+            let mut state = self.lock();
+            state.asked += 1;
+            state.rows.clear();
+            state.asked
+        };
         self.want_rows.store(true, Ordering::Release);
+        ticket
     }
 
-    /// The rows asked for, once the worker gave them.
-    pub fn take_rows(&self) -> Option<Vec<FlowRow>> {
-        if self.want_rows.load(Ordering::Acquire) {
-            return None;
-        }
-        Some(std::mem::take(&mut self.lock().rows))
+    /// The rows asked for with `ticket`, once the worker answered it (or a later request).
+    pub fn take_rows(&self, ticket: u64) -> Option<Vec<FlowRow>> {
+        let mut state = self.lock();
+        (state.answered >= ticket).then(|| std::mem::take(&mut state.rows))
     }
 }
 
@@ -134,11 +142,11 @@ impl SocketShard {
         (shard, view)
     }
 
-    /// Whether the shard takes `frame` (after its virtio-net header), read from a queue of a
-    /// port that `may_open` connections here: an untagged IPv4 TCP segment to the gateway's
-    /// MAC from a guest's, whose header holds and has TTL left, of a connection the shard
-    /// holds, or a SYN for beyond the subnet that opens one.
-    pub fn takes(&self, frame: &[u8], may_open: bool) -> bool {
+    /// Whether the shard takes `frame` (after its virtio-net header), read from a queue of
+    /// port `port`, which `may_open` connections here: an untagged IPv4 TCP segment to the
+    /// gateway's MAC from a guest's, whose header holds and has TTL left, of a connection the
+    /// shard holds for that guest on that port, or a SYN for beyond the subnet that opens one.
+    pub fn takes(&self, frame: &[u8], port: PortId, may_open: bool) -> bool {
         let Some(packet) = frame.get(ethernet::HEADER_LEN..) else {
             return false;
         };
@@ -156,7 +164,8 @@ impl SocketShard {
         if !ip.header_checksum_ok() || ip.ttl() <= 1 {
             return false;
         }
-        match self.nat.claim(&packet[..ip.total_len()]) {
+        let from = Peer { port, mac: src };
+        match self.nat.claim(&packet[..ip.total_len()], from) {
             Claim::Held => true,
             Claim::Opens => may_open,
             Claim::Not => false,
@@ -251,15 +260,13 @@ impl SocketShard {
 
     /// Copies the counters into the view, and the connections' rows when asked.
     pub fn publish(&mut self, now: Instant) {
-        let rows_wanted = self.view.want_rows.load(Ordering::Acquire);
-        let rows = rows_wanted.then(|| self.nat.rows(now));
         let mut state = self.view.lock();
         state.counters.clone_from(&self.nat.counters);
         state.flows = self.nat.len();
-        if let Some(rows) = rows {
-            state.rows = rows;
-            drop(state);
-            self.view.want_rows.store(false, Ordering::Release);
+        self.view.want_rows.store(false, Ordering::Release);
+        if state.asked != state.answered {
+            state.rows = self.nat.rows(now);
+            state.answered = state.asked;
         }
     }
 }

@@ -43,6 +43,8 @@ use std::time::Instant;
 const WAKER: Token = Token(usize::MAX);
 /// Buffers a worker may have handed over and not yet got back.
 const HANDOVER_BUFFERS: usize = 128;
+/// Buffers kept for frames the engine must handle: copies for a capture take none of them.
+const CAPTURE_RESERVE: usize = 32;
 
 /// What the engine's thread tells a worker.
 #[derive(Debug)]
@@ -390,7 +392,7 @@ impl Worker {
                     self.ready.mark(id);
                 }
             }
-            self.serve_sockets(now);
+            handed |= self.serve_sockets(now);
             if handed {
                 let _ = self.engine_waker.wake();
             }
@@ -398,13 +400,14 @@ impl Worker {
     }
 
     /// Runs the socket NAT's host sockets, stack and timers, and writes what it has for
-    /// guests to this worker's queue of their taps.
-    fn serve_sockets(&mut self, now: Instant) {
+    /// guests to this worker's queue of their taps; true if it handed the engine copies for
+    /// a capture.
+    fn serve_sockets(&mut self, now: Instant) -> bool {
         let Some(mut sockets) = self.sockets.take_if(|s| s.is_due(now)) else {
-            return;
+            return false;
         };
         sockets.serve(now, self.poll.registry());
-        let observed = self.mirror.observed();
+        let mut copied = false;
         while let Some((port, vnet, frame)) = sockets.poll_frame() {
             let len = vnet::LEN + frame.len();
             if self.is_current(port) && len <= self.scratch.len() {
@@ -412,9 +415,10 @@ impl Worker {
                 self.scratch[vnet::LEN..len].copy_from_slice(&frame);
                 let buf = std::mem::take(&mut self.scratch);
                 self.transmit(port, &buf[..len]);
-                if observed {
+                if self.mirror.captured(port) {
                     let generation = self.mirror.generation(port);
-                    self.copy_for_capture(port, generation, &buf[..len], Purpose::CaptureSent);
+                    copied |=
+                        self.copy_for_capture(port, generation, &buf[..len], Purpose::CaptureSent);
                 }
                 self.scratch = buf;
             } else {
@@ -424,6 +428,7 @@ impl Worker {
         }
         sockets.publish(now);
         self.sockets = Some(sockets);
+        copied
     }
 
     fn take_commands(&mut self) {
@@ -586,9 +591,8 @@ impl Worker {
             }
             Decision::Sockets => {
                 received();
-                if self.mirror.observed() {
-                    self.copy_for_capture(id, generation, buf, Purpose::CaptureReceived);
-                }
+                let copied = self.mirror.captured(id)
+                    && self.copy_for_capture(id, generation, buf, Purpose::CaptureReceived);
                 if let (Some(sockets), Ok(hdr)) = (&mut self.sockets, VnetHdr::parse(buf)) {
                     let frame = &buf[vnet::LEN..];
                     let from = Peer {
@@ -597,7 +601,7 @@ impl Worker {
                     };
                     sockets.handle(now, from, &hdr, frame);
                 }
-                false
+                copied
             }
             Decision::HandOver => {
                 self.hand_over(id, generation, buf);
@@ -623,8 +627,13 @@ impl Worker {
         }
         // Before anything that may change while a connection lasts ([`super::shard`]).
         if let Some(sockets) = &self.sockets
-            && sockets.takes(frame, self.mirror.fast_ingress(ingress))
+            && sockets.takes(frame, ingress, self.mirror.fast_ingress(ingress))
         {
+            let src = MacAddr::from_slice(&frame[6..12]);
+            if self.mirror.lookup(src) == Some(ingress) {
+                // A guest whose only traffic is these connections stays learned.
+                self.mirror.note_seen(now, src);
+            }
             return Some(Decision::Sockets);
         }
         if self.mirror.observed() {
@@ -759,24 +768,36 @@ impl Worker {
         }
     }
 
-    /// Hands the engine a copy of `frame` (virtio-net header first) for the captures; a copy
-    /// that does not fit is counted as missing from them.
-    fn copy_for_capture(&self, port: PortId, generation: u32, frame: &[u8], purpose: Purpose) {
-        let handed = self.free.try_recv().ok().and_then(|mut buf| {
-            buf.clear();
-            buf.extend_from_slice(frame);
-            let copy = Handed {
-                purpose,
-                port,
-                generation,
-                len: frame.len(),
-                buf,
-            };
-            self.handed.try_send(copy).ok()
-        });
+    /// Hands the engine a copy of `frame` (virtio-net header first) for the captures; true
+    /// if handed. A copy finds no buffer when fewer than [`CAPTURE_RESERVE`] are left for
+    /// hand-overs, and is counted as missing from the captures.
+    fn copy_for_capture(
+        &self,
+        port: PortId,
+        generation: u32,
+        frame: &[u8],
+        purpose: Purpose,
+    ) -> bool {
+        let spare = self.free.len() > CAPTURE_RESERVE;
+        let handed = spare
+            .then(|| self.free.try_recv().ok())
+            .flatten()
+            .and_then(|mut buf| {
+                buf.clear();
+                buf.extend_from_slice(frame);
+                let copy = Handed {
+                    purpose,
+                    port,
+                    generation,
+                    len: frame.len(),
+                    buf,
+                };
+                self.handed.try_send(copy).ok()
+            });
         if handed.is_none() {
             bump(&self.tallies[port.0 as usize].capture_missed, 1);
         }
+        handed.is_some()
     }
 }
 

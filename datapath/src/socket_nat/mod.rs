@@ -494,9 +494,12 @@ impl SocketNat {
         &self.config
     }
 
-    /// What this socket NAT makes of a guest's IPv4 packet `ip` (header checked), as a
-    /// worker's socket NAT asks of each frame its tap queue brings.
-    pub fn claim(&self, ip: &[u8]) -> Claim {
+    /// What this socket NAT makes of a guest's IPv4 packet `ip` (header checked) that came
+    /// `from` a port and MAC, as a worker's socket NAT asks of each frame its tap queue brings.
+    /// A segment of a connection it holds is its own only from where the connection's guest
+    /// is (a guest on a clean-traffic port forging another's address and ports gets `Not`,
+    /// and the engine's guard sees the frame).
+    pub fn claim(&self, ip: &[u8], from: Peer) -> Claim {
         let Some(ihl) = packet::ip_header_len(ip) else {
             return Claim::Not;
         };
@@ -510,7 +513,11 @@ impl SocketNat {
             SocketAddrV4::new(dst, port(ihl + 2)),
         );
         if self.by_key.contains_key(&key) {
-            Claim::Held
+            if self.peers.get(&src) == Some(&from) {
+                Claim::Held
+            } else {
+                Claim::Not
+            }
         } else if ip[ihl + 13] & 0x12 == 0x02
             && dst != self.config.gateway
             && self.routable(dst)
@@ -525,7 +532,7 @@ impl SocketNat {
     /// The port `port` is gone: its guests' connections end (their host sockets close) and
     /// nothing more is sent there, not even to a port that later takes its id.
     pub fn forget_port(&mut self, port: PortId) {
-        let gone: Vec<Ipv4Addr> = (self.peers.iter())
+        let gone: std::collections::HashSet<Ipv4Addr> = (self.peers.iter())
             .filter(|(_, peer)| peer.port == port)
             .map(|(ip, _)| *ip)
             .collect();

@@ -635,28 +635,49 @@ fn a_shard_claims_syns_and_its_own_connections_only() {
     let mut nat = nat(now);
     let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
     let ack = segment(40000, 80, 1001, 1, 0x10, &[]);
-    assert_eq!(nat.claim(&syn), Claim::Opens);
-    assert_eq!(nat.claim(&ack), Claim::Not, "another thread's connection");
+    assert_eq!(nat.claim(&syn, PEER), Claim::Opens);
     assert_eq!(
-        nat.claim(&segment(40000, 80, 1000, 1, 0x12, &[])),
+        nat.claim(&ack, PEER),
+        Claim::Not,
+        "another thread's connection"
+    );
+    assert_eq!(
+        nat.claim(&segment(40000, 80, 1000, 1, 0x12, &[]), PEER),
         Claim::Not,
         "a SYN-ACK opens nothing"
     );
     nat.handle_packet(now, PEER, &syn, &PLAIN).unwrap();
-    assert_eq!(nat.claim(&ack), Claim::Held, "held from its SYN on");
-    assert_eq!(nat.claim(&syn), Claim::Held, "a retransmitted SYN too");
+    assert_eq!(nat.claim(&ack, PEER), Claim::Held, "held from its SYN on");
     assert_eq!(
-        nat.claim(&segment(40001, 80, 1001, 1, 0x10, &[])),
+        nat.claim(&syn, PEER),
+        Claim::Held,
+        "a retransmitted SYN too"
+    );
+    let elsewhere = Peer {
+        port: PortId(3),
+        ..PEER
+    };
+    assert_eq!(
+        nat.claim(&ack, elsewhere),
+        Claim::Not,
+        "another port forging the guest's address: the engine's guard sees it"
+    );
+    assert_eq!(
+        nat.claim(&segment(40001, 80, 1001, 1, 0x10, &[]), PEER),
         Claim::Not
     );
 
     let mut to_gateway = segment(40002, 80, 1000, 0, 0x02, &[]);
     to_gateway[16..20].copy_from_slice(&GATEWAY.octets());
-    assert_eq!(nat.claim(&to_gateway), Claim::Not, "the gateway's ports");
+    assert_eq!(
+        nat.claim(&to_gateway, PEER),
+        Claim::Not,
+        "the gateway's ports"
+    );
     let mut fragment = syn.clone();
     fragment[6] = 0x20;
-    assert_eq!(nat.claim(&fragment), Claim::Not);
-    assert_eq!(nat.claim(&udp_packet(b"dns?")), Claim::Not);
+    assert_eq!(nat.claim(&fragment, PEER), Claim::Not);
+    assert_eq!(nat.claim(&udp_packet(b"dns?"), PEER), Claim::Not);
 }
 
 /// A guest's port goes away: its connections end and their host sockets are closed, and
