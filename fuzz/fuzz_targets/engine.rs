@@ -4,7 +4,9 @@
 //! workers only connections that are established (TCP) or answered (UDP), and the DHCP
 //! server's leases stay in its range. The first byte picks packet NAT, or socket NAT (its
 //! host sockets simulated: connects succeed or are refused, hosts send bytes back) with the
-//! guard's clean-traffic and rate caps on.
+//! guard's clean-traffic and rate caps on; a frame "on port 255" removes a guest's port
+//! instead, and a new one takes its id (socket NAT ends that port's guests' connections).
+//! With socket NAT, what a worker's socket NAT would claim of each frame is asked too.
 #![no_main]
 
 use datapath::dhcp::DhcpService;
@@ -12,7 +14,7 @@ use datapath::engine::{Config, Engine};
 use datapath::gateway::GatewayConfig;
 use datapath::guard::GuardConfig;
 use datapath::nat::{Dir, NatConfig};
-use datapath::socket_nat::{Action, SocketNatConfig};
+use datapath::socket_nat::{Action, Peer, SocketNatConfig};
 use datapath::uplink::UplinkConfig;
 use datapath::wire::{MacAddr, VnetHdr};
 use dhcp_dns::dhcp::{DhcpConfig, DhcpServer};
@@ -110,6 +112,11 @@ fuzz_target!(|data: &[u8]| {
         let (frame, next) = tail.split_at(len);
         rest = next;
         now += Duration::from_millis(u64::from(flags >> 2) * 50);
+        if *port == 255 {
+            engine.remove_port(ports[2]);
+            ports[2] = engine.add_port("c");
+            continue;
+        }
         let ingress = ports[usize::from(*port) % ports.len()];
         let vnet = VnetHdr {
             gso_type: if flags & 1 == 1 { 1 } else { 0 },
@@ -125,6 +132,16 @@ fuzz_target!(|data: &[u8]| {
             .take(2)
             .map(|m| MacAddr(m.try_into().unwrap_or_default()))
             .collect();
+        if let (Some(nat), Some(packet), Some(&src)) =
+            (engine.socket_nat(), frame.get(14..), macs.get(1))
+            && let Ok(ip) = datapath::wire::ipv4::Ipv4Packet::new_checked(packet)
+        {
+            let from = Peer {
+                port: ingress,
+                mac: src,
+            };
+            let _ = nat.claim(&packet[..ip.total_len()], from);
+        }
         let _ = engine.handle_frame(now, ingress, &vnet, &mut buf[..frame.len()]);
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
