@@ -612,22 +612,25 @@ impl Engine {
             c.record_rx(frame.len());
             if let Verdict::Drop(reason) = verdict {
                 c.record_drop(reason);
-                if matches!(
-                    reason,
-                    DropReason::NatTableFull
-                        | DropReason::NatGuestLimit
-                        | DropReason::NatPortsExhausted
-                ) {
-                    self.notice_cap(now, CapNotice::Nat, || {
-                        format!(
-                            "port {ingress}: NAT refuses new connections ({reason}); \
-                             counted in `switchyard stats`"
-                        )
-                    });
-                }
+                self.note_nat_refusal(now, ingress, reason);
             }
         }
         verdict
+    }
+
+    /// Says (rate-limited) that NAT refuses new connections, when `reason` is one of its caps.
+    fn note_nat_refusal(&mut self, now: Instant, port: PortId, reason: DropReason) {
+        if matches!(
+            reason,
+            DropReason::NatTableFull | DropReason::NatGuestLimit | DropReason::NatPortsExhausted
+        ) {
+            self.notice_cap(now, CapNotice::Nat, || {
+                format!(
+                    "port {port}: NAT refuses new connections ({reason}); \
+                     counted in `switchyard stats`"
+                )
+            });
+        }
     }
 
     fn switch_frame(
@@ -1339,6 +1342,21 @@ impl Engine {
         }
     }
 
+    /// Drops a worker's socket NAT made (and told at `now`): counted, and a refusal at its
+    /// caps said as the engine's own are.
+    pub fn record_worker_drops(
+        &mut self,
+        now: Instant,
+        port: PortId,
+        reason: DropReason,
+        count: u64,
+    ) {
+        self.record_drops(port, reason, count);
+        if count > 0 {
+            self.note_nat_refusal(now, port, reason);
+        }
+    }
+
     /// When [`Engine::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let router = self.router.as_ref();
@@ -1378,6 +1396,10 @@ impl Engine {
             return;
         };
         router.nat.handle_timeout(now);
+        if !router.nat.workers_send_out() {
+            // The last connection workers carried has ended or been taken back.
+            router.uplink.unshare_all();
+        }
         let unresolved = router.uplink.handle_timeout(now);
         if router.uplink.take_moved() {
             router.nat.withdraw_all();
@@ -1704,6 +1726,25 @@ mod tests {
         assert_eq!(notices.len(), 1, "{notices:?}");
         assert!(
             notices[0].contains("MAC table is full (2 entries)"),
+            "{notices:?}"
+        );
+    }
+
+    /// A worker's socket NAT at its caps is heard of as the engine's own NAT is: counted on
+    /// the port, and said once per interval.
+    #[test]
+    fn a_workers_refusals_are_counted_and_said_once() {
+        let (mut e, [pa, _, _], t) = three_ports();
+        e.record_worker_drops(t, pa, DropReason::NatGuestLimit, 3);
+        e.record_worker_drops(t, pa, DropReason::NatGuestLimit, 2);
+        e.record_worker_drops(t, pa, DropReason::BadChecksum, 1);
+        let counters = &e.port(pa).unwrap().counters;
+        assert_eq!(counters.drops(DropReason::NatGuestLimit), 5);
+        assert_eq!(counters.drops(DropReason::BadChecksum), 1);
+        let notices: Vec<String> = std::iter::from_fn(|| e.poll_notice()).collect();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].contains("NAT refuses new connections"),
             "{notices:?}"
         );
     }

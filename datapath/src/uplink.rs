@@ -258,6 +258,14 @@ impl Uplink {
         }
     }
 
+    /// Workers send to no next hop any more: next hops are re-probed only when the engine
+    /// uses them again.
+    pub fn unshare_all(&mut self) {
+        for n in self.neighbors.values_mut() {
+            n.shared = false;
+        }
+    }
+
     /// Whether a next hop's MAC changed, or a next hop with a MAC stopped answering, since
     /// the last call: what workers were given for it is stale.
     pub fn take_moved(&mut self) -> bool {
@@ -449,6 +457,19 @@ mod tests {
         u.handle_arp(t, &mut reply, 14);
         while u.poll_transmit().is_some() {}
         (u, t, router, reply)
+    }
+
+    // Once workers send to it no more, an idle next hop is left alone, as one the engine
+    // stopped using is.
+    #[test]
+    fn a_next_hop_workers_stopped_using_is_not_reprobed() {
+        let (mut u, t, router, _) = resolved_router();
+        u.share(router);
+        u.unshare_all();
+        assert_eq!(u.poll_timeout(), None);
+        u.handle_timeout(t + REACHABLE);
+        assert_eq!(u.rows()[0].state, "REACHABLE");
+        assert!(u.poll_transmit().is_none(), "no probe");
     }
 
     // A known MAC stays in use past REACHABLE while it is re-probed.

@@ -993,9 +993,10 @@ impl Datapath {
                 }
             }
         }
+        let now = Instant::now();
         for view in &self.shard_views {
             for (port, reason, count) in view.take_drops() {
-                self.engine.record_drops(port, reason, count);
+                self.engine.record_worker_drops(now, port, reason, count);
             }
         }
     }

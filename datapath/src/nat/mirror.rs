@@ -23,7 +23,7 @@ use super::Dir;
 use super::packet::Tuple;
 use crate::wire::MacAddr;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
 /// Entries per direction: enough that a host's busy connections rarely share a slot, small
@@ -122,6 +122,9 @@ pub struct NatMirror {
     /// Bumped to take every entry back at once ([`NatMirror::invalidate`]); entries carry its
     /// low 16 bits.
     epoch: AtomicU64,
+    /// Entries of the way out that hold a connection (of any epoch): none means workers send
+    /// to no next hop. Written by the engine only.
+    held_out: AtomicUsize,
     base: Instant,
 }
 
@@ -132,7 +135,23 @@ impl NatMirror {
             back: (0..ENTRIES).map(|_| Entry::default()).collect(),
             external,
             epoch: AtomicU64::new(0),
+            held_out: AtomicUsize::new(0),
             base: Instant::now(),
+        }
+    }
+
+    /// Whether any connection's way out is published (in any epoch): workers may be sending
+    /// to a next hop. Engine only.
+    pub(crate) fn sends_out(&self) -> bool {
+        self.held_out.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts a way-out entry taken (`+1`) or given back (`-1`).
+    fn count_out(&self, dir: Dir, up: bool) {
+        if dir == Dir::Out {
+            let held = self.held_out.load(Ordering::Relaxed);
+            let held = if up { held + 1 } else { held.saturating_sub(1) };
+            self.held_out.store(held, Ordering::Relaxed);
         }
     }
 
@@ -227,6 +246,7 @@ impl NatMirror {
         entry.bytes.store(0, Ordering::Relaxed);
         entry.seen.store(0, Ordering::Relaxed);
         Self::write(entry, key, value);
+        self.count_out(dir, true);
         Published::Written
     }
 
@@ -245,6 +265,7 @@ impl NatMirror {
             return Tallies::default();
         }
         Self::write(entry, (0, 0), (0, 0));
+        self.count_out(dir, false);
         self.read_tallies(entry, true)
     }
 
@@ -348,11 +369,13 @@ mod tests {
         let m = NatMirror::new(EXTERNAL);
         let t = tuple(40000);
         assert!(m.lookup(Dir::Out, &t).is_none());
+        assert!(!m.sends_out());
         assert_eq!(m.publish(Dir::Out, &t, &rewrite(1024)), Published::Written);
         assert_eq!(
             m.publish(Dir::Out, &t, &rewrite(1024)),
             Published::Unchanged
         );
+        assert!(m.sends_out(), "workers send it out");
         let (r, found) = m.lookup(Dir::Out, &t).expect("published");
         assert_eq!(r, rewrite(1024));
         assert!(m.lookup(Dir::In, &t).is_none(), "directions are apart");
@@ -371,6 +394,7 @@ mod tests {
         );
         assert!(m.lookup(Dir::Out, &t).is_none());
         assert_eq!(m.withdraw(Dir::Out, &t), Tallies::default());
+        assert!(!m.sends_out(), "its next hop is nobody's now");
 
         let inward = Rewrite {
             ip: Ipv4Addr::new(192, 168, 122, 10),
@@ -380,6 +404,7 @@ mod tests {
         };
         assert_eq!(m.publish(Dir::In, &t, &inward), Published::Written);
         assert_eq!(m.lookup(Dir::In, &t).unwrap().0, inward);
+        assert!(!m.sends_out(), "the way in sends to no next hop");
 
         // Taken back all at once: a miss, tallies kept, until published again.
         let (_, found) = m.lookup(Dir::In, &t).unwrap();

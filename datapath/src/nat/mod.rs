@@ -534,6 +534,12 @@ impl Nat {
         mirror.publish(Dir::Out, &flow.original(), &outward) == Published::Written
     }
 
+    /// Whether workers may be sending connections out to a next hop: some connection's way
+    /// out is published. Without workers, never.
+    pub fn workers_send_out(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.sends_out())
+    }
+
     /// Takes every connection back from the workers (a next hop's MAC changed): they hand
     /// its packets to the engine until it publishes them again. One store, whatever the
     /// table holds (a neighbour flapping its ARP costs no sweep).
