@@ -16,6 +16,8 @@ struct SocketNet {
     // Field order is drop order: switchyard stops before its namespaces go.
     _sy: Switchyard,
     guest: Netns,
+    /// Further guests (`socket_net_guests`), at 192.168.122.11 and on.
+    others: Vec<Netns>,
     host: Netns,
     outside: Netns,
     dir: TempDir,
@@ -72,6 +74,16 @@ fn socket_net_env(extra_xml: &str, env: &[(&str, &str)]) -> SocketNet {
 
 /// [`socket_net_env`] with `args` added to switchyard's `run`.
 fn socket_net_with(extra_xml: &str, env: &[(&str, &str)], args: &[&str]) -> SocketNet {
+    socket_net_guests(extra_xml, env, args, 0)
+}
+
+/// [`socket_net_with`] with `others` further guests.
+fn socket_net_guests(
+    extra_xml: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+    others: usize,
+) -> SocketNet {
     require(&["ip", "python3", "curl", "nc"]);
     let dir = TempDir::new("sysock");
     let outside = Netns::new("o");
@@ -93,13 +105,25 @@ fn socket_net_with(extra_xml: &str, env: &[(&str, &str)], args: &[&str]) -> Sock
     let guest = Netns::new("g");
     let tap = guest.tap_arg("eth0", "52:54:00:c0:00:0a");
     let control = dir.file("ctl.sock");
+    let others: Vec<Netns> = (0..others).map(|_| Netns::new("g")).collect();
+    let other_taps: Vec<String> = (others.iter().enumerate())
+        .map(|(i, ns)| ns.tap_arg("eth0", &format!("52:54:00:c0:00:{:02x}", 0x0b + i)))
+        .collect();
     let mut argv = vec!["run", &xml, "--json", "--control", &control, "--tap", &tap];
+    for tap in &other_taps {
+        argv.extend_from_slice(&["--tap", tap]);
+    }
     argv.extend_from_slice(args);
     let sy = Switchyard::start_in_env(Some(&host), &argv, env);
     guest.set_static_address("eth0", &format!("{GUEST}/24"), Some("192.168.122.1"));
+    for (i, ns) in others.iter().enumerate() {
+        let cidr = format!("192.168.122.{}/24", 11 + i);
+        ns.set_static_address("eth0", &cidr, Some("192.168.122.1"));
+    }
     SocketNet {
         _sy: sy,
         guest,
+        others,
         host,
         outside,
         dir,
@@ -509,4 +533,79 @@ fn two_workers_each_carry_the_tcp_connections_that_open_on_their_queue() {
         on_worker > 0 && on_worker < all,
         "both threads opened connections: {on_worker} of {all} on the worker"
     );
+}
+
+/// `--workers 2`: a guest's tap goes away under connections both threads hold (its kernel
+/// never closes them): every thread ends them and closes their host sockets at once (the
+/// outside's server sees them end; none lingers in `conntrack` until its 2-hour timeout),
+/// and another guest goes on through both threads.
+#[test]
+fn two_workers_end_a_removed_guests_connections_at_once() {
+    require(&["iperf3", "ss"]);
+    let net = socket_net_guests("", &[], &["--workers", "2"], 1);
+    let control = net.control();
+    let bin = switchyard_bin().display().to_string();
+    let port_count = || net.stats()["ports"].as_array().unwrap().len();
+    let other = &net.others[0];
+    assert_eq!(port_count(), 2);
+    let _server = net
+        .outside
+        .spawn(&["iperf3", "-s", "-B", OUTSIDE, "-p", "5201"]);
+    wait_for_port(&net.outside, OUTSIDE, "5201");
+    let _long = other.spawn(&[
+        "timeout", "60", "iperf3", "-c", OUTSIDE, "-p", "5201", "-t", "30", "-P", "8",
+    ]);
+    let of_other = |conntrack: &str| {
+        conntrack
+            .lines()
+            .filter(|l| l.starts_with("tcp") && l.contains("src=192.168.122.11 "))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let conntrack = must(&[&bin, "conntrack", "--socket", &control]);
+        if of_other(&conntrack) >= 9 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never 9 connections:\n{conntrack}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        net.stats()["engine"]["socket_nat_worker_connects"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "the worker holds some of them"
+    );
+    // The tap goes; the guest's iperf3 still runs, its sockets still open.
+    other.must(&["ip", "link", "del", "eth0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let conntrack = must(&[&bin, "conntrack", "--socket", &control]);
+        let established =
+            net.outside
+                .must(&["ss", "-Htn", "state", "established", "sport", "= :5201"]);
+        if port_count() == 1 && of_other(&conntrack) == 0 && established.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed guest's connections linger:\n{conntrack}\n{established}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _http = http_server(&net.outside, &net.dir, OUTSIDE, "8080");
+    for _ in 0..4 {
+        let page = net.guest.must(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "http://203.0.113.1:8080/hello.txt",
+        ]);
+        assert_eq!(page, "hello through the host's sockets\n");
+    }
 }
