@@ -208,7 +208,15 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.name]);
+        // Whatever still runs inside goes with it (a child whose `timeout` was killed, say, or
+        // a client whose link was deleted under it): nothing a test started outlives it.
+        let quietly = |args: &[&str]| Command::new(args[0]).args(&args[1..]).output().ok();
+        if let Some(pids) = quietly(&["ip", "netns", "pids", &self.name]) {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                quietly(&["kill", "-9", pid]);
+            }
+        }
+        quietly(&["ip", "netns", "del", &self.name]);
     }
 }
 
