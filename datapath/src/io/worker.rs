@@ -741,30 +741,16 @@ impl Worker {
     }
 
     fn hand_over(&self, port: PortId, generation: u32, frame: &[u8]) {
-        let n = frame.len();
-        let dropped = || {
-            let tally = &self.tallies[port.0 as usize];
-            bump(&tally.rx_packets, 1);
-            bump(&tally.rx_bytes, n.saturating_sub(vnet::LEN) as u64);
-            bump(&tally.handover_full, 1);
-        };
-        let Ok(mut buf) = self.free.try_recv() else {
-            dropped();
-            return;
-        };
-        buf.clear();
-        buf.extend_from_slice(frame);
-        let handed = Handed {
-            purpose: Purpose::Handle,
-            port,
-            generation,
-            len: n,
-            buf,
-        };
-        if self.handed.try_send(handed).is_ok() {
-            bump(&self.tallies[port.0 as usize].handed_over, 1);
+        let tally = &self.tallies[port.0 as usize];
+        if self.send_to_engine((port, generation), frame, Purpose::Handle, 0) {
+            bump(&tally.handed_over, 1);
         } else {
-            dropped();
+            bump(&tally.rx_packets, 1);
+            bump(
+                &tally.rx_bytes,
+                frame.len().saturating_sub(vnet::LEN) as u64,
+            );
+            bump(&tally.handover_full, 1);
         }
     }
 
@@ -778,26 +764,38 @@ impl Worker {
         frame: &[u8],
         purpose: Purpose,
     ) -> bool {
-        let spare = self.free.len() > CAPTURE_RESERVE;
-        let handed = spare
-            .then(|| self.free.try_recv().ok())
-            .flatten()
-            .and_then(|mut buf| {
-                buf.clear();
-                buf.extend_from_slice(frame);
-                let copy = Handed {
-                    purpose,
-                    port,
-                    generation,
-                    len: frame.len(),
-                    buf,
-                };
-                self.handed.try_send(copy).ok()
-            });
-        if handed.is_none() {
+        let handed = self.send_to_engine((port, generation), frame, purpose, CAPTURE_RESERVE);
+        if !handed {
             bump(&self.tallies[port.0 as usize].capture_missed, 1);
         }
-        handed.is_some()
+        handed
+    }
+
+    /// Copies `frame`, read from or sent to `port` under `generation`, into a free hand-over
+    /// buffer for the engine, if more than `reserve` are free; whether it went.
+    fn send_to_engine(
+        &self,
+        (port, generation): (PortId, u32),
+        frame: &[u8],
+        purpose: Purpose,
+        reserve: usize,
+    ) -> bool {
+        if self.free.len() <= reserve {
+            return false;
+        }
+        let Ok(mut buf) = self.free.try_recv() else {
+            return false;
+        };
+        buf.clear();
+        buf.extend_from_slice(frame);
+        let handed = Handed {
+            purpose,
+            port,
+            generation,
+            len: frame.len(),
+            buf,
+        };
+        self.handed.try_send(handed).is_ok()
     }
 }
 
