@@ -609,7 +609,7 @@ impl Datapath {
         // Socket NAT: each worker carries the TCP connections that open on its queues, under
         // its share of the caps ([`shard`]).
         let gateway_mac = self.engine.gateway_mac();
-        let config = self.engine.socket_nat_mut().map(|s| s.config().clone());
+        let config = self.engine.socket_nat().map(|s| s.config().clone());
         if let (Some(config), Some(gateway_mac)) = (config, gateway_mac) {
             for worker in &self.workers {
                 let (shard, view) =
