@@ -2,6 +2,7 @@
 
 use crate::network::{DEFAULT_XML, ForwardMode, NetworkDef, UplinkRx};
 use crate::report;
+use datapath::io::control::Answer;
 use datapath::io::{Datapath, Tap, TapSpec};
 use datapath::{Config, Engine};
 use std::path::{Path, PathBuf};
@@ -371,12 +372,39 @@ fn port_forward(dp: &mut Datapath, request: &str) -> String {
 
 /// Answers one control request: `conntrack [json]`, `neighbors`, `stats`, `leases [json]`,
 /// `dns`, `fdb [json]`, `iface-list [json]`, `attach tap SPEC`, `detach TARGET`.
-pub fn answer(dp: &mut Datapath, request: &str) -> String {
+pub fn answer(dp: &mut Datapath, request: &str) -> Answer {
     let now = std::time::Instant::now();
-    let json = |v: Result<String, serde_json::Error>| match v {
+    match request {
+        "conntrack" => {
+            let rows = dp.conntrack_later(now);
+            Answer::Later(Box::new(move || {
+                let rows = rows();
+                let mut out: String = rows.iter().map(|r| format!("{r}\n")).collect();
+                out.push_str(&format!(
+                    "switchyard conntrack: {} flow entries have been shown.\n",
+                    rows.len()
+                ));
+                out
+            }))
+        }
+        "conntrack json" => {
+            let rows = dp.conntrack_later(now);
+            Answer::Later(Box::new(move || json_line(serde_json::to_string(&rows()))))
+        }
+        other => answer_now(dp, other, now).into(),
+    }
+}
+
+fn json_line(v: Result<String, serde_json::Error>) -> String {
+    match v {
         Ok(s) => s + "\n",
         Err(e) => format!("error: {e}\n"),
-    };
+    }
+}
+
+/// The answers the datapath's thread makes at once.
+fn answer_now(dp: &mut Datapath, request: &str, now: std::time::Instant) -> String {
+    let json = json_line;
     if let Some(spec) = request.strip_prefix("attach tap ") {
         return attach(dp, spec.trim());
     }
@@ -400,16 +428,6 @@ pub fn answer(dp: &mut Datapath, request: &str) -> String {
     }
     let engine = dp.engine();
     match request {
-        "conntrack" => {
-            let rows = dp.conntrack(now);
-            let mut out: String = rows.iter().map(|r| format!("{r}\n")).collect();
-            out.push_str(&format!(
-                "switchyard conntrack: {} flow entries have been shown.\n",
-                rows.len()
-            ));
-            out
-        }
-        "conntrack json" => json(serde_json::to_string(&dp.conntrack(now))),
         "neighbors" => json(serde_json::to_string(&engine.neighbors())),
         "stats" => json(serde_json::to_string(&dp.stats())),
         "leases" => match engine.dhcp() {

@@ -289,3 +289,96 @@ fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
     assert_eq!(from["drop_offload_unsupported"], 0, "{from}");
     assert_eq!(to["drop_tx_error"], 0, "{to}");
 }
+
+/// Opens `argv[2]` connections to the control socket `argv[1]` and as many to the metrics port
+/// 127.0.0.1:9108 every 0.25 s for `argv[3]` seconds, and never sends a byte on them.
+const IDLE_CLIENTS: &str = r#"
+import socket, sys, time
+path, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+held = []
+end = time.time() + seconds
+while time.time() < end:
+    for _ in range(count):
+        for family, addr in ((socket.AF_UNIX, path), (socket.AF_INET, ("127.0.0.1", 9108))):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.connect(addr)
+                held.append(s)
+            except OSError:
+                s.close()
+    time.sleep(0.25)
+"#;
+
+/// The datapath's thread never waits on a control or metrics client. Clients that connect and
+/// send nothing used to hold every port still for up to 200 ms each (ten of them stopped a
+/// ping for two seconds); now a control thread of its own serves them, frames go on, and
+/// other clients get their answers.
+#[test]
+fn idle_control_and_metrics_clients_hold_up_neither_frames_nor_other_requests() {
+    require(&["ip", "ping", "python3"]);
+    let sw = Netns::new("sw");
+    let guests = [Netns::new("g"), Netns::new("g")];
+    let dir = switchyard_tests::TempDir::new("idle");
+    let control = dir.file("sy.sock");
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let mut sy = Switchyard::start_in(
+        Some(&sw),
+        &[
+            "run",
+            "--json",
+            "--control",
+            &control,
+            "--metrics",
+            "127.0.0.1:9108",
+            "--tap",
+            &taps[0],
+            "--tap",
+            &taps[1],
+        ],
+    );
+    guests[0].set_static_address("eth0", "192.168.122.10/24", None);
+    guests[1].set_static_address("eth0", "192.168.122.11/24", None);
+    guests[0].must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.11"]);
+
+    let idle = sw.spawn(&["python3", "-c", IDLE_CLIENTS, &control, "10", "4"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    let stats = switchyard_tests::stats_of(&control);
+    let took = asked.elapsed();
+    assert!(stats["ports"].is_array(), "{stats}");
+    assert!(
+        took.as_millis() < 1000,
+        "stats took {took:?} among idle clients"
+    );
+    let out = guests[0].must(&[
+        "ping",
+        "-c",
+        "200",
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        "192.168.122.11",
+    ]);
+    drop(idle);
+    assert!(out.contains(" 0% packet loss"), "{out}");
+    let max_ms: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
+        .and_then(|l| l.split('/').nth(2))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no round trip in {out}"));
+    assert!(
+        max_ms < 100.0,
+        "a ping waited {max_ms} ms behind idle clients:\n{out}"
+    );
+    // A scrape still gets its answer once the idle ones are gone.
+    let scrape = sw.must(&[
+        "python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=5).read().decode())",
+    ]);
+    assert!(scrape.contains("switchyard_"), "{scrape}");
+    let stats = sy.stop_json();
+    assert_eq!(port_counters(&stats, 0)["drop_runt"], 0);
+}

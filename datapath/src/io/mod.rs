@@ -8,6 +8,7 @@
 
 mod batch;
 pub mod capture;
+pub mod control;
 pub mod egress;
 pub mod netlink;
 pub mod netns;
@@ -28,7 +29,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -48,16 +48,12 @@ const BUF_LEN: usize = vnet::LEN + MAX_FRAME_LEN;
 const LISTENER_BASE: usize = MAX_PORTS;
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-const CONTROL: Token = Token(usize::MAX - 3);
 const UPSTREAM_V4: Token = Token(usize::MAX - 4);
 const UPSTREAM_V6: Token = Token(usize::MAX - 5);
-const METRICS: Token = Token(usize::MAX - 6);
 /// Upstream DNS answers read per socket per turn.
 const UPSTREAM_BUDGET: usize = 256;
 /// How often the resolver configuration is checked for changes.
 const RESOLV_CHECK: Duration = Duration::from_secs(2);
-/// How long a control client may take to send its one-line request.
-const CONTROL_READ_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long [`Datapath::conntrack`] waits for the workers' socket NAT rows.
 const SHARD_ROWS_WAIT: Duration = Duration::from_millis(200);
 /// How often the fast-path workers' counts are added to the engine's counters.
@@ -253,10 +249,14 @@ pub struct Datapath {
     shutdown: Arc<AtomicBool>,
     report: Arc<AtomicBool>,
     signals: Option<UnixStream>,
-    control: Option<(mio::net::UnixListener, PathBuf)>,
-    control_ready: bool,
-    metrics: Option<mio::net::TcpListener>,
-    metrics_ready: bool,
+    /// The control socket's path, removed when the datapath is dropped.
+    control_path: Option<PathBuf>,
+    /// The control and metrics sockets, until [`Datapath::run`] gives them to the control
+    /// thread ([`control`]).
+    listeners: control::Listeners,
+    control_thread: Option<control::ControlThread>,
+    /// Requests from the control thread.
+    requests: Option<crossbeam_channel::Receiver<control::Request>>,
     leases: Option<LeaseWriter>,
     upstream: Vec<mio::net::UdpSocket>,
     upstream_ready: bool,
@@ -561,10 +561,10 @@ impl Datapath {
             shutdown: Arc::new(AtomicBool::new(false)),
             report: Arc::new(AtomicBool::new(false)),
             signals: None,
-            control: None,
-            control_ready: false,
-            metrics: None,
-            metrics_ready: false,
+            control_path: None,
+            listeners: control::Listeners::default(),
+            control_thread: None,
+            requests: None,
             leases: None,
             upstream: Vec::new(),
             upstream_ready: false,
@@ -650,35 +650,49 @@ impl Datapath {
         stats
     }
 
-    /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections. Each
-    /// worker is asked for its rows, and the engine's thread waits up to [`SHARD_ROWS_WAIT`]
-    /// for them (a worker answers within its turn); a worker that did not answer in time is
-    /// left out, and said to be.
+    /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections (see
+    /// [`Datapath::conntrack_later`]).
     pub fn conntrack(&self, now: Instant) -> Vec<crate::nat::FlowRow> {
+        self.conntrack_later(now)()
+    }
+
+    /// The engine's [`Engine::conntrack`] now, and the workers' socket NAT connections once
+    /// they answer: each worker is asked for its rows, and the function returned waits up to
+    /// [`SHARD_ROWS_WAIT`] for them (a worker answers within its turn), off the datapath's
+    /// thread (the control thread calls it). A worker that did not answer in time is left
+    /// out, and said to be.
+    pub fn conntrack_later(
+        &self,
+        now: Instant,
+    ) -> impl FnOnce() -> Vec<crate::nat::FlowRow> + Send + 'static {
         let mut rows = self.engine.conntrack(now);
-        let tickets: Vec<u64> = self.shard_views.iter().map(|v| v.ask_rows()).collect();
+        let mut waiting: Vec<(usize, Arc<shard::ShardView>, u64)> = (self.shard_views.iter())
+            .enumerate()
+            .map(|(w, view)| (w, view.clone(), view.ask_rows()))
+            .collect();
         for worker in &self.workers {
             worker.wake();
         }
-        let deadline = Instant::now() + SHARD_ROWS_WAIT;
-        let mut waiting: Vec<usize> = (0..self.shard_views.len()).collect();
-        loop {
-            waiting.retain(|&w| match self.shard_views[w].take_rows(tickets[w]) {
-                Some(theirs) => {
-                    rows.extend(theirs);
-                    false
+        move || {
+            let deadline = Instant::now() + SHARD_ROWS_WAIT;
+            loop {
+                waiting.retain(|(_, view, ticket)| match view.take_rows(*ticket) {
+                    Some(theirs) => {
+                        rows.extend(theirs);
+                        false
+                    }
+                    None => true,
+                });
+                if waiting.is_empty() || Instant::now() >= deadline {
+                    break;
                 }
-                None => true,
-            });
-            if waiting.is_empty() || Instant::now() >= deadline {
-                break;
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            for (w, ..) in waiting {
+                eprintln!("switchyard: worker {}: no connection rows in time", w + 1);
+            }
+            rows
         }
-        for w in waiting {
-            eprintln!("switchyard: worker {}: no connection rows in time", w + 1);
-        }
-        rows
     }
 
     /// Keeps polling without sleeping for `spin` after each turn that had events, as
@@ -1071,13 +1085,8 @@ impl Datapath {
             ),
             _ => e,
         })?;
-        let mut listener = mio::net::UnixListener::from_std(listener);
-        self.poll
-            .registry()
-            .register(&mut listener, CONTROL, Interest::READABLE)?;
-        self.control = Some((listener, path.to_path_buf()));
-        // Connections may have queued before registration.
-        self.control_ready = true;
+        self.listeners.control = Some(mio::net::UnixListener::from_std(listener));
+        self.control_path = Some(path.to_path_buf());
         Ok(())
     }
 
@@ -1236,110 +1245,60 @@ impl Datapath {
                 "metrics listen on loopback only",
             ));
         }
-        let mut listener = mio::net::TcpListener::bind(addr)?;
-        self.poll
-            .registry()
-            .register(&mut listener, METRICS, Interest::READABLE)?;
-        self.metrics = Some(listener);
+        self.listeners.metrics = Some(mio::net::TcpListener::bind(addr)?);
         Ok(())
     }
 
-    /// Answers waiting metrics scrapes, each with one HTTP response (the request is read
-    /// within [`CONTROL_READ_TIMEOUT`] and otherwise ignored).
-    fn serve_metrics(&mut self, answer: &mut impl FnMut(&mut Datapath, &str) -> String) {
-        let mut streams = Vec::new();
-        if let Some(listener) = &self.metrics {
-            while let Ok((stream, _)) = listener.accept() {
-                streams.push(std::net::TcpStream::from(std::os::fd::OwnedFd::from(
-                    stream,
-                )));
-            }
-        }
-        if !streams.is_empty() {
-            self.fold_workers();
-        }
-        for mut stream in streams {
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let mut request = [0u8; 1024];
-            let _ = stream.read(&mut request);
-            let body = answer(self, "metrics");
-            let response = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes());
-        }
-    }
-
     /// Runs until [`Handle::shutdown`] or a termination signal; `report` is called with the
-    /// engine on SIGUSR1, `answer` with each control request line.
+    /// engine on SIGUSR1, `answer` with each control request line (a metrics scrape asks
+    /// [`control::METRICS_REQUEST`]). The control and metrics sockets are served from here
+    /// on, by a thread of their own ([`control`]).
     pub fn run(
         &mut self,
         mut report: impl FnMut(&Datapath),
-        mut answer: impl FnMut(&mut Datapath, &str) -> String,
+        mut answer: impl FnMut(&mut Datapath, &str) -> control::Answer,
     ) -> io::Result<()> {
+        if !self.listeners.is_empty() {
+            let listeners = std::mem::take(&mut self.listeners);
+            let (thread, requests) = control::ControlThread::spawn(listeners, self.waker.clone())?;
+            self.control_thread = Some(thread);
+            self.requests = Some(requests);
+        }
         while !self.shutdown.load(Ordering::SeqCst) {
             self.turn(None)?;
             if self.report.swap(false, Ordering::SeqCst) {
                 self.fold_workers();
                 report(self);
             }
-            if std::mem::take(&mut self.control_ready) {
-                self.serve_control(&mut answer);
-            }
-            if std::mem::take(&mut self.metrics_ready) {
-                self.serve_metrics(&mut answer);
-            }
+            self.serve_requests(&mut answer);
         }
         // What the workers counted last, for the report on exit.
         self.fold_workers();
         Ok(())
     }
 
-    /// Answers every waiting control connection. A client gets [`CONTROL_READ_TIMEOUT`] to
-    /// send its request, so a stuck client delays the datapath by at most that. The answer
-    /// may change the datapath (attach or detach a port).
-    fn serve_control(&mut self, answer: &mut impl FnMut(&mut Datapath, &str) -> String) {
-        let mut requests = Vec::new();
-        if let Some((listener, _)) = &self.control {
-            loop {
-                let stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
-                };
-                let stream =
-                    std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let mut line = String::new();
-                if BufReader::new(&stream)
-                    .take(4096)
-                    .read_line(&mut line)
-                    .is_ok()
-                {
-                    if !sys::peer_may_control(stream.as_fd()) {
-                        // Read first, so the refusal is not lost to a reset.
-                        line = "refuse".into();
-                    }
-                    requests.push((stream, line));
-                }
-            }
-        }
-        if !requests.is_empty() {
-            self.fold_workers();
-        }
-        for (stream, line) in requests {
-            let reply = if line == "refuse" {
-                "error: permission denied: another user\n".to_string()
-            } else {
-                answer(self, line.trim())
+    /// Answers the control thread's waiting requests, at most
+    /// [`control::MAX_REQUESTS_PER_TURN`] (the next poll does not sleep if more wait).
+    fn serve_requests(&mut self, answer: &mut impl FnMut(&mut Datapath, &str) -> control::Answer) {
+        let mut served = 0;
+        while served < control::MAX_REQUESTS_PER_TURN {
+            let Some(request) = self.requests.as_ref().and_then(|r| r.try_recv().ok()) else {
+                break;
             };
-            let _ = (&stream).write_all(reply.as_bytes());
+            if served == 0 {
+                self.fold_workers();
+            }
+            let _ = request.reply.send(answer(self, &request.line));
+            served += 1;
+        }
+        if served == 0 {
+            return;
+        }
+        if let Some(thread) = &self.control_thread {
+            thread.wake();
+        }
+        if self.requests.as_ref().is_some_and(|r| !r.is_empty()) {
+            let _ = self.waker.wake();
         }
     }
 
@@ -1543,8 +1502,6 @@ impl Datapath {
             match event.token() {
                 WAKER => {}
                 SIGNALS => drain_signals = true,
-                CONTROL => self.control_ready = true,
-                METRICS => self.metrics_ready = true,
                 UPSTREAM_V4 | UPSTREAM_V6 => self.upstream_ready = true,
                 _ if self.egress.handle_event(event) => {}
                 Token(index) if (LISTENER_BASE..2 * MAX_PORTS).contains(&index) => {
@@ -2018,7 +1975,9 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        if let Some((_, path)) = &self.control {
+        // Stopped first: it may still be writing an answer.
+        drop(self.control_thread.take());
+        if let Some(path) = &self.control_path {
             let _ = std::fs::remove_file(path);
         }
     }
