@@ -609,3 +609,71 @@ fn two_workers_end_a_removed_guests_connections_at_once() {
         assert_eq!(page, "hello through the host's sockets\n");
     }
 }
+
+/// Accepts connections on `argv[1]`:`argv[2]` and holds them open.
+const HOLDING_SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(128)
+held = []
+while True:
+    held.append(s.accept()[0])
+"#;
+
+/// Starts `argv[1]` connections to `argv[2]`:`argv[3]` at once and prints how many are
+/// established 3 s later.
+const MANY_CONNECTIONS: &str = r#"
+import socket, sys, time
+n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((host, port))
+    socks.append(s)
+time.sleep(3)
+up = 0
+for s in socks:
+    try:
+        s.getpeername()
+        up += 1
+    except OSError:
+        pass
+print(up)
+"#;
+
+/// `<sy:nat max-flows-per-guest>` is the network's cap whichever threads carry a guest's
+/// connections: with two workers, a guest that opens 16 connections at once gets 6, not the
+/// engine's 6 and the worker's share besides (as when each thread held a share).
+#[test]
+fn two_workers_hold_a_guest_to_its_per_guest_cap() {
+    let net = socket_net_with(
+        "<sy:nat max-flows-per-guest='6'/>",
+        &[],
+        &["--workers", "2"],
+    );
+    let _server = net
+        .outside
+        .spawn(&["python3", "-c", HOLDING_SERVER, OUTSIDE, "7000"]);
+    wait_for_port(&net.outside, OUTSIDE, "7000");
+    let up = net
+        .guest
+        .must(&["python3", "-c", MANY_CONNECTIONS, "16", OUTSIDE, "7000"]);
+    let stats = net.stats();
+    let sockets = &stats["engine"]["socket_nat"];
+    let conntrack = must(&[
+        switchyard_bin().to_str().unwrap(),
+        "conntrack",
+        "--socket",
+        &net.control(),
+    ]);
+    let held = conntrack
+        .lines()
+        .filter(|l| l.starts_with("tcp") && l.contains("dport=7000"))
+        .count();
+    assert_eq!(up.trim(), "6", "{stats}\n{conntrack}");
+    assert_eq!(held, 6, "{conntrack}");
+    assert!(sockets["guest_limit"].as_u64().unwrap() > 0, "{stats}");
+}

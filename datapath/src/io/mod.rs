@@ -607,13 +607,13 @@ impl Datapath {
             )?);
         }
         // Socket NAT: each worker carries the TCP connections that open on its queues, under
-        // its share of the caps ([`shard`]).
+        // the network's caps, shared with the engine's ([`shard`]).
         let gateway_mac = self.engine.gateway_mac();
-        let config = self.engine.socket_nat().map(|s| s.config().clone());
-        if let (Some(config), Some(gateway_mac)) = (config, gateway_mac) {
+        let socket_nat = (self.engine.socket_nat()).map(|s| (s.config().clone(), s.caps()));
+        if let (Some((config, caps)), Some(gateway_mac)) = (socket_nat, gateway_mac) {
             for worker in &self.workers {
                 let (shard, view) =
-                    shard::SocketShard::new(&config, count, gateway_mac, Instant::now());
+                    shard::SocketShard::new(&config, caps.clone(), gateway_mac, Instant::now());
                 worker.send(worker::Command::AddSockets(Box::new(shard)));
                 self.shard_views.push(view);
             }

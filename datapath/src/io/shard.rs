@@ -16,9 +16,9 @@
 //! (one mapping per guest port, RFC 4787 REQ-1, whichever queues its flows land on), ping,
 //! the gateway's own ports, port forwards, and the segments of its own connections.
 //!
-//! A shard holds at most its share of the network's caps ([`SocketNatConfig::shared_by`]);
-//! the engine's socket NAT keeps the whole caps, since it carries UDP, ping and port forwards
-//! as well. What a shard counts and holds reaches `stats` and `conntrack` through a
+//! A shard's connections count against the network's caps with the engine's
+//! ([`crate::socket_nat::SharedCaps`]): a guest gets `max_flows_per_guest` in all, whichever
+//! threads hold them. What a shard counts and holds reaches `stats` and `conntrack` through a
 //! [`ShardView`]: its counters after every turn that touched it, its connections' rows when
 //! asked, its drops as they happen (rare, off the fast path). While a capture runs, copies of
 //! the frames it takes and sends go to the engine for the capture; traces do not see them.
@@ -26,7 +26,7 @@
 use super::egress::Egress;
 use crate::nat::FlowRow;
 use crate::port::{DropReason, PortId};
-use crate::socket_nat::{Claim, Peer, SocketNat, SocketNatConfig, SocketNatCounters};
+use crate::socket_nat::{Claim, Peer, SharedCaps, SocketNat, SocketNatConfig, SocketNatCounters};
 use crate::wire::ipv4::Ipv4Packet;
 use crate::wire::{MacAddr, VnetHdr, ethernet};
 use mio::Registry;
@@ -123,17 +123,17 @@ pub(crate) struct SocketShard {
 }
 
 impl SocketShard {
-    /// A shard of the network whose socket NAT runs with `config`, and the view of it the
-    /// engine's thread reads.
+    /// A shard of the network whose socket NAT runs with `config` and counts against `caps`
+    /// (the engine's socket NAT's), and the view of it the engine's thread reads.
     pub fn new(
         config: &SocketNatConfig,
-        threads: usize,
+        caps: Arc<SharedCaps>,
         gateway_mac: MacAddr,
         now: Instant,
     ) -> (SocketShard, Arc<ShardView>) {
         let view = Arc::new(ShardView::default());
         let shard = SocketShard {
-            nat: SocketNat::new(config.clone().shared_by(threads), now),
+            nat: SocketNat::sharing_caps(config.clone(), caps, now),
             egress: Egress::default(),
             view: view.clone(),
             gateway_mac,

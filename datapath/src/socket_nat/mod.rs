@@ -39,6 +39,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A TCP connection's buffer from the guest: the window it is offered, drained to the host
@@ -95,15 +96,6 @@ impl SocketNatConfig {
             timeouts: Timeouts::default(),
             host_loopback: false,
         }
-    }
-
-    /// These settings with the caps (`max_flows`, `max_flows_per_guest`) split evenly among
-    /// `threads`, rounding up: a worker's socket NAT's share.
-    pub fn shared_by(mut self, threads: usize) -> SocketNatConfig {
-        let threads = threads.max(1);
-        self.max_flows = self.max_flows.div_ceil(threads);
-        self.max_flows_per_guest = self.max_flows_per_guest.div_ceil(threads);
-        self
     }
 
     pub fn is_internal(&self, ip: Ipv4Addr) -> bool {
@@ -400,6 +392,56 @@ pub struct Peer {
     pub mac: MacAddr,
 }
 
+/// What a network's socket NATs hold against its caps (`max_flows`, `max_flows_per_guest`):
+/// the engine's and each worker's share one, so a cap is the network's whichever thread
+/// holds a connection. A flow takes its place when it is made and gives it back when it ends,
+/// under a lock: once per connection, never per packet.
+#[derive(Debug, Default)]
+pub struct SharedCaps(Mutex<Held>);
+
+#[derive(Debug, Default)]
+struct Held {
+    flows: usize,
+    per_guest: HashMap<Ipv4Addr, usize>,
+}
+
+impl SharedCaps {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more of `guest`'s flows, within `config`'s caps.
+    fn take(&self, guest: Ipv4Addr, config: &SocketNatConfig) -> Result<(), DropReason> {
+        let mut held = self.held();
+        if held.flows >= config.max_flows {
+            return Err(DropReason::NatTableFull);
+        }
+        let count = held.per_guest.get(&guest).copied().unwrap_or(0);
+        if count >= config.max_flows_per_guest {
+            return Err(DropReason::NatGuestLimit);
+        }
+        held.flows += 1;
+        held.per_guest.insert(guest, count + 1);
+        Ok(())
+    }
+
+    fn give_back(&self, guest: Ipv4Addr) {
+        let mut held = self.held();
+        held.flows = held.flows.saturating_sub(1);
+        if let Some(count) = held.per_guest.get_mut(&guest) {
+            *count -= 1;
+            if *count == 0 {
+                held.per_guest.remove(&guest);
+            }
+        }
+    }
+
+    /// Flows held in all.
+    pub fn flows(&self) -> usize {
+        self.held().flows
+    }
+}
+
 /// The socket NAT of one network.
 pub struct SocketNat {
     config: SocketNatConfig,
@@ -415,7 +457,7 @@ pub struct SocketNat {
     by_key: HashMap<Key, u32>,
     /// Forwarded UDP flows by (listener, host peer).
     udp_forwards: HashMap<(u32, SocketAddrV4), u32>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    caps: Arc<SharedCaps>,
     peers: HashMap<Ipv4Addr, Peer>,
     actions: VecDeque<Action>,
     /// Flows whose state may have changed since the last stack poll.
@@ -435,6 +477,15 @@ pub struct SocketNat {
     pub counters: SocketNatCounters,
 }
 
+impl Drop for SocketNat {
+    /// Its flows end with it: their places go back to the caps it shares.
+    fn drop(&mut self) {
+        for flow in self.flows.iter().flatten() {
+            self.caps.give_back(flow.guest_ip());
+        }
+    }
+}
+
 impl std::fmt::Debug for SocketNat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SocketNat")
@@ -450,6 +501,12 @@ fn addr_at(b: &[u8], at: usize) -> Ipv4Addr {
 
 impl SocketNat {
     pub fn new(config: SocketNatConfig, now: Instant) -> SocketNat {
+        SocketNat::sharing_caps(config, Arc::default(), now)
+    }
+
+    /// A socket NAT whose flows count against `caps` with those of the others sharing them
+    /// (a worker's, against the engine's [`SocketNat::caps`]).
+    pub fn sharing_caps(config: SocketNatConfig, caps: Arc<SharedCaps>, now: Instant) -> SocketNat {
         // The stack takes whole GSO segments from guests and sends them too (up to 64 KiB);
         // checksums are the offload's (see `poll_packet`).
         let mut queues = Queues::new(STACK_MTU, ethernet::HEADER_LEN, false);
@@ -474,7 +531,7 @@ impl SocketNat {
             free: Vec::new(),
             by_key: HashMap::new(),
             udp_forwards: HashMap::new(),
-            per_guest: HashMap::new(),
+            caps,
             peers: HashMap::new(),
             actions: VecDeque::new(),
             touched: Vec::new(),
@@ -492,6 +549,11 @@ impl SocketNat {
 
     pub fn config(&self) -> &SocketNatConfig {
         &self.config
+    }
+
+    /// What this socket NAT's flows count against, to share with another.
+    pub fn caps(&self) -> Arc<SharedCaps> {
+        self.caps.clone()
     }
 
     /// What this socket NAT makes of a guest's IPv4 packet `ip` (header checked) that came
@@ -627,14 +689,12 @@ impl SocketNat {
             Key::Tcp(g, _) | Key::Udp(g) | Key::UdpForward(g, _) => *g.ip(),
             Key::Ping(ip, _) => ip,
         };
-        if self.by_key.len() >= self.config.max_flows {
-            self.counters.table_full += 1;
-            return Err(DropReason::NatTableFull);
-        }
-        let count = self.per_guest.get(&guest).copied().unwrap_or(0);
-        if count >= self.config.max_flows_per_guest {
-            self.counters.guest_limit += 1;
-            return Err(DropReason::NatGuestLimit);
+        if let Err(refused) = self.caps.take(guest, &self.config) {
+            match refused {
+                DropReason::NatTableFull => self.counters.table_full += 1,
+                _ => self.counters.guest_limit += 1,
+            }
+            return Err(refused);
         }
         let index = match self.free.pop() {
             Some(index) => index,
@@ -655,7 +715,6 @@ impl SocketNat {
             touched: false,
         });
         self.by_key.insert(key, index);
-        *self.per_guest.entry(guest).or_default() += 1;
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + SWEEP_EVERY);
         }
@@ -688,12 +747,7 @@ impl SocketNat {
             self.udp_forwards.remove(&(listener, remote));
         }
         self.free.push(index);
-        if let Some(count) = self.per_guest.get_mut(&guest) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_guest.remove(&guest);
-            }
-        }
+        self.caps.give_back(guest);
         self.actions.push_back(Action::Close(id));
     }
 

@@ -700,16 +700,46 @@ fn a_removed_ports_guests_lose_their_connections() {
     assert_eq!(nat.poll_action(), Some(Action::Close(id)));
 }
 
+/// The caps are the network's: a guest's connections count against `max_flows_per_guest`
+/// in all, whichever threads' socket NATs hold them, and a place comes back when its
+/// connection ends, or its socket NAT with it.
 #[test]
-fn shared_caps_split_evenly_rounding_up() {
+fn socket_nats_sharing_caps_hold_a_guests_connections_to_the_one_cap() {
+    let now = Instant::now();
     let mut config = SocketNatConfig::new(GATEWAY, 24);
-    config.max_flows = 1001;
-    config.max_flows_per_guest = 8;
-    let shared = config.shared_by(2);
-    assert_eq!((shared.max_flows, shared.max_flows_per_guest), (501, 4));
+    config.max_flows_per_guest = 2;
+    let mut engine = SocketNat::new(config.clone(), now);
+    let mut worker = SocketNat::sharing_caps(config, engine.caps(), now);
+    let syn = |sport| segment(sport, 80, 1000, 0, 0x02, &[]);
+    engine
+        .handle_packet(now, PEER, &syn(40000), &PLAIN)
+        .unwrap();
+    worker
+        .handle_packet(now, PEER, &syn(40001), &PLAIN)
+        .unwrap();
+    assert_eq!(engine.caps().flows(), 2);
     assert_eq!(
-        shared.clone().shared_by(0).max_flows,
-        501,
-        "no thread is one"
+        worker.handle_packet(now, PEER, &syn(40002), &PLAIN),
+        Err(DropReason::NatGuestLimit)
     );
+    assert_eq!(
+        engine.handle_packet(now, PEER, &syn(40003), &PLAIN),
+        Err(DropReason::NatGuestLimit)
+    );
+    assert_eq!(
+        (worker.counters.guest_limit, engine.counters.guest_limit),
+        (1, 1)
+    );
+    // The engine's connection ends: the worker may open one more.
+    engine.forget_port(PEER.port);
+    worker
+        .handle_packet(now, PEER, &syn(40002), &PLAIN)
+        .unwrap();
+    assert_eq!(engine.caps().flows(), 2);
+    // A worker's socket NAT that goes away gives its places back.
+    drop(worker);
+    assert_eq!(engine.caps().flows(), 0);
+    engine
+        .handle_packet(now, PEER, &syn(40004), &PLAIN)
+        .unwrap();
 }
