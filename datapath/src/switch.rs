@@ -255,6 +255,8 @@ pub struct Mirror {
     /// A capture runs on the port (the last one: on the gateway): the frames workers handle
     /// without the engine and that the capture would see are copied to it.
     captured: Box<[AtomicBool]>,
+    /// A trace runs: the frames workers' socket NATs take are copied to the engine for it.
+    traced: AtomicBool,
     base: Instant,
     mask: usize,
 }
@@ -268,6 +270,7 @@ impl Mirror {
             fast_ingress: (0..max_ports).map(|_| AtomicBool::new(false)).collect(),
             generations: (0..max_ports).map(|_| AtomicU32::new(0)).collect(),
             observed: AtomicBool::new(false),
+            traced: AtomicBool::new(false),
             captured: (0..=max_ports).map(|_| AtomicBool::new(false)).collect(),
             base: Instant::now(),
             mask: len - 1,
@@ -397,6 +400,18 @@ impl Mirror {
 
     pub fn observed(&self) -> bool {
         self.observed.load(Ordering::Relaxed)
+    }
+
+    /// Marks a trace as running or not: workers copy the frames their socket NAT takes to the
+    /// engine for it. Called every turn, written only when it changes.
+    pub fn set_traced(&self, on: bool) {
+        if self.traced.load(Ordering::Relaxed) != on {
+            self.traced.store(on, Ordering::Relaxed);
+        }
+    }
+
+    pub fn traced(&self) -> bool {
+        self.traced.load(Ordering::Relaxed)
     }
 }
 

@@ -677,3 +677,49 @@ fn two_workers_hold_a_guest_to_its_per_guest_cap() {
     assert_eq!(held, 6, "{conntrack}");
     assert!(sockets["guest_limit"].as_u64().unwrap() > 0, "{stats}");
 }
+
+/// A trace sees the segments a worker's socket NAT takes, though the engine never handles
+/// them: each is recorded as it came in, with the worker that took it.
+#[test]
+fn a_trace_shows_the_segments_a_workers_socket_nat_takes() {
+    let net = socket_net_with("", &[], &["--workers", "2"]);
+    let _http = http_server(&net.outside, &net.dir, OUTSIDE, "8080");
+    wait_for_port(&net.outside, OUTSIDE, "8080");
+    let bin = switchyard_bin();
+    let control = net.control();
+    let trace = std::process::Command::new(&bin)
+        .args(["trace", "default", "--socket", &control, "--port", "eth0"])
+        .args([
+            "--filter",
+            "tcp and port 8080",
+            "--count",
+            "400",
+            "--duration",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..12 {
+        net.guest.must(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "http://203.0.113.1:8080/hello.txt",
+        ]);
+    }
+    let out = trace.wait_with_output().unwrap();
+    let traced = String::from_utf8_lossy(&out.stdout);
+    let on_worker = net.stats()["engine"]["socket_nat_worker_connects"]
+        .as_u64()
+        .unwrap();
+    assert!(on_worker > 0, "no connection opened on the worker");
+    assert!(
+        traced.contains("verdict: taken by worker 1's socket NAT"),
+        "{traced}"
+    );
+    assert!(traced.contains("192.168.122.10"), "{traced}");
+}

@@ -402,6 +402,25 @@ struct TraceSession {
 /// Traces waiting for the reader before new ones are dropped.
 const MAX_TRACES: usize = 1000;
 
+impl TraceSession {
+    /// Whether a frame that entered `ingress` is one to trace.
+    fn wants(&self, ingress: PortId, frame: &[u8]) -> bool {
+        self.remaining > 0 && self.port.is_none_or(|p| p == ingress) && self.filter.matches(frame)
+    }
+
+    /// Keeps one frame's rendered trace for the reader (counted as dropped if it is behind).
+    fn keep(&mut self, trace: &str) {
+        self.remaining = self.remaining.saturating_sub(1);
+        self.seq += 1;
+        if self.records.len() >= MAX_TRACES {
+            self.dropped += 1;
+        } else {
+            self.records
+                .push_back(format!("frame {}:\n{trace}", self.seq));
+        }
+    }
+}
+
 /// The `nameserver` addresses of a resolv.conf, port 53, in order.
 pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
     text.lines()
@@ -1039,11 +1058,14 @@ impl Datapath {
                         self.flush_tx();
                     }
                     // What a worker's socket NAT took or sent: the port's capture and the
-                    // gateway's (the gateway is the one it talks to).
-                    worker::Purpose::CaptureReceived | worker::Purpose::CaptureSent => {
+                    // gateway's (the gateway is the one it talks to); what it took, the trace.
+                    worker::Purpose::Taken | worker::Purpose::CaptureSent => {
                         if let Some(frame) = frame.get(vnet::LEN..) {
                             self.record_capture(handed.port, frame);
                             self.record_capture(capture::GATEWAY, frame);
+                        }
+                        if handed.purpose == worker::Purpose::Taken {
+                            self.trace_taken(handed.port, w + 1, &handed.buf[..handed.len]);
                         }
                     }
                     worker::Purpose::Handle => {}
@@ -1360,12 +1382,9 @@ impl Datapath {
         let (Some(trace), Some(session)) = (trace, self.tracing.as_mut()) else {
             return;
         };
-        session.remaining = session.remaining.saturating_sub(1);
-        session.seq += 1;
         let engine = &self.engine;
         let name = |p: PortId| engine.port(p).map(|s| s.name.clone()).unwrap_or_default();
-        let mut text = format!("frame {}:\n", session.seq);
-        text.push_str(&trace.render(name));
+        let mut text = trace.render(name);
         if verdict == Verdict::Flood {
             let to: Vec<String> = engine
                 .ports()
@@ -1378,11 +1397,31 @@ impl Datapath {
                 text.push_str(&format!("    flooded to: {}\n", to.join(", ")));
             }
         }
-        if session.records.len() >= MAX_TRACES {
-            session.dropped += 1;
-        } else {
-            session.records.push_back(text);
+        session.keep(&text);
+    }
+
+    /// Traces a frame a worker's socket NAT took from `port` (`buf`: virtio-net header
+    /// first). The engine did not handle it, so the trace says who did.
+    fn trace_taken(&mut self, port: PortId, worker: usize, buf: &[u8]) {
+        let (Some(session), Some(frame)) = (self.tracing.as_mut(), buf.get(vnet::LEN..)) else {
+            return;
+        };
+        if !session.wants(port, frame) {
+            return;
         }
+        let trace = crate::trace::FrameTrace {
+            ingress: port,
+            before: crate::trace::describe(frame, &VnetHdr::parse(buf).unwrap_or_default()),
+            decisions: Vec::new(),
+            after: None,
+            verdict: format!(
+                "taken by worker {worker}'s socket NAT (a TCP connection it holds or opens)"
+            ),
+            originated: 0,
+        };
+        let engine = &self.engine;
+        let name = |p: PortId| engine.port(p).map(|s| s.name.clone()).unwrap_or_default();
+        session.keep(&trace.render(name));
     }
 
     /// Starts capturing the frames of `port`, both ways (see [`capture`]).
@@ -1544,6 +1583,7 @@ impl Datapath {
             self.handover_pending = !self.serve_handovers(now);
             if let Some(mirror) = self.engine.fdb().mirrored() {
                 mirror.set_observed(!self.captures.is_empty() || self.tracing.is_some());
+                mirror.set_traced(self.tracing.is_some());
             }
             if now >= self.next_fold {
                 self.next_fold = now + FOLD_INTERVAL;
@@ -1865,11 +1905,7 @@ impl Datapath {
                 to_gateway = Some(buf[frame_start..].to_vec());
             }
         }
-        let traced = self.tracing.as_ref().is_some_and(|t| {
-            t.remaining > 0
-                && t.port.is_none_or(|p| p == ingress)
-                && t.filter.matches(&buf[frame_start..])
-        });
+        let traced = (self.tracing.as_ref()).is_some_and(|t| t.wants(ingress, &buf[frame_start..]));
         if traced {
             self.engine.set_tracing(true);
         }

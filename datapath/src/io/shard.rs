@@ -21,7 +21,8 @@
 //! threads hold them. What a shard counts and holds reaches `stats` and `conntrack` through a
 //! [`ShardView`]: its counters after every turn that touched it, its connections' rows when
 //! asked, its drops as they happen (rare, off the fast path). While a capture runs, copies of
-//! the frames it takes and sends go to the engine for the capture; traces do not see them.
+//! the frames it takes and sends go to the engine for the capture; while a trace runs, copies
+//! of those it takes, which the trace records as taken by the worker.
 
 use super::egress::Egress;
 use crate::nat::FlowRow;

@@ -74,8 +74,9 @@ pub(crate) enum Command {
 pub(crate) enum Purpose {
     /// To be handled as if read from queue 0.
     Handle,
-    /// For the captures only: a copy of a frame the worker's socket NAT took from the port.
-    CaptureReceived,
+    /// For the captures and the trace only: a copy of a frame the worker's socket NAT took
+    /// from the port.
+    Taken,
     /// For the captures only: a copy of a frame the worker's socket NAT sent to the port.
     CaptureSent,
 }
@@ -591,8 +592,8 @@ impl Worker {
             }
             Decision::Sockets => {
                 received();
-                let copied = self.mirror.captured(id)
-                    && self.copy_for_capture(id, generation, buf, Purpose::CaptureReceived);
+                let copied = (self.mirror.captured(id) || self.mirror.traced())
+                    && self.copy_for_capture(id, generation, buf, Purpose::Taken);
                 if let (Some(sockets), Ok(hdr)) = (&mut self.sockets, VnetHdr::parse(buf)) {
                     let frame = &buf[vnet::LEN..];
                     let from = Peer {
