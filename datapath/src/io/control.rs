@@ -10,7 +10,10 @@
 //! to the datapath's thread through a channel, waking it. That thread answers between two
 //! turns, at most [`MAX_REQUESTS_PER_TURN`] a turn, and wakes this one, which writes the
 //! answer out as the client reads it. An answer that has to wait for other threads (the
-//! workers' `conntrack` rows) comes back as [`Answer::Later`] and waits here.
+//! workers' `conntrack` rows) comes back as [`Answer::Later`] and is made on a short-lived
+//! thread of its own, so that it holds up no other client. Each socket serves at most
+//! [`MAX_CONNECTIONS`] clients at once (scrapers, which any local user may open, cannot
+//! crowd out control clients); more wait in its backlog.
 //!
 //! The thread is spawned when the datapath starts running, after its seccomp filter is in
 //! place, so it runs under the filter too.
@@ -28,15 +31,19 @@ use std::time::{Duration, Instant};
 
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_millis(200);
-/// How long a client may take to read its answer.
+/// How long a client may go without reading any of its answer (a large answer, such as a
+/// capture's frames, takes as long as the client keeps reading).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a request may wait for the datapath's thread (which answers between turns, so
-/// this is only reached if it is stuck or stopping).
+/// this is only reached if it is stuck or stopping). A request given up on stays queued: an
+/// `attach` or `detach` is still carried out, with nobody left to tell.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest control request line.
 const MAX_REQUEST: usize = 4096;
-/// Connections served at once; more are closed as they are accepted.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once from each socket (the control socket's and the metrics
+/// port's, so that scrapers, which any local user may open, never crowd out control
+/// clients); more wait in the socket's backlog until one is done.
+pub const MAX_CONNECTIONS: usize = 32;
 /// Requests the datapath's thread answers between two turns.
 pub const MAX_REQUESTS_PER_TURN: usize = 16;
 /// What the metrics port answers with, whatever it is asked.
@@ -123,6 +130,7 @@ impl ControlThread {
         let (requests, incoming) = crossbeam_channel::unbounded();
         let server = Server {
             poll,
+            own: waker.clone(),
             listeners,
             connections: Vec::new(),
             requests,
@@ -219,8 +227,19 @@ struct Connection {
     stage: Stage,
 }
 
+/// Whether an accept that failed with `e` may be tried again at once (the next connection
+/// may be fine): interrupted, or a client that gave up before it was accepted.
+fn retry_accept(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
+}
+
 struct Server {
     poll: Poll,
+    /// This thread's own waker, for answers made on a thread of their own.
+    own: Arc<Waker>,
     listeners: Listeners,
     connections: Vec<Connection>,
     requests: Sender<Request>,
@@ -239,29 +258,22 @@ impl Server {
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(e) => {
+                    eprintln!("switchyard: control thread: poll: {e}; no more control requests");
+                    return;
+                }
             }
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let (mut control, mut metrics) = (false, false);
-            for event in events.iter() {
-                match event.token() {
-                    CONTROL => control = true,
-                    METRICS => metrics = true,
-                    _ => {}
-                }
-            }
-            if control {
-                self.accept_control();
-            }
-            if metrics {
-                self.accept_metrics();
-            }
+            // Both sockets are tried at every wakeup, not only on their events: a client left
+            // in the backlog while all places were taken raises no new one.
+            self.accept_control();
+            self.accept_metrics();
             // A handful of connections at most: each is moved on, whatever woke the thread.
             let now = Instant::now();
             for connection in &mut self.connections {
-                connection.advance(now, &self.requests, &self.datapath);
+                connection.advance(now, &self.requests, &self.datapath, &self.own);
             }
             self.connections.retain_mut(|c| {
                 let keep = !matches!(c.stage, Stage::Done);
@@ -273,31 +285,39 @@ impl Server {
         }
     }
 
+    /// Connections open from the metrics port (`true`) or the control socket.
+    fn served(&self, metrics: bool) -> usize {
+        (self.connections.iter())
+            .filter(|c| c.stream.is_metrics() == metrics)
+            .count()
+    }
+
     fn accept_control(&mut self) {
-        while let Some(listener) = &self.listeners.control {
+        while self.served(false) < MAX_CONNECTIONS
+            && let Some(listener) = &self.listeners.control
+        {
             match listener.accept() {
                 Ok((stream, _)) => self.add(Stream::Unix(stream)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if retry_accept(&e) => {}
                 Err(_) => break,
             }
         }
     }
 
     fn accept_metrics(&mut self) {
-        while let Some(listener) = &self.listeners.metrics {
+        while self.served(true) < MAX_CONNECTIONS
+            && let Some(listener) = &self.listeners.metrics
+        {
             match listener.accept() {
                 Ok((stream, _)) => self.add(Stream::Tcp(stream)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if retry_accept(&e) => {}
                 Err(_) => break,
             }
         }
     }
 
-    /// Takes a new client, unless as many are served already (it is closed).
+    /// Takes a new client.
     fn add(&mut self, mut stream: Stream) {
-        if self.connections.len() >= MAX_CONNECTIONS {
-            return;
-        }
         let token = Token(self.connections.len());
         // Tokens only say "something happened": every connection is moved on at each wakeup.
         if (self.poll.registry())
@@ -323,7 +343,13 @@ impl Server {
 
 impl Connection {
     /// Moves this connection as far as it can go without waiting.
-    fn advance(&mut self, now: Instant, requests: &Sender<Request>, datapath: &Waker) {
+    fn advance(
+        &mut self,
+        now: Instant,
+        requests: &Sender<Request>,
+        datapath: &Waker,
+        own: &Arc<Waker>,
+    ) {
         if let Stage::Reading = self.stage {
             match self.read_request() {
                 Ok(true) => self.ask(now, requests, datapath),
@@ -338,13 +364,8 @@ impl Connection {
         }
         if let Stage::Waiting(answers) = &self.stage {
             match answers.try_recv() {
-                Ok(answer) => {
-                    let text = match answer {
-                        Answer::Now(text) => text,
-                        Answer::Later(make) => make(),
-                    };
-                    self.answer_with(text, Instant::now());
-                }
+                Ok(Answer::Now(text)) => self.answer_with(text, now),
+                Ok(Answer::Later(make)) => self.make_later(make, now, own),
                 Err(TryRecvError::Empty) if now < self.deadline => {}
                 Err(_) => self.stage = Stage::Done,
             }
@@ -360,7 +381,10 @@ impl Connection {
                         self.stage = Stage::Done;
                         break;
                     }
-                    Ok(n) => self.written += n,
+                    Ok(n) => {
+                        self.written += n;
+                        self.deadline = now + WRITE_TIMEOUT;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if now >= self.deadline {
@@ -377,28 +401,64 @@ impl Connection {
         }
     }
 
-    /// Reads what the client sent; whether the request is complete (a line, the end of the
-    /// stream, the longest request; for a scrape, anything).
+    /// Reads what the client sent; whether the request is complete: a line, or for a scrape
+    /// the end of the HTTP header; the end of the stream; the longest request (what follows
+    /// is read and dropped, so that closing does not reset the connection under the answer).
     fn read_request(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; 512];
+        let mut chunk = [0u8; 1024];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Ok(true),
                 Ok(n) => {
                     let room = MAX_REQUEST - self.input.len();
                     self.input.extend_from_slice(&chunk[..n.min(room)]);
-                    if self.stream.is_metrics()
-                        || self.input.contains(&b'\n')
-                        || self.input.len() >= MAX_REQUEST
+                    if self.input.len() >= MAX_REQUEST
+                        || (self.request_complete() && n < chunk.len())
                     {
                         return Ok(true);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(self.request_complete());
+                }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn request_complete(&self) -> bool {
+        let input = &self.input;
+        input.len() >= MAX_REQUEST
+            || if self.stream.is_metrics() {
+                input.windows(4).any(|w| w == b"\r\n\r\n") || input.windows(2).any(|w| w == b"\n\n")
+            } else {
+                input.contains(&b'\n')
+            }
+    }
+
+    /// Has `make` make the answer on a thread of its own (it waits for other threads), so
+    /// that other clients are not held up meanwhile; the answer comes back as a `Now`.
+    fn make_later(
+        &mut self,
+        make: Box<dyn FnOnce() -> String + Send>,
+        now: Instant,
+        own: &Arc<Waker>,
+    ) {
+        let (reply, answers) = crossbeam_channel::bounded(1);
+        let own = own.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sy-control-answer".into())
+            .spawn(move || {
+                let _ = reply.send(Answer::Now(make()));
+                let _ = own.wake();
+            });
+        if spawned.is_err() {
+            self.stage = Stage::Done;
+            return;
+        }
+        self.deadline = now + ANSWER_TIMEOUT;
+        self.stage = Stage::Waiting(answers);
     }
 
     /// Sends the request to the datapath's thread (a refusal is answered here).
@@ -528,7 +588,7 @@ mod tests {
     }
 
     #[test]
-    fn a_later_answer_is_made_on_the_control_thread_and_a_scrape_gets_http() {
+    fn a_slow_answer_holds_up_no_other_client_and_a_scrape_gets_http() {
         let dir = std::env::temp_dir().join(format!("sy-control-later-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("c.sock");
@@ -543,12 +603,21 @@ mod tests {
         let (thread, incoming) = ControlThread::spawn(listeners, waker).unwrap();
         let _served = engine(&thread, incoming, |line| match line {
             "slow" => Answer::Later(Box::new(|| {
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(400));
                 std::thread::current().name().unwrap_or("?").to_string() + "\n"
             })),
             other => format!("{other} 1\n").into(),
         });
-        assert_eq!(ask(&path, "slow\n"), "sy-control\n");
+        // A slow answer is made on a thread of its own, and holds up no other client.
+        let slow = std::thread::spawn({
+            let path = path.clone();
+            move || ask(&path, "slow\n")
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let asked = Instant::now();
+        assert_eq!(ask(&path, "fast\n"), "fast 1\n");
+        assert!(asked.elapsed() < Duration::from_millis(200));
+        assert_eq!(slow.join().unwrap(), "sy-control-answer\n");
         // An idle scraper does not hold up another one.
         let _idle = std::net::TcpStream::connect(metrics_addr).unwrap();
         let mut scrape = std::net::TcpStream::connect(metrics_addr).unwrap();
@@ -562,5 +631,75 @@ mod tests {
         assert!(rest.ends_with("\r\n\r\nmetrics 1\n"), "{rest:?}");
         drop(thread);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn spawn_with(
+        name: &str,
+        metrics: bool,
+        answer: impl Fn(&str) -> Answer + Send + 'static,
+    ) -> (
+        ControlThread,
+        std::path::PathBuf,
+        Option<std::net::SocketAddr>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("sy-control-{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("c.sock");
+        let listener = super::super::bind_unix(&path, Some(0o600)).unwrap();
+        let metrics = metrics.then(|| TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let addr = metrics.as_ref().map(|m| m.local_addr().unwrap());
+        let (_poll, waker) = datapath_waker();
+        let listeners = Listeners {
+            control: Some(UnixListener::from_std(listener)),
+            metrics,
+        };
+        let (thread, incoming) = ControlThread::spawn(listeners, waker).unwrap();
+        let _ = engine(&thread, incoming, answer);
+        (thread, path, addr)
+    }
+
+    /// Scrapers (any local user may open them) cannot crowd out control clients, and a
+    /// client past the cap waits its turn.
+    #[test]
+    fn each_socket_has_its_own_cap_and_a_client_past_it_waits_its_turn() {
+        let (thread, path, addr) = spawn_with("cap", true, |line| format!("{line}!\n").into());
+        let scrapers: Vec<_> = (0..MAX_CONNECTIONS + 8)
+            .map(|_| std::net::TcpStream::connect(addr.unwrap()).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(ask(&path, "stats\n"), "stats!\n");
+        let idle: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let asked = Instant::now();
+        assert_eq!(ask(&path, "stats\n"), "stats!\n");
+        assert!(asked.elapsed() >= READ_TIMEOUT / 2, "no wait past the cap");
+        drop((idle, scrapers, thread));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// A large answer (a capture's frames) goes out whole to a client that reads it slowly,
+    /// as long as it keeps reading.
+    #[test]
+    fn a_large_answer_reaches_a_slow_reader_whole() {
+        let big = "x".repeat(1 << 20) + "\n";
+        let (thread, path, _) = spawn_with("big", false, move |_| big.clone().into());
+        let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        stream.write_all(b"capture read 0\n").unwrap();
+        let started = Instant::now();
+        let mut got = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            match stream.read(&mut chunk).unwrap() {
+                0 => break,
+                n => got += n,
+            }
+        }
+        assert!(started.elapsed() > WRITE_TIMEOUT, "the reader was not slow");
+        assert_eq!(got, (1 << 20) + 1);
+        drop(thread);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -697,7 +697,7 @@ impl Datapath {
             loop {
                 waiting.retain(|(_, view, ticket)| match view.take_rows(*ticket) {
                     Some(theirs) => {
-                        rows.extend(theirs);
+                        rows.extend(theirs.iter().cloned());
                         false
                     }
                     None => true,
@@ -1294,6 +1294,9 @@ impl Datapath {
             }
             self.serve_requests(&mut answer);
         }
+        // Nothing is answered any more: clients are refused rather than left waiting.
+        self.control_thread = None;
+        self.requests = None;
         // What the workers counted last, for the report on exit.
         self.fold_workers();
         Ok(())

@@ -54,10 +54,12 @@ struct ShardState {
     counters: SocketNatCounters,
     flows: usize,
     unresolved: u64,
-    /// Requests for rows made, and the last one answered (`rows` is its answer).
+    /// Requests for rows made, and the last one answered (`rows` is its answer, which
+    /// answers every request made before it too: several may wait at once, each on the
+    /// control thread, and each gets the rows).
     asked: u64,
     answered: u64,
-    rows: Vec<FlowRow>,
+    rows: Arc<Vec<FlowRow>>,
     /// Drops not yet folded into the ports' counters.
     drops: Vec<(PortId, DropReason, u64)>,
 }
@@ -97,7 +99,6 @@ impl ShardView {
         let ticket = {
             let mut state = self.lock();
             state.asked += 1;
-            state.rows.clear();
             state.asked
         };
         self.want_rows.store(true, Ordering::Release);
@@ -105,9 +106,9 @@ impl ShardView {
     }
 
     /// The rows asked for with `ticket`, once the worker answered it (or a later request).
-    pub fn take_rows(&self, ticket: u64) -> Option<Vec<FlowRow>> {
-        let mut state = self.lock();
-        (state.answered >= ticket).then(|| std::mem::take(&mut state.rows))
+    pub fn take_rows(&self, ticket: u64) -> Option<Arc<Vec<FlowRow>>> {
+        let state = self.lock();
+        (state.answered >= ticket).then(|| state.rows.clone())
     }
 }
 
@@ -266,8 +267,37 @@ impl SocketShard {
         state.flows = self.nat.len();
         self.view.want_rows.store(false, Ordering::Release);
         if state.asked != state.answered {
-            state.rows = self.nat.rows(now);
+            state.rows = Arc::new(self.nat.rows(now));
             state.answered = state.asked;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Two `conntrack`s waiting at once (each on the control thread) both get the worker's
+    /// rows: taking them for one does not leave the other an empty list.
+    #[test]
+    fn every_request_answered_gets_the_rows() {
+        let now = Instant::now();
+        let config = SocketNatConfig::new(Ipv4Addr::new(192, 168, 122, 1), 24);
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let (mut shard, view) = SocketShard::new(&config, Arc::default(), mac, now);
+        let first = view.ask_rows();
+        let second = view.ask_rows();
+        assert!(view.take_rows(first).is_none(), "not answered yet");
+        shard.publish(now);
+        let a = view.take_rows(first).unwrap();
+        let b = view.take_rows(second).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        let third = view.ask_rows();
+        assert!(view.take_rows(third).is_none());
+        assert!(
+            view.take_rows(first).is_some(),
+            "an answered request stays answered"
+        );
     }
 }
