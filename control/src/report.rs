@@ -63,6 +63,21 @@ pub fn stats_table(stats: &Stats) -> String {
         e.fdb.aged,
         e.fdb.full
     );
+    for w in &stats.workers {
+        let _ = writeln!(
+            out,
+            "worker {}: {} frames in ({} bytes), {} out; {} forwarded ({} translated), {} handed to the engine; socket NAT {} connections opened, {} open",
+            w.queue,
+            w.rx_packets,
+            w.rx_bytes,
+            w.tx_packets,
+            w.forwarded,
+            w.translated,
+            w.handed_over,
+            w.socket_nat_connects,
+            w.socket_nat_flows
+        );
+    }
     out
 }
 
@@ -95,7 +110,8 @@ pub fn fdb_table(rows: &[FdbRow], port_name: impl Fn(u16) -> String) -> String {
 }
 
 /// The counters in Prometheus' text format (version 0.0.4): engine-wide counters as
-/// `switchyard_<path>`, per-port ones with a `port` label, and the table sizes as gauges.
+/// `switchyard_<path>`, per-port ones with a `port` label, each worker's with a `worker` label
+/// (its queue), and the table sizes as gauges.
 pub fn prometheus(network: &str, stats: &Stats) -> String {
     let mut out = String::new();
     let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
@@ -129,6 +145,32 @@ pub fn prometheus(network: &str, stats: &Stats) -> String {
             let _ = writeln!(out, "{metric}{{network=\"{net}\",port=\"{port}\"}} {value}");
         }
     }
+    let mut per_worker: std::collections::BTreeMap<String, Vec<(usize, u64)>> = Default::default();
+    for worker in &stats.workers {
+        let mut values = Vec::new();
+        if let Ok(value) = serde_json::to_value(worker) {
+            datapath::trace::flatten("", &value, &mut values);
+        }
+        for (name, value) in values.into_iter().filter(|(name, _)| name != "queue") {
+            per_worker
+                .entry(name)
+                .or_default()
+                .push((worker.queue, value));
+        }
+    }
+    for (name, workers) in per_worker {
+        let (metric, kind) = match name.as_str() {
+            "socket_nat_flows" => (format!("switchyard_worker_{name}"), "gauge"),
+            _ => (format!("switchyard_worker_{name}_total"), "counter"),
+        };
+        let _ = writeln!(out, "# TYPE {metric} {kind}");
+        for (queue, value) in workers {
+            let _ = writeln!(
+                out,
+                "{metric}{{network=\"{net}\",worker=\"{queue}\"}} {value}"
+            );
+        }
+    }
     for (name, value) in [
         ("fdb_entries", stats.fdb_entries),
         ("nat_flows", stats.nat_flows),
@@ -139,4 +181,42 @@ pub fn prometheus(network: &str, stats: &Stats) -> String {
         let _ = writeln!(out, "switchyard_{name}{{network=\"{net}\"}} {value}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datapath::engine::{EngineCounters, WorkerStats};
+
+    #[test]
+    fn each_worker_has_its_lines_with_a_worker_label() {
+        let stats = Stats {
+            ports: Vec::new(),
+            engine: EngineCounters::default(),
+            fdb_entries: 0,
+            nat_flows: 0,
+            dhcp_leases: 0,
+            workers: vec![WorkerStats {
+                queue: 1,
+                forwarded: 5,
+                socket_nat_flows: 2,
+                ..Default::default()
+            }],
+        };
+        let text = prometheus("lab", &stats);
+        assert!(text.contains("# TYPE switchyard_worker_forwarded_total counter\n"));
+        assert!(
+            text.contains("switchyard_worker_forwarded_total{network=\"lab\",worker=\"1\"} 5\n")
+        );
+        assert!(text.contains("# TYPE switchyard_worker_socket_nat_flows gauge\n"));
+        assert!(
+            text.contains("switchyard_worker_socket_nat_flows{network=\"lab\",worker=\"1\"} 2\n")
+        );
+        assert!(!text.contains("worker_queue"), "{text}");
+        let table = stats_table(&stats);
+        assert!(
+            table.contains("worker 1: 0 frames in (0 bytes), 0 out; 5 forwarded"),
+            "{table}"
+        );
+    }
 }

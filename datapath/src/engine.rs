@@ -148,6 +148,31 @@ pub struct Stats {
     pub fdb_entries: usize,
     pub nat_flows: usize,
     pub dhcp_leases: usize,
+    /// Each fast-path worker's share (`--workers`; empty with one thread). The port counters
+    /// include it: what they count beyond the workers' is the engine's thread's (queue 0).
+    pub workers: Vec<WorkerStats>,
+}
+
+/// What one worker thread did with the frames of its tap queue (queue `queue` of every tap,
+/// and its socket of the uplink).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerStats {
+    pub queue: usize,
+    /// Frames it read and handled itself (a frame it hands over counts in `handed_over`,
+    /// and in its port's counters as the engine's, which handles it).
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Switched to another tap by the worker itself.
+    pub forwarded: u64,
+    /// Of `forwarded`, translated by packet NAT on the way.
+    pub translated: u64,
+    /// Given to the engine to handle.
+    pub handed_over: u64,
+    /// Connections its socket NAT opened, and those it holds now.
+    pub socket_nat_connects: u64,
+    pub socket_nat_flows: usize,
 }
 
 /// Packet NAT's parts: the connection table, the uplink host and its port.
@@ -1512,6 +1537,7 @@ impl Engine {
         let router = self.router.as_ref();
         let dhcp = self.dhcp.as_ref();
         Stats {
+            workers: Vec::new(),
             ports: self.ports().map(|(id, p)| (id, p.clone())).collect(),
             engine: EngineCounters {
                 forwarded: self.forwarded,

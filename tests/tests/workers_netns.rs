@@ -119,6 +119,69 @@ fn two_workers_share_the_taps_switch_known_unicast_and_leave_the_rest_to_the_eng
     );
     assert_eq!(port_counters(&stats, 1)["drop_handover_full"], 0);
     assert_eq!(engine["dhcp"]["acks"], 3, "{stats}");
+    // The worker's own line: the same counts, and the frames it handled itself.
+    let worker = &stats["workers"][0];
+    assert_eq!(worker["queue"], 1, "{stats}");
+    assert_eq!(worker["forwarded"], engine["worker_forwarded"], "{stats}");
+    assert_eq!(
+        worker["handed_over"], engine["worker_handed_over"],
+        "{stats}"
+    );
+    assert!(
+        worker["rx_packets"].as_u64().unwrap() >= by_workers,
+        "{stats}"
+    );
+    assert!(
+        worker["tx_packets"].as_u64().unwrap() >= by_workers,
+        "{stats}"
+    );
+}
+
+/// What `benches/WORKERS.md` relies on: tun sends a flow's frames to the queue userspace last
+/// wrote that flow's frames to (by the symmetric flow hash), so once a TCP stream between two
+/// guests runs, both its directions stay with one thread, whichever the kernel first picked.
+#[test]
+fn a_tcp_stream_between_guests_stays_with_one_thread_both_ways() {
+    require(&["ip", "ping", "iperf3"]);
+    let dir = TempDir::new("sticky");
+    let control = dir.file("sy.sock");
+    let (guests, _sy) = three_guests(&control);
+    let [a, b, _] = &guests;
+    a.set_static_address("eth0", "192.168.122.10/24", None);
+    b.set_static_address("eth0", "192.168.122.11/24", None);
+    a.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.11"]);
+    let frames = |stats: &serde_json::Value| {
+        let ports = (0..2)
+            .map(|i| port_counters(stats, i)["rx_packets"].as_u64().unwrap())
+            .sum::<u64>();
+        let worker = &stats["workers"][0];
+        let read = worker["rx_packets"].as_u64().unwrap() + worker["handed_over"].as_u64().unwrap();
+        (ports, read)
+    };
+    let mut on_worker = 0;
+    for round in 0..8 {
+        let port = (5401 + round).to_string();
+        let _server = b.spawn(&["iperf3", "-s", "-1", "-p", &port]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (ports_before, worker_before) = frames(&stats_of(&control));
+        a.must(&["iperf3", "-c", "192.168.122.11", "-p", &port, "-t", "1"]);
+        let (ports_after, worker_after) = frames(&stats_of(&control));
+        let all = ports_after - ports_before;
+        let share = (worker_after - worker_before) as f64 / all as f64;
+        // iperf3's control connection is a flow of its own, a few dozen frames.
+        assert!(
+            !(0.03..=0.97).contains(&share),
+            "round {round}: the worker read {:.0}% of the stream's {all} frames",
+            share * 100.0
+        );
+        if share > 0.97 {
+            on_worker += 1;
+            if on_worker == 2 {
+                break;
+            }
+        }
+    }
+    assert!(on_worker > 0, "no stream landed on the worker's queue in 8");
 }
 
 #[test]

@@ -658,13 +658,17 @@ impl Datapath {
     /// The engine's [`Engine::stats`], with what the workers' socket NATs counted and hold.
     pub fn stats(&self) -> crate::engine::Stats {
         let mut stats = self.engine.stats();
-        for view in &self.shard_views {
+        stats.workers = self.workers.iter().map(|w| w.stats()).collect();
+        // Views are made in the workers' order ([`Datapath::set_workers`]).
+        for (view, worker) in self.shard_views.iter().zip(&mut stats.workers) {
             let shard = view.counts();
             let engine = &mut stats.engine;
             engine.socket_nat.add(&shard.counters);
             engine.socket_nat_unresolved += shard.unresolved;
             engine.socket_nat_worker_connects += shard.counters.tcp_connects;
             stats.nat_flows += shard.flows;
+            worker.socket_nat_connects = shard.counters.tcp_connects;
+            worker.socket_nat_flows = shard.flows;
         }
         stats
     }

@@ -193,6 +193,7 @@ impl Tally {
 /// The engine's side of one worker.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
+    queue: usize,
     commands: Sender<Command>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
@@ -250,6 +251,7 @@ impl WorkerHandle {
             tallies: tallies.clone(),
         };
         Ok(WorkerHandle {
+            queue,
             commands,
             waker,
             stop,
@@ -284,6 +286,25 @@ impl WorkerHandle {
 
     pub fn wake(&self) {
         let _ = self.waker.wake();
+    }
+
+    /// What the worker did, over all ports, as its tallies say now.
+    pub fn stats(&self) -> crate::engine::WorkerStats {
+        let mut stats = crate::engine::WorkerStats {
+            queue: self.queue,
+            ..Default::default()
+        };
+        for tally in self.tallies.iter() {
+            let c = tally.counts();
+            stats.rx_packets += c.rx_packets;
+            stats.rx_bytes += c.rx_bytes;
+            stats.tx_packets += c.tx_packets;
+            stats.tx_bytes += c.tx_bytes;
+            stats.forwarded += c.forwarded;
+            stats.translated += c.translated;
+            stats.handed_over += c.handed_over;
+        }
+        stats
     }
 
     /// What port `port`'s tally gained since the last call.
