@@ -159,9 +159,10 @@ pub fn prometheus(network: &str, stats: &Stats) -> String {
         }
     }
     for (name, workers) in per_worker {
+        // Not `switchyard_worker_*`: `engine.worker_forwarded` and friends are named so.
         let (metric, kind) = match name.as_str() {
-            "socket_nat_flows" => (format!("switchyard_worker_{name}"), "gauge"),
-            _ => (format!("switchyard_worker_{name}_total"), "counter"),
+            "socket_nat_flows" => (format!("switchyard_worker_thread_{name}"), "gauge"),
+            _ => (format!("switchyard_worker_thread_{name}_total"), "counter"),
         };
         let _ = writeln!(out, "# TYPE {metric} {kind}");
         for (queue, value) in workers {
@@ -204,14 +205,23 @@ mod tests {
             }],
         };
         let text = prometheus("lab", &stats);
-        assert!(text.contains("# TYPE switchyard_worker_forwarded_total counter\n"));
-        assert!(
-            text.contains("switchyard_worker_forwarded_total{network=\"lab\",worker=\"1\"} 5\n")
-        );
-        assert!(text.contains("# TYPE switchyard_worker_socket_nat_flows gauge\n"));
-        assert!(
-            text.contains("switchyard_worker_socket_nat_flows{network=\"lab\",worker=\"1\"} 2\n")
-        );
+        assert!(text.contains("# TYPE switchyard_worker_thread_forwarded_total counter\n"));
+        assert!(text.contains(
+            "switchyard_worker_thread_forwarded_total{network=\"lab\",worker=\"1\"} 5\n"
+        ));
+        assert!(text.contains("# TYPE switchyard_worker_thread_socket_nat_flows gauge\n"));
+        assert!(text.contains(
+            "switchyard_worker_thread_socket_nat_flows{network=\"lab\",worker=\"1\"} 2\n"
+        ));
+        // Prometheus refuses a scrape that declares a metric twice.
+        let mut declared: Vec<&str> = (text.lines())
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        let all = declared.len();
+        declared.sort_unstable();
+        declared.dedup();
+        assert_eq!(declared.len(), all, "{text}");
         assert!(!text.contains("worker_queue"), "{text}");
         let table = stats_table(&stats);
         assert!(

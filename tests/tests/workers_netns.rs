@@ -158,8 +158,9 @@ fn a_tcp_stream_between_guests_stays_with_one_thread_both_ways() {
         let read = worker["rx_packets"].as_u64().unwrap() + worker["handed_over"].as_u64().unwrap();
         (ports, read)
     };
+    // Each stream lands on the worker's queue with probability 1/2: until two have, in 16.
     let mut on_worker = 0;
-    for round in 0..8 {
+    for round in 0..16 {
         let port = (5401 + round).to_string();
         let _server = b.spawn(&["iperf3", "-s", "-1", "-p", &port]);
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -167,21 +168,26 @@ fn a_tcp_stream_between_guests_stays_with_one_thread_both_ways() {
         a.must(&["iperf3", "-c", "192.168.122.11", "-p", &port, "-t", "1"]);
         let (ports_after, worker_after) = frames(&stats_of(&control));
         let all = ports_after - ports_before;
-        let share = (worker_after - worker_before) as f64 / all as f64;
-        // iperf3's control connection is a flow of its own, a few dozen frames.
+        let worker = worker_after - worker_before;
+        assert!(all > 1000, "round {round}: {all} frames");
+        // iperf3's control connection is a flow of its own, and ARP or IPv6 chatter goes to
+        // the engine: a few dozen frames either way.
+        let minority = worker.min(all.saturating_sub(worker));
         assert!(
-            !(0.03..=0.97).contains(&share),
-            "round {round}: the worker read {:.0}% of the stream's {all} frames",
-            share * 100.0
+            minority <= (all * 3 / 100).max(200),
+            "round {round}: the worker read {worker} of the stream's {all} frames"
         );
-        if share > 0.97 {
+        if worker > all / 2 {
             on_worker += 1;
             if on_worker == 2 {
                 break;
             }
         }
     }
-    assert!(on_worker > 0, "no stream landed on the worker's queue in 8");
+    assert!(
+        on_worker > 0,
+        "no stream landed on the worker's queue in 16"
+    );
 }
 
 #[test]

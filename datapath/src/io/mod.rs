@@ -1063,7 +1063,7 @@ impl Datapath {
                     }
                     // What a worker's socket NAT took or sent: the port's capture and the
                     // gateway's (the gateway is the one it talks to); what it took, the trace.
-                    worker::Purpose::Taken | worker::Purpose::CaptureSent => {
+                    worker::Purpose::Taken | worker::Purpose::CaptureSent if current => {
                         if let Some(frame) = frame.get(vnet::LEN..) {
                             self.record_capture(handed.port, frame);
                             self.record_capture(capture::GATEWAY, frame);
@@ -1072,7 +1072,9 @@ impl Datapath {
                             self.trace_taken(handed.port, w + 1, &handed.buf[..handed.len]);
                         }
                     }
-                    worker::Purpose::Handle => {}
+                    worker::Purpose::Handle
+                    | worker::Purpose::Taken
+                    | worker::Purpose::CaptureSent => {}
                 }
                 let _ = self.workers[w].free.send(handed.buf);
             }
@@ -1590,7 +1592,7 @@ impl Datapath {
             self.handover_pending = !self.serve_handovers(now);
             if let Some(mirror) = self.engine.fdb().mirrored() {
                 mirror.set_observed(!self.captures.is_empty() || self.tracing.is_some());
-                mirror.set_traced(self.tracing.is_some());
+                mirror.set_traced(self.tracing.as_ref().is_some_and(|t| t.remaining > 0));
             }
             if now >= self.next_fold {
                 self.next_fold = now + FOLD_INTERVAL;

@@ -288,14 +288,14 @@ impl WorkerHandle {
         let _ = self.waker.wake();
     }
 
-    /// What the worker did, over all ports, as its tallies say now.
+    /// What the worker did, over all ports, as last folded into the engine's counters (so
+    /// that it agrees with the port counters beside it).
     pub fn stats(&self) -> crate::engine::WorkerStats {
         let mut stats = crate::engine::WorkerStats {
             queue: self.queue,
             ..Default::default()
         };
-        for tally in self.tallies.iter() {
-            let c = tally.counts();
+        for c in &self.folded {
             stats.rx_packets += c.rx_packets;
             stats.rx_bytes += c.rx_bytes;
             stats.tx_packets += c.tx_packets;
