@@ -622,8 +622,8 @@ while True:
     held.append(s.accept()[0])
 "#;
 
-/// Starts `argv[1]` connections to `argv[2]`:`argv[3]` at once and prints how many are
-/// established 3 s later.
+/// Starts `argv[1]` connections to `argv[2]`:`argv[3]` at once, prints how many are
+/// established 3 s later, and holds them open 30 s more.
 const MANY_CONNECTIONS: &str = r#"
 import socket, sys, time
 n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -641,7 +641,8 @@ for s in socks:
         up += 1
     except OSError:
         pass
-print(up)
+print(up, flush=True)
+time.sleep(30)
 "#;
 
 /// `<sy:nat max-flows-per-guest>` is the network's cap whichever threads carry a guest's
@@ -658,9 +659,27 @@ fn two_workers_hold_a_guest_to_its_per_guest_cap() {
         .outside
         .spawn(&["python3", "-c", HOLDING_SERVER, OUTSIDE, "7000"]);
     wait_for_port(&net.outside, OUTSIDE, "7000");
-    let up = net
-        .guest
-        .must(&["python3", "-c", MANY_CONNECTIONS, "16", OUTSIDE, "7000"]);
+    let mut client = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.guest.name,
+            "python3",
+            "-c",
+            MANY_CONNECTIONS,
+        ])
+        .args(["16", OUTSIDE, "7000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut up,
+    )
+    .unwrap();
+    // The connections are still open while they are counted.
+    let client = Background(client);
     let stats = net.stats();
     let sockets = &stats["engine"]["socket_nat"];
     let conntrack = must(&[
@@ -673,6 +692,7 @@ fn two_workers_hold_a_guest_to_its_per_guest_cap() {
         .lines()
         .filter(|l| l.starts_with("tcp") && l.contains("dport=7000"))
         .count();
+    drop(client);
     assert_eq!(up.trim(), "6", "{stats}\n{conntrack}");
     assert_eq!(held, 6, "{conntrack}");
     assert!(sockets["guest_limit"].as_u64().unwrap() > 0, "{stats}");

@@ -368,8 +368,10 @@ fn idle_control_and_metrics_clients_hold_up_neither_frames_nor_other_requests() 
         .and_then(|l| l.split('/').nth(2))
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("no round trip in {out}"));
+    // Each idle client used to hold the datapath 200 ms; a loaded machine's own stalls are
+    // shorter.
     assert!(
-        max_ms < 100.0,
+        max_ms < 150.0,
         "a ping waited {max_ms} ms behind idle clients:\n{out}"
     );
     // A scrape still gets its answer once the idle ones are gone.

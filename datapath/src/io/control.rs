@@ -32,8 +32,14 @@ use std::time::{Duration, Instant};
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long a client may go without reading any of its answer (a large answer, such as a
-/// capture's frames, takes as long as the client keeps reading).
+/// capture's frames, takes as long as the client keeps reading, up to [`MAX_LIFETIME`]).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection may last in all: a client reading a byte a second does not keep
+/// its place for ever.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
+/// How soon accepting is tried again after it failed (out of file descriptors, say) with
+/// clients perhaps left in the backlog.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long a request may wait for the datapath's thread (which answers between turns, so
 /// this is only reached if it is stuck or stopping). A request given up on stays queued: an
 /// `attach` or `detach` is still carried out, with nobody left to tell.
@@ -130,6 +136,7 @@ impl ControlThread {
         let (requests, incoming) = crossbeam_channel::unbounded();
         let server = Server {
             poll,
+            accept_retry: None,
             own: waker.clone(),
             listeners,
             connections: Vec::new(),
@@ -219,6 +226,7 @@ enum Stage {
 }
 
 struct Connection {
+    opened: Instant,
     stream: Stream,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -238,6 +246,8 @@ fn retry_accept(e: &io::Error) -> bool {
 
 struct Server {
     poll: Poll,
+    /// When accepting is tried again after an error ([`ACCEPT_RETRY`]).
+    accept_retry: Option<Instant>,
     /// This thread's own waker, for answers made on a thread of their own.
     own: Arc<Waker>,
     listeners: Listeners,
@@ -253,7 +263,9 @@ impl Server {
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             let timeout = (self.connections.iter())
-                .map(|c| c.deadline.saturating_duration_since(now))
+                .map(|c| c.deadline.min(c.opened + MAX_LIFETIME))
+                .chain(self.accept_retry)
+                .map(|at| at.saturating_duration_since(now))
                 .min();
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -268,8 +280,7 @@ impl Server {
             }
             // Both sockets are tried at every wakeup, not only on their events: a client left
             // in the backlog while all places were taken raises no new one.
-            self.accept_control();
-            self.accept_metrics();
+            self.accept_all();
             // A handful of connections at most: each is moved on, whatever woke the thread.
             let now = Instant::now();
             for connection in &mut self.connections {
@@ -282,7 +293,16 @@ impl Server {
                 }
                 keep
             });
+            // Places freed just now go to clients waiting in the backlog at once (a new
+            // connection's registration wakes the next poll, which moves it on).
+            self.accept_all();
         }
+    }
+
+    fn accept_all(&mut self) {
+        self.accept_retry = None;
+        self.accept_control();
+        self.accept_metrics();
     }
 
     /// Connections open from the metrics port (`true`) or the control socket.
@@ -299,7 +319,10 @@ impl Server {
             match listener.accept() {
                 Ok((stream, _)) => self.add(Stream::Unix(stream)),
                 Err(e) if retry_accept(&e) => {}
-                Err(_) => break,
+                Err(e) => {
+                    self.note_accept_error(&e);
+                    break;
+                }
             }
         }
     }
@@ -311,8 +334,18 @@ impl Server {
             match listener.accept() {
                 Ok((stream, _)) => self.add(Stream::Tcp(stream)),
                 Err(e) if retry_accept(&e) => {}
-                Err(_) => break,
+                Err(e) => {
+                    self.note_accept_error(&e);
+                    break;
+                }
             }
+        }
+    }
+
+    /// An accept failed with `e`: unless the backlog is empty, it is tried again soon.
+    fn note_accept_error(&mut self, e: &io::Error) {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
         }
     }
 
@@ -330,12 +363,14 @@ impl Server {
         {
             return;
         }
+        let now = Instant::now();
         self.connections.push(Connection {
+            opened: now,
             stream,
             input: Vec::new(),
             output: Vec::new(),
             written: 0,
-            deadline: Instant::now() + READ_TIMEOUT,
+            deadline: now + READ_TIMEOUT,
             stage: Stage::Reading,
         });
     }
@@ -350,6 +385,9 @@ impl Connection {
         datapath: &Waker,
         own: &Arc<Waker>,
     ) {
+        if now >= self.opened + MAX_LIFETIME {
+            self.stage = Stage::Done;
+        }
         if let Stage::Reading = self.stage {
             match self.read_request() {
                 Ok(true) => self.ask(now, requests, datapath),
@@ -371,6 +409,7 @@ impl Connection {
             }
         }
         if let Stage::Writing = self.stage {
+            self.discard_input();
             loop {
                 if self.written == self.output.len() {
                     self.stage = Stage::Done;
@@ -403,7 +442,7 @@ impl Connection {
 
     /// Reads what the client sent; whether the request is complete: a line, or for a scrape
     /// the end of the HTTP header; the end of the stream; the longest request (what follows
-    /// is read and dropped, so that closing does not reset the connection under the answer).
+    /// is read and dropped while the answer is written: [`Connection::discard_input`]).
     fn read_request(&mut self) -> io::Result<bool> {
         let mut chunk = [0u8; 1024];
         loop {
@@ -423,6 +462,19 @@ impl Connection {
                     return Ok(self.request_complete());
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads and drops what the client sent past its request, so that closing does not
+    /// reset the connection under the answer (a bounded amount each time).
+    fn discard_input(&mut self) {
+        let mut chunk = [0u8; 1024];
+        for _ in 0..16 {
+            match self.stream.read(&mut chunk) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                _ => return,
             }
         }
     }
@@ -676,6 +728,28 @@ mod tests {
         assert_eq!(ask(&path, "stats\n"), "stats!\n");
         assert!(asked.elapsed() >= READ_TIMEOUT / 2, "no wait past the cap");
         drop((idle, scrapers, thread));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// A client that came while every place was taken is served as soon as places free,
+    /// even when they all free at once and no other client comes to wake the thread.
+    #[test]
+    fn a_client_waiting_past_the_cap_is_served_when_the_places_free() {
+        let (thread, path, _) = spawn_with("wait", false, |line| format!("{line}!\n").into());
+        let idle: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let (done, answered) = crossbeam_channel::bounded(1);
+        let asker = path.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(ask(&asker, "stats\n"));
+        });
+        assert_eq!(
+            answered.recv_timeout(READ_TIMEOUT * 10).unwrap(),
+            "stats!\n"
+        );
+        drop((idle, thread));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

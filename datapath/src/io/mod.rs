@@ -1293,19 +1293,26 @@ impl Datapath {
             self.requests = Some(requests);
         }
         while !self.shutdown.load(Ordering::SeqCst) {
-            self.turn(None)?;
+            if let Err(e) = self.turn(None) {
+                self.stop_control();
+                return Err(e);
+            }
             if self.report.swap(false, Ordering::SeqCst) {
                 self.fold_workers();
                 report(self);
             }
             self.serve_requests(&mut answer);
         }
-        // Nothing is answered any more: clients are refused rather than left waiting.
-        self.control_thread = None;
-        self.requests = None;
+        self.stop_control();
         // What the workers counted last, for the report on exit.
         self.fold_workers();
         Ok(())
+    }
+
+    /// Nothing is answered any more: clients are refused rather than left waiting.
+    fn stop_control(&mut self) {
+        self.control_thread = None;
+        self.requests = None;
     }
 
     /// Answers the control thread's waiting requests, at most
