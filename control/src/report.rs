@@ -48,6 +48,13 @@ pub fn stats_table(stats: &Stats) -> String {
                 drops.join(" ")
             );
         }
+        if let Some(k) = port.kernel {
+            let _ = writeln!(
+                out,
+                "port {} ({}), its guest's kernel: {} frames sent, {} of them dropped before switchyard read them (tap queue full); {} dropped on arrival",
+                id.0, port.name, k.guest_sent, k.guest_sent_dropped, k.guest_received_dropped
+            );
+        }
     }
     let e = &stats.engine;
     let _ = writeln!(
@@ -131,9 +138,13 @@ pub fn prometheus(network: &str, stats: &Stats) -> String {
         if let Ok(value) = serde_json::to_value(&port.counters) {
             datapath::trace::flatten("", &value, &mut values);
         }
+        // A tap's counters as its guest's kernel keeps them: `kernel_guest_sent_dropped`...
+        if let Some(Ok(value)) = port.kernel.map(serde_json::to_value) {
+            datapath::trace::flatten("kernel", &value, &mut values);
+        }
         for (name, value) in values {
             per_port
-                .entry(name)
+                .entry(name.replace('.', "_"))
                 .or_default()
                 .push((label(&port.name), value));
         }

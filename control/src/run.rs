@@ -391,6 +391,20 @@ pub fn answer(dp: &mut Datapath, request: &str) -> Answer {
             let rows = dp.conntrack_later(now);
             Answer::Later(Box::new(move || json_line(serde_json::to_string(&rows()))))
         }
+        // With the taps' kernel counters, read off the datapath's thread.
+        "stats" => {
+            let stats = dp.stats_later();
+            Answer::Later(Box::new(move || json_line(serde_json::to_string(&stats()))))
+        }
+        "metrics" => {
+            let stats = dp.stats_later();
+            Answer::Later(Box::new(move || report::prometheus("", &stats())))
+        }
+        other if other.starts_with("metrics ") => {
+            let network = other["metrics ".len()..].trim().to_string();
+            let stats = dp.stats_later();
+            Answer::Later(Box::new(move || report::prometheus(&network, &stats())))
+        }
         other => answer_now(dp, other, now).into(),
     }
 }
@@ -423,13 +437,9 @@ fn answer_now(dp: &mut Datapath, request: &str, now: std::time::Instant) -> Stri
     if let Some(rest) = request.strip_prefix("forward ") {
         return port_forward(dp, rest);
     }
-    if let Some(network) = request.strip_prefix("metrics ") {
-        return report::prometheus(network.trim(), &dp.stats());
-    }
     let engine = dp.engine();
     match request {
         "neighbors" => json(serde_json::to_string(&engine.neighbors())),
-        "stats" => json(serde_json::to_string(&dp.stats())),
         "leases" => match engine.dhcp() {
             Some(d) => dhcp_dns::dhcp::format_lease_table(d.leases(), d.config().prefix),
             None => "error: this network serves no DHCP\n".into(),
@@ -457,7 +467,6 @@ fn answer_now(dp: &mut Datapath, request: &str, now: std::time::Instant) -> Stri
                 .unwrap_or_default()
         }),
         "fdb json" => json(serde_json::to_string(&engine.fdb_rows(now))),
-        "metrics" => report::prometheus("", &dp.stats()),
         "iface-list" => iface_table(&iface_rows(dp)),
         "iface-list json" => json(serde_json::to_string(&iface_rows(dp))),
         other => format!(
@@ -734,8 +743,10 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     Ok(dp)
 }
 
+/// The counters at exit, with the taps' kernel counters (read here: nothing waits on this
+/// thread any more).
 pub fn print_stats(dp: &Datapath, json: bool) {
-    let stats = dp.stats();
+    let stats = dp.stats_later()();
     if json {
         match serde_json::to_string(&stats) {
             Ok(line) => println!("{line}"),

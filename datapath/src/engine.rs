@@ -104,6 +104,25 @@ pub struct PortState {
     pub counters: PortCounters,
     #[serde(skip)]
     pub guard: PortGuard,
+    /// A tap's counters as its guest's kernel keeps them, where they could be read
+    /// ([`crate::io::Datapath::stats_later`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<TapKernelCounters>,
+}
+
+/// What the kernel counts on a tap's guest side (`ip -s link` in the guest's namespace):
+/// above all the frames a guest sent that were lost before switchyard read them, which no
+/// counter of switchyard's own can see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TapKernelCounters {
+    /// Frames the guest sent into the tap: those switchyard read (the kernel's `tx_packets`
+    /// on the guest's side, which tun counts as userspace reads them) and those dropped.
+    pub guest_sent: u64,
+    /// Of those, dropped by the tap before switchyard read them: its queue was full (the
+    /// kernel's `tx_dropped` on the guest's side).
+    pub guest_sent_dropped: u64,
+    /// Frames switchyard wrote that the guest's kernel dropped on arrival (`rx_dropped`).
+    pub guest_received_dropped: u64,
 }
 
 /// Switch-wide counters.
@@ -395,6 +414,7 @@ impl Engine {
             name: name.into(),
             counters: PortCounters::default(),
             guard: PortGuard::default(),
+            kernel: None,
         };
         let slot = match self.ports.iter().position(Option::is_none) {
             Some(free) => free,

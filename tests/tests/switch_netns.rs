@@ -384,3 +384,86 @@ fn idle_control_and_metrics_clients_hold_up_neither_frames_nor_other_requests() 
     let stats = sy.stop_json();
     assert_eq!(port_counters(&stats, 0)["drop_runt"], 0);
 }
+
+/// `stats` shows each tap's counters as its guest's kernel keeps them, read in the guest's
+/// namespace: how many frames a guest sent were lost before switchyard read them (its tap's
+/// queue full), which none of switchyard's own counters can see. A 64-byte UDP flood fills
+/// the queue; the figures are the kernel's, as `ip -s link` in the guest shows them.
+#[test]
+fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
+    require(&["ip", "ping", "iperf3"]);
+    let guests = [Netns::new("g"), Netns::new("g")];
+    let dir = switchyard_tests::TempDir::new("kstat");
+    let control = dir.file("sy.sock");
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let mut sy = Switchyard::start(&[
+        "run",
+        "--json",
+        "--control",
+        &control,
+        "--tap",
+        &taps[0],
+        "--tap",
+        &taps[1],
+    ]);
+    let [a, b] = &guests;
+    a.set_static_address("eth0", "192.168.122.10/24", None);
+    b.set_static_address("eth0", "192.168.122.11/24", None);
+    a.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.11"]);
+    let _server = b.spawn(&["iperf3", "-s", "-1", "-p", "5501"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    a.must(&[
+        "iperf3",
+        "-c",
+        "192.168.122.11",
+        "-p",
+        "5501",
+        "-u",
+        "-l",
+        "64",
+        "-b",
+        "0",
+        "-t",
+        "2",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kernel = |ns: &Netns| -> (u64, u64) {
+        let out = ns.must(&["ip", "-s", "-j", "link", "show", "dev", "eth0"]);
+        let link: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let tx = &link[0]["stats64"]["tx"];
+        (
+            tx["packets"].as_u64().unwrap(),
+            tx["dropped"].as_u64().unwrap(),
+        )
+    };
+    // tun counts a frame in the guest's tx_packets when userspace reads it.
+    let (taken, dropped) = kernel(a);
+    let stats = switchyard_tests::stats_of(&control);
+    let ours = &stats["ports"][0][1];
+    let k = &ours["kernel"];
+    assert!(
+        taken + dropped > 10_000,
+        "the flood sent {} frames",
+        taken + dropped
+    );
+    // Nothing is sent meanwhile but a stray IPv6 frame or two.
+    let reported = k["guest_sent"].as_u64().unwrap();
+    assert!(
+        reported.abs_diff(taken + dropped) <= 10,
+        "{reported} against {taken} + {dropped}: {k}"
+    );
+    assert_eq!(k["guest_sent_dropped"].as_u64().unwrap(), dropped, "{k}");
+    // What switchyard read is what the tap gave it.
+    let read = ours["counters"]["rx_packets"].as_u64().unwrap();
+    assert!(
+        read.abs_diff(taken) <= 10,
+        "read {read}, the tap gave {taken}: {k}"
+    );
+    let at_exit = sy.stop_json();
+    assert!(
+        at_exit["ports"][1][1]["kernel"]["guest_sent"]
+            .as_u64()
+            .is_some(),
+        "{at_exit}"
+    );
+}

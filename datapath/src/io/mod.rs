@@ -673,6 +673,33 @@ impl Datapath {
         stats
     }
 
+    /// [`Datapath::stats`] now, and then, off the datapath's thread (the control thread
+    /// calls it), each tap's counters as its guest's kernel keeps them
+    /// ([`crate::engine::TapKernelCounters`]): read over rtnetlink in the tap's namespace,
+    /// a thread and a request per tap, which the datapath's thread must not wait for. A tap
+    /// whose counters cannot be read (its namespace gone, or not ours to enter) has none.
+    pub fn stats_later(&self) -> impl FnOnce() -> crate::engine::Stats + Send + 'static {
+        let mut stats = self.stats();
+        let taps: Vec<(usize, Option<PathBuf>, String)> = (stats.ports.iter().enumerate())
+            .filter_map(|(at, (id, _))| {
+                let tap = self.ports.get(usize::from(id.0))?.as_ref()?.tap.as_ref()?;
+                Some((at, tap.netns.clone(), tap.name.clone()))
+            })
+            .collect();
+        move || {
+            for (at, netns, name) in taps {
+                if let Ok(link) = netns::run_in(netns.as_deref(), || netlink::link_stats(&name)) {
+                    stats.ports[at].1.kernel = Some(crate::engine::TapKernelCounters {
+                        guest_sent: link.tx_packets + link.tx_dropped,
+                        guest_sent_dropped: link.tx_dropped,
+                        guest_received_dropped: link.rx_dropped,
+                    });
+                }
+            }
+            stats
+        }
+    }
+
     /// The engine's [`Engine::conntrack`], with the workers' socket NAT connections (see
     /// [`Datapath::conntrack_later`]).
     pub fn conntrack(&self, now: Instant) -> Vec<crate::nat::FlowRow> {
