@@ -198,6 +198,21 @@ impl Netns {
         ])
     }
 
+    /// Waits (10 s at most) until something listens on TCP or UDP `port` here: a server
+    /// started in the background is ready, with no probe connection (which a one-off server,
+    /// `iperf3 -s -1`, would take as its one client).
+    pub fn wait_listening(&self, port: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let needle = format!(":{port} ");
+        while !self.must(&["ss", "-lntu"]).contains(&needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing listens on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Whether a link named `dev` exists in this namespace.
     pub fn has_link(&self, dev: &str) -> bool {
         self.run(&["ip", "link", "show", "dev", dev])

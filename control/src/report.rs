@@ -51,7 +51,7 @@ pub fn stats_table(stats: &Stats) -> String {
         if let Some(k) = port.kernel {
             let _ = writeln!(
                 out,
-                "port {} ({}), its guest's kernel: {} frames sent, {} of them dropped before switchyard read them (tap queue full); {} dropped on arrival",
+                "port {} ({}), its guest's kernel: {} frames sent, {} of them dropped before switchyard read them (the tap's queue full, or no reader); {} dropped on arrival",
                 id.0, port.name, k.guest_sent, k.guest_sent_dropped, k.guest_received_dropped
             );
         }

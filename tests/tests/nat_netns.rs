@@ -110,15 +110,6 @@ fn python(ns: &Netns, program: &str, args: &[&str]) -> String {
 }
 
 /// Waits until something listens on `port` (TCP or UDP) inside `ns`.
-fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let needle = format!(":{port} ");
-    while !ns.must(&["ss", "-lntu"]).contains(&needle) {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A UDP server in the outside namespace that answers each datagram with the address and
 /// port it came from: what the outside sees of a guest.
 const UDP_REFLECTOR: &str = r#"
@@ -248,7 +239,7 @@ fn serve_blob(net: &NatNet) -> (Background, String) {
         &www.display().to_string(),
         "8080",
     ]);
-    wait_listening(&net.outside, 8080);
+    net.outside.wait_listening(8080);
     (http, want)
 }
 
@@ -310,7 +301,7 @@ fn curl_and_iperf3_both_ways_and_the_outside_sees_only_the_external_address() {
 
     for extra in [&[][..], &["-R"][..], &["-u", "-b", "200M"][..]] {
         let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
-        wait_listening(outside, 5201);
+        outside.wait_listening(5201);
         let mut argv = vec!["timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-J"];
         argv.extend_from_slice(extra);
         let report = g.must(&argv);
@@ -353,7 +344,7 @@ fn two_workers_translate_established_connections_both_ways() {
     // Eight connections each way: some land on the worker's queue and fanout socket.
     for extra in [&[][..], &["-R"][..]] {
         let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
-        wait_listening(outside, 5201);
+        outside.wait_listening(5201);
         let mut argv = vec![
             "timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-P", "8", "-J",
         ];
@@ -453,7 +444,7 @@ fn the_tpacket_v3_ring_uplink_carries_fragments_and_bulk_tcp() {
     ]);
     for extra in [&[][..], &["-R"][..]] {
         let _server = outside.spawn(&["iperf3", "-s", "-1", "-B", OUTSIDE]);
-        wait_listening(outside, 5201);
+        outside.wait_listening(5201);
         let mut argv = vec!["timeout", "30", "iperf3", "-c", OUTSIDE, "-t", "2", "-J"];
         argv.extend_from_slice(extra);
         let bps = iperf3_received_bps(&g.must(&argv));
@@ -477,7 +468,7 @@ fn two_guests_on_one_source_port_get_distinct_mappings() {
     require(&["ss"]);
     let net = nat_net(2, "");
     let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
-    wait_listening(&net.outside, 7000);
+    net.outside.wait_listening(7000);
     let a = python(&net.guests[0], ASK_REFLECTOR, &["5000", "7000"]);
     let b = python(&net.guests[1], ASK_REFLECTOR, &["5000", "7000"]);
     let (a, b) = (a.trim(), b.trim());
@@ -507,7 +498,7 @@ fn hairpinning_between_guests() {
     require(&["ss"]);
     let net = nat_net(2, "<sy:nat filtering='endpoint-independent'/>");
     let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
-    wait_listening(&net.outside, 7000);
+    net.outside.wait_listening(7000);
     let out = net.dir.0.join("listener.txt");
     let _listener = net.guests[0].spawn(&[
         "sh",
@@ -648,7 +639,7 @@ fn traces_tell_each_decision() {
         "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          s.bind(('203.0.113.1', 7070))\ns.listen(8)\nwhile True:\n    c, _ = s.accept()\n    c.close()",
     ]);
-    wait_listening(outside, 7070);
+    outside.wait_listening(7070);
     g.must(&["ip", "neigh", "flush", "all"]);
     let bin = switchyard_bin().display().to_string();
     let tracer = Tracer::start("nat", &control(&net), &["--count", "40", "--duration", "5"]);

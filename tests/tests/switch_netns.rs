@@ -391,7 +391,7 @@ fn idle_control_and_metrics_clients_hold_up_neither_frames_nor_other_requests() 
 /// the queue; the figures are the kernel's, as `ip -s link` in the guest shows them.
 #[test]
 fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
-    require(&["ip", "ping", "iperf3"]);
+    require(&["ip", "ping", "iperf3", "ss"]);
     let guests = [Netns::new("g"), Netns::new("g")];
     let dir = switchyard_tests::TempDir::new("kstat");
     let control = dir.file("sy.sock");
@@ -411,8 +411,10 @@ fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
     b.set_static_address("eth0", "192.168.122.11/24", None);
     a.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.11"]);
     let _server = b.spawn(&["iperf3", "-s", "-1", "-p", "5501"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    b.wait_listening(5501);
     a.must(&[
+        "timeout",
+        "30",
         "iperf3",
         "-c",
         "192.168.122.11",
@@ -426,7 +428,6 @@ fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
         "-t",
         "2",
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let kernel = |ns: &Netns| -> (u64, u64) {
         let out = ns.must(&["ip", "-s", "-j", "link", "show", "dev", "eth0"]);
         let link: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -436,8 +437,18 @@ fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
             tx["dropped"].as_u64().unwrap(),
         )
     };
-    // tun counts a frame in the guest's tx_packets when userspace reads it.
-    let (taken, dropped) = kernel(a);
+    // tun counts a frame in the guest's tx_packets when userspace reads it; once the queue
+    // is drained, the counts stand still.
+    let mut last = kernel(a);
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = kernel(a);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let (taken, dropped) = last;
     let stats = switchyard_tests::stats_of(&control);
     let ours = &stats["ports"][0][1];
     let k = &ours["kernel"];

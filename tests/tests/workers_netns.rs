@@ -163,18 +163,7 @@ fn a_tcp_stream_between_guests_stays_with_one_thread_both_ways() {
     for round in 0..16 {
         let port = (5401 + round).to_string();
         let _server = b.spawn(&["iperf3", "-s", "-1", "-p", &port]);
-        // Listening (a probe connection would be the one-off server's one client).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !b
-            .must(&["ss", "-Hltn", &format!("sport = :{port}")])
-            .contains(&port)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "iperf3 -s did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        b.wait_listening(5401 + round);
         let (ports_before, worker_before) = frames(&stats_of(&control));
         a.must(&["iperf3", "-c", "192.168.122.11", "-p", &port, "-t", "1"]);
         let (ports_after, worker_after) = frames(&stats_of(&control));

@@ -680,15 +680,19 @@ impl Datapath {
     /// whose counters cannot be read (its namespace gone, or not ours to enter) has none.
     pub fn stats_later(&self) -> impl FnOnce() -> crate::engine::Stats + Send + 'static {
         let mut stats = self.stats();
-        let taps: Vec<(usize, Option<PathBuf>, String)> = (stats.ports.iter().enumerate())
+        // Its namespace as it was when opened, and its name now (a guest may rename it).
+        type TapAt = (usize, Option<PathBuf>, Option<(u64, u64)>, String);
+        let taps: Vec<TapAt> = (stats.ports.iter().enumerate())
             .filter_map(|(at, (id, _))| {
                 let tap = self.ports.get(usize::from(id.0))?.as_ref()?.tap.as_ref()?;
-                Some((at, tap.netns.clone(), tap.name.clone()))
+                let name = sys::tap_name(tap.file.as_fd()).ok()?;
+                Some((at, tap.netns.clone(), tap.netns_id, name))
             })
             .collect();
         move || {
-            for (at, netns, name) in taps {
-                if let Ok(link) = netns::run_in(netns.as_deref(), || netlink::link_stats(&name)) {
+            for (at, netns, id, name) in taps {
+                let read = netns::run_in_same(netns.as_deref(), id, || netlink::link_stats(&name));
+                if let Ok(link) = read {
                     stats.ports[at].1.kernel = Some(crate::engine::TapKernelCounters {
                         guest_sent: link.tx_packets + link.tx_dropped,
                         guest_sent_dropped: link.tx_dropped,

@@ -146,8 +146,12 @@ fn parse_link_stats(reply: &[u8], seq: u32) -> io::Result<LinkStats> {
     };
     let mut rest = reply;
     while rest.len() >= NLMSG_HDR_LEN {
-        let len = ne32(&rest[0..4]) as usize;
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        // An answer cut by the buffer still has its counters, which come early.
+        let len = match ne32(&rest[0..4]) as usize {
+            len if len > rest.len() && kind == RTM_NEWLINK => rest.len(),
+            len => len,
+        };
         if len < NLMSG_HDR_LEN || len > rest.len() {
             break;
         }

@@ -38,6 +38,18 @@ pub fn run_in<T: Send>(
     netns: Option<&Path>,
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {
+    run_in_same(netns, None, f)
+}
+
+/// [`run_in`], only if the namespace at `netns` is still the one of identity `id`
+/// ([`identity`]): a path may have come to name another namespace since (`ip netns del` and
+/// `add` again, a `/proc/PID` reused).
+pub fn run_in_same<T: Send>(
+    netns: Option<&Path>,
+    id: Option<(u64, u64)>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    use std::os::unix::fs::MetadataExt;
     let Some(path) = netns else {
         return f();
     };
@@ -47,6 +59,13 @@ pub fn run_in<T: Send>(
             format!("network namespace {}: {e}", path.display()),
         )
     })?;
+    let opened = ns.metadata().map(|m| (m.dev(), m.ino()))?;
+    if id.is_some_and(|id| id != opened) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("network namespace {}: another one now", path.display()),
+        ));
+    }
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
@@ -191,5 +210,18 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("switchyard-no-such-ns"), "{err}");
+    }
+
+    /// A path that names another namespace than the one a port was opened in is not
+    /// entered: its counters would be another guest's.
+    #[test]
+    fn a_namespace_that_is_another_now_is_not_entered() {
+        let path = Path::new("/proc/self/ns/net");
+        let (dev, ino) = identity(path).unwrap();
+        let err = run_in_same(Some(path), Some((dev, ino + 1)), || -> io::Result<()> {
+            panic!("entered another namespace")
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 }

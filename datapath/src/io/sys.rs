@@ -164,6 +164,19 @@ pub fn tap_is_attached(fd: BorrowedFd<'_>) -> bool {
     !matches!(result, Err(e) if e.raw_os_error() == Some(libc::EBADFD))
 }
 
+/// The current name of the tap open on `fd` (in its namespace; a guest may rename it).
+pub fn tap_name(fd: BorrowedFd<'_>) -> io::Result<String> {
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value for every field.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one `struct ifreq` through the pointer, which is valid for it.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) })?;
+    let name: Vec<u8> = (req.ifr_name.iter())
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8(name).map_err(|_| io::Error::other("tap name is not UTF-8"))
+}
+
 pub fn if_nametoindex(name: &str) -> Option<u32> {
     let name = CString::new(name).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
