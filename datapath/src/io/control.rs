@@ -299,10 +299,36 @@ impl Server {
         }
     }
 
+    /// Takes the clients waiting on each socket, while it has places for them.
     fn accept_all(&mut self) {
         self.accept_retry = None;
-        self.accept_control();
-        self.accept_metrics();
+        for metrics in [false, true] {
+            while self.served(metrics) < MAX_CONNECTIONS {
+                let accepted = match (metrics, &self.listeners) {
+                    (
+                        false,
+                        Listeners {
+                            control: Some(l), ..
+                        },
+                    ) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                    (
+                        true,
+                        Listeners {
+                            metrics: Some(l), ..
+                        },
+                    ) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                    _ => break,
+                };
+                match accepted {
+                    Ok(stream) => self.add(stream),
+                    Err(e) if retry_accept(&e) => {}
+                    Err(e) => {
+                        self.note_accept_error(&e);
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Connections open from the metrics port (`true`) or the control socket.
@@ -310,36 +336,6 @@ impl Server {
         (self.connections.iter())
             .filter(|c| c.stream.is_metrics() == metrics)
             .count()
-    }
-
-    fn accept_control(&mut self) {
-        while self.served(false) < MAX_CONNECTIONS
-            && let Some(listener) = &self.listeners.control
-        {
-            match listener.accept() {
-                Ok((stream, _)) => self.add(Stream::Unix(stream)),
-                Err(e) if retry_accept(&e) => {}
-                Err(e) => {
-                    self.note_accept_error(&e);
-                    break;
-                }
-            }
-        }
-    }
-
-    fn accept_metrics(&mut self) {
-        while self.served(true) < MAX_CONNECTIONS
-            && let Some(listener) = &self.listeners.metrics
-        {
-            match listener.accept() {
-                Ok((stream, _)) => self.add(Stream::Tcp(stream)),
-                Err(e) if retry_accept(&e) => {}
-                Err(e) => {
-                    self.note_accept_error(&e);
-                    break;
-                }
-            }
-        }
     }
 
     /// An accept failed with `e`: unless the backlog is empty, it is tried again soon.
