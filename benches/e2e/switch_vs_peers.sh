@@ -232,14 +232,32 @@ try:
 except Exception:
     print("nan")'
 }
-udp_pps_loss() { # peer: prints "pps loss%"
-  iperf_json "$1" -u -l 64 -b 0 | python3 -c '
+tx_dropped() { # namespace: frames its eth0 dropped on the way out (a tap's queue full)
+  ip -n "$1" -s -j link show eth0 | python3 -c '
 import json, sys
+print(json.load(sys.stdin)[0]["stats64"]["tx"]["dropped"])'
+}
+rcvbuf_errors() { # namespace: UDP datagrams its sockets had no room for
+  # shellcheck disable=SC2016 # awk's own $i
+  ip netns exec "$1" awk '/^Udp:/ { if (!seen) { for (i = 1; i <= NF; i++) k[i] = $i; seen = 1 }
+    else for (i = 1; i <= NF; i++) if (k[i] == "RcvbufErrors") print $i }' /proc/net/snmp
+}
+udp_pps_loss() { # peer: prints "pps loss% sender-queue% receiver-socket%"
+  local q0 s0 out
+  q0=$(tx_dropped "$1-g1-$tag")
+  s0=$(rcvbuf_errors "$1-g2-$tag")
+  out=$(iperf_json "$1" -u -l 64 -b 0)
+  python3 -c '
+import json, sys
+q, s = int(sys.argv[1]), int(sys.argv[2])
 try:
-    s = json.load(sys.stdin)["end"]["sum_received"]
-    print("%.0f %.2f" % ((s["packets"] - s["lost_packets"]) / s["seconds"], s["lost_percent"]))
+    r = json.loads(sys.argv[3])["end"]["sum_received"]
+    sent = max(r["packets"], 1)
+    print("%.0f %.2f %.2f %.2f" % ((r["packets"] - r["lost_packets"]) / r["seconds"],
+        r["lost_percent"], 100.0 * q / sent, 100.0 * s / sent))
 except Exception:
-    print("nan nan")'
+    print("nan nan nan nan")' "$(($(tx_dropped "$1-g1-$tag") - q0))" \
+    "$(($(rcvbuf_errors "$1-g2-$tag") - s0))" "$out"
 }
 rtt_us() { # peer: prints "median p99" of the per-packet RTTs, in microseconds
   local t
@@ -274,7 +292,7 @@ except Exception:
 # stops them at once (bash runs a trap only after a foreground command ends) and cleanup
 # follows. Each value goes to $dir/res as "metric peer value".
 measure() {
-  local r p pps loss med p99 order line
+  local r p pps loss qloss sloss med p99 order line
   declare -A res=()
   add() { res[$1:$2]+="$3 "; echo "$1 $2 $3" >>"$dir/res"; } # metric peer value
   for r in $(seq "$RUNS"); do
@@ -283,9 +301,11 @@ measure() {
     for p in "${order[@]}"; do add tcp1 "$p" "$(tcp_gbps "$p" 1)"; done
     for p in "${order[@]}"; do add tcp4 "$p" "$(tcp_gbps "$p" 4)"; done
     for p in "${order[@]}"; do
-      read -r pps loss < <(udp_pps_loss "$p")
+      read -r pps loss qloss sloss < <(udp_pps_loss "$p")
       add udp "$p" "$pps"
       add loss "$p" "$loss"
+      add qloss "$p" "$qloss"
+      add sloss "$p" "$sloss"
     done
     for p in "${order[@]}"; do
       read -r med p99 < <(rtt_us "$p")
@@ -351,8 +371,11 @@ row tcp1 "TCP 1 stream, Gbps" %.2f
 row tcp4 "TCP 4 streams, Gbps" %.2f
 row udp "UDP 64 B, received pps" %.0f
 row loss "UDP 64 B, loss %" %.1f
+row qloss "UDP 64 B, of the sent: dropped at the sender's eth0 queue, %" %.1f
+row sloss "UDP 64 B, of the sent: dropped at the receiving socket, %" %.1f
 row rtt50 "ping RTT median, us" %.0f
 row rtt99 "ping RTT p99, us" %.0f
 echo
 echo "ratio = switchyard/peer: above 1 is better for switchyard in Gbps and pps, below 1 in loss and RTT."
 echo "UDP is sent at -b 0 (as fast as one iperf3 sender can): loss is what the path and the receiving socket dropped."
+echo "Where: the sender's eth0 queue (ip -s link tx dropped: a tap whose reader fell behind) and the receiver's UdpRcvbufErrors."
