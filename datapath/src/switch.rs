@@ -261,6 +261,14 @@ pub struct Mirror {
     mask: usize,
 }
 
+/// Flags workers read for every frame are written only when they change, so that their cache
+/// line is not taken from the workers every turn.
+fn store_if_changed(flag: &AtomicBool, on: bool) {
+    if flag.load(Ordering::Relaxed) != on {
+        flag.store(on, Ordering::Relaxed);
+    }
+}
+
 impl Mirror {
     fn new(capacity: usize, max_ports: usize) -> Mirror {
         let len = (capacity.max(64) * 2).next_power_of_two();
@@ -393,9 +401,7 @@ impl Mirror {
 
     /// Called every turn: written only when it changes, as workers read it for every frame.
     pub fn set_observed(&self, on: bool) {
-        if self.observed.load(Ordering::Relaxed) != on {
-            self.observed.store(on, Ordering::Relaxed);
-        }
+        store_if_changed(&self.observed, on);
     }
 
     pub fn observed(&self) -> bool {
@@ -405,9 +411,7 @@ impl Mirror {
     /// Marks a trace as running or not: workers copy the frames their socket NAT takes to the
     /// engine for it. Called every turn, written only when it changes.
     pub fn set_traced(&self, on: bool) {
-        if self.traced.load(Ordering::Relaxed) != on {
-            self.traced.store(on, Ordering::Relaxed);
-        }
+        store_if_changed(&self.traced, on);
     }
 
     pub fn traced(&self) -> bool {

@@ -38,6 +38,31 @@ fn three_guests() -> ([Netns; 3], Switchyard) {
     (guests, sy)
 }
 
+/// Two guests, 192.168.122.10 and .11, on one `switchyard run` whose control socket is in
+/// `dir`: the guests, the socket's path, the switch.
+fn two_guests_with_control(dir: &switchyard_tests::TempDir) -> ([Netns; 2], String, Switchyard) {
+    let guests = [Netns::new("g"), Netns::new("g")];
+    let control = dir.file("ctl.sock");
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let sy = Switchyard::start(&[
+        "run",
+        "--json",
+        "--control",
+        &control,
+        "--tap",
+        &taps[0],
+        "--tap",
+        &taps[1],
+    ]);
+    for (ns, ip) in guests
+        .iter()
+        .zip(["192.168.122.10/24", "192.168.122.11/24"])
+    {
+        ns.set_static_address("eth0", ip, None);
+    }
+    (guests, control, sy)
+}
+
 #[test]
 fn three_guests_ping_each_other_and_the_gateway_over_ipv4_and_ipv6_link_local() {
     require(&["ip", "ping"]);
@@ -246,21 +271,8 @@ fn a_uso_send_crosses_the_switch_as_one_frame_and_arrives_as_its_datagrams() {
     };
     require(&["ip", "ping", "python3", "ethtool", "ss"]);
     let dir = TempDir::new("syuso");
-    let control = dir.file("ctl.sock");
-    let (a, b) = (Netns::new("g"), Netns::new("g"));
-    let (tap_a, tap_b) = (a.tap_arg("eth0", MACS[0]), b.tap_arg("eth0", MACS[1]));
-    let mut sy = Switchyard::start(&[
-        "run",
-        "--json",
-        "--control",
-        &control,
-        "--tap",
-        &tap_a,
-        "--tap",
-        &tap_b,
-    ]);
-    for (ns, ip) in [(&a, "192.168.122.10/24"), (&b, "192.168.122.11/24")] {
-        ns.set_static_address("eth0", ip, None);
+    let ([a, b], control, mut sy) = two_guests_with_control(&dir);
+    for ns in [&a, &b] {
         let features = ns.must(&["ethtool", "-k", "eth0"]);
         assert!(
             features.contains("tx-udp-segmentation: on"),
@@ -392,23 +404,9 @@ fn idle_control_and_metrics_clients_hold_up_neither_frames_nor_other_requests() 
 #[test]
 fn stats_show_what_a_guests_tap_dropped_before_switchyard_read_it() {
     require(&["ip", "ping", "iperf3", "ss"]);
-    let guests = [Netns::new("g"), Netns::new("g")];
     let dir = switchyard_tests::TempDir::new("kstat");
-    let control = dir.file("sy.sock");
-    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
-    let mut sy = Switchyard::start(&[
-        "run",
-        "--json",
-        "--control",
-        &control,
-        "--tap",
-        &taps[0],
-        "--tap",
-        &taps[1],
-    ]);
-    let [a, b] = &guests;
-    a.set_static_address("eth0", "192.168.122.10/24", None);
-    b.set_static_address("eth0", "192.168.122.11/24", None);
+    let ([a, b], control, mut sy) = two_guests_with_control(&dir);
+    let (a, b) = (&a, &b);
     a.must(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.122.11"]);
     let _server = b.spawn(&["iperf3", "-s", "-1", "-p", "5501"]);
     b.wait_listening(5501);

@@ -593,19 +593,8 @@ mod tests {
 
     #[test]
     fn clients_that_send_nothing_hold_up_neither_the_others_nor_the_datapath() {
-        let dir = std::env::temp_dir().join(format!("sy-control-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("c.sock");
-        let listener = super::super::bind_unix(&path, Some(0o600)).unwrap();
-        let (_poll, waker) = datapath_waker();
-        let listeners = Listeners {
-            control: Some(UnixListener::from_std(listener)),
-            metrics: None,
-        };
-        let (thread, incoming) = ControlThread::spawn(listeners, waker).unwrap();
-        let served = engine(&thread, incoming, |line| {
-            format!("you said {line}\n").into()
-        });
+        let spawned = spawn_with("idle", false, |line| format!("you said {line}\n").into());
+        let path = spawned.path.clone();
         let idle: Vec<_> = (0..20)
             .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
             .collect();
@@ -630,32 +619,19 @@ mod tests {
         let mut out = String::new();
         stream.read_to_string(&mut out).unwrap();
         assert_eq!(out, "you said fdb\n");
-        drop(thread);
-        assert_eq!(served.join().unwrap(), 2);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(spawned.stop(), 2);
     }
 
     #[test]
     fn a_slow_answer_holds_up_no_other_client_and_a_scrape_gets_http() {
-        let dir = std::env::temp_dir().join(format!("sy-control-later-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("c.sock");
-        let listener = super::super::bind_unix(&path, Some(0o600)).unwrap();
-        let metrics = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let metrics_addr = metrics.local_addr().unwrap();
-        let (_poll, waker) = datapath_waker();
-        let listeners = Listeners {
-            control: Some(UnixListener::from_std(listener)),
-            metrics: Some(metrics),
-        };
-        let (thread, incoming) = ControlThread::spawn(listeners, waker).unwrap();
-        let _served = engine(&thread, incoming, |line| match line {
+        let spawned = spawn_with("later", true, |line| match line {
             "slow" => Answer::Later(Box::new(|| {
                 std::thread::sleep(Duration::from_millis(400));
                 std::thread::current().name().unwrap_or("?").to_string() + "\n"
             })),
             other => format!("{other} 1\n").into(),
         });
+        let (path, metrics_addr) = (spawned.path.clone(), spawned.metrics.unwrap());
         // A slow answer is made on a thread of its own, and holds up no other client.
         let slow = std::thread::spawn({
             let path = path.clone();
@@ -677,19 +653,24 @@ mod tests {
         let mut rest = String::new();
         reader.read_to_string(&mut rest).unwrap();
         assert!(rest.ends_with("\r\n\r\nmetrics 1\n"), "{rest:?}");
-        drop(thread);
-        let _ = std::fs::remove_dir_all(&dir);
+        spawned.stop();
+    }
+
+    /// A control thread on a unix socket (and a metrics port, if `metrics`) in a directory of
+    /// its own, with a stand-in datapath answering with `answer`.
+    struct Spawned {
+        thread: ControlThread,
+        path: std::path::PathBuf,
+        metrics: Option<std::net::SocketAddr>,
+        /// How many requests the stand-in answered, once the thread is dropped.
+        served: JoinHandle<usize>,
     }
 
     fn spawn_with(
         name: &str,
         metrics: bool,
         answer: impl Fn(&str) -> Answer + Send + 'static,
-    ) -> (
-        ControlThread,
-        std::path::PathBuf,
-        Option<std::net::SocketAddr>,
-    ) {
+    ) -> Spawned {
         let dir = std::env::temp_dir().join(format!("sy-control-{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("c.sock");
@@ -702,15 +683,31 @@ mod tests {
             metrics,
         };
         let (thread, incoming) = ControlThread::spawn(listeners, waker).unwrap();
-        let _ = engine(&thread, incoming, answer);
-        (thread, path, addr)
+        let served = engine(&thread, incoming, answer);
+        Spawned {
+            thread,
+            path,
+            metrics: addr,
+            served,
+        }
+    }
+
+    impl Spawned {
+        /// Stops the thread, removes its directory; the requests the stand-in answered.
+        fn stop(self) -> usize {
+            drop(self.thread);
+            let served = self.served.join().unwrap();
+            let _ = std::fs::remove_dir_all(self.path.parent().unwrap());
+            served
+        }
     }
 
     /// Scrapers (any local user may open them) cannot crowd out control clients, and a
     /// client past the cap waits its turn.
     #[test]
     fn each_socket_has_its_own_cap_and_a_client_past_it_waits_its_turn() {
-        let (thread, path, addr) = spawn_with("cap", true, |line| format!("{line}!\n").into());
+        let spawned = spawn_with("cap", true, |line| format!("{line}!\n").into());
+        let (path, addr) = (spawned.path.clone(), spawned.metrics);
         let scrapers: Vec<_> = (0..MAX_CONNECTIONS + 8)
             .map(|_| std::net::TcpStream::connect(addr.unwrap()).unwrap())
             .collect();
@@ -723,15 +720,16 @@ mod tests {
         let asked = Instant::now();
         assert_eq!(ask(&path, "stats\n"), "stats!\n");
         assert!(asked.elapsed() >= READ_TIMEOUT / 2, "no wait past the cap");
-        drop((idle, scrapers, thread));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        drop((idle, scrapers));
+        spawned.stop();
     }
 
     /// A client that came while every place was taken is served as soon as places free,
     /// even when they all free at once and no other client comes to wake the thread.
     #[test]
     fn a_client_waiting_past_the_cap_is_served_when_the_places_free() {
-        let (thread, path, _) = spawn_with("wait", false, |line| format!("{line}!\n").into());
+        let spawned = spawn_with("wait", false, |line| format!("{line}!\n").into());
+        let path = spawned.path.clone();
         let idle: Vec<_> = (0..MAX_CONNECTIONS)
             .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
             .collect();
@@ -745,8 +743,8 @@ mod tests {
             answered.recv_timeout(READ_TIMEOUT * 10).unwrap(),
             "stats!\n"
         );
-        drop((idle, thread));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        drop(idle);
+        spawned.stop();
     }
 
     /// A large answer (a capture's frames) goes out whole to a client that reads it slowly,
@@ -754,7 +752,8 @@ mod tests {
     #[test]
     fn a_large_answer_reaches_a_slow_reader_whole() {
         let big = "x".repeat(1 << 20) + "\n";
-        let (thread, path, _) = spawn_with("big", false, move |_| big.clone().into());
+        let spawned = spawn_with("big", false, move |_| big.clone().into());
+        let path = spawned.path.clone();
         let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
         stream.write_all(b"capture read 0\n").unwrap();
         let started = Instant::now();
@@ -769,7 +768,6 @@ mod tests {
         }
         assert!(started.elapsed() > WRITE_TIMEOUT, "the reader was not slow");
         assert_eq!(got, (1 << 20) + 1);
-        drop(thread);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        spawned.stop();
     }
 }

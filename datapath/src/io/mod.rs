@@ -1085,7 +1085,9 @@ impl Datapath {
                     .is_some_and(|m| m.generation(handed.port) == handed.generation);
                 let frame = &mut handed.buf[..handed.len];
                 match handed.purpose {
-                    worker::Purpose::Handle if current => {
+                    // Of a port since removed (its id perhaps given to another): dropped.
+                    _ if !current => {}
+                    worker::Purpose::Handle => {
                         let caps = PortCaps::vnet(true);
                         self.forward(now, handed.port, caps, frame);
                         // At once: handling it may have published its connection, whose next
@@ -1094,7 +1096,7 @@ impl Datapath {
                     }
                     // What a worker's socket NAT took or sent: the port's capture and the
                     // gateway's (the gateway is the one it talks to); what it took, the trace.
-                    worker::Purpose::Taken | worker::Purpose::CaptureSent if current => {
+                    worker::Purpose::Taken | worker::Purpose::Sent => {
                         if let Some(frame) = frame.get(vnet::LEN..) {
                             self.record_capture(handed.port, frame);
                             self.record_capture(capture::GATEWAY, frame);
@@ -1103,9 +1105,6 @@ impl Datapath {
                             self.trace_taken(handed.port, w + 1, &handed.buf[..handed.len]);
                         }
                     }
-                    worker::Purpose::Handle
-                    | worker::Purpose::Taken
-                    | worker::Purpose::CaptureSent => {}
                 }
                 let _ = self.workers[w].free.send(handed.buf);
             }

@@ -78,7 +78,7 @@ pub(crate) enum Purpose {
     /// from the port.
     Taken,
     /// For the captures only: a copy of a frame the worker's socket NAT sent to the port.
-    CaptureSent,
+    Sent,
 }
 
 /// A frame a worker read and the engine must handle: `buf[..len]`, virtio-net header first.
@@ -439,8 +439,7 @@ impl Worker {
                 self.transmit(port, &buf[..len]);
                 if self.mirror.captured(port) {
                     let generation = self.mirror.generation(port);
-                    copied |=
-                        self.copy_for_capture(port, generation, &buf[..len], Purpose::CaptureSent);
+                    copied |= self.copy_for_capture(port, generation, &buf[..len], Purpose::Sent);
                 }
                 self.scratch = buf;
             } else {
