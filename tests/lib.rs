@@ -524,6 +524,25 @@ impl Drop for Background {
 }
 
 /// Path of the `switchyard` binary built by the same `cargo test` run.
+/// The CPUs this test process may run on (`Cpus_allowed_list` of proc(5), expanded).
+pub fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for item in list.split(',') {
+        let bound = |s: &str| s.parse::<usize>().expect("a CPU number");
+        match item.split_once('-') {
+            Some((first, last)) => cpus.extend(bound(first)..=bound(last)),
+            None => cpus.push(bound(item)),
+        }
+    }
+    cpus
+}
+
 pub fn switchyard_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/switchyard

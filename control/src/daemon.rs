@@ -33,6 +33,8 @@ pub struct DaemonOptions {
     pub seccomp: datapath::io::seccomp::SeccompMode,
     /// Threads per network for its taps' frames (`run --workers`).
     pub workers: usize,
+    /// Where each network's threads run (`run --cpus`, `--realtime`).
+    pub placement: datapath::io::Placement,
 }
 
 /// The daemon's socket: `$SWITCHYARD_SOCKET`, else `daemon.sock` in the run directory
@@ -162,7 +164,7 @@ struct Daemon {
 /// Runs the daemon until SIGTERM or SIGINT: starts the autostart networks, then answers
 /// requests; on the way out it stops every network cleanly.
 pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
-    run::drop_privileges()?;
+    run::drop_privileges(&opts.placement)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;
@@ -484,6 +486,7 @@ impl Daemon {
             seccomp: self.opts.seccomp,
             busy_poll: std::time::Duration::ZERO,
             workers: self.opts.workers,
+            placement: self.opts.placement.clone(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_def = def.clone();

@@ -166,6 +166,7 @@ pub fn demo(keep: bool) -> Result<(), String> {
         seccomp: datapath::io::seccomp::SeccompMode::Enforce,
         busy_poll: std::time::Duration::ZERO,
         workers: 1,
+        placement: Default::default(),
         // The demo's leases are thrown away with it.
         state_dir: Some(state_dir.clone()),
     };

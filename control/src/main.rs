@@ -69,6 +69,8 @@ enum Command {
         /// benches/WORKERS.md). 1 (the default) is one thread for everything.
         #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
         workers: u16,
+        #[command(flatten)]
+        placement: PlacementArgs,
         /// The datapath's seccomp allow-list: `enforce` (a call off the list kills the
         /// process), `log` (allowed and logged by the kernel, see dmesg) or `off`.
         #[arg(long, default_value = "enforce", value_name = "enforce|log|off")]
@@ -143,6 +145,9 @@ enum Command {
         /// Threads per network that carry its taps' frames (as `run --workers`).
         #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
         workers: u16,
+        /// Where every network's threads run (as `run --cpus`, `--realtime`).
+        #[command(flatten)]
+        placement: PlacementArgs,
     },
     /// Define (or redefine) a network from its libvirt XML file.
     NetDefine {
@@ -317,6 +322,39 @@ enum Command {
     },
 }
 
+/// Where the datapath's threads run (`datapath::io::placement`).
+#[derive(clap::Args, Debug)]
+struct PlacementArgs {
+    /// Pin the datapath's threads to these CPUs, one per thread in turn, the engine's first
+    /// (`1,0`; ranges as `2-3`; the list repeats if shorter). Default: any CPU.
+    #[arg(long, value_name = "LIST", value_parser = CpuList::parse)]
+    cpus: Option<CpuList>,
+    /// Run the datapath's threads under SCHED_RR at this priority (1-99), ahead of ordinary
+    /// processes, as the kernel's own forwarding is. Needs CAP_SYS_NICE (root) or an
+    /// RLIMIT_RTPRIO. Default: the normal scheduler.
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    realtime: Option<u8>,
+}
+
+/// `--cpus`, parsed whole (clap would take a bare `Vec` for repeated options).
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
+impl CpuList {
+    fn parse(text: &str) -> Result<CpuList, String> {
+        datapath::io::placement::parse_cpus(text).map(CpuList)
+    }
+}
+
+impl From<PlacementArgs> for datapath::io::Placement {
+    fn from(args: PlacementArgs) -> Self {
+        datapath::io::Placement {
+            cpus: args.cpus.map(|c| c.0).unwrap_or_default(),
+            realtime: args.realtime,
+        }
+    }
+}
+
 /// virsh's --current / --config / --persistent.
 #[derive(clap::Args, Debug)]
 #[group(multiple = false)]
@@ -451,6 +489,7 @@ fn main() -> ExitCode {
             metrics,
             busy_poll_us,
             workers,
+            placement,
             seccomp,
         } => run::run(&RunOptions {
             xml,
@@ -466,6 +505,7 @@ fn main() -> ExitCode {
             seccomp,
             busy_poll: Duration::from_micros(busy_poll_us),
             workers: usize::from(workers),
+            placement: placement.into(),
         }),
         Command::NetDhcpLeases { name, socket, json } => Target {
             name,
@@ -513,12 +553,14 @@ fn main() -> ExitCode {
             resolv_conf,
             seccomp,
             workers,
+            placement,
         } => daemon::daemon(&daemon::DaemonOptions {
             socket: socket.unwrap_or_else(daemon::default_socket),
             state_dir: state_dir.unwrap_or_else(run::default_state_dir),
             resolv_conf,
             seccomp,
             workers: usize::from(workers),
+            placement: placement.into(),
         }),
         Command::NetDefine { file, daemon } => std::fs::read_to_string(&file)
             .map_err(|e| format!("{}: {e}", file.display()))

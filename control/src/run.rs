@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub busy_poll: Duration,
     /// Threads for the taps' frames ([`Datapath::set_workers`]); 1 is the engine's alone.
     pub workers: usize,
+    /// Where those threads run ([`Datapath::set_placement`]).
+    pub placement: datapath::io::Placement,
 }
 
 /// Where a network's lasting state (the DHCP lease file) is kept: `/var/lib/switchyard` as
@@ -634,6 +636,7 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
     let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
     dp.set_workers(opts.workers)
         .map_err(|e| format!("workers: {e}"))?;
+    dp.set_placement(opts.placement.clone());
     if let Some(path) = leases {
         dp.persist_leases(&path)
             .map_err(|e| format!("lease file {}: {e}", path.display()))?;
@@ -791,10 +794,17 @@ pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
 /// Least privilege before anything starts (threads inherit it): no-new-privs, and every
 /// capability dropped but those a running network may still use
 /// ([`datapath::io::sys::KEPT_CAPABILITIES`]). An ordinary user has none to drop.
-pub fn drop_privileges() -> Result<(), String> {
-    datapath::io::sys::set_no_new_privs().map_err(|e| format!("no-new-privs: {e}"))?;
-    datapath::io::sys::drop_capabilities(&datapath::io::sys::KEPT_CAPABILITIES)
-        .map_err(|e| format!("dropping capabilities: {e}"))
+/// `placement` keeps CAP_SYS_NICE too if it asks for real-time threads, and is checked once
+/// the rest is dropped.
+pub fn drop_privileges(placement: &datapath::io::Placement) -> Result<(), String> {
+    use datapath::io::sys;
+    sys::set_no_new_privs().map_err(|e| format!("no-new-privs: {e}"))?;
+    let mut keep = sys::KEPT_CAPABILITIES.to_vec();
+    if placement.realtime.is_some() {
+        keep.push(sys::CAP_SYS_NICE);
+    }
+    sys::drop_capabilities(&keep).map_err(|e| format!("dropping capabilities: {e}"))?;
+    placement.check()
 }
 
 /// Puts the calling (datapath) thread under the seccomp allow-list of
@@ -809,7 +819,7 @@ pub fn confine(mode: datapath::io::seccomp::SeccompMode) -> Result<(), String> {
 
 /// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
 pub fn run(opts: &RunOptions) -> Result<(), String> {
-    drop_privileges()?;
+    drop_privileges(&opts.placement)?;
     let def = load_network(opts.xml.as_ref())?;
     let mut dp = start(&def, opts)?;
     dp.install_signal_handlers()
@@ -820,6 +830,12 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         def.bridge.as_deref().unwrap_or("-"),
         opts.taps.len()
     );
+    if !opts.placement.is_default() {
+        eprintln!(
+            "switchyard: datapath threads on {}",
+            opts.placement.describe()
+        );
+    }
     confine(opts.seccomp)?;
     let json = opts.json;
     dp.run(

@@ -224,3 +224,139 @@ fn a_guest_that_goes_away_leaves_both_threads_and_the_others_keep_talking() {
     let (ok, _, stderr) = sy.stop_with("TERM");
     assert!(ok, "clean stop: {stderr}");
 }
+
+/// A thread of a running switchyard: its name, the CPUs it may run on, its scheduling
+/// policy and real-time priority (proc(5): `status`, `stat` fields 40 and 41).
+#[derive(Debug)]
+struct ThreadPlace {
+    name: String,
+    cpus: String,
+    policy: u32,
+    priority: u32,
+}
+
+fn threads_of(pid: u32) -> Vec<ThreadPlace> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        let status = read("status");
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let stat = read("stat");
+        // Fields after the parenthesised name (which may hold spaces), from field 3 on.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
+        threads.push(ThreadPlace {
+            name: read("comm").trim().to_string(),
+            cpus,
+            priority: field(40),
+            policy: field(41),
+        });
+    }
+    threads
+}
+
+#[test]
+fn cpus_and_realtime_place_the_datapath_threads_and_leave_the_others_alone() {
+    require(&["ip", "ping"]);
+    let allowed = switchyard_tests::allowed_cpus();
+    let (engine_cpu, worker_cpu) = (*allowed.last().unwrap(), allowed[0]);
+    let dir = TempDir::new("placed");
+    let control = dir.file("sy.sock");
+    let guests = [Netns::new("w"), Netns::new("w")];
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let cpus = format!("{engine_cpu},{worker_cpu}");
+    let sy = Switchyard::start(&[
+        "run",
+        "--workers",
+        "2",
+        "--cpus",
+        &cpus,
+        "--realtime",
+        "1",
+        "--control",
+        &control,
+        "--tap",
+        &taps[0],
+        "--tap",
+        &taps[1],
+    ]);
+    let [a, b] = &guests;
+    a.set_static_address("eth0", "192.168.122.10/24", None);
+    b.set_static_address("eth0", "192.168.122.11/24", None);
+    // Frames cross both threads (the gateway's ping is the engine's; between guests, either).
+    a.must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.122.1"]);
+    a.must(&[
+        "ping",
+        "-c",
+        "20",
+        "-i",
+        "0.01",
+        "-W",
+        "2",
+        "192.168.122.11",
+    ]);
+    // The control thread still gets answers from the real-time engine.
+    assert!(stats_of(&control)["ports"].is_array());
+
+    let threads = threads_of(sy.pid());
+    let find = |name: &str| {
+        threads
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no thread {name}: {threads:?}"))
+    };
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_RR: u32 = 2;
+    let engine = find("switchyard");
+    assert_eq!(
+        (engine.cpus.as_str(), engine.policy, engine.priority),
+        (engine_cpu.to_string().as_str(), SCHED_RR, 1),
+        "{threads:?}"
+    );
+    let worker = find("sy-worker-1");
+    assert_eq!(
+        (worker.cpus.as_str(), worker.policy, worker.priority),
+        (worker_cpu.to_string().as_str(), SCHED_RR, 1),
+        "{threads:?}"
+    );
+    // The control thread (and the lease writer) are started before the engine places itself,
+    // and the datapath's threads start others under SCHED_RESET_ON_FORK: ordinary threads.
+    for other in threads
+        .iter()
+        .filter(|t| t.name != "switchyard" && !t.name.starts_with("sy-worker"))
+    {
+        assert_eq!(other.policy, SCHED_OTHER, "{threads:?}");
+        if allowed.len() > 1 {
+            assert_ne!(other.cpus, engine.cpus, "{threads:?}");
+        }
+    }
+}
+
+#[test]
+fn a_cpu_switchyard_may_not_run_on_is_refused_before_anything_starts() {
+    let allowed = switchyard_tests::allowed_cpus();
+    let outside = (0..1024).find(|c| !allowed.contains(c)).unwrap();
+    let out = std::process::Command::new(switchyard_tests::switchyard_bin())
+        .args(["run", "--cpus", &outside.to_string(), "--tap", "sy-never0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("CPU {outside} is not one this process may run on")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("port 0"),
+        "refused before any port was opened: {stderr}"
+    );
+}

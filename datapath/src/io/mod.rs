@@ -12,6 +12,7 @@ pub mod control;
 pub mod egress;
 pub mod netlink;
 pub mod netns;
+pub mod placement;
 pub mod seccomp;
 mod shard;
 pub mod stream;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub use placement::Placement;
 pub use tap::{Tap, TapSpec};
 
 /// Frames read from one port before the loop turns to the others.
@@ -273,6 +275,8 @@ pub struct Datapath {
     /// How long to keep polling without sleeping after a turn that had events
     /// ([`Datapath::set_busy_poll`]); zero sleeps at once.
     busy_poll: Duration,
+    /// Where the engine's and the workers' threads run ([`Datapath::set_placement`]).
+    placement: Placement,
     /// When a turn last had events.
     last_busy: Option<Instant>,
     /// Fast-path workers for the taps' further queues ([`worker`]); empty with one worker.
@@ -596,6 +600,7 @@ impl Datapath {
             lost_taps: Vec::new(),
             next_port_check: Instant::now() + PORT_CHECK,
             busy_poll: Duration::ZERO,
+            placement: Placement::default(),
             last_busy: None,
             workers: Vec::new(),
             handover_pending: false,
@@ -720,9 +725,9 @@ impl Datapath {
         now: Instant,
     ) -> impl FnOnce() -> Vec<crate::nat::FlowRow> + Send + 'static {
         let mut rows = self.engine.conntrack(now);
-        let mut waiting: Vec<(usize, Arc<shard::ShardView>, u64)> = (self.shard_views.iter())
+        let mut waiting: Vec<(usize, shard::RowsTicket)> = (self.shard_views.iter())
             .enumerate()
-            .map(|(w, view)| (w, view.clone(), view.ask_rows()))
+            .map(|(w, view)| (w, view.ask_rows()))
             .collect();
         for worker in &self.workers {
             worker.wake();
@@ -730,7 +735,7 @@ impl Datapath {
         move || {
             let deadline = Instant::now() + SHARD_ROWS_WAIT;
             loop {
-                waiting.retain(|(_, view, ticket)| match view.take_rows(*ticket) {
+                waiting.retain_mut(|(_, ticket)| match ticket.take() {
                     Some(theirs) => {
                         rows.extend(theirs.iter().cloned());
                         false
@@ -755,6 +760,13 @@ impl Datapath {
     /// at the cost of a core kept busy meanwhile. Zero (the default) sleeps at once.
     pub fn set_busy_poll(&mut self, spin: Duration) {
         self.busy_poll = spin;
+    }
+
+    /// Pins the datapath's threads to CPUs and puts them under the real-time scheduler (see
+    /// [`placement`]): the engine's thread when [`Datapath::run`] starts, each worker's when
+    /// its thread starts. Check it first with [`Placement::check`].
+    pub fn set_placement(&mut self, placement: Placement) {
+        self.placement = placement;
     }
 
     pub fn handle(&self) -> Handle {
@@ -1322,6 +1334,8 @@ impl Datapath {
             self.control_thread = Some(thread);
             self.requests = Some(requests);
         }
+        // After the control thread started: it stays an ordinary thread.
+        self.placement.apply(0)?;
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Err(e) = self.turn(None) {
                 self.stop_control();
@@ -1540,7 +1554,7 @@ impl Datapath {
     /// timer), serve ready ports within their budget, run due timers.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         for worker in &mut self.workers {
-            worker.start()?;
+            worker.start(&self.placement)?;
         }
         let timeout = if self.ready.is_empty()
             && !self.upstream_ready

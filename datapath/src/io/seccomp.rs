@@ -10,6 +10,7 @@
 //!
 //! The list, by what needs it:
 //! - the runtime: memory, futexes, signals, clocks, threads (std's `thread::spawn`), exit;
+//!   a thread's own CPU affinity and scheduling policy (`--cpus`, `--realtime`);
 //! - the poll loop and ports: epoll, eventfd, read/write on taps and sockets, the tap ioctls;
 //! - sockets, of the families the engine uses only (unix, IPv4, IPv6, netlink, packet): NAT's
 //!   host sockets, DNS upstreams, control and metrics sockets, AF_PACKET uplinks;
@@ -245,6 +246,10 @@ fn program(on_mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     rules.insert(libc::SYS_socket, any_of(0, SOCKET_FAMILIES)?);
     rules.insert(libc::SYS_setns, any_of(1, SETNS_TYPES)?);
     rules.insert(libc::SYS_prctl, any_of(0, PRCTL_OPTIONS)?);
+    // `--cpus` and `--realtime` (io/placement.rs): each datapath thread places itself, and
+    // only itself (pid 0).
+    rules.insert(libc::SYS_sched_setaffinity, any_of(0, &[0])?);
+    rules.insert(libc::SYS_sched_setscheduler, any_of(0, &[0])?);
     let filter = SeccompFilter::new(rules, on_mismatch, SeccompAction::Allow, arch)?;
     Ok(filter.try_into()?)
 }

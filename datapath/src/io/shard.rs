@@ -60,6 +60,9 @@ struct ShardState {
     asked: u64,
     answered: u64,
     rows: Arc<Vec<FlowRow>>,
+    /// Tickets neither taken nor given up: once none is left, `rows` is let go (a large
+    /// table's rows are not kept until the next `conntrack`).
+    unclaimed: u64,
     /// Drops not yet folded into the ports' counters.
     drops: Vec<(PortId, DropReason, u64)>,
 }
@@ -93,22 +96,62 @@ impl ShardView {
         std::mem::take(&mut self.lock().drops)
     }
 
-    /// Asks the worker for its connections' rows (then wake it): a ticket for
-    /// [`ShardView::take_rows`].
-    pub fn ask_rows(&self) -> u64 {
-        let ticket = {
+    /// Asks the worker for its connections' rows (then wake it).
+    pub fn ask_rows(self: &Arc<Self>) -> RowsTicket {
+        let number = {
             let mut state = self.lock();
             state.asked += 1;
+            state.unclaimed += 1;
             state.asked
         };
         self.want_rows.store(true, Ordering::Release);
-        ticket
+        RowsTicket {
+            view: self.clone(),
+            number,
+            claimed: false,
+        }
     }
 
-    /// The rows asked for with `ticket`, once the worker answered it (or a later request).
-    pub fn take_rows(&self, ticket: u64) -> Option<Arc<Vec<FlowRow>>> {
-        let state = self.lock();
-        (state.answered >= ticket).then(|| state.rows.clone())
+    /// One ticket fewer waits for the rows.
+    fn claim(&self) {
+        let mut state = self.lock();
+        state.unclaimed -= 1;
+        if state.unclaimed == 0 {
+            state.rows = Arc::default();
+        }
+    }
+}
+
+/// A request for a worker's rows ([`ShardView::ask_rows`]); dropping it gives up on them.
+#[derive(Debug)]
+pub(crate) struct RowsTicket {
+    view: Arc<ShardView>,
+    number: u64,
+    claimed: bool,
+}
+
+impl RowsTicket {
+    /// The rows, once the worker answered this request (or a later one); `None` before, and
+    /// after they were taken.
+    pub fn take(&mut self) -> Option<Arc<Vec<FlowRow>>> {
+        if self.claimed {
+            return None;
+        }
+        let rows = {
+            let state = self.view.lock();
+            (state.answered >= self.number).then(|| state.rows.clone())
+        }?;
+        self.claimed = true;
+        self.view.claim();
+        Some(rows)
+    }
+}
+
+impl Drop for RowsTicket {
+    fn drop(&mut self) {
+        if !self.claimed {
+            self.view.claim();
+        }
     }
 }
 
@@ -267,7 +310,10 @@ impl SocketShard {
         state.flows = self.nat.len();
         self.view.want_rows.store(false, Ordering::Release);
         if state.asked != state.answered {
-            state.rows = Arc::new(self.nat.rows(now));
+            // Asked for and given up on already: nobody to hold them for.
+            if state.unclaimed > 0 {
+                state.rows = Arc::new(self.nat.rows(now));
+            }
             state.answered = state.asked;
         }
     }
@@ -286,18 +332,49 @@ mod tests {
         let config = SocketNatConfig::new(Ipv4Addr::new(192, 168, 122, 1), 24);
         let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
         let (mut shard, view) = SocketShard::new(&config, Arc::default(), mac, now);
-        let first = view.ask_rows();
-        let second = view.ask_rows();
-        assert!(view.take_rows(first).is_none(), "not answered yet");
+        let mut first = view.ask_rows();
+        let mut second = view.ask_rows();
+        assert!(first.take().is_none(), "not answered yet");
         shard.publish(now);
-        let a = view.take_rows(first).unwrap();
-        let b = view.take_rows(second).unwrap();
+        let a = first.take().unwrap();
+        assert!(first.take().is_none(), "taken");
+        let mut third = view.ask_rows();
+        assert!(third.take().is_none());
+        let b = second.take().expect("an answered request stays answered");
         assert!(Arc::ptr_eq(&a, &b));
-        let third = view.ask_rows();
-        assert!(view.take_rows(third).is_none());
+    }
+
+    /// The rows are let go once every request took them or gave up, whatever their order,
+    /// and a worker answering only given-up requests keeps none.
+    #[test]
+    fn rows_are_kept_only_while_a_request_waits_for_them() {
+        let now = Instant::now();
+        let config = SocketNatConfig::new(Ipv4Addr::new(192, 168, 122, 1), 24);
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let (mut shard, view) = SocketShard::new(&config, Arc::default(), mac, now);
+        // Distinguishable from the empty default: a fresh allocation each answer.
+        let held = |view: &ShardView| view.lock().rows.clone();
+        let mut first = view.ask_rows();
+        let second = view.ask_rows();
+        shard.publish(now);
+        let rows = first.take().unwrap();
+        assert!(Arc::ptr_eq(&held(&view), &rows), "the second still waits");
+        drop(second);
+        assert!(!Arc::ptr_eq(&held(&view), &rows), "let go");
+        assert_eq!(view.lock().unclaimed, 0);
+
+        let given_up = view.ask_rows();
+        drop(given_up);
+        let before = held(&view);
+        shard.publish(now);
         assert!(
-            view.take_rows(first).is_some(),
-            "an answered request stays answered"
+            Arc::ptr_eq(&before, &held(&view)),
+            "no rows made for nobody"
         );
+        let (asked, answered) = {
+            let state = view.lock();
+            (state.asked, state.answered)
+        };
+        assert_eq!(answered, asked);
     }
 }

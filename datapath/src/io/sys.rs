@@ -1035,6 +1035,50 @@ pub fn peer_may_control(sock: BorrowedFd<'_>) -> bool {
     peer_uid(sock).is_ok_and(|uid| uid == 0 || uid == effective_uid())
 }
 
+/// The CPUs the calling thread may run on (`sched_getaffinity`), in order.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity(2) writes at most `size_of::<cpu_set_t>()` bytes into `set`,
+    // which is that large; pid 0 is the calling thread.
+    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `cpu` of `set`, below CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Runs the calling thread on `cpu` only (`sched_setaffinity`).
+pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET writes inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity(2) reads `size_of::<cpu_set_t>()` bytes of `set`; pid 0 is
+    // the calling thread.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
+/// Puts the calling thread under `SCHED_RR` at `priority` (1-99): it runs ahead of every
+/// normal thread when it has work, as the kernel's softirqs do. Needs CAP_SYS_NICE or an
+/// `RLIMIT_RTPRIO` of at least `priority`. With `SCHED_RESET_ON_FORK`, so threads and
+/// processes it starts afterwards (a tap opener, the rootless helper) are normal ones.
+pub fn set_this_thread_realtime(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: libc::c_int::from(priority),
+    };
+    // SAFETY: sched_setscheduler(2) reads one sched_param, valid for the call; pid 0 is the
+    // calling thread (Linux schedules threads, not processes).
+    cvt(unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, &param)
+    })?;
+    Ok(())
+}
+
 /// `prctl(PR_SET_NO_NEW_PRIVS)`: nothing this process executes can gain privileges (no
 /// setuid, no file capabilities).
 pub fn set_no_new_privs() -> io::Result<()> {
@@ -1053,11 +1097,13 @@ pub const KEPT_CAPABILITIES: [u32; 4] = [
     CAP_NET_RAW,
     CAP_SYS_ADMIN,
 ];
-/// Capability numbers from `<linux/capability.h>`.
+/// Capability numbers from `<linux/capability.h>`. CAP_SYS_NICE is kept only for
+/// `--realtime` (the datapath threads' `SCHED_RR`).
 pub const CAP_NET_BIND_SERVICE: u32 = 10;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_NET_RAW: u32 = 13;
 pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_NICE: u32 = 23;
 
 /// The `_LINUX_CAPABILITY_VERSION_3` header of capget/capset.
 #[repr(C)]

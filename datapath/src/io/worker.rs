@@ -22,7 +22,7 @@
 //! once a turn. The design is in `benches/WORKERS.md`.
 
 use super::shard::SocketShard;
-use super::{BUF_LEN, RX_BUDGET, ReadyQueue, batch, sys};
+use super::{BUF_LEN, Placement, RX_BUDGET, ReadyQueue, batch, sys};
 use crate::nat::fast::NatFastPath;
 use crate::port::PortId;
 use crate::socket_nat::Peer;
@@ -264,17 +264,21 @@ impl WorkerHandle {
         })
     }
 
-    /// Starts the worker's thread, if not yet started.
-    pub fn start(&mut self) -> io::Result<()> {
+    /// Starts the worker's thread, if not yet started, placed as datapath thread `queue`.
+    pub fn start(&mut self, placement: &Placement) -> io::Result<()> {
         let Some(worker) = self.pending.take() else {
             return Ok(());
         };
         let name = format!("sy-worker-{}", worker.queue);
-        self.thread = Some(
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker.run())?,
-        );
+        let placement = placement.clone();
+        self.thread = Some(std::thread::Builder::new().name(name).spawn(move || {
+            // Checked before the datapath started (`Placement::check`): a failure here is
+            // logged, and the worker runs where it is.
+            if let Err(e) = placement.apply(worker.queue) {
+                eprintln!("switchyard: worker {}: {e}", worker.queue);
+            }
+            worker.run()
+        })?);
         Ok(())
     }
 
@@ -876,7 +880,7 @@ mod tests {
                 queue,
             });
         }
-        worker.start().unwrap();
+        worker.start(&Placement::default()).unwrap();
         let mut buf = [0u8; 2048];
 
         // Known unicast: straight to b's queue, counted on both ports.
