@@ -87,6 +87,7 @@ pub fn trace(
         &format!("trace start {} {count} {filter}", port.unwrap_or("any")),
     )?;
     let started = Instant::now();
+    let mut trailer = TraceTrailer::default();
     let result = loop {
         let text = match run::ask(socket, "trace read") {
             Ok(text) => text,
@@ -94,13 +95,10 @@ pub fn trace(
         };
         let mut remaining = 1;
         for line in text.lines() {
-            match line.strip_prefix("remaining ") {
-                Some(rest) => {
-                    remaining = rest
-                        .split_whitespace()
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0);
+            match TraceTrailer::parse(line) {
+                Some(read) => {
+                    remaining = read.remaining;
+                    trailer = read;
                 }
                 None => println!("{line}"),
             }
@@ -115,7 +113,47 @@ pub fn trace(
         std::thread::sleep(Duration::from_millis(100));
     };
     let _ = run::ask(socket, "trace stop");
+    if trailer.dropped > 0 {
+        eprintln!(
+            "switchyard: {} traced frames dropped: this reader fell behind (1000 wait at most)",
+            trailer.dropped
+        );
+    }
+    if trailer.missed > 0 {
+        eprintln!(
+            "switchyard: {} frames a worker's socket NAT took could not be copied for the trace (its hand-over was full); some may not have matched the filter",
+            trailer.missed
+        );
+    }
     result
+}
+
+/// The last line of a `trace read` answer: `remaining N dropped M missed K`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TraceTrailer {
+    remaining: u64,
+    dropped: u64,
+    missed: u64,
+}
+
+impl TraceTrailer {
+    fn parse(line: &str) -> Option<TraceTrailer> {
+        let rest = line.strip_prefix("remaining ")?;
+        let mut words = rest.split_whitespace();
+        let mut trailer = TraceTrailer {
+            remaining: words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            ..TraceTrailer::default()
+        };
+        while let (Some(name), Some(value)) = (words.next(), words.next()) {
+            let value = value.parse().unwrap_or(0);
+            match name {
+                "dropped" => trailer.dropped = value,
+                "missed" => trailer.missed = value,
+                _ => {}
+            }
+        }
+        Some(trailer)
+    }
 }
 
 /// `switchyard trace --inject FILE --port P`: the trace of one frame run through the pipeline
@@ -156,4 +194,31 @@ pub fn inject(
         run::ask(socket, &format!("trace inject {port} {hex}"))?
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trace_trailer_gives_what_is_left_dropped_and_missed() {
+        assert_eq!(
+            TraceTrailer::parse("remaining 3 dropped 2 missed 1"),
+            Some(TraceTrailer {
+                remaining: 3,
+                dropped: 2,
+                missed: 1
+            })
+        );
+        // An engine before `missed` was added, and a trace's own line.
+        assert_eq!(
+            TraceTrailer::parse("remaining 0 dropped 5"),
+            Some(TraceTrailer {
+                remaining: 0,
+                dropped: 5,
+                missed: 0
+            })
+        );
+        assert_eq!(TraceTrailer::parse("frame 1:"), None);
+    }
 }

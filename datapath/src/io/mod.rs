@@ -401,6 +401,9 @@ struct TraceSession {
     records: VecDeque<String>,
     seq: u64,
     dropped: u64,
+    /// Frames a worker's socket NAT took that it could not copy to the engine for the trace
+    /// (its hand-over full): perhaps frames the trace would have shown.
+    missed: u64,
 }
 
 /// Traces waiting for the reader before new ones are dropped.
@@ -1071,6 +1074,9 @@ impl Datapath {
                         capture.dropped += counts.capture_missed;
                     }
                 }
+                if let Some(session) = &mut self.tracing {
+                    session.missed += counts.trace_missed;
+                }
             }
         }
         let now = Instant::now();
@@ -1394,17 +1400,19 @@ impl Datapath {
             records: VecDeque::new(),
             seq: 0,
             dropped: 0,
+            missed: 0,
         });
     }
 
-    /// The traces recorded since the last read, then a line `remaining N dropped M`; `None`
-    /// when no trace runs.
+    /// The traces recorded since the last read, then a line `remaining N dropped M missed
+    /// K`: frames still to trace, traced frames dropped because the reader fell behind, and
+    /// frames workers could not copy for the trace; `None` when no trace runs.
     pub fn read_trace(&mut self) -> Option<String> {
         let session = self.tracing.as_mut()?;
         let mut out: String = session.records.drain(..).collect();
         out.push_str(&format!(
-            "remaining {} dropped {}\n",
-            session.remaining, session.dropped
+            "remaining {} dropped {} missed {}\n",
+            session.remaining, session.dropped, session.missed
         ));
         Some(out)
     }

@@ -107,6 +107,14 @@ enum Decision {
     HandOver,
 }
 
+/// A copy of a frame for the engine: why, and for whom.
+#[derive(Debug, Clone, Copy)]
+struct EngineCopy {
+    purpose: Purpose,
+    captured: bool,
+    traced: bool,
+}
+
 /// One port's counts on one worker, written by that worker only.
 #[derive(Debug, Default)]
 struct Tally {
@@ -126,6 +134,9 @@ struct Tally {
     truncated: AtomicU64,
     /// Copies for a capture that found the hand-over full: missing from the capture.
     capture_missed: AtomicU64,
+    /// Copies for a trace that found it full: perhaps missing from the trace (whose filter
+    /// the engine applies, so some would not have matched).
+    trace_missed: AtomicU64,
 }
 
 /// A snapshot of a [`Tally`].
@@ -143,6 +154,7 @@ pub(crate) struct Counts {
     pub not_for_us: u64,
     pub truncated: u64,
     pub capture_missed: u64,
+    pub trace_missed: u64,
 }
 
 impl Counts {
@@ -161,6 +173,7 @@ impl Counts {
             not_for_us: self.not_for_us - before.not_for_us,
             truncated: self.truncated - before.truncated,
             capture_missed: self.capture_missed - before.capture_missed,
+            trace_missed: self.trace_missed - before.trace_missed,
         }
     }
 }
@@ -186,6 +199,7 @@ impl Tally {
             not_for_us: get(&self.not_for_us),
             truncated: get(&self.truncated),
             capture_missed: get(&self.capture_missed),
+            trace_missed: get(&self.trace_missed),
         }
     }
 }
@@ -443,7 +457,12 @@ impl Worker {
                 self.transmit(port, &buf[..len]);
                 if self.mirror.captured(port) {
                     let generation = self.mirror.generation(port);
-                    copied |= self.copy_for_capture(port, generation, &buf[..len], Purpose::Sent);
+                    let copy = EngineCopy {
+                        purpose: Purpose::Sent,
+                        captured: true,
+                        traced: false,
+                    };
+                    copied |= self.copy_for_engine(port, generation, &buf[..len], copy);
                 }
                 self.scratch = buf;
             } else {
@@ -616,8 +635,13 @@ impl Worker {
             }
             Decision::Sockets => {
                 received();
-                let copied = (self.mirror.captured(id) || self.mirror.traced())
-                    && self.copy_for_capture(id, generation, buf, Purpose::Taken);
+                let copy = EngineCopy {
+                    purpose: Purpose::Taken,
+                    captured: self.mirror.captured(id),
+                    traced: self.mirror.traced(),
+                };
+                let copied = (copy.captured || copy.traced)
+                    && self.copy_for_engine(id, generation, buf, copy);
                 if let (Some(sockets), Ok(hdr)) = (&mut self.sockets, VnetHdr::parse(buf)) {
                     let frame = &buf[vnet::LEN..];
                     let from = Peer {
@@ -779,19 +803,25 @@ impl Worker {
         }
     }
 
-    /// Hands the engine a copy of `frame` (virtio-net header first) for the captures; true
-    /// if handed. A copy finds no buffer when fewer than [`CAPTURE_RESERVE`] are left for
-    /// hand-overs, and is counted as missing from the captures.
-    fn copy_for_capture(
+    /// Hands the engine a copy of `frame` (virtio-net header first) for the captures and
+    /// the trace; true if handed. A copy finds no buffer when fewer than [`CAPTURE_RESERVE`]
+    /// are left for hand-overs, and is counted as missing from those it was for.
+    fn copy_for_engine(
         &self,
         port: PortId,
         generation: u32,
         frame: &[u8],
-        purpose: Purpose,
+        copy: EngineCopy,
     ) -> bool {
-        let handed = self.send_to_engine((port, generation), frame, purpose, CAPTURE_RESERVE);
+        let handed = self.send_to_engine((port, generation), frame, copy.purpose, CAPTURE_RESERVE);
         if !handed {
-            bump(&self.tallies[port.0 as usize].capture_missed, 1);
+            let tally = &self.tallies[port.0 as usize];
+            if copy.captured {
+                bump(&tally.capture_missed, 1);
+            }
+            if copy.traced {
+                bump(&tally.trace_missed, 1);
+            }
         }
         handed
     }
@@ -917,5 +947,32 @@ mod tests {
             .expect("handed over, not switched");
         assert_eq!(handed.port, pa);
         assert!(guest_b.recv(&mut buf).is_err(), "nothing in the old queue");
+    }
+
+    /// A copy for a capture or a trace that finds no free hand-over buffer is counted as
+    /// missing from each of those it was for, and only those.
+    #[test]
+    fn a_copy_that_finds_no_buffer_is_missing_from_those_it_was_for() {
+        let mut engine = Engine::new(&Config::default());
+        let mirror = engine.mirror();
+        let pa = engine.add_port("a");
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+        let mut handle = WorkerHandle::new(1, mirror.clone(), waker, None, 1514, 8).unwrap();
+        {
+            let worker = handle.pending.as_ref().unwrap();
+            while worker.free.try_recv().is_ok() {}
+            let generation = mirror.generation(pa);
+            for (captured, traced) in [(true, false), (false, true), (true, true)] {
+                let copy = EngineCopy {
+                    purpose: Purpose::Taken,
+                    captured,
+                    traced,
+                };
+                assert!(!worker.copy_for_engine(pa, generation, &frame(B, A), copy));
+            }
+        }
+        let counts = handle.fold(pa).expect("counted");
+        assert_eq!((counts.capture_missed, counts.trace_missed), (2, 2));
     }
 }
