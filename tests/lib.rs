@@ -523,7 +523,6 @@ impl Drop for Background {
     }
 }
 
-/// Path of the `switchyard` binary built by the same `cargo test` run.
 /// The CPUs this test process may run on (`Cpus_allowed_list` of proc(5), expanded).
 pub fn allowed_cpus() -> Vec<usize> {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -543,6 +542,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     cpus
 }
 
+/// Path of the `switchyard` binary built by the same `cargo test` run.
 pub fn switchyard_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/switchyard

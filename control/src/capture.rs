@@ -88,21 +88,23 @@ pub fn trace(
     )?;
     let started = Instant::now();
     let mut trailer = TraceTrailer::default();
+    // Prints the traces of a `trace read` (or `trace stop`) answer, keeping its last line.
+    let mut show = |text: &str| {
+        for line in text.lines() {
+            match TraceTrailer::parse(line) {
+                Some(read) => trailer = read,
+                None if line == "stopped" => {}
+                None => println!("{line}"),
+            }
+        }
+        trailer.remaining
+    };
     let result = loop {
         let text = match run::ask(socket, "trace read") {
             Ok(text) => text,
             Err(e) => break Err(e),
         };
-        let mut remaining = 1;
-        for line in text.lines() {
-            match TraceTrailer::parse(line) {
-                Some(read) => {
-                    remaining = read.remaining;
-                    trailer = read;
-                }
-                None => println!("{line}"),
-            }
-        }
+        let remaining = show(&text);
         let _ = std::io::stdout().flush();
         if remaining == 0
             || stop.load(Ordering::SeqCst)
@@ -112,7 +114,9 @@ pub fn trace(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let _ = run::ask(socket, "trace stop");
+    if let Ok(text) = run::ask(socket, "trace stop") {
+        show(&text);
+    }
     if trailer.dropped > 0 {
         eprintln!(
             "switchyard: {} traced frames dropped: this reader fell behind (1000 wait at most)",

@@ -164,7 +164,9 @@ struct Daemon {
 /// Runs the daemon until SIGTERM or SIGINT: starts the autostart networks, then answers
 /// requests; on the way out it stops every network cleanly.
 pub fn daemon(opts: &DaemonOptions) -> Result<(), String> {
-    run::drop_privileges(&opts.placement)?;
+    // CAP_SYS_NICE for any network's `<sy:datapath realtime>`, defined later.
+    run::drop_privileges(true)?;
+    opts.placement.check()?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("signals: {e}"))?;

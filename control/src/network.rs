@@ -165,8 +165,10 @@ const NETWORK: Schema = Schema {
 /// `<sy:host-loopback/>` (the gateway address stands for the host's 127.0.0.1) and
 /// `<sy:forward proto host guest>` (a host port forwarded to a guest) and
 /// `<sy:guard clean-traffic dhcp-per-second dns-per-second broadcast-per-second
-/// leases-per-mac>` (hostile guests: spoofing protection and per-port caps).
+/// leases-per-mac>` (hostile guests: spoofing protection and per-port caps) and
+/// `<sy:datapath workers cpus realtime>` (the network's threads and where they run).
 const SY_EXTENSIONS: &[Schema] = &[
+    leaf("datapath", &["workers", "cpus", "realtime"]),
     leaf("egress", &["mode"]),
     leaf(
         "guard",
@@ -306,6 +308,59 @@ pub struct SyNat {
     pub filtering: Option<datapath::nat::Filtering>,
     pub max_flows: Option<usize>,
     pub max_flows_per_guest: Option<usize>,
+}
+
+/// `<sy:datapath workers cpus realtime>`: the network's threads, as `run --workers`,
+/// `--cpus` and `--realtime` (each attribute given here wins over the command line's, so
+/// one daemon can run each network on its own cores).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyDatapath {
+    pub workers: Option<u16>,
+    pub cpus: Option<Vec<usize>>,
+    pub realtime: Option<u8>,
+}
+
+impl SyDatapath {
+    /// The threads' placement: the command line's, with what this element sets.
+    pub fn placement(&self, base: &datapath::io::Placement) -> datapath::io::Placement {
+        datapath::io::Placement {
+            cpus: self.cpus.clone().unwrap_or_else(|| base.cpus.clone()),
+            realtime: self.realtime.or(base.realtime),
+        }
+    }
+}
+
+fn parse_sy_datapath(node: roxmltree::Node<'_, '_>) -> Result<SyDatapath, XmlError> {
+    let bad = |attribute: &str, value: &str, why: String| XmlError::BadValue {
+        element: "datapath".into(),
+        attribute: attribute.into(),
+        value: value.into(),
+        line: line_of(node),
+        why,
+    };
+    let workers = attr_parse::<u16>(node, "workers")?;
+    if let Some(n) = workers.filter(|n| !(1..=64).contains(n)) {
+        return Err(bad("workers", &n.to_string(), "expected 1 to 64".into()));
+    }
+    let realtime = attr_parse::<u8>(node, "realtime")?;
+    if let Some(p) = realtime.filter(|p| !(1..=99).contains(p)) {
+        return Err(bad(
+            "realtime",
+            &p.to_string(),
+            "expected a priority from 1 to 99".into(),
+        ));
+    }
+    let cpus = match node.attribute("cpus") {
+        Some(text) => {
+            Some(datapath::io::placement::parse_cpus(text).map_err(|why| bad("cpus", text, why))?)
+        }
+        None => None,
+    };
+    Ok(SyDatapath {
+        workers,
+        cpus,
+        realtime,
+    })
 }
 
 /// How NATed flows leave the host (`<sy:egress mode>`).
@@ -586,6 +641,7 @@ pub struct NetworkDef {
     pub dns: DnsDef,
     pub sy_uplink: Option<SyUplink>,
     pub sy_nat: SyNat,
+    pub sy_datapath: SyDatapath,
     pub sy_egress: Option<Egress>,
     pub sy_host_loopback: bool,
     pub sy_forwards: Vec<PortForward>,
@@ -924,6 +980,10 @@ impl NetworkDef {
                 .filter(|c| c.has_tag_name((SY_NS, "forward")))
                 .map(parse_port_forward)
                 .collect::<Result<_, _>>()?,
+            sy_datapath: match sy_child("datapath") {
+                Some(n) => parse_sy_datapath(n)?,
+                None => SyDatapath::default(),
+            },
             sy_nat: match sy_child("nat") {
                 Some(n) => SyNat {
                     filtering: attr_parse(n, "filtering")?,
@@ -1410,6 +1470,45 @@ mod tests {
       <sy:uplink prefix='24' gateway='203.0.113.1'/>
       <sy:nat filtering='endpoint-independent' max-flows='100' max-flows-per-guest='10'/>
     </network>";
+
+    /// `<sy:datapath>` sets the network's threads; each attribute it gives wins over the
+    /// command line's, the others are the command line's.
+    #[test]
+    fn sy_datapath_places_the_networks_threads_over_the_command_line() {
+        let xml = PACKET_NAT.replace(
+            "</network>",
+            "<sy:datapath workers='2' cpus='1,0'/></network>",
+        );
+        let net = NetworkDef::parse(&xml).unwrap();
+        assert_eq!(net.sy_datapath.workers, Some(2));
+        let base = datapath::io::Placement {
+            cpus: vec![0],
+            realtime: Some(3),
+        };
+        assert_eq!(
+            net.sy_datapath.placement(&base),
+            datapath::io::Placement {
+                cpus: vec![1, 0],
+                realtime: Some(3),
+            }
+        );
+        let none = NetworkDef::parse(PACKET_NAT).unwrap();
+        assert_eq!(none.sy_datapath, SyDatapath::default());
+        assert_eq!(none.sy_datapath.placement(&base), base);
+        for (attr, why) in [
+            ("workers='0'", "1 to 64"),
+            ("workers='65'", "1 to 64"),
+            ("realtime='0'", "1 to 99"),
+            ("realtime='100'", "1 to 99"),
+            ("cpus='1-0'", "upwards"),
+            ("cpus='x'", "not a CPU number"),
+            ("pinned='yes'", "pinned"),
+        ] {
+            let bad = PACKET_NAT.replace("</network>", &format!("<sy:datapath {attr}/></network>"));
+            let err = NetworkDef::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{attr}: {err}");
+        }
+    }
 
     #[test]
     fn packet_nat_takes_libvirts_nat_and_the_sy_extensions() {

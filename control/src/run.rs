@@ -225,8 +225,8 @@ fn find_port(dp: &Datapath, name: &str) -> Option<datapath::PortId> {
         .map(|(id, _)| id)
 }
 
-/// `trace start PORT|any COUNT [FILTER...]`, `trace read`, `trace stop`,
-/// `trace inject PORT HEX`.
+/// `trace start PORT|any COUNT [FILTER...]`, `trace read`, `trace stop` (answered with a
+/// last `trace read`), `trace inject PORT HEX`.
 fn trace(dp: &mut Datapath, request: &str) -> String {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
@@ -263,8 +263,10 @@ fn trace(dp: &mut Datapath, request: &str) -> String {
             }
         }
         ["stop"] => {
+            // What was traced since the last read, and the final counts, then the end.
+            let last = dp.read_trace().unwrap_or_default();
             dp.stop_trace();
-            "stopped\n".into()
+            format!("{last}stopped\n")
         }
         _ => "error: trace start PORT|any COUNT, trace read, trace stop, trace inject PORT HEX\n"
             .into(),
@@ -634,9 +636,15 @@ pub fn build(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
         None => enable_dns(def, opts, &mut engine),
     };
     let mut dp = Datapath::new(engine).map_err(|e| format!("poll: {e}"))?;
-    dp.set_workers(opts.workers)
+    let workers = def.sy_datapath.workers.map_or(opts.workers, usize::from);
+    dp.set_workers(workers)
         .map_err(|e| format!("workers: {e}"))?;
-    dp.set_placement(opts.placement.clone());
+    let placement = def.sy_datapath.placement(&opts.placement);
+    if !placement.is_default() {
+        placement.check()?;
+        eprintln!("switchyard: datapath threads on {}", placement.describe());
+    }
+    dp.set_placement(placement);
     if let Some(path) = leases {
         dp.persist_leases(&path)
             .map_err(|e| format!("lease file {}: {e}", path.display()))?;
@@ -794,17 +802,16 @@ pub fn start(def: &NetworkDef, opts: &RunOptions) -> Result<Datapath, String> {
 /// Least privilege before anything starts (threads inherit it): no-new-privs, and every
 /// capability dropped but those a running network may still use
 /// ([`datapath::io::sys::KEPT_CAPABILITIES`]). An ordinary user has none to drop.
-/// `placement` keeps CAP_SYS_NICE too if it asks for real-time threads, and is checked once
-/// the rest is dropped.
-pub fn drop_privileges(placement: &datapath::io::Placement) -> Result<(), String> {
+/// `keep_sys_nice` keeps CAP_SYS_NICE too, for real-time datapath threads (`--realtime`,
+/// `<sy:datapath realtime>`).
+pub fn drop_privileges(keep_sys_nice: bool) -> Result<(), String> {
     use datapath::io::sys;
     sys::set_no_new_privs().map_err(|e| format!("no-new-privs: {e}"))?;
     let mut keep = sys::KEPT_CAPABILITIES.to_vec();
-    if placement.realtime.is_some() {
+    if keep_sys_nice {
         keep.push(sys::CAP_SYS_NICE);
     }
-    sys::drop_capabilities(&keep).map_err(|e| format!("dropping capabilities: {e}"))?;
-    placement.check()
+    sys::drop_capabilities(&keep).map_err(|e| format!("dropping capabilities: {e}"))
 }
 
 /// Puts the calling (datapath) thread under the seccomp allow-list of
@@ -819,8 +826,8 @@ pub fn confine(mode: datapath::io::seccomp::SeccompMode) -> Result<(), String> {
 
 /// Runs until SIGINT/SIGTERM; SIGUSR1 prints the counters.
 pub fn run(opts: &RunOptions) -> Result<(), String> {
-    drop_privileges(&opts.placement)?;
     let def = load_network(opts.xml.as_ref())?;
+    drop_privileges(opts.placement.realtime.is_some() || def.sy_datapath.realtime.is_some())?;
     let mut dp = start(&def, opts)?;
     dp.install_signal_handlers()
         .map_err(|e| format!("signals: {e}"))?;
@@ -830,12 +837,6 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
         def.bridge.as_deref().unwrap_or("-"),
         opts.taps.len()
     );
-    if !opts.placement.is_default() {
-        eprintln!(
-            "switchyard: datapath threads on {}",
-            opts.placement.describe()
-        );
-    }
     confine(opts.seccomp)?;
     let json = opts.json;
     dp.run(

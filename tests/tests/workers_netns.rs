@@ -360,3 +360,60 @@ fn a_cpu_switchyard_may_not_run_on_is_refused_before_anything_starts() {
         "refused before any port was opened: {stderr}"
     );
 }
+
+/// `<sy:datapath>` in the network's XML does what the options do, without them: two threads,
+/// the engine's on one CPU and the worker's on another, real-time.
+#[test]
+fn sy_datapath_in_the_network_places_its_threads() {
+    require(&["ip", "ping"]);
+    let allowed = switchyard_tests::allowed_cpus();
+    let (engine_cpu, worker_cpu) = (allowed[0], *allowed.last().unwrap());
+    let dir = TempDir::new("plxml");
+    let xml = dir.write(
+        "placed.xml",
+        &format!(
+            "<network xmlns:sy='urn:switchyard:network:1'>\n\
+             <name>placed</name>\n\
+             <ip address='192.168.122.1' netmask='255.255.255.0'/>\n\
+             <sy:datapath workers='2' cpus='{engine_cpu},{worker_cpu}' realtime='2'/>\n\
+             </network>\n"
+        ),
+    );
+    let control = dir.file("sy.sock");
+    let guests = [Netns::new("w"), Netns::new("w")];
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let sy = Switchyard::start(&[
+        "run",
+        &xml,
+        "--control",
+        &control,
+        "--tap",
+        &taps[0],
+        "--tap",
+        &taps[1],
+    ]);
+    let [a, b] = &guests;
+    let link = a.must(&["ip", "-d", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("multi_queue numqueues 2"), "{link}");
+    a.set_static_address("eth0", "192.168.122.10/24", None);
+    b.set_static_address("eth0", "192.168.122.11/24", None);
+    a.must(&[
+        "ping",
+        "-c",
+        "10",
+        "-i",
+        "0.01",
+        "-W",
+        "2",
+        "192.168.122.11",
+    ]);
+    let threads = threads_of(sy.pid());
+    let placed = |name: &str| {
+        let t = (threads.iter().find(|t| t.name == name))
+            .unwrap_or_else(|| panic!("no thread {name}: {threads:?}"));
+        (t.cpus.clone(), t.policy, t.priority)
+    };
+    assert_eq!(placed("switchyard"), (engine_cpu.to_string(), 2, 2));
+    assert_eq!(placed("sy-worker-1"), (worker_cpu.to_string(), 2, 2));
+    assert_eq!(placed("sy-control").1, 0, "{threads:?}");
+}

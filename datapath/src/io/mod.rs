@@ -1074,7 +1074,11 @@ impl Datapath {
                         capture.dropped += counts.capture_missed;
                     }
                 }
-                if let Some(session) = &mut self.tracing {
+                if let Some(session) = self
+                    .tracing
+                    .as_mut()
+                    .filter(|s| s.port.is_none_or(|p| p == port))
+                {
                     session.missed += counts.trace_missed;
                 }
             }
@@ -1340,8 +1344,12 @@ impl Datapath {
             self.control_thread = Some(thread);
             self.requests = Some(requests);
         }
-        // After the control thread started: it stays an ordinary thread.
-        self.placement.apply(0)?;
+        // After the control thread started: it stays an ordinary thread. Checked before the
+        // datapath started (`Placement::check`): a failure now (the process's CPUs changed
+        // since) is logged, and the engine runs where it is, as a worker would.
+        if let Err(e) = self.placement.apply(0) {
+            eprintln!("switchyard: the engine's thread: {e}");
+        }
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Err(e) = self.turn(None) {
                 self.stop_control();

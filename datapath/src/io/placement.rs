@@ -12,8 +12,12 @@
 //! hurts others (`benches/RESULTS.md`, session 10).
 //!
 //! Thread 0 is the engine's, thread k worker k's. Each applies its own placement when it
-//! starts, and the real-time policy is set with `SCHED_RESET_ON_FORK`, so the threads and
-//! processes they start (the control thread, tap openers, the rootless helper) stay ordinary.
+//! starts: the engine's after it started the control thread (which stays an ordinary thread
+//! on any CPU), and with `SCHED_RESET_ON_FORK`, so threads and processes a datapath thread
+//! starts later (a tap opener in another namespace, the rootless helper) run under the
+//! normal scheduler; they do inherit its CPU, and are short-lived. With `switchyard daemon`,
+//! every network's threads take the same list unless its `<sy:datapath cpus>` says
+//! otherwise.
 
 use super::sys;
 use std::io;
@@ -39,16 +43,17 @@ impl Placement {
         (!self.cpus.is_empty()).then(|| self.cpus[thread % self.cpus.len()])
     }
 
-    /// Places the calling thread as datapath thread `thread`.
+    /// Places the calling thread as datapath thread `thread`: pinned first, so a thread
+    /// that cannot be is not left real-time wherever it happens to run.
     pub fn apply(&self, thread: usize) -> io::Result<()> {
+        if let Some(cpu) = self.cpu_of(thread) {
+            sys::pin_this_thread(cpu)
+                .map_err(|e| io::Error::new(e.kind(), format!("pinning to CPU {cpu}: {e}")))?;
+        }
         if let Some(priority) = self.realtime {
             sys::set_this_thread_realtime(priority).map_err(|e| {
                 io::Error::new(e.kind(), format!("real-time priority {priority}: {e}"))
             })?;
-        }
-        if let Some(cpu) = self.cpu_of(thread) {
-            sys::pin_this_thread(cpu)
-                .map_err(|e| io::Error::new(e.kind(), format!("pinning to CPU {cpu}: {e}")))?;
         }
         Ok(())
     }

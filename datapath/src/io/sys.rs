@@ -1066,7 +1066,8 @@ pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
 /// Puts the calling thread under `SCHED_RR` at `priority` (1-99): it runs ahead of every
 /// normal thread when it has work, as the kernel's softirqs do. Needs CAP_SYS_NICE or an
 /// `RLIMIT_RTPRIO` of at least `priority`. With `SCHED_RESET_ON_FORK`, so threads and
-/// processes it starts afterwards (a tap opener, the rootless helper) are normal ones.
+/// processes it starts afterwards (a tap opener, the rootless helper) run under the normal
+/// scheduler (its CPU affinity they do inherit).
 pub fn set_this_thread_realtime(priority: u8) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: libc::c_int::from(priority),
