@@ -849,3 +849,60 @@ fn a_uso_send_crosses_the_nat_as_one_frame_each_way() {
         assert_eq!(sum_of(&stats, "drop_ring_truncated"), 0, "{stats}");
     }
 }
+
+/// Asks the reflector at argv[1] argv[2] times, each from a new socket (a new source port),
+/// as a stub resolver does; then opens a TCP connection to argv[3]. Prints how many answers
+/// came back, then "tcp ok".
+const MANY_QUERIES: &str = r#"
+import socket, sys
+answered = 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"q", ("203.0.113.1", int(sys.argv[1])))
+    try:
+        s.recvfrom(100)
+        answered += 1
+    except socket.timeout:
+        pass
+    s.close()
+print(answered, flush=True)
+c = socket.create_connection(("203.0.113.1", int(sys.argv[3])), timeout=5)
+c.close()
+print("tcp ok", flush=True)
+"#;
+
+/// A TCP server in the outside namespace that accepts and closes, for ever.
+const TCP_ACCEPTOR: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    s.accept()[0].close()
+"#;
+
+// RFC 5382 5 / Linux's early_drop: a guest at its cap of connections that are not assured (a
+// UDP flow per query, each answered once) makes room for the next from the oldest of them,
+// rather than being refused everything for the 5 minutes they last.
+#[test]
+fn a_guest_querying_from_a_new_port_each_time_is_not_locked_out_by_its_cap() {
+    let net = nat_net(1, "<sy:nat max-flows-per-guest='8'/>");
+    let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
+    let _acceptor = net.outside.spawn(&["python3", "-c", TCP_ACCEPTOR, "7001"]);
+    net.outside.wait_listening(7000);
+    net.outside.wait_listening(7001);
+    let out = python(&net.guests[0], MANY_QUERIES, &["7000", "40", "7001"]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["40", "tcp ok"], "{out}");
+    let mut sy = net.sy;
+    let stats = sy.stop_json();
+    let nat = &stats["engine"]["nat"];
+    assert!(
+        nat["flows_evicted"].as_u64().unwrap() >= 32,
+        "each query past the cap took the oldest one's place: {nat}"
+    );
+    let count = |name: &str| nat[name].as_u64().unwrap();
+    let held = count("flows_created") - count("flows_evicted") - count("flows_expired");
+    assert!(held <= 8, "never more than the cap held: {nat}");
+}

@@ -19,11 +19,16 @@
 //! its own.
 //!
 //! A TCP connection both ends have closed (TIME_WAIT, or CLOSE after a RST) keeps its entry
-//! for the full transitory timeout, but when a cap (the table's, or the guest's) would refuse
-//! a new connection, the one that closed longest ago gives up its entry instead, as Linux's
-//! conntrack lets closing TCP entries go first under pressure (`tcp_can_early_drop`). Without
-//! this, a guest that opens short connections fast (8192 in 4 minutes at the default per-guest
-//! cap) would be refused every new connection until its closed ones time out.
+//! for the full transitory timeout, and a UDP exchange or a half-open TCP connection its full
+//! timeout, but when a cap (the table's, or the guest's) would refuse a new connection, the
+//! oldest of those that are closed, expired or not yet assured gives up its entry instead, as
+//! Linux's conntrack lets entries that are not ASSURED go under pressure (`early_drop`,
+//! `tcp_can_early_drop`). Assured means a TCP connection that completed its handshake, or UDP
+//! that went both ways at least twice each (a stream, not one query and its answer); ICMP
+//! queries never are. Without this, a guest that opens short connections fast (8192 in 4
+//! minutes at the default per-guest cap), or resolves names itself (a UDP flow per query, 5
+//! minutes each: 27 queries a second fill the cap), would be refused every new connection
+//! until the old ones time out. Open, assured connections are never taken.
 
 pub mod fast;
 mod index;
@@ -58,8 +63,17 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Connections whose memory is set aside up front (as address space: pages become resident
 /// when used); a larger `max_flows` is honoured by growing the table as connections come.
 const PREALLOCATED_FLOWS: usize = 1 << 22;
-/// How many of the oldest closed connections a cap looks at for one of its guest's to evict.
+/// How many of the oldest eviction candidates a cap looks at for one it may take.
 const EVICT_SCAN: usize = 64;
+
+/// Why a connection gave up its entry at a cap.
+#[derive(Debug, Clone, Copy)]
+enum Eviction {
+    /// Its time was up (the sweep had not reached it yet).
+    Expired,
+    /// Closed, or not assured.
+    Evicted,
+}
 
 /// RFC 4787 5: which inbound packets an existing mapping lets in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -347,8 +361,8 @@ pub struct NatCounters {
     pub icmp_errors_translated: u64,
     pub fragments_translated: u64,
     pub hairpinned: u64,
-    /// Closed TCP connections (TIME_WAIT, CLOSE) that gave up their entry to a new connection
-    /// at a cap, before their timeout.
+    /// Connections closed (TCP's TIME_WAIT, CLOSE) or not assured (see the module's doc) that
+    /// gave up their entry to a new connection at a cap, before their timeout.
     pub flows_evicted: u64,
 }
 
@@ -449,11 +463,13 @@ pub struct Nat {
     remotes: HashMap<(u8, u16, Ipv4Addr), u32, RandomState>,
     per_guest: HashMap<Ipv4Addr, u32, RandomState>,
     fragments: HashMap<FragKey, FragTrain, RandomState>,
-    /// Closed TCP connections as (slot, generation), oldest closure first: the candidates for
-    /// eviction at a cap. An entry whose slot no longer holds that generation, or holds it no
-    /// longer closed, is stale and skipped (a reopened connection takes a new generation).
-    /// Its capacity is set aside up front and never grows: when full, the oldest entry goes.
-    closed: VecDeque<(u32, u32)>,
+    /// Candidates for eviction at a cap as (slot, generation), oldest first: every connection
+    /// as it is made or reopened (not yet assured) and again as it closes. An entry whose slot
+    /// no longer holds that generation is stale (a reopened connection takes a new one), and
+    /// one whose connection became assured and is still open is dropped when looked at (it
+    /// comes back when it closes). Its capacity is set aside up front and never grows: when
+    /// full, the oldest entry goes.
+    candidates: VecDeque<(u32, u32)>,
     port_cursor: u32,
     sweep_cursor: usize,
     next_sweep: Option<Instant>,
@@ -479,7 +495,7 @@ impl Nat {
             remotes: HashMap::with_hasher(hasher()),
             per_guest: HashMap::with_hasher(hasher()),
             fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENT_TRAINS, hasher()),
-            closed: VecDeque::with_capacity(cap),
+            candidates: VecDeque::with_capacity(cap),
             port_cursor: 0,
             sweep_cursor: 0,
             next_sweep: None,
@@ -839,9 +855,10 @@ impl Nat {
         flow.expires = deadline(now, flow.timeout(&timeouts));
         if reopened {
             self.generation = next_generation;
+            self.note_candidate(slot, next_generation);
         }
         if let Some(generation) = closed {
-            self.note_closed(slot, generation);
+            self.note_candidate(slot, generation);
         }
         if closing {
             // A FIN or RST: the rest of the close is the engine's to follow.
@@ -850,41 +867,61 @@ impl Nat {
         self.count(slot, dir, len);
     }
 
-    /// Files a connection that just closed as a candidate for eviction.
-    fn note_closed(&mut self, slot: u32, generation: u32) {
-        if self.closed.capacity() == 0 {
+    /// Files a connection just made, reopened or closed as a candidate for eviction.
+    fn note_candidate(&mut self, slot: u32, generation: u32) {
+        if self.candidates.capacity() == 0 {
             return;
         }
-        if self.closed.len() == self.closed.capacity() {
-            self.closed.pop_front();
+        if self.candidates.len() == self.candidates.capacity() {
+            self.candidates.pop_front();
         }
-        self.closed.push_back((slot, generation));
+        self.candidates.push_back((slot, generation));
     }
 
-    /// Removes the connection that closed longest ago (of `guest` only, if given) among the
-    /// [`EVICT_SCAN`] oldest candidates; false if there is none.
-    fn evict_closed(&mut self, guest: Option<Ipv4Addr>) -> bool {
+    /// Whether the connection in `slot` may give up its entry at a cap: closed, expired, or
+    /// not assured (see the module's doc), counting what workers carried of it.
+    fn evictable(&mut self, slot: u32, now: Stamp) -> Option<Eviction> {
+        self.catch_up(slot, false);
+        let f = self.slots.get(slot as usize).and_then(Option::as_ref)?;
+        if f.expires <= now {
+            return Some(Eviction::Expired);
+        }
+        let assured = match f.proto {
+            PROTO_TCP => !matches!(f.tcp, TcpState::SynSent | TcpState::SynReceived),
+            PROTO_UDP => f.packets[0] >= 2 && f.packets[1] >= 2,
+            _ => false,
+        };
+        (f.is_closed() || !assured).then_some(Eviction::Evicted)
+    }
+
+    /// Removes the oldest connection (of `guest` only, if given) among the [`EVICT_SCAN`]
+    /// oldest candidates that is closed, expired or not assured; false if there is none.
+    fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
+        let now = self.stamp(now);
         let mut i = 0;
         for _ in 0..EVICT_SCAN {
-            let Some(&(slot, generation)) = self.closed.get(i) else {
+            let Some(&(slot, generation)) = self.candidates.get(i) else {
                 return false;
             };
             let flow = self.slots.get(slot as usize).and_then(Option::as_ref);
-            match flow {
-                Some(f) if f.generation == generation && f.is_closed() => {
-                    if guest.is_some_and(|g| g != f.guest) {
-                        i += 1;
-                        continue;
-                    }
-                    self.closed.remove(i);
-                    self.remove(slot);
-                    self.counters.flows_evicted += 1;
-                    return true;
+            let Some(f) = flow.filter(|f| f.generation == generation) else {
+                // Stale: expired, reused or reopened since.
+                self.candidates.remove(i);
+                continue;
+            };
+            if guest.is_some_and(|g| g != f.guest) {
+                i += 1;
+                continue;
+            }
+            self.candidates.remove(i);
+            // Assured and open, it is passed over: it comes back as a candidate when it closes.
+            if let Some(how) = self.evictable(slot, now) {
+                self.remove(slot);
+                match how {
+                    Eviction::Expired => self.counters.flows_expired += 1,
+                    Eviction::Evicted => self.counters.flows_evicted += 1,
                 }
-                _ => {
-                    // Stale: expired, reused or reopened since.
-                    self.closed.remove(i);
-                }
+                return true;
             }
         }
         false
@@ -897,7 +934,7 @@ impl Nat {
         original_probe: &Probe,
         guest_mac: MacAddr,
     ) -> Result<u32, DropReason> {
-        self.check_caps(original.src)?;
+        self.check_caps(now, original.src)?;
         let external_port = self.map(original.proto, original.src, original.sport, guest_mac)?;
         let reply = Tuple {
             proto: original.proto,
@@ -958,7 +995,7 @@ impl Nat {
         if !allowed {
             return Err(DropReason::NatNoFlow);
         }
-        self.check_caps(guest)?;
+        self.check_caps(now, guest)?;
         let key = (reply.proto, guest, guest_port);
         let mapping = self.mappings.get_mut(&key).ok_or(DropReason::NatNoFlow)?;
         mapping.flows += 1;
@@ -975,8 +1012,9 @@ impl Nat {
     }
 
     /// Room for one more connection of `guest` under both caps, made if need be by evicting
-    /// a closed connection (the guest's own when the guest is at its cap).
-    fn check_caps(&mut self, guest: Ipv4Addr) -> Result<(), DropReason> {
+    /// a closed, expired or unassured connection (the guest's own when the guest is at its
+    /// cap).
+    fn check_caps(&mut self, now: Instant, guest: Ipv4Addr) -> Result<(), DropReason> {
         let table_full = self.live >= self.config.max_flows.min(index::MAX_RECORDS);
         let guest_full = self.per_guest.get(&guest).copied().unwrap_or(0) as usize
             >= self.config.max_flows_per_guest;
@@ -985,7 +1023,7 @@ impl Nat {
         }
         // One eviction frees a place in the table and, when it is the guest's own, under the
         // guest's cap too.
-        if self.evict_closed(guest_full.then_some(guest)) {
+        if self.evict_for_room(now, guest_full.then_some(guest)) {
             return Ok(());
         }
         Err(if table_full {
@@ -1107,6 +1145,7 @@ impl Nat {
                 .or_default() += 1;
         }
         *self.per_guest.entry(original.src).or_default() += 1;
+        self.note_candidate(slot, self.generation);
         self.live += 1;
         self.counters.flows_created += 1;
         if self.next_sweep.is_none() {

@@ -386,26 +386,36 @@ fn untranslated_destinations_and_sources() {
     assert!(n.is_empty());
 }
 
+/// A UDP flow from `guest`'s `port` to R1:9 that went both ways twice: assured.
+fn udp_stream(n: &mut Nat, t: Instant, (mac, guest): (MacAddr, [u8; 4]), port: u16) {
+    for _ in 0..2 {
+        let p = out(n, t, mac, udp(guest, port, R1, 9, b"")).unwrap();
+        let ext = tuple_of(&p).sport;
+        inb(n, t, udp(R1, 9, EXT, ext, b"")).unwrap();
+    }
+}
+
 // The limits: a table cap, a per-guest cap, and port exhaustion refuse new
-// connections with a counter and never disturb an existing one.
+// connections with a counter when every connection there is assured, and never disturb those.
 #[test]
 fn caps_refuse_new_connections_only() {
     let (mut n, t) = nat_with(|c| {
         c.max_flows = 3;
         c.max_flows_per_guest = 2;
     });
-    out(&mut n, t, MAC1, udp(G1, 1, R1, 9, b"")).unwrap();
-    out(&mut n, t, MAC1, udp(G1, 2, R1, 9, b"")).unwrap();
+    udp_stream(&mut n, t, (MAC1, G1), 1);
+    udp_stream(&mut n, t, (MAC1, G1), 2);
     assert_eq!(
         out(&mut n, t, MAC1, udp(G1, 3, R1, 9, b"")).unwrap_err(),
         DropReason::NatGuestLimit
     );
-    out(&mut n, t, MAC2, udp(G2, 1, R1, 9, b"")).unwrap();
+    udp_stream(&mut n, t, (MAC2, G2), 1);
     assert_eq!(
         out(&mut n, t, MAC2, udp(G2, 2, R1, 9, b"")).unwrap_err(),
         DropReason::NatTableFull
     );
     assert!(out(&mut n, t, MAC1, udp(G1, 1, R1, 9, b"")).is_ok());
+    assert_eq!(n.counters.flows_evicted, 0);
 
     let (mut n, t) = nat_with(|c| c.ports = (40000, 40001));
     out(&mut n, t, MAC1, udp(G1, 40000, R1, 9, b"")).unwrap();
@@ -417,6 +427,56 @@ fn caps_refuse_new_connections_only() {
     // TCP has its own port space; the existing UDP flows still pass.
     assert!(out(&mut n, t, MAC2, tcp(G2, 40000, R1, 9, TCP_SYN)).is_ok());
     assert!(inb(&mut n, t, udp(R1, 9, EXT, 40001, b"")).is_ok());
+}
+
+// RFC 5382 5 and Linux's early_drop: at a cap, what is not assured gives up its entry for a
+// new connection, oldest first: a UDP query and its answer (a resolver's flow per query), a
+// UDP flow never answered, a TCP handshake that never completed, an expired entry the sweep
+// has not reached; a UDP stream or an established TCP connection never does.
+#[test]
+fn unassured_connections_make_room_at_the_caps() {
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 3);
+    let query = out(&mut n, t, MAC1, udp(G1, 5001, R1, 53, b"q")).unwrap();
+    inb(&mut n, t, udp(R1, 53, EXT, tuple_of(&query).sport, b"a")).unwrap();
+    udp_stream(&mut n, t, (MAC1, G1), 5002);
+    out(&mut n, t, MAC1, tcp(G1, 5003, R1, 80, TCP_SYN)).unwrap();
+    // The query and its answer go first, then the half-open connection.
+    out(&mut n, t, MAC1, udp(G1, 5004, R1, 53, b"q")).unwrap();
+    assert_eq!(n.counters.flows_evicted, 1);
+    assert_eq!(state_of(&n, t, 5001), None);
+    out(&mut n, t, MAC1, udp(G1, 5005, R1, 53, b"q")).unwrap();
+    assert_eq!(state_of(&n, t, 5003), None, "the SYN never answered");
+    // The stream stays whatever comes: the unanswered queries take each other's place.
+    for port in 5006..5020 {
+        out(&mut n, t, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+    }
+    assert!(n.rows(t).iter().any(|r| r.original.sport == 5002));
+    assert_eq!(n.len(), 3);
+
+    // Established TCP connections hold their entries: the cap refuses.
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 2);
+    open(&mut n, t, 1000);
+    open(&mut n, t, 1001);
+    assert_eq!(
+        out(&mut n, t, MAC1, udp(G1, 1002, R1, 53, b"q")).unwrap_err(),
+        DropReason::NatGuestLimit
+    );
+    assert_eq!(n.counters.flows_evicted, 0);
+
+    // An entry past its time counts as expired, not evicted, when it makes room.
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 1);
+    udp_stream(&mut n, t, (MAC1, G1), 1000);
+    let later = t + Duration::from_secs(301);
+    out(&mut n, later, MAC1, udp(G1, 1001, R1, 53, b"q")).unwrap();
+    assert_eq!((n.counters.flows_expired, n.counters.flows_evicted), (1, 0));
+}
+
+/// Opens a TCP connection from G1's `port` to R1:80 and completes its handshake.
+fn open(n: &mut Nat, t: Instant, port: u16) {
+    let syn = out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_SYN)).unwrap();
+    let ext = tuple_of(&syn).sport;
+    inb(n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).unwrap();
+    out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_ACK)).unwrap();
 }
 
 /// Opens a TCP connection from G1's `port` to R1:80 and closes it both ways (TIME_WAIT).
@@ -451,21 +511,31 @@ fn closed_connections_make_room_at_the_caps() {
     assert_eq!(state_of(&n, t, 1000), None, "the oldest closure went");
     assert_eq!(state_of(&n, t, 1001), Some("TIME_WAIT"));
     assert_eq!(state_of(&n, t, 1002), Some("SYN_SENT"));
-    // Two open connections: nothing to evict.
-    out(&mut n, t, MAC1, tcp(G1, 1003, R1, 80, TCP_SYN)).unwrap();
+    // Two established connections: nothing to evict.
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 2);
+    open_and_close(&mut n, t, 1000);
+    open(&mut n, t, 1001);
+    open(&mut n, t, 1003);
+    assert_eq!(n.counters.flows_evicted, 1);
     assert_eq!(
         out(&mut n, t, MAC1, tcp(G1, 1004, R1, 80, TCP_SYN)).unwrap_err(),
         DropReason::NatGuestLimit
     );
-    assert_eq!(n.counters.flows_evicted, 2);
+    assert_eq!(n.counters.flows_evicted, 1);
     assert_eq!(n.len(), 2);
 
     // The table's cap takes anyone's closed connection; a guest's cap only its own.
     let (mut n, t) = nat_with(|c| c.max_flows = 2);
     open_and_close(&mut n, t, 1000);
-    out(&mut n, t, MAC1, udp(G1, 1001, R1, 53, b"q")).unwrap();
+    udp_stream(&mut n, t, (MAC1, G1), 1001);
     out(&mut n, t, MAC2, tcp(G2, 2000, R1, 80, TCP_SYN)).unwrap();
     assert_eq!(state_of(&n, t, 1000), None);
+    // G2's own half-open connection is all there is to take.
+    out(&mut n, t, MAC2, tcp(G2, 2001, R1, 80, TCP_SYN)).unwrap();
+    assert_eq!(n.counters.flows_evicted, 2);
+    let (mut n, t) = nat_with(|c| c.max_flows = 2);
+    udp_stream(&mut n, t, (MAC1, G1), 1001);
+    udp_stream(&mut n, t, (MAC2, G2), 2000);
     assert_eq!(
         out(&mut n, t, MAC2, tcp(G2, 2001, R1, 80, TCP_SYN)).unwrap_err(),
         DropReason::NatTableFull
@@ -499,15 +569,25 @@ fn a_reopened_connection_is_not_evicted_for_its_old_closure() {
     out(&mut n, t, MAC1, tcp(G1, 1002, R1, 80, TCP_SYN)).unwrap();
     assert_eq!(state_of(&n, t, 1001), None);
     assert_eq!(state_of(&n, t, 1000), Some("TIME_WAIT"));
-    // 1000 reopens and stays open: nothing closed is left to evict.
+    // 1000 reopens and completes its handshake, 1002 too: nothing is left to evict.
     let syn = out(&mut n, t, MAC1, tcp(G1, 1000, R1, 80, TCP_SYN)).unwrap();
     assert_eq!(state_of(&n, t, 1000), Some("SYN_SENT"));
+    let ext = tuple_of(&syn).sport;
+    inb(&mut n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).unwrap();
+    out(&mut n, t, MAC1, tcp(G1, 1000, R1, 80, TCP_ACK)).unwrap();
+    let ext = n
+        .rows(t)
+        .iter()
+        .find(|r| r.original.sport == 1002)
+        .unwrap()
+        .reply
+        .dport;
+    inb(&mut n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).unwrap();
+    out(&mut n, t, MAC1, tcp(G1, 1002, R1, 80, TCP_ACK)).unwrap();
     assert_eq!(
         out(&mut n, t, MAC1, tcp(G1, 1003, R1, 80, TCP_SYN)).unwrap_err(),
         DropReason::NatGuestLimit
     );
-    let ext = tuple_of(&syn).sport;
-    assert!(inb(&mut n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).is_ok());
     assert_eq!(n.counters.flows_evicted, 1);
 }
 
