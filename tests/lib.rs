@@ -852,3 +852,47 @@ impl Tracer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
+
+/// A UDP server in the outside namespace that answers each datagram with the address and
+/// port it came from: what the outside sees of a guest.
+pub const UDP_REFLECTOR: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.1", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(("%s:%d" % peer).encode(), peer)
+"#;
+
+/// Asks the reflector at argv[1] argv[2] times, each from a new socket (a new source port),
+/// as a stub resolver does; then opens a TCP connection to argv[3]. Prints how many answers
+/// came back, then "tcp ok".
+pub const MANY_QUERIES: &str = r#"
+import socket, sys
+answered = 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"q", ("203.0.113.1", int(sys.argv[1])))
+    try:
+        s.recvfrom(100)
+        answered += 1
+    except socket.timeout:
+        pass
+    s.close()
+print(answered, flush=True)
+c = socket.create_connection(("203.0.113.1", int(sys.argv[3])), timeout=5)
+c.close()
+print("tcp ok", flush=True)
+"#;
+
+/// A TCP server in the outside namespace that accepts and closes, for ever.
+pub const TCP_ACCEPTOR: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    s.accept()[0].close()
+"#;

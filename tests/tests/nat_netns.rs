@@ -109,18 +109,6 @@ fn python(ns: &Netns, program: &str, args: &[&str]) -> String {
     ns.must(&argv)
 }
 
-/// Waits until something listens on `port` (TCP or UDP) inside `ns`.
-/// A UDP server in the outside namespace that answers each datagram with the address and
-/// port it came from: what the outside sees of a guest.
-const UDP_REFLECTOR: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("203.0.113.1", int(sys.argv[1])))
-while True:
-    data, peer = s.recvfrom(65535)
-    s.sendto(("%s:%d" % peer).encode(), peer)
-"#;
-
 /// From source port argv[1], asks the reflector at argv[2] how it sees us.
 const ASK_REFLECTOR: &str = r#"
 import socket, sys
@@ -849,39 +837,6 @@ fn a_uso_send_crosses_the_nat_as_one_frame_each_way() {
         assert_eq!(sum_of(&stats, "drop_ring_truncated"), 0, "{stats}");
     }
 }
-
-/// Asks the reflector at argv[1] argv[2] times, each from a new socket (a new source port),
-/// as a stub resolver does; then opens a TCP connection to argv[3]. Prints how many answers
-/// came back, then "tcp ok".
-const MANY_QUERIES: &str = r#"
-import socket, sys
-answered = 0
-for _ in range(int(sys.argv[2])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(2)
-    s.sendto(b"q", ("203.0.113.1", int(sys.argv[1])))
-    try:
-        s.recvfrom(100)
-        answered += 1
-    except socket.timeout:
-        pass
-    s.close()
-print(answered, flush=True)
-c = socket.create_connection(("203.0.113.1", int(sys.argv[3])), timeout=5)
-c.close()
-print("tcp ok", flush=True)
-"#;
-
-/// A TCP server in the outside namespace that accepts and closes, for ever.
-const TCP_ACCEPTOR: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("203.0.113.1", int(sys.argv[1])))
-s.listen(16)
-while True:
-    s.accept()[0].close()
-"#;
 
 // RFC 5382 5 / Linux's early_drop: a guest at its cap of connections that are not assured (a
 // UDP flow per query, each answered once) makes room for the next from the oldest of them,

@@ -743,3 +743,33 @@ fn a_trace_shows_the_segments_a_workers_socket_nat_takes() {
     );
     assert!(traced.contains("192.168.122.10"), "{traced}");
 }
+
+// As packet NAT and Linux's early_drop: a guest at its cap of UDP flows that are not assured
+// (a new source port per query, each answered once) makes room for the next from the oldest
+// of them, rather than being refused everything for the 5 minutes they last; its TCP still
+// connects.
+#[test]
+fn a_guest_querying_from_a_new_port_each_time_is_not_locked_out_by_its_cap() {
+    let net = socket_net("<sy:nat max-flows-per-guest='8'/>");
+    let _reflector = net.outside.spawn(&["python3", "-c", UDP_REFLECTOR, "7000"]);
+    let _acceptor = net.outside.spawn(&["python3", "-c", TCP_ACCEPTOR, "7001"]);
+    net.outside.wait_listening(7000);
+    net.outside.wait_listening(7001);
+    let out = net.guest.must(&[
+        "timeout",
+        "30",
+        "python3",
+        "-c",
+        MANY_QUERIES,
+        "7000",
+        "40",
+        "7001",
+    ]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["40", "tcp ok"], "{out}");
+    let counters = &net.stats()["engine"]["socket_nat"];
+    assert!(
+        counters["flows_evicted"].as_u64().unwrap() >= 32,
+        "each query past the cap took the oldest one's place: {counters}"
+    );
+    assert_eq!(counters["guest_limit"].as_u64(), Some(0), "{counters}");
+}

@@ -57,6 +57,10 @@ const SPARE_SOCKETS: usize = 16;
 const UDP_REMOTES: usize = 16;
 /// How often idle flows are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Eviction candidates kept at most (8 bytes each).
+const MAX_CANDIDATES: usize = 1 << 20;
+/// How many of the oldest eviction candidates a cap looks at for one it may take.
+const EVICT_SCAN: usize = 64;
 /// Ephemeral ports the gateway connects from when it forwards a host connection to a guest.
 const FORWARD_PORTS: (u16, u16) = (32768, 60999);
 /// The MSS the stack is told guests take: with it, the stack sends segments of up to 64 KiB,
@@ -257,6 +261,9 @@ pub struct SocketNatCounters {
     /// Packets socket NAT cannot carry (fragments, ICMP other than echo, broadcast).
     pub unsupported: u64,
     pub port_forward_connections: u64,
+    /// UDP and ping flows not assured (see [`SocketNat::evict_for_room`]) that gave up their
+    /// place to a new flow at a cap.
+    pub flows_evicted: u64,
 }
 
 impl SocketNatCounters {
@@ -290,6 +297,7 @@ impl SocketNatCounters {
             guest_limit,
             unsupported,
             port_forward_connections,
+            flows_evicted,
         } = other;
         self.tcp_connects += tcp_connects;
         self.tcp_established += tcp_established;
@@ -317,6 +325,7 @@ impl SocketNatCounters {
         self.guest_limit += guest_limit;
         self.unsupported += unsupported;
         self.port_forward_connections += port_forward_connections;
+        self.flows_evicted += flows_evicted;
     }
 }
 
@@ -455,6 +464,9 @@ pub struct SocketNat {
     generations: Vec<u32>,
     free: Vec<u32>,
     by_key: HashMap<Key, u32>,
+    /// UDP and ping flows as (slot, generation), oldest first: the candidates for eviction at
+    /// a cap. Bounded: when full, the oldest goes.
+    candidates: VecDeque<(u32, u32)>,
     /// Forwarded UDP flows by (listener, host peer).
     udp_forwards: HashMap<(u32, SocketAddrV4), u32>,
     caps: Arc<SharedCaps>,
@@ -530,6 +542,7 @@ impl SocketNat {
             generations: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
+            candidates: VecDeque::new(),
             udp_forwards: HashMap::new(),
             caps,
             peers: HashMap::new(),
@@ -689,12 +702,20 @@ impl SocketNat {
             Key::Tcp(g, _) | Key::Udp(g) | Key::UdpForward(g, _) => *g.ip(),
             Key::Ping(ip, _) => ip,
         };
+        let evictable_kind = matches!(key, Key::Udp(_) | Key::Ping(..));
         if let Err(refused) = self.caps.take(guest, &self.config) {
-            match refused {
-                DropReason::NatTableFull => self.counters.table_full += 1,
-                _ => self.counters.guest_limit += 1,
+            // A new flow may take the place of a UDP or ping flow that is not assured (this
+            // socket NAT's own: a worker's shard holds TCP only, and finds none).
+            let at_guest_cap = refused == DropReason::NatGuestLimit;
+            let retried = self.evict_for_room(now, at_guest_cap.then_some(guest))
+                && self.caps.take(guest, &self.config).is_ok();
+            if !retried {
+                match refused {
+                    DropReason::NatTableFull => self.counters.table_full += 1,
+                    _ => self.counters.guest_limit += 1,
+                }
+                return Err(refused);
             }
-            return Err(refused);
         }
         let index = match self.free.pop() {
             Some(index) => index,
@@ -715,10 +736,61 @@ impl SocketNat {
             touched: false,
         });
         self.by_key.insert(key, index);
+        if evictable_kind {
+            if self.candidates.len() >= self.config.max_flows.min(MAX_CANDIDATES) {
+                self.candidates.pop_front();
+            }
+            self.candidates.push_back((index, generation));
+        }
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + SWEEP_EVERY);
         }
         Ok(FlowId { index, generation })
+    }
+
+    /// At a cap, as packet NAT and Linux's conntrack (`early_drop`) do: ends the oldest UDP or
+    /// ping flow (of `guest` only, if given) among the [`EVICT_SCAN`] oldest candidates that is
+    /// not assured (UDP that has not gone both ways twice, such as a query and its answer;
+    /// any ping) or is past its timeout; false if there is none. A guest resolving names
+    /// itself, from a new port per query, then keeps working at its cap, and can still open
+    /// TCP connections on the engine's thread (a worker's, at the cap, cannot reach the
+    /// engine's UDP flows and is refused). TCP connections are never taken.
+    fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
+        let timeouts = self.config.timeouts;
+        let mut i = 0;
+        for _ in 0..EVICT_SCAN {
+            let Some(&(index, generation)) = self.candidates.get(i) else {
+                return false;
+            };
+            let flow = (self.flows.get(index as usize))
+                .and_then(Option::as_ref)
+                .filter(|_| self.generations[index as usize] == generation);
+            let Some(flow) = flow else {
+                // Stale: ended since.
+                self.candidates.remove(i);
+                continue;
+            };
+            if guest.is_some_and(|g| g != flow.guest_ip()) {
+                i += 1;
+                continue;
+            }
+            let (assured, timeout) = match flow.kind {
+                Kind::Udp { .. } => (flow.packets[0] >= 2 && flow.packets[1] >= 2, timeouts.udp),
+                _ => (false, timeouts.icmp),
+            };
+            let expired = now.saturating_duration_since(flow.last_seen) >= timeout;
+            self.candidates.remove(i);
+            if expired || !assured {
+                self.remove(index);
+                if expired {
+                    self.counters.flows_expired += 1;
+                } else {
+                    self.counters.flows_evicted += 1;
+                }
+                return true;
+            }
+        }
+        false
     }
 
     /// Ends a flow: its socket goes back to the spares and the host socket is closed.

@@ -743,3 +743,85 @@ fn socket_nats_sharing_caps_hold_a_guests_connections_to_the_one_cap() {
         .handle_packet(now, PEER, &syn(40004), &PLAIN)
         .unwrap();
 }
+
+/// A datagram from the guest's `sport` to REMOTE:53.
+fn query(sport: u16) -> Vec<u8> {
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&9u16.to_be_bytes());
+    udp.push(b'q');
+    ipv4(GUEST, REMOTE, PROTO_UDP, &udp)
+}
+
+/// The flow (its host socket's id) that `sport`'s first datagram opened.
+fn opened_by(nat: &mut SocketNat, now: Instant, sport: u16) -> FlowId {
+    nat.handle_packet(now, PEER, &query(sport), &PLAIN).unwrap();
+    let (id, _) = open_action(nat);
+    nat.handle_opened(now, id, Ok(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, sport)));
+    while nat.poll_action().is_some() {}
+    id
+}
+
+// As packet NAT and Linux's early_drop: at a cap, a UDP flow that is not assured (one query and
+// its answer) or past its timeout gives its place to a new one, oldest first; a UDP stream
+// (both ways twice) never does, and with only such streams the cap refuses.
+#[test]
+fn unassured_udp_flows_make_room_at_the_caps() {
+    let now = Instant::now();
+    let mut config = SocketNatConfig::new(GATEWAY, 24);
+    config.max_flows_per_guest = 2;
+    let mut nat = SocketNat::new(config, now);
+    let from = SocketAddrV4::new(REMOTE, 53);
+    let answered = opened_by(&mut nat, now, 5001);
+    nat.handle_datagram(now, answered, from, b"a");
+    let stream = opened_by(&mut nat, now, 5002);
+    for _ in 0..2 {
+        nat.handle_packet(now, PEER, &query(5002), &PLAIN).unwrap();
+        nat.handle_datagram(now, stream, from, b"a");
+    }
+    while nat.poll_packet().is_some() {}
+    while nat.poll_action().is_some() {}
+    // The query and its answer go for the next query.
+    nat.handle_packet(now, PEER, &query(5003), &PLAIN).unwrap();
+    assert_eq!(nat.poll_action(), Some(Action::Close(answered)));
+    assert_eq!(nat.counters.flows_evicted, 1);
+    while nat.poll_action().is_some() {}
+    // Unanswered queries take each other's places; the stream stays.
+    for sport in 5004..5010 {
+        nat.handle_packet(now, PEER, &query(sport), &PLAIN).unwrap();
+        while let Some(action) = nat.poll_action() {
+            assert_ne!(action, Action::Close(stream));
+        }
+    }
+    assert_eq!(nat.counters.flows_evicted, 7);
+    assert_eq!(nat.len(), 2);
+
+    // A stream only: refused, and counted; past its timeout (before the sweep), it goes,
+    // counted as expired.
+    for expired in [false, true] {
+        let mut config = SocketNatConfig::new(GATEWAY, 24);
+        config.max_flows_per_guest = 1;
+        let mut nat = SocketNat::new(config, now);
+        let stream = opened_by(&mut nat, now, 6001);
+        for _ in 0..2 {
+            nat.handle_packet(now, PEER, &query(6001), &PLAIN).unwrap();
+            nat.handle_datagram(now, stream, from, b"a");
+        }
+        if expired {
+            let later = now + Duration::from_secs(301);
+            nat.handle_packet(later, PEER, &query(6002), &PLAIN)
+                .unwrap();
+            assert_eq!(nat.counters.flows_expired, 1);
+        } else {
+            assert_eq!(
+                nat.handle_packet(now, PEER, &query(6002), &PLAIN),
+                Err(DropReason::NatGuestLimit)
+            );
+            assert_eq!(
+                (nat.counters.guest_limit, nat.counters.flows_evicted),
+                (1, 0)
+            );
+        }
+    }
+}
