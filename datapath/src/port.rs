@@ -47,7 +47,7 @@ drop_reasons! {
     SamePort => "same_port", "Destination was learned on the ingress port: it is already there.";
     SpoofedGatewayMac => "spoofed_gateway_mac", "Source MAC is the gateway's own.";
     BadHeader => "bad_header", "An IPv4 or ARP header addressed to the gateway is truncated or lies about its length.";
-    BadChecksum => "bad_checksum", "An IPv4 header or ICMP checksum addressed to the gateway does not verify.";
+    BadChecksum => "bad_checksum", "An IPv4 header or ICMP checksum addressed to the gateway, or of an ICMP error NAT would translate, does not verify.";
     Fragment => "fragment", "A fragment addressed to the gateway (reassembly is not implemented).";
     NoRoute => "no_route", "Addressed to the gateway for a destination it does not route: no uplink, a source outside the network, multicast or broadcast.";
     TtlExceeded => "ttl_exceeded", "The TTL ran out at the gateway (an ICMP time-exceeded went back, rate permitting).";

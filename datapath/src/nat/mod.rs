@@ -36,8 +36,8 @@ pub mod mirror;
 pub mod packet;
 
 use crate::port::DropReason;
-use crate::wire::MacAddr;
 use crate::wire::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::wire::{MacAddr, checksum};
 use ahash::RandomState;
 use index::{FlowRef, Index, Probe};
 use mirror::{NatMirror, Published, Rewrite, Tallies};
@@ -765,6 +765,12 @@ impl Nat {
     ) -> Result<MacAddr, DropReason> {
         if packet::fragment_info(p) != (0, false) {
             return Err(DropReason::NatUnsupported);
+        }
+        // Its checksum is made anew below, so a damaged one must not pass as good: the kernel
+        // checks it first too (`nf_conntrack_icmpv4_error`). A Fragmentation Needed with a
+        // flipped bit in its MTU would otherwise set the guest's path MTU.
+        if checksum::checksum(&p[ihl..]) != 0 {
+            return Err(DropReason::BadChecksum);
         }
         let quote_at = ihl + 8;
         let (quoted, quoted_layout) =

@@ -261,6 +261,16 @@ fn inbound_icmp_errors_follow_their_connection() {
     assert_eq!(mac, MAC2);
     assert_eq!(&p[28 + 12..28 + 16], &G2);
 
+    // A damaged one is dropped, not given a good checksum (RFC 1191: its MTU would be
+    // believed).
+    let mut damaged = icmp(R1, EXT, ICMP_DEST_UNREACHABLE, 4, [0, 0, 0x05, 0xdc], &sent);
+    damaged[26] ^= 0x01;
+    assert_eq!(
+        inb(&mut n, t, damaged).unwrap_err(),
+        DropReason::BadChecksum
+    );
+    assert_eq!(n.counters.icmp_errors_translated, 2);
+
     // An error about a connection that does not exist goes nowhere.
     let stray = udp(EXT, 6000, R1, 9, b"x");
     let err = icmp(R1, EXT, ICMP_DEST_UNREACHABLE, 3, [0; 4], &stray);
