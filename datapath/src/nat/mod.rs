@@ -297,12 +297,17 @@ impl Flow {
     /// RFC 5382 5 / RFC 7857 2.2: follow the handshake and the close from the flags.
     fn track_tcp(&mut self, dir: Dir, flags: u8) {
         let responder = dir != self.initiator;
-        if flags & TCP_RST != 0 {
-            self.tcp = TcpState::Close;
-            return;
-        }
         let syn = flags & TCP_SYN != 0;
         let ack = flags & TCP_ACK != 0;
+        if flags & TCP_RST != 0 {
+            // RFC 9293 3.10.7.3: the responder's reset of a SYN it never acknowledged is not
+            // one (a blind RST, or one for another connection); Linux's conntrack ignores it
+            // too. The initiator may abort its own attempt.
+            if !(self.tcp == TcpState::SynSent && responder && !ack) {
+                self.tcp = TcpState::Close;
+            }
+            return;
+        }
         match self.tcp {
             TcpState::TimeWait | TcpState::Close if syn && !ack && !responder => {
                 // The same tuple opens a new connection.

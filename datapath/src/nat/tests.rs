@@ -164,6 +164,9 @@ fn rst_closes_and_a_new_syn_reopens() {
     let (mut n, t) = nat();
     let syn = out(&mut n, t, MAC1, tcp(G1, 40000, R1, 80, TCP_SYN)).unwrap();
     let port = tuple_of(&syn).sport;
+    // In SYN_SENT, a RST without an ACK of the SYN closes nothing (RFC 9293 3.10.7.3).
+    inb(&mut n, t, tcp(R1, 80, EXT, port, TCP_RST)).unwrap();
+    assert_eq!(n.rows(t)[0].state, "SYN_SENT");
     inb(&mut n, t, tcp(R1, 80, EXT, port, TCP_RST | TCP_ACK)).unwrap();
     assert_eq!(n.rows(t)[0].state, "CLOSE");
     assert_eq!(n.rows(t)[0].timeout_secs, 240);
