@@ -253,7 +253,23 @@ impl NatMirror {
     /// Takes every entry back from the workers at once (a next hop's MAC changed): they miss
     /// until the engine publishes each connection again. Entries keep their tallies, which
     /// the engine still reads by key. Engine only.
+    ///
+    /// An entry keeps 16 bits of its epoch: once in 65,536 calls (a neighbour flapping its
+    /// MAC that often), entries written that many epochs ago would match again, so before
+    /// the count comes round every entry is emptied (what workers counted since the engine
+    /// last took it goes with it; the engine publishes each connection again at its next
+    /// packet).
     pub(crate) fn invalidate(&self) {
+        if (self.epoch.load(Ordering::Relaxed) + 1) & 0xffff == 0 {
+            for dir in [Dir::Out, Dir::In] {
+                for entry in self.table(dir) {
+                    if entry.ports.load(Ordering::Relaxed) != 0 {
+                        Self::write(entry, (0, 0), (0, 0));
+                        self.count_out(dir, false);
+                    }
+                }
+            }
+        }
         self.epoch.fetch_add(1, Ordering::Release);
     }
 
@@ -423,6 +439,27 @@ mod tests {
             1,
             "the same connection's"
         );
+    }
+
+    /// 65,536 invalidations bring an entry's 16 epoch bits round: it must not match again.
+    #[test]
+    fn an_entry_stays_a_miss_however_many_epochs_pass() {
+        let m = NatMirror::new(EXTERNAL);
+        let t = tuple(40000);
+        let outward = Rewrite {
+            ip: EXTERNAL,
+            port: 40000,
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            guest: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+        };
+        assert_eq!(m.publish(Dir::Out, &t, &outward), Published::Written);
+        for _ in 0..0x1_0000 {
+            m.invalidate();
+            assert!(m.lookup(Dir::Out, &t).is_none());
+        }
+        assert!(!m.sends_out(), "emptied on the way round");
+        assert_eq!(m.publish(Dir::Out, &t, &outward), Published::Written);
+        assert_eq!(m.lookup(Dir::Out, &t).unwrap().0, outward);
     }
 
     #[test]
