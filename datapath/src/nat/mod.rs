@@ -653,8 +653,14 @@ impl Nat {
         let ihl = packet::ip_header_len(p).ok_or(DropReason::BadHeader)?;
         let src = Ipv4Addr::from([p[12], p[13], p[14], p[15]]);
         let dst = Ipv4Addr::from([p[16], p[17], p[18], p[19]]);
-        // libvirt's rules: only the subnet's sources, never to multicast or broadcast.
-        if !self.config.is_internal(src) || dst.is_multicast() || dst.is_broadcast() {
+        // libvirt's rules: only the subnet's sources, never to the subnet itself (`! -d`; a
+        // guest with a narrower netmask sends there through the gateway), multicast or
+        // broadcast.
+        if !self.config.is_internal(src)
+            || self.config.is_internal(dst)
+            || dst.is_multicast()
+            || dst.is_broadcast()
+        {
             return Err(DropReason::NoRoute);
         }
         let hairpin = Outbound {

@@ -385,7 +385,8 @@ fn hairpinning_delivers_with_the_external_source() {
     assert_eq!(tuple_of(&back).dst, Ipv4Addr::from(G1));
 }
 
-// libvirt's RETURN rules: nothing to multicast or broadcast, only the subnet's sources.
+// libvirt's RETURN rules: nothing to multicast, broadcast or the subnet itself, only the
+// subnet's sources.
 #[test]
 fn untranslated_destinations_and_sources() {
     let (mut n, t) = nat();
@@ -393,6 +394,10 @@ fn untranslated_destinations_and_sources() {
         udp(G1, 5353, [224, 0, 0, 251], 5353, b"m"),
         udp(G1, 68, [255, 255, 255, 255], 67, b"b"),
         udp([10, 0, 0, 5], 5000, R1, 53, b"x"),
+        // The subnet itself (a guest with a narrower netmask, or the subnet's broadcast, sent
+        // to the gateway): libvirt's `! -d 192.168.122.0/24`, never out the uplink.
+        udp(G1, 5000, G2, 53, b"s"),
+        udp(G1, 5000, [192, 168, 122, 255], 53, b"s"),
     ] {
         assert_eq!(out(&mut n, t, MAC1, p).unwrap_err(), DropReason::NoRoute);
     }
