@@ -98,7 +98,7 @@ pub fn ip_id(b: &[u8]) -> u16 {
 
 /// Reads the tuple and kind of the packet `b` (an IPv4 packet whose header was checked),
 /// whose L4 header starts at `l4`. `None` when the L4 header is too short to hold its ports
-/// and checksum, or the protocol is not one NAT translates.
+/// and checksum (for TCP, a whole header), or the protocol is not one NAT translates.
 pub fn classify(b: &[u8], l4: usize) -> Option<(Tuple, Kind, Layout)> {
     classify_at(b, l4, false)
 }
@@ -107,8 +107,11 @@ fn classify_at(b: &[u8], l4: usize, quoted: bool) -> Option<(Tuple, Kind, Layout
     let proto = b[9];
     let (src, dst) = (addr(b, 12), addr(b, 16));
     let rest = b.len().checked_sub(l4)?;
+    // A whole TCP header (RFC 9293 3.1: data offset 5 or more, within the segment), unless
+    // quoted in an ICMP error, which may hold only its first 8 bytes.
+    let tcp_header_ok = || rest >= 20 && (20..=rest).contains(&(usize::from(b[l4 + 12] >> 4) * 4));
     let (sport, dport, kind, layout) = match proto {
-        PROTO_TCP if rest >= 18 || (quoted && rest >= 8) => (
+        PROTO_TCP if (quoted && rest >= 8) || (!quoted && tcp_header_ok()) => (
             be16(b, l4),
             be16(b, l4 + 2),
             Kind::Flow {

@@ -404,6 +404,26 @@ fn untranslated_destinations_and_sources() {
     assert!(n.is_empty());
 }
 
+// RFC 9293 3.1: a TCP header is 20 bytes or more, as its data offset says; a shorter one (a
+// tiny first fragment, RFC 1858) or an offset pointing inside the header is not translated.
+#[test]
+fn a_tcp_segment_without_a_whole_header_is_not_translated() {
+    let (mut n, t) = nat();
+    let mut short = tcp(G1, 40000, R1, 80, TCP_SYN);
+    short.truncate(20 + 18);
+    short[2..4].copy_from_slice(&38u16.to_be_bytes());
+    let mut inside = tcp(G1, 40001, R1, 80, TCP_SYN);
+    inside[20 + 12] = 4 << 4;
+    let mut beyond = tcp(G1, 40002, R1, 80, TCP_SYN);
+    beyond[20 + 12] = 15 << 4;
+    for p in [short, inside, beyond] {
+        let mut p = p;
+        let refused = n.handle_outbound(t, &mut p, MAC1, false);
+        assert_eq!(refused.unwrap_err(), DropReason::NatUnsupported);
+    }
+    assert!(n.is_empty());
+}
+
 /// A UDP flow from `guest`'s `port` to R1:9 that went both ways twice: assured.
 fn udp_stream(n: &mut Nat, t: Instant, (mac, guest): (MacAddr, [u8; 4]), port: u16) {
     for _ in 0..2 {
