@@ -250,17 +250,23 @@ impl NatMirror {
         Published::Written
     }
 
+    /// Whether the next [`Self::invalidate`] empties every entry (the engine takes their
+    /// tallies first).
+    pub(crate) fn next_invalidation_empties(&self) -> bool {
+        (self.epoch.load(Ordering::Relaxed) + 1) & 0xffff == 0
+    }
+
     /// Takes every entry back from the workers at once (a next hop's MAC changed): they miss
     /// until the engine publishes each connection again. Entries keep their tallies, which
     /// the engine still reads by key. Engine only.
     ///
     /// An entry keeps 16 bits of its epoch: once in 65,536 calls (a neighbour flapping its
     /// MAC that often), entries written that many epochs ago would match again, so before
-    /// the count comes round every entry is emptied (what workers counted since the engine
-    /// last took it goes with it; the engine publishes each connection again at its next
-    /// packet).
+    /// the count comes round every entry is emptied ([`Nat::withdraw_all`](super::Nat::withdraw_all)
+    /// takes what workers counted and saw of each first; the engine publishes each
+    /// connection again at its next packet).
     pub(crate) fn invalidate(&self) {
-        if (self.epoch.load(Ordering::Relaxed) + 1) & 0xffff == 0 {
+        if self.next_invalidation_empties() {
             for dir in [Dir::Out, Dir::In] {
                 for entry in self.table(dir) {
                     if entry.ports.load(Ordering::Relaxed) != 0 {

@@ -30,6 +30,7 @@
 //! minutes each: 27 queries a second fill the cap), would be refused every new connection
 //! until the old ones time out. Open, assured connections are never taken.
 
+pub(crate) mod evict;
 pub mod fast;
 mod index;
 pub mod mirror;
@@ -43,7 +44,7 @@ use index::{FlowRef, Index, Probe};
 use mirror::{NatMirror, Published, Rewrite, Tallies};
 use packet::{End, Kind, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -63,8 +64,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Connections whose memory is set aside up front (as address space: pages become resident
 /// when used); a larger `max_flows` is honoured by growing the table as connections come.
 const PREALLOCATED_FLOWS: usize = 1 << 22;
-/// How many of the oldest eviction candidates a cap looks at for one it may take.
-const EVICT_SCAN: usize = 64;
 
 /// Why a connection gave up its entry at a cap.
 #[derive(Debug, Clone, Copy)]
@@ -468,13 +467,12 @@ pub struct Nat {
     remotes: HashMap<(u8, u16, Ipv4Addr), u32, RandomState>,
     per_guest: HashMap<Ipv4Addr, u32, RandomState>,
     fragments: HashMap<FragKey, FragTrain, RandomState>,
-    /// Candidates for eviction at a cap as (slot, generation), oldest first: every connection
-    /// as it is made or reopened (not yet assured) and again as it closes. An entry whose slot
-    /// no longer holds that generation is stale (a reopened connection takes a new one), and
-    /// one whose connection became assured and is still open is dropped when looked at (it
-    /// comes back when it closes). Its capacity is set aside up front and never grows: when
-    /// full, the oldest entry goes.
-    candidates: VecDeque<(u32, u32)>,
+    /// Candidates for eviction at a cap as (slot, generation), oldest first, the table's and
+    /// each guest's (`evict`): every connection as it is made or reopened (not yet assured)
+    /// and again as it closes. An entry whose slot no longer holds that generation is stale
+    /// (a reopened connection takes a new one), and one whose connection became assured and
+    /// is still open is dropped when looked at (it comes back when it closes).
+    candidates: evict::Candidates,
     port_cursor: u32,
     sweep_cursor: usize,
     next_sweep: Option<Instant>,
@@ -500,7 +498,7 @@ impl Nat {
             remotes: HashMap::with_hasher(hasher()),
             per_guest: HashMap::with_hasher(hasher()),
             fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENT_TRAINS, hasher()),
-            candidates: VecDeque::with_capacity(cap),
+            candidates: evict::Candidates::new(cap, config.max_flows_per_guest),
             port_cursor: 0,
             sweep_cursor: 0,
             next_sweep: None,
@@ -565,9 +563,19 @@ impl Nat {
     /// its packets to the engine until it publishes them again. One store, whatever the
     /// table holds (a neighbour flapping its ARP costs no sweep).
     pub fn withdraw_all(&mut self) {
-        if let Some(mirror) = &self.mirror {
-            mirror.invalidate();
+        let Some(mirror) = self.mirror.clone() else {
+            return;
+        };
+        if mirror.next_invalidation_empties() {
+            // Every entry goes with what workers counted and saw of it: taken first, so a
+            // connection only workers carry keeps its deadline (once in 65,536 calls).
+            for slot in 0..self.slots.len() as u32 {
+                if self.slots[slot as usize].is_some() {
+                    self.catch_up(slot, false);
+                }
+            }
         }
+        mirror.invalidate();
     }
 
     /// Takes the connection in `slot` back from the workers, with what they counted and saw
@@ -813,7 +821,8 @@ impl Nat {
             }
         }
         packet::refresh_icmp_checksum(p, ihl);
-        self.count(slot, dir, p.len());
+        // Not counted as the connection's packets: an error is no answer, and must not make a
+        // dead flow look assured (conntrack neither).
         self.counters.icmp_errors_translated += 1;
         Ok(mac)
     }
@@ -886,13 +895,9 @@ impl Nat {
 
     /// Files a connection just made, reopened or closed as a candidate for eviction.
     fn note_candidate(&mut self, slot: u32, generation: u32) {
-        if self.candidates.capacity() == 0 {
-            return;
+        if let Some(f) = self.slots.get(slot as usize).and_then(Option::as_ref) {
+            self.candidates.push(f.guest, (slot, generation));
         }
-        if self.candidates.len() == self.candidates.capacity() {
-            self.candidates.pop_front();
-        }
-        self.candidates.push_back((slot, generation));
     }
 
     /// Whether the connection in `slot` may give up its entry at a cap: closed, expired, or
@@ -911,37 +916,34 @@ impl Nat {
         (f.is_closed() || !assured).then_some(Eviction::Evicted)
     }
 
-    /// Removes the oldest connection (of `guest` only, if given) among the [`EVICT_SCAN`]
-    /// oldest candidates that is closed, expired or not assured; false if there is none.
+    /// Removes the oldest connection (of `guest` only, if given) that is closed, expired or
+    /// not assured, within the bounds of one scan ([`evict::SCAN`]); false if there is none.
     fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
         let now = self.stamp(now);
-        let mut i = 0;
-        for _ in 0..EVICT_SCAN {
-            let Some(&(slot, generation)) = self.candidates.get(i) else {
-                return false;
-            };
-            let flow = self.slots.get(slot as usize).and_then(Option::as_ref);
-            let Some(f) = flow.filter(|f| f.generation == generation) else {
-                // Stale: expired, reused or reopened since.
-                self.candidates.remove(i);
-                continue;
-            };
-            if guest.is_some_and(|g| g != f.guest) {
-                i += 1;
-                continue;
+        // Out of `self` while the scan judges, which needs the rest of it.
+        let mut candidates = std::mem::replace(&mut self.candidates, evict::Candidates::new(0, 0));
+        let evicted = candidates.scan(guest, |(slot, generation)| {
+            let live = (self.slots.get(slot as usize))
+                .and_then(Option::as_ref)
+                .is_some_and(|f| f.generation == generation);
+            if !live {
+                return evict::Verdict::Stale;
             }
-            self.candidates.remove(i);
-            // Assured and open, it is passed over: it comes back as a candidate when it closes.
-            if let Some(how) = self.evictable(slot, now) {
-                self.remove(slot);
-                match how {
-                    Eviction::Expired => self.counters.flows_expired += 1,
-                    Eviction::Evicted => self.counters.flows_evicted += 1,
+            match self.evictable(slot, now) {
+                Some(how) => {
+                    self.remove(slot);
+                    match how {
+                        Eviction::Expired => self.counters.flows_expired += 1,
+                        Eviction::Evicted => self.counters.flows_evicted += 1,
+                    }
+                    evict::Verdict::Evicted
                 }
-                return true;
+                // Assured and open: it comes back as a candidate when it closes.
+                None => evict::Verdict::Keep,
             }
-        }
-        false
+        });
+        self.candidates = candidates;
+        evicted
     }
 
     fn create_outbound(
@@ -951,8 +953,13 @@ impl Nat {
         original_probe: &Probe,
         guest_mac: MacAddr,
     ) -> Result<u32, DropReason> {
-        self.check_caps(now, original.src)?;
+        // The mapping is held first, so that making room cannot take it away (and with it
+        // the guest's external port, RFC 4787 REQ-1) from under the new connection.
         let external_port = self.map(original.proto, original.src, original.sport, guest_mac)?;
+        if let Err(refused) = self.check_caps(now, original.src) {
+            self.unmap(original.proto, original.src, original.sport);
+            return Err(refused);
+        }
         let reply = Tuple {
             proto: original.proto,
             src: original.dst,
@@ -1012,11 +1019,15 @@ impl Nat {
         if !allowed {
             return Err(DropReason::NatNoFlow);
         }
-        self.check_caps(now, guest)?;
         let key = (reply.proto, guest, guest_port);
         let mapping = self.mappings.get_mut(&key).ok_or(DropReason::NatNoFlow)?;
+        // Held first, so that making room cannot take this very mapping away.
         mapping.flows += 1;
         let guest_mac = mapping.guest_mac;
+        if let Err(refused) = self.check_caps(now, guest) {
+            self.unmap(reply.proto, guest, guest_port);
+            return Err(refused);
+        }
         let original = Tuple {
             proto: reply.proto,
             src: guest,

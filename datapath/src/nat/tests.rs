@@ -509,6 +509,46 @@ fn unassured_connections_make_room_at_the_caps() {
     assert_eq!((n.counters.flows_expired, n.counters.flows_evicted), (1, 0));
 }
 
+// A guest's cap looks at the guest's own candidates: another guest's long-lived connections,
+// made first, do not hide them (one shared queue scanned 64 deep would have refused it).
+#[test]
+fn another_guests_connections_do_not_hide_a_guests_own_from_its_cap() {
+    let (mut n, t) = nat_with(|c| c.max_flows_per_guest = 70);
+    for port in 1000..1070 {
+        let syn = out(&mut n, t, MAC2, tcp(G2, port, R1, 80, TCP_SYN)).unwrap();
+        let ext = tuple_of(&syn).sport;
+        inb(&mut n, t, tcp(R1, 80, EXT, ext, TCP_SYN | TCP_ACK)).unwrap();
+        out(&mut n, t, MAC2, tcp(G2, port, R1, 80, TCP_ACK)).unwrap();
+    }
+    for port in 2000..2070 {
+        out(&mut n, t, MAC1, udp(G1, port, R1, 53, b"q")).unwrap();
+    }
+    out(&mut n, t, MAC1, udp(G1, 2070, R1, 53, b"q")).unwrap();
+    assert_eq!(n.counters.flows_evicted, 1);
+    assert_eq!(state_of(&n, t, 2000), None, "G1's oldest");
+    assert_eq!(n.len(), 140);
+}
+
+// Making room for an inbound connection never takes the mapping it arrives on: a guest at its
+// cap whose one flow on the mapping is the oldest unassured one still gets a new peer's
+// packet on the same external port (RFC 4787 REQ-1, REQ-8 endpoint-independent filtering).
+#[test]
+fn making_room_keeps_the_mapping_the_new_connection_uses() {
+    let (mut n, t) = nat_with(|c| {
+        c.max_flows_per_guest = 1;
+        c.filtering = Filtering::EndpointIndependent;
+    });
+    let stun = out(&mut n, t, MAC1, udp(G1, 5000, R1, 3478, b"stun")).unwrap();
+    assert_eq!(tuple_of(&stun).sport, 5000);
+    inb(&mut n, t, udp(R1, 3478, EXT, 5000, b"you")).unwrap();
+    let (p, mac) = inb(&mut n, t, udp(R2, 4000, EXT, 5000, b"peer")).unwrap();
+    assert_eq!((mac, tuple_of(&p).dport), (MAC1, 5000));
+    assert_eq!(n.counters.flows_evicted, 1, "the STUN flow made room");
+    // And going out to the peer keeps the port.
+    let back = out(&mut n, t, MAC1, udp(G1, 5000, R2, 4000, b"hi")).unwrap();
+    assert_eq!(tuple_of(&back).sport, 5000);
+}
+
 /// Opens a TCP connection from G1's `port` to R1:80 and completes its handshake.
 fn open(n: &mut Nat, t: Instant, port: u16) {
     let syn = out(n, t, MAC1, tcp(G1, port, R1, 80, TCP_SYN)).unwrap();

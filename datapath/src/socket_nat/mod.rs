@@ -59,8 +59,7 @@ const UDP_REMOTES: usize = 16;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Eviction candidates kept at most (8 bytes each).
 const MAX_CANDIDATES: usize = 1 << 20;
-/// How many of the oldest eviction candidates a cap looks at for one it may take.
-const EVICT_SCAN: usize = 64;
+
 /// Ephemeral ports the gateway connects from when it forwards a host connection to a guest.
 const FORWARD_PORTS: (u16, u16) = (32768, 60999);
 /// The MSS the stack is told guests take: with it, the stack sends segments of up to 64 KiB,
@@ -434,6 +433,19 @@ impl SharedCaps {
         Ok(())
     }
 
+    /// Whether a flow of `guest` would find a place now (a hint: another thread may take it
+    /// first).
+    fn take_would_succeed(&self, guest: Ipv4Addr, config: &SocketNatConfig) -> bool {
+        let held = self.held();
+        held.flows < config.max_flows
+            && held.per_guest.get(&guest).copied().unwrap_or(0) < config.max_flows_per_guest
+    }
+
+    /// Whether `guest` holds as many flows as its cap allows.
+    fn guest_full(&self, guest: Ipv4Addr, config: &SocketNatConfig) -> bool {
+        self.held().per_guest.get(&guest).copied().unwrap_or(0) >= config.max_flows_per_guest
+    }
+
     fn give_back(&self, guest: Ipv4Addr) {
         let mut held = self.held();
         held.flows = held.flows.saturating_sub(1);
@@ -464,9 +476,9 @@ pub struct SocketNat {
     generations: Vec<u32>,
     free: Vec<u32>,
     by_key: HashMap<Key, u32>,
-    /// UDP and ping flows as (slot, generation), oldest first: the candidates for eviction at
-    /// a cap. Bounded: when full, the oldest goes.
-    candidates: VecDeque<(u32, u32)>,
+    /// UDP and ping flows as (slot, generation), oldest first, the table's and each guest's:
+    /// the candidates for eviction at a cap (`nat::evict`).
+    candidates: crate::nat::evict::Candidates,
     /// Forwarded UDP flows by (listener, host peer).
     udp_forwards: HashMap<(u32, SocketAddrV4), u32>,
     caps: Arc<SharedCaps>,
@@ -531,6 +543,10 @@ impl SocketNat {
         // Any destination is ours: the stack stands in for every host a guest connects to.
         iface.set_any_ip(true);
         let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+        let candidates = crate::nat::evict::Candidates::new(
+            config.max_flows.min(MAX_CANDIDATES),
+            config.max_flows_per_guest,
+        );
         SocketNat {
             config,
             iface,
@@ -542,7 +558,7 @@ impl SocketNat {
             generations: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
-            candidates: VecDeque::new(),
+            candidates,
             udp_forwards: HashMap::new(),
             caps,
             peers: HashMap::new(),
@@ -597,6 +613,9 @@ impl SocketNat {
             && dst != self.config.gateway
             && self.routable(dst)
             && self.config.is_internal(src)
+            // At a cap, the engine's socket NAT opens it: only it holds the UDP and ping flows
+            // that may make room.
+            && self.caps.take_would_succeed(src, &self.config)
         {
             Claim::Opens
         } else {
@@ -705,8 +724,9 @@ impl SocketNat {
         let evictable_kind = matches!(key, Key::Udp(_) | Key::Ping(..));
         if let Err(refused) = self.caps.take(guest, &self.config) {
             // A new flow may take the place of a UDP or ping flow that is not assured (this
-            // socket NAT's own: a worker's shard holds TCP only, and finds none).
-            let at_guest_cap = refused == DropReason::NatGuestLimit;
+            // socket NAT's own: a worker's shard holds TCP only, and finds none), the guest's
+            // own when the guest is at its cap, whether or not the table is full too.
+            let at_guest_cap = self.caps.guest_full(guest, &self.config);
             let retried = self.evict_for_room(now, at_guest_cap.then_some(guest))
                 && self.caps.take(guest, &self.config).is_ok();
             if !retried {
@@ -737,10 +757,7 @@ impl SocketNat {
         });
         self.by_key.insert(key, index);
         if evictable_kind {
-            if self.candidates.len() >= self.config.max_flows.min(MAX_CANDIDATES) {
-                self.candidates.pop_front();
-            }
-            self.candidates.push_back((index, generation));
+            self.candidates.push(guest, (index, generation));
         }
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + SWEEP_EVERY);
@@ -749,48 +766,42 @@ impl SocketNat {
     }
 
     /// At a cap, as packet NAT and Linux's conntrack (`early_drop`) do: ends the oldest UDP or
-    /// ping flow (of `guest` only, if given) among the [`EVICT_SCAN`] oldest candidates that is
+    /// ping flow (of `guest` only, if given), within the bounds of one scan, that is
     /// not assured (UDP that has not gone both ways twice, such as a query and its answer;
     /// any ping) or is past its timeout; false if there is none. A guest resolving names
     /// itself, from a new port per query, then keeps working at its cap, and can still open
     /// TCP connections on the engine's thread (a worker's, at the cap, cannot reach the
     /// engine's UDP flows and is refused). TCP connections are never taken.
     fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
+        use crate::nat::evict::{Candidates, Verdict};
         let timeouts = self.config.timeouts;
-        let mut i = 0;
-        for _ in 0..EVICT_SCAN {
-            let Some(&(index, generation)) = self.candidates.get(i) else {
-                return false;
-            };
+        // Out of `self` while the scan judges, which needs the rest of it.
+        let mut candidates = std::mem::replace(&mut self.candidates, Candidates::new(0, 0));
+        let evicted = candidates.scan(guest, |(index, generation)| {
             let flow = (self.flows.get(index as usize))
                 .and_then(Option::as_ref)
                 .filter(|_| self.generations[index as usize] == generation);
             let Some(flow) = flow else {
-                // Stale: ended since.
-                self.candidates.remove(i);
-                continue;
+                return Verdict::Stale;
             };
-            if guest.is_some_and(|g| g != flow.guest_ip()) {
-                i += 1;
-                continue;
-            }
             let (assured, timeout) = match flow.kind {
                 Kind::Udp { .. } => (flow.packets[0] >= 2 && flow.packets[1] >= 2, timeouts.udp),
                 _ => (false, timeouts.icmp),
             };
             let expired = now.saturating_duration_since(flow.last_seen) >= timeout;
-            self.candidates.remove(i);
-            if expired || !assured {
-                self.remove(index);
-                if expired {
-                    self.counters.flows_expired += 1;
-                } else {
-                    self.counters.flows_evicted += 1;
-                }
-                return true;
+            if assured && !expired {
+                return Verdict::Keep;
             }
-        }
-        false
+            self.remove(index);
+            if expired {
+                self.counters.flows_expired += 1;
+            } else {
+                self.counters.flows_evicted += 1;
+            }
+            Verdict::Evicted
+        });
+        self.candidates = candidates;
+        evicted
     }
 
     /// Ends a flow: its socket goes back to the spares and the host socket is closed.

@@ -746,12 +746,17 @@ fn socket_nats_sharing_caps_hold_a_guests_connections_to_the_one_cap() {
 
 /// A datagram from the guest's `sport` to REMOTE:53.
 fn query(sport: u16) -> Vec<u8> {
+    query_from(GUEST, sport)
+}
+
+/// A datagram from `src`'s `sport` to REMOTE:53.
+fn query_from(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     let mut udp = vec![0u8; 8];
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
     udp[2..4].copy_from_slice(&53u16.to_be_bytes());
     udp[4..6].copy_from_slice(&9u16.to_be_bytes());
     udp.push(b'q');
-    ipv4(GUEST, REMOTE, PROTO_UDP, &udp)
+    ipv4(src, REMOTE, PROTO_UDP, &udp)
 }
 
 /// The flow (its host socket's id) that `sport`'s first datagram opened.
@@ -824,4 +829,43 @@ fn unassured_udp_flows_make_room_at_the_caps() {
             );
         }
     }
+}
+
+// Both caps full at once (the table's and the guest's): the guest's own flow makes room, not
+// another guest's; and a worker's shard leaves a SYN at the cap to the engine, whose socket NAT
+// holds the flows that may make room.
+#[test]
+fn at_both_caps_a_guest_makes_room_from_its_own_flows_and_shards_defer_to_the_engine() {
+    let now = Instant::now();
+    let other = Ipv4Addr::new(192, 168, 122, 11);
+    let mut config = SocketNatConfig::new(GATEWAY, 24);
+    config.max_flows = 2;
+    config.max_flows_per_guest = 1;
+    let caps = Arc::new(SharedCaps::default());
+    let mut nat = SocketNat::sharing_caps(config.clone(), caps.clone(), now);
+    let shard = SocketNat::sharing_caps(config, caps, now);
+    let syn = segment(40000, 80, 1000, 0, 0x02, &[]);
+    assert_eq!(shard.claim(&syn, PEER), Claim::Opens, "below the caps");
+    nat.handle_packet(now, PEER, &query_from(other, 7000), &PLAIN)
+        .unwrap();
+    let (theirs, _) = open_action(&mut nat);
+    while nat.poll_action().is_some() {}
+    nat.handle_packet(now, PEER, &query(5000), &PLAIN).unwrap();
+    let (mine, _) = open_action(&mut nat);
+    while nat.poll_action().is_some() {}
+    assert_eq!(
+        shard.claim(&syn, PEER),
+        Claim::Not,
+        "at the cap: the engine's"
+    );
+    nat.handle_packet(now, PEER, &query(5001), &PLAIN).unwrap();
+    let mut closed = Vec::new();
+    while let Some(action) = nat.poll_action() {
+        if let Action::Close(id) = action {
+            closed.push(id);
+        }
+    }
+    assert_eq!(closed, [mine]);
+    assert_ne!(mine, theirs);
+    assert_eq!(nat.counters.flows_evicted, 1);
 }
