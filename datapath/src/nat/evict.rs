@@ -75,41 +75,64 @@ impl Candidates {
         );
     }
 
+    /// Takes the oldest entry of the table's queue (`None`) or of `guest`'s.
+    pub fn pop(&mut self, guest: Option<Ipv4Addr>) -> Option<Candidate> {
+        match guest {
+            None => self.all.pop_front(),
+            Some(g) => {
+                let queue = self.by_guest.get_mut(&g)?;
+                let candidate = queue.pop_front();
+                if queue.is_empty() {
+                    self.by_guest.remove(&g);
+                }
+                candidate
+            }
+        }
+    }
+
     /// Scans the table's queue (`None`) or `guest`'s from its oldest entry, asking `judge`
     /// about each, until one is evicted (true) or the scan's bounds are reached (false).
+    /// The owner whose judgement needs itself loops over [`Self::pop`] with a [`Scan`].
+    #[cfg(test)]
     pub fn scan(
         &mut self,
         guest: Option<Ipv4Addr>,
         mut judge: impl FnMut(Candidate) -> Verdict,
     ) -> bool {
-        let queue = match guest {
-            None => &mut self.all,
-            Some(g) => match self.by_guest.get_mut(&g) {
-                Some(queue) => queue,
-                None => return false,
-            },
-        };
-        let (mut judged, mut stale) = (0, 0);
-        let mut evicted = false;
-        while judged < SCAN && stale < STALE_SCAN {
-            let Some(candidate) = queue.pop_front() else {
+        let mut scan = Scan::default();
+        while scan.goes_on() {
+            let Some(candidate) = self.pop(guest) else {
                 break;
             };
-            match judge(candidate) {
-                Verdict::Stale => stale += 1,
-                Verdict::Keep => judged += 1,
-                Verdict::Evicted => {
-                    evicted = true;
-                    break;
-                }
+            if scan.counts(judge(candidate)) {
+                return true;
             }
         }
-        if let Some(g) = guest
-            && self.by_guest.get(&g).is_some_and(VecDeque::is_empty)
-        {
-            self.by_guest.remove(&g);
+        false
+    }
+}
+
+/// The bounds of one scan: [`SCAN`] live candidates judged, [`STALE_SCAN`] stale ones dropped.
+#[derive(Debug, Default)]
+pub struct Scan {
+    judged: usize,
+    stale: usize,
+}
+
+impl Scan {
+    /// Whether the scan may look at one more entry.
+    pub fn goes_on(&self) -> bool {
+        self.judged < SCAN && self.stale < STALE_SCAN
+    }
+
+    /// Counts a verdict; true when it ends the scan with an eviction.
+    pub fn counts(&mut self, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Stale => self.stale += 1,
+            Verdict::Keep => self.judged += 1,
+            Verdict::Evicted => return true,
         }
-        evicted
+        false
     }
 }
 

@@ -920,30 +920,32 @@ impl Nat {
     /// not assured, within the bounds of one scan ([`evict::SCAN`]); false if there is none.
     fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
         let now = self.stamp(now);
-        // Out of `self` while the scan judges, which needs the rest of it.
-        let mut candidates = std::mem::replace(&mut self.candidates, evict::Candidates::new(0, 0));
-        let evicted = candidates.scan(guest, |(slot, generation)| {
+        let mut scan = evict::Scan::default();
+        while scan.goes_on() {
+            let Some((slot, generation)) = self.candidates.pop(guest) else {
+                return false;
+            };
             let live = (self.slots.get(slot as usize))
                 .and_then(Option::as_ref)
                 .is_some_and(|f| f.generation == generation);
-            if !live {
-                return evict::Verdict::Stale;
-            }
-            match self.evictable(slot, now) {
-                Some(how) => {
-                    self.remove(slot);
-                    match how {
-                        Eviction::Expired => self.counters.flows_expired += 1,
-                        Eviction::Evicted => self.counters.flows_evicted += 1,
-                    }
-                    evict::Verdict::Evicted
+            let verdict = if !live {
+                evict::Verdict::Stale
+            } else if let Some(how) = self.evictable(slot, now) {
+                self.remove(slot);
+                match how {
+                    Eviction::Expired => self.counters.flows_expired += 1,
+                    Eviction::Evicted => self.counters.flows_evicted += 1,
                 }
+                evict::Verdict::Evicted
+            } else {
                 // Assured and open: it comes back as a candidate when it closes.
-                None => evict::Verdict::Keep,
+                evict::Verdict::Keep
+            };
+            if scan.counts(verdict) {
+                return true;
             }
-        });
-        self.candidates = candidates;
-        evicted
+        }
+        false
     }
 
     fn create_outbound(

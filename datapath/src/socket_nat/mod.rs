@@ -773,35 +773,44 @@ impl SocketNat {
     /// TCP connections on the engine's thread (a worker's, at the cap, cannot reach the
     /// engine's UDP flows and is refused). TCP connections are never taken.
     fn evict_for_room(&mut self, now: Instant, guest: Option<Ipv4Addr>) -> bool {
-        use crate::nat::evict::{Candidates, Verdict};
+        use crate::nat::evict::{Scan, Verdict};
         let timeouts = self.config.timeouts;
-        // Out of `self` while the scan judges, which needs the rest of it.
-        let mut candidates = std::mem::replace(&mut self.candidates, Candidates::new(0, 0));
-        let evicted = candidates.scan(guest, |(index, generation)| {
+        let mut scan = Scan::default();
+        while scan.goes_on() {
+            let Some((index, generation)) = self.candidates.pop(guest) else {
+                return false;
+            };
             let flow = (self.flows.get(index as usize))
                 .and_then(Option::as_ref)
                 .filter(|_| self.generations[index as usize] == generation);
-            let Some(flow) = flow else {
-                return Verdict::Stale;
+            let verdict = match flow {
+                None => Verdict::Stale,
+                Some(flow) => {
+                    let (assured, timeout) = match flow.kind {
+                        Kind::Udp { .. } => {
+                            (flow.packets[0] >= 2 && flow.packets[1] >= 2, timeouts.udp)
+                        }
+                        _ => (false, timeouts.icmp),
+                    };
+                    let expired = now.saturating_duration_since(flow.last_seen) >= timeout;
+                    if assured && !expired {
+                        Verdict::Keep
+                    } else {
+                        self.remove(index);
+                        if expired {
+                            self.counters.flows_expired += 1;
+                        } else {
+                            self.counters.flows_evicted += 1;
+                        }
+                        Verdict::Evicted
+                    }
+                }
             };
-            let (assured, timeout) = match flow.kind {
-                Kind::Udp { .. } => (flow.packets[0] >= 2 && flow.packets[1] >= 2, timeouts.udp),
-                _ => (false, timeouts.icmp),
-            };
-            let expired = now.saturating_duration_since(flow.last_seen) >= timeout;
-            if assured && !expired {
-                return Verdict::Keep;
+            if scan.counts(verdict) {
+                return true;
             }
-            self.remove(index);
-            if expired {
-                self.counters.flows_expired += 1;
-            } else {
-                self.counters.flows_evicted += 1;
-            }
-            Verdict::Evicted
-        });
-        self.candidates = candidates;
-        evicted
+        }
+        false
     }
 
     /// Ends a flow: its socket goes back to the spares and the host socket is closed.
