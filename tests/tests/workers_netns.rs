@@ -264,6 +264,23 @@ fn threads_of(pid: u32) -> Vec<ThreadPlace> {
     threads
 }
 
+/// Two guests at .10 and .11 on a switchyard started with `args`, its control socket at
+/// `control`.
+fn two_guests_run(args: &[&str], control: &str) -> ([Netns; 2], Switchyard) {
+    let guests = [Netns::new("w"), Netns::new("w")];
+    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
+    let mut argv = args.to_vec();
+    argv.extend_from_slice(&["--control", control, "--tap", &taps[0], "--tap", &taps[1]]);
+    let sy = Switchyard::start(&argv);
+    for (ns, ip) in guests
+        .iter()
+        .zip(["192.168.122.10/24", "192.168.122.11/24"])
+    {
+        ns.set_static_address("eth0", ip, None);
+    }
+    (guests, sy)
+}
+
 #[test]
 fn cpus_and_realtime_place_the_datapath_threads_and_leave_the_others_alone() {
     require(&["ip", "ping"]);
@@ -271,27 +288,12 @@ fn cpus_and_realtime_place_the_datapath_threads_and_leave_the_others_alone() {
     let (engine_cpu, worker_cpu) = (*allowed.last().unwrap(), allowed[0]);
     let dir = TempDir::new("placed");
     let control = dir.file("sy.sock");
-    let guests = [Netns::new("w"), Netns::new("w")];
-    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
     let cpus = format!("{engine_cpu},{worker_cpu}");
-    let sy = Switchyard::start(&[
-        "run",
-        "--workers",
-        "2",
-        "--cpus",
-        &cpus,
-        "--realtime",
-        "1",
-        "--control",
+    let (guests, sy) = two_guests_run(
+        &["run", "--workers", "2", "--cpus", &cpus, "--realtime", "1"],
         &control,
-        "--tap",
-        &taps[0],
-        "--tap",
-        &taps[1],
-    ]);
-    let [a, b] = &guests;
-    a.set_static_address("eth0", "192.168.122.10/24", None);
-    b.set_static_address("eth0", "192.168.122.11/24", None);
+    );
+    let [a, _] = &guests;
     // Frames cross both threads (the gateway's ping is the engine's; between guests, either).
     a.must(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.122.1"]);
     a.must(&[
@@ -380,23 +382,10 @@ fn sy_datapath_in_the_network_places_its_threads() {
         ),
     );
     let control = dir.file("sy.sock");
-    let guests = [Netns::new("w"), Netns::new("w")];
-    let taps = switchyard_tests::tap_args(&guests, &MACS[..2]);
-    let sy = Switchyard::start(&[
-        "run",
-        &xml,
-        "--control",
-        &control,
-        "--tap",
-        &taps[0],
-        "--tap",
-        &taps[1],
-    ]);
-    let [a, b] = &guests;
+    let (guests, sy) = two_guests_run(&["run", &xml], &control);
+    let [a, _] = &guests;
     let link = a.must(&["ip", "-d", "link", "show", "dev", "eth0"]);
     assert!(link.contains("multi_queue numqueues 2"), "{link}");
-    a.set_static_address("eth0", "192.168.122.10/24", None);
-    b.set_static_address("eth0", "192.168.122.11/24", None);
     a.must(&[
         "ping",
         "-c",
